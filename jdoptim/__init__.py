@@ -1,0 +1,13 @@
+"""jdoptim: Jacobian descent for PyTorch, as torch.optim optimizers.
+
+Layers: :mod:`jdoptim.linalg` (Gramians, solvers), :mod:`jdoptim.aggregation` (weightings and
+aggregators), :mod:`jdoptim.autojac` (Jacobians through autograd), :mod:`jdoptim.autogram` (the
+Gramian engine) and :mod:`jdoptim.optim` (the optimizers).
+"""
+
+from jdoptim import aggregation, linalg
+from jdoptim._stateful import Stateful
+
+__version__ = "0.1.0"
+
+__all__ = ["Stateful", "__version__", "aggregation", "linalg"]

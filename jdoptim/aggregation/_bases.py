@@ -1,0 +1,201 @@
+"""The two abstractions of the aggregation layer and their combinations.
+
+* A :class:`Weighting` maps a statistic of the Jacobian ``J ∈ R^{m×n}`` (its Gramian ``G = J Jᵀ`` by
+  default, or a matrix such as ``J`` itself or ``J₁ J₂ᵀ``) to a weight vector ``w ∈ R^m``.
+* An :class:`Aggregator` maps ``J`` to one update direction ``d ∈ R^n``.
+
+Most methods are ``d = wᵀ J`` with ``w`` depending on ``G`` only (:class:`GramianWeightedAggregator`),
+which is what lets the autogram engine run them without ever forming ``J``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+from jdoptim.linalg import (
+    check_finite,
+    check_generalized_gramian,
+    check_gramian,
+    check_matrix,
+    flatten_generalized_gramian,
+    gramian_from_jacobian,
+    power_of_two_scale,
+)
+
+InputKind = Literal["gramian", "matrix"]
+
+# Jacobian entries beyond these powers of two are rescaled (exactly) before forming J Jᵀ, so that
+# float32 Gramians of huge or tiny Jacobians neither overflow nor lose digits to underflow.
+_SAFE_LOG2_RANGE = 30
+
+
+class _Named(nn.Module):
+    """``repr`` shows the constructor call, ``str`` the short method name."""
+
+    def _repr_args(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"
+
+    def __str__(self) -> str:
+        return type(self).__name__.removesuffix("Weighting")
+
+
+class Weighting(_Named, ABC):
+    """Extracts a weight vector ``w ∈ R^m`` from an ``[m, m]`` Gramian or an ``[m, k]`` matrix.
+
+    Calling a weighting validates the input (shape, symmetry for Gramians, finiteness), runs
+    :meth:`forward` with any registered module hooks, and checks that the weights are finite.
+    """
+
+    #: ``"gramian"``: the input is ``G = J Jᵀ`` (square, symmetric, PSD). ``"matrix"``: any 2-D matrix
+    #: with one row per objective (``J`` itself, or ``J₁ J₂ᵀ`` for SDMGrad).
+    input_kind: ClassVar[InputKind] = "gramian"
+    #: ``False`` when the weights depend only on ``m`` (Mean, Sum, ...): callers may pass a
+    #: placeholder of the right shape instead of computing the input.
+    requires_values: ClassVar[bool] = True
+    #: ``True`` when multiplying the input by a positive scalar leaves the weights unchanged.
+    scale_invariant: ClassVar[bool] = False
+
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        if self.input_kind == "gramian":
+            check_gramian(matrix)
+        else:
+            check_matrix(matrix)
+        weights: Tensor = super().__call__(matrix)
+        if weights.shape != (matrix.shape[0],):
+            raise RuntimeError(
+                f"{self!r} returned weights of shape {tuple(weights.shape)} for an input with "
+                f"{matrix.shape[0]} rows; expected [{matrix.shape[0]}]."
+            )
+        check_finite(weights, f"The weights computed by {self!r}")
+        return weights
+
+    @abstractmethod
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        """Returns the weights ``[m]`` for a validated input with ``m`` rows."""
+
+
+class GeneralizedWeighting(_Named, ABC):
+    """Extracts weights ``[m1, ..., mk]`` from a generalized Gramian ``[m1, ..., mk, mk, ..., m1]``.
+
+    A generalized Gramian is what the autogram engine returns for a non-vector output (for instance
+    ``[B, T]`` losses, one per instance and task).
+    """
+
+    def __call__(self, gramian: Tensor, /) -> Tensor:
+        check_generalized_gramian(gramian)
+        weights: Tensor = super().__call__(gramian)
+        expected = tuple(gramian.shape[: gramian.ndim // 2])
+        if tuple(weights.shape) != expected:
+            raise RuntimeError(
+                f"{self!r} returned weights of shape {tuple(weights.shape)}; expected {expected}."
+            )
+        return weights
+
+    @abstractmethod
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        """Returns the weights for a validated generalized Gramian."""
+
+
+class Flattening(GeneralizedWeighting):
+    """Applies a Gramian weighting to the flattened generalized Gramian, then restores the shape.
+
+    For ``[B, T]`` losses this treats all ``B·T`` losses as objectives of one Jacobian descent step.
+    """
+
+    def __init__(self, weighting: Weighting) -> None:
+        super().__init__()
+        if not isinstance(weighting, Weighting) or weighting.input_kind != "gramian":
+            raise TypeError(
+                f"Flattening needs a Weighting of Gramians (such as UPGradWeighting()), got "
+                f"{weighting!r}."
+            )
+        self.weighting = weighting
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        shape = tuple(gramian.shape[: gramian.ndim // 2])
+        return self.weighting(flatten_generalized_gramian(gramian)).reshape(shape)
+
+    def _repr_args(self) -> str:
+        return repr(self.weighting)
+
+    def __str__(self) -> str:
+        return f"Flattening({self.weighting})"
+
+
+class Aggregator(_Named, ABC):
+    """Maps a Jacobian ``[m, n]`` (one row per objective) to one update direction ``[n]``."""
+
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        check_matrix(matrix, "The Jacobian matrix")
+        result: Tensor = super().__call__(matrix)
+        if result.shape != (matrix.shape[1],):
+            raise RuntimeError(
+                f"{self!r} returned a vector of shape {tuple(result.shape)} for a Jacobian of shape "
+                f"{tuple(matrix.shape)}; expected [{matrix.shape[1]}]."
+            )
+        return result
+
+    @abstractmethod
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        """Returns the aggregation ``[n]`` of a validated Jacobian ``[m, n]``."""
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+
+class WeightedAggregator(Aggregator):
+    """``d = wᵀ J`` where ``w = weighting(J)`` for a weighting of matrices."""
+
+    def __init__(self, weighting: Weighting) -> None:
+        super().__init__()
+        if not isinstance(weighting, Weighting):
+            raise TypeError(f"weighting must be a Weighting, got {type(weighting).__name__}.")
+        self._check_weighting(weighting)
+        self.weighting = weighting
+
+    def _check_weighting(self, weighting: Weighting) -> None:
+        if weighting.input_kind != "matrix":
+            raise TypeError(
+                f"{weighting!r} takes a Gramian; wrap it in GramianWeightedAggregator instead."
+            )
+
+    def compute_weights(self, matrix: Tensor, /) -> Tensor:
+        """The weights ``w`` this aggregator combines the rows of ``matrix`` with."""
+        return self.weighting(matrix)
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return self.compute_weights(matrix) @ matrix
+
+    def _repr_args(self) -> str:
+        return self.weighting._repr_args()
+
+
+class GramianWeightedAggregator(WeightedAggregator):
+    """``d = wᵀ J`` where ``w = weighting(J Jᵀ)``: the weights only depend on the Gramian.
+
+    Every aggregator of this kind can run on the autogram engine, which computes ``J Jᵀ`` without
+    forming ``J``: use its :attr:`weighting` there.
+    """
+
+    def _check_weighting(self, weighting: Weighting) -> None:
+        if weighting.input_kind != "gramian":
+            raise TypeError(
+                f"{weighting!r} does not take a Gramian; wrap it in WeightedAggregator instead."
+            )
+
+    def compute_weights(self, matrix: Tensor, /) -> Tensor:
+        weighting = self.weighting
+        if not weighting.requires_values:
+            rows = matrix.shape[0]
+            return weighting(matrix.new_zeros(()).expand(rows, rows))
+        if weighting.scale_invariant:
+            scale = power_of_two_scale(matrix)
+            if bool(scale.log2().abs() > _SAFE_LOG2_RANGE):
+                matrix = matrix / scale
+        return weighting(gramian_from_jacobian(matrix))

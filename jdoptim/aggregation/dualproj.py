@@ -1,0 +1,61 @@
+"""DualProj: the projection of the preferred direction onto the dual cone."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.linalg import DualConeSolver, project_to_dual_cone
+
+
+class DualProjWeighting(Weighting):
+    """Weights of DualProj: ``w = argmin_{v ≥ p} vᵀ G v``.
+
+    The combination ``pᵀJ`` (the mean gradient by default) is projected onto the dual cone of the
+    rows, ``{x : J x ≥ 0}`` (Quinton & Rey, 2024, following Lopez-Paz & Ranzato's GEM, 2017).
+
+    Args:
+        pref_vector: preference ``p``; ``None`` means uniform ``1/m``.
+        reg_eps: multiple of the identity added to the trace-normalised Gramian.
+        solver: dual-cone solver, see :func:`jdoptim.linalg.project_to_dual_cone`.
+    """
+
+    scale_invariant = True
+    pref_vector: Tensor | None
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        *,
+        reg_eps: float = 1e-4,
+        solver: DualConeSolver = "auto",
+    ) -> None:
+        super().__init__()
+        if reg_eps < 0:
+            raise ValueError(f"reg_eps must be non-negative, got {reg_eps}.")
+        self.register_buffer("pref_vector", check_pref_vector(pref_vector), persistent=False)
+        self.reg_eps = reg_eps
+        self.solver: DualConeSolver = solver
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        pref = pref_weights(self.pref_vector, gramian)
+        return project_to_dual_cone(
+            gramian, pref.unsqueeze(0), reg_eps=self.reg_eps, solver=self.solver
+        )[0]
+
+    def _repr_args(self) -> str:
+        return f"pref_vector={pref_repr(self.pref_vector)}, reg_eps={self.reg_eps}, solver={self.solver!r}"
+
+
+class DualProj(GramianWeightedAggregator):
+    """Aggregates the Jacobian with :class:`DualProjWeighting` (same arguments)."""
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        *,
+        reg_eps: float = 1e-4,
+        solver: DualConeSolver = "auto",
+    ) -> None:
+        super().__init__(DualProjWeighting(pref_vector, reg_eps=reg_eps, solver=solver))

@@ -1,0 +1,67 @@
+"""UPGrad: the unconflicting projection of gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.linalg import DualConeSolver, project_to_dual_cone
+
+
+class UPGradWeighting(Weighting):
+    r"""Weights of UPGrad (Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024).
+
+    Each row ``gᵢ`` of ``J``, scaled by its preference ``pᵢ``, is projected onto the dual cone of the
+    rows, ``{x : J x ≥ 0}``, and the projections are summed. In weight space, row ``i`` contributes
+    ``vᵢ = argmin_{v ≥ pᵢ eᵢ} vᵀ G v`` and ``w = Σᵢ vᵢ``. The result never conflicts with any row
+    (``J wᵀJ ≥ 0``) and equals ``pᵀ J`` when no rows conflict.
+
+    Args:
+        pref_vector: preference ``p`` over the objectives; ``None`` means uniform ``1/m``.
+        reg_eps: multiple of the identity added to the trace-normalised Gramian (the Gramian is
+            normalised by its trace at any scale, so the weights do not depend on the losses'
+            scale; a zero Gramian gives ``w = p``).
+        solver: dual-cone solver, see :func:`jdoptim.linalg.project_to_dual_cone`.
+    """
+
+    scale_invariant = True
+    pref_vector: Tensor | None
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        *,
+        reg_eps: float = 1e-4,
+        solver: DualConeSolver = "auto",
+    ) -> None:
+        super().__init__()
+        if reg_eps < 0:
+            raise ValueError(f"reg_eps must be non-negative, got {reg_eps}.")
+        self.register_buffer("pref_vector", check_pref_vector(pref_vector), persistent=False)
+        self.reg_eps = reg_eps
+        self.solver: DualConeSolver = solver
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        pref = pref_weights(self.pref_vector, gramian)
+        solutions = project_to_dual_cone(
+            gramian, torch.diag(pref), reg_eps=self.reg_eps, solver=self.solver
+        )
+        return solutions.sum(dim=0)
+
+    def _repr_args(self) -> str:
+        return f"pref_vector={pref_repr(self.pref_vector)}, reg_eps={self.reg_eps}, solver={self.solver!r}"
+
+
+class UPGrad(GramianWeightedAggregator):
+    """Aggregates the Jacobian with :class:`UPGradWeighting` (same arguments)."""
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        *,
+        reg_eps: float = 1e-4,
+        solver: DualConeSolver = "auto",
+    ) -> None:
+        super().__init__(UPGradWeighting(pref_vector, reg_eps=reg_eps, solver=solver))

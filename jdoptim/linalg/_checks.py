@@ -1,0 +1,89 @@
+"""Input validation shared by every layer: one place for the messages users see."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(value: object, name: str) -> Tensor:
+    """Returns ``value`` if it is a floating-point tensor, else raises ``TypeError``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float32 or float64), got {value.dtype}."
+        )
+    return value
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    """Raises ``ValueError`` if ``tensor`` holds a NaN or an infinity."""
+    if tensor.numel() > 0 and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"{name} contains NaN or infinite entries; check the losses and the learning rate "
+            "(a diverging model is the usual cause)."
+        )
+
+
+def check_matrix(matrix: object, name: str = "matrix") -> Tensor:
+    """Checks that ``matrix`` is a finite floating-point tensor of shape ``[m, n]`` with ``m >= 1``."""
+    tensor = check_tensor(matrix, name)
+    if tensor.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-dimensional with shape [m, n], got shape {tuple(tensor.shape)}."
+        )
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row (m >= 1), got shape [0, n].")
+    check_finite(tensor, name)
+    return tensor
+
+
+def check_square(matrix: object, name: str = "matrix") -> Tensor:
+    """Checks :func:`check_matrix` and that the matrix is square."""
+    tensor = check_matrix(matrix, name)
+    if tensor.shape[0] != tensor.shape[1]:
+        raise ValueError(f"{name} must be square, got shape {tuple(tensor.shape)}.")
+    return tensor
+
+
+def symmetry_tolerance(dtype: torch.dtype) -> float:
+    """Relative asymmetry tolerated in a Gramian: about the square root of machine epsilon."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
+    """Checks that ``gramian`` is a finite, square, symmetric matrix (a Gramian ``J Jᵀ``)."""
+    tensor = check_square(gramian, name)
+    scale = tensor.abs().max() if tensor.numel() > 0 else tensor.new_zeros(())
+    asymmetry = (tensor - tensor.T).abs().max()
+    if bool(asymmetry > symmetry_tolerance(tensor.dtype) * scale):
+        raise ValueError(
+            f"{name} must be symmetric (a Gramian J Jᵀ), but its largest asymmetry is "
+            f"{float(asymmetry):.3g} for entries of size {float(scale):.3g}. For a non-symmetric "
+            "matrix (such as J1 J2ᵀ), use a weighting that accepts one."
+        )
+    return tensor
+
+
+def check_generalized_gramian(gramian: object, name: str = "generalized gramian") -> Tensor:
+    """Checks a generalized Gramian of shape ``[m1, ..., mk, mk, ..., m1]`` (k >= 0)."""
+    tensor = check_tensor(gramian, name)
+    if tensor.ndim % 2 != 0:
+        raise ValueError(
+            f"{name} must have an even number of dimensions [m1, ..., mk, mk, ..., m1], got "
+            f"shape {tuple(tensor.shape)}."
+        )
+    k = tensor.ndim // 2
+    shape = tuple(tensor.shape)
+    if shape[:k] != shape[k:][::-1]:
+        raise ValueError(
+            f"{name} must have shape [m1, ..., mk, mk, ..., m1] (second half reversed), got "
+            f"{shape}."
+        )
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {shape}.")
+    check_finite(tensor, name)
+    return tensor

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole check suite: lint, format, strict typing, tests. Sets up the virtualenv first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/_setup_venv.sh
+venv="${JDOPTIM_VENV:-.venv}"
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
+"$venv/bin/mypy" --strict jdoptim
+# pytest exits 5 when it collects no test: set -e turns that (and any failure) into a failed check.
+"$venv/bin/python" -m pytest "$@"
