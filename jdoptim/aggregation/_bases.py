@@ -20,12 +20,13 @@ from jdoptim.linalg import (
     check_generalized_gramian,
     check_gramian,
     check_matrix,
+    check_square,
     flatten_generalized_gramian,
     gramian_from_jacobian,
     power_of_two_scale,
 )
 
-InputKind = Literal["gramian", "matrix"]
+InputKind = Literal["gramian", "matrix", "cross_gramian"]
 
 # Jacobian entries beyond these powers of two are rescaled (exactly) before forming J Jᵀ, so that
 # float32 Gramians of huge or tiny Jacobians neither overflow nor lose digits to underflow.
@@ -53,7 +54,8 @@ class Weighting(_Named, ABC):
     """
 
     #: ``"gramian"``: the input is ``G = J Jᵀ`` (square, symmetric, PSD). ``"matrix"``: any 2-D matrix
-    #: with one row per objective (``J`` itself, or ``J₁ J₂ᵀ`` for SDMGrad).
+    #: with one row per objective (such as ``J`` itself). ``"cross_gramian"``: the square, generally
+    #: non-symmetric ``A = J₁ J₂ᵀ`` of two Jacobians from independent batches (SDMGrad, MoDo).
     input_kind: ClassVar[InputKind] = "gramian"
     #: ``False`` when the weights depend only on ``m`` (Mean, Sum, ...): callers may pass a
     #: placeholder of the right shape instead of computing the input.
@@ -64,6 +66,8 @@ class Weighting(_Named, ABC):
     def __call__(self, matrix: Tensor, /) -> Tensor:
         if self.input_kind == "gramian":
             check_gramian(matrix)
+        elif self.input_kind == "cross_gramian":
+            check_square(matrix)
         else:
             check_matrix(matrix)
         weights: Tensor = super().__call__(matrix)
