@@ -15,13 +15,18 @@ from jdoptim.aggregation._bases import (
 )
 from jdoptim.aggregation.constant import Constant, ConstantWeighting
 from jdoptim.aggregation.dualproj import DualProj, DualProjWeighting
+from jdoptim.aggregation.imtl_g import IMTLG, IMTLGWeighting
+from jdoptim.aggregation.krum import Krum, KrumWeighting
 from jdoptim.aggregation.mean import Mean, MeanWeighting
 from jdoptim.aggregation.mgda import MGDA, MGDAWeighting
+from jdoptim.aggregation.pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation.random import Random, RandomWeighting
 from jdoptim.aggregation.sum import Sum, SumWeighting
+from jdoptim.aggregation.trimmed_mean import TrimmedMean
 from jdoptim.aggregation.upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "IMTLG",
     "MGDA",
     "Aggregator",
     "Constant",
@@ -31,13 +36,19 @@ __all__ = [
     "Flattening",
     "GeneralizedWeighting",
     "GramianWeightedAggregator",
+    "IMTLGWeighting",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "PCGrad",
+    "PCGradWeighting",
     "Random",
     "RandomWeighting",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "WeightedAggregator",
