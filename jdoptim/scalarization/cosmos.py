@@ -1,0 +1,39 @@
+"""COSMOS: linear scalarisation with a cosine-similarity reward."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
+
+
+class COSMOS(PreferenceScalarizer):
+    """``rᵀL - λ cos(r, L) = rᵀL - λ rᵀL / (‖r‖ ‖L‖)``.
+
+    Ruchte & Grabocka, *Scalable Pareto Front Approximation for Deep Multi-Objective Learning*
+    (ICDM 2021). The cosine term pulls the vector of losses towards the preference ray,
+    which spreads the solutions over the Pareto front. Only the objective is implemented here: the
+    paper also feeds ``r`` to the model, and resamples ``r ~ Dirichlet`` at every step
+    (``cosmos.weights = torch.distributions.Dirichlet(torch.ones(m)).sample()``).
+
+    Args:
+        lambda_: weight ``λ ≥ 0`` of the cosine term (0: plain linear scalarisation).
+        weights: preference ``r`` (non-negative, shape of the losses).
+    """
+
+    def __init__(self, lambda_: float, weights: Tensor) -> None:
+        if weights is None:
+            raise TypeError("COSMOS needs weights: a preference tensor with one entry per loss.")
+        super().__init__(weights)
+        self.lambda_ = check_number(lambda_, "lambda_", positive=False)
+
+    def forward(self, values: Tensor, /) -> Tensor:
+        if self.weights is None:
+            raise TypeError("COSMOS needs weights: a preference tensor with one entry per loss.")
+        preference = self._matched(self.weights, values, "weights")
+        linear = (preference * values).sum()
+        cosine: Tensor = linear / (preference.norm() * values.norm())
+        return linear - self.lambda_ * cosine
+
+    def _repr_args(self) -> str:
+        return f"lambda_={self.lambda_:g}, weights={short_repr(self.weights)}"
