@@ -1,0 +1,14 @@
+"""A guard shared by the stateful methods: state learnt for ``m`` objectives fits only ``m``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def check_state_rows(owner: object, state: Tensor, rows: int) -> None:
+    """Raises ``ValueError`` if ``state`` (first dim = objectives) was learnt for another ``m``."""
+    if state.shape[0] != rows:
+        raise ValueError(
+            f"{owner!r} holds state for {state.shape[0]} objectives but got an input with {rows} "
+            "rows; call reset() before changing the number of objectives."
+        )

@@ -1,0 +1,141 @@
+"""PCD: priority-constrained descent, the primary objective first, the others guaranteed progress."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from jdoptim._stateful import Stateful
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._state_rows import check_state_rows
+from jdoptim.linalg import check_finite, check_tensor
+from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
+
+# Relative ridge on the (possibly singular) normalised Gramian: moves the direction by ~1e-10.
+_RIDGE = 1e-10
+
+
+class PCDWeighting(Stateful, Weighting):
+    r"""Stateful weights of PCD; row 0 of the Gramian is the primary objective.
+
+    Varam et al., *Not All Objectives Are Born Equal: Priority-Constrained Descent for
+    Hierarchical Multi-Objective Optimization* (TMLR 2026). With the normalised rows
+    ``g̃ᵢ = sᵢ gᵢ``, ``sᵢ = 1/√(v̂ᵢ + ε)`` where ``v̂ᵢ`` is the bias-corrected moving average (rate
+    ``β``) of ``‖gᵢ‖²`` over the calls, PCD solves
+
+    ``d̃ = argmin_d ½ ‖d − g̃₀‖²  s.t.  g̃ⱼᵀ d ≥ τⱼ ‖g̃ⱼ‖²  for every secondary j ≥ 1``
+
+    and returns ``d̃`` rescaled to the norm of ``g₀``: it follows the primary gradient as closely
+    as possible while each secondary objective keeps a fraction ``τⱼ`` of the first-order progress
+    of its own normalised step. The optimum lies in the span of the rows, ``d̃ = Σₖ uₖ g̃ₖ``, so the
+    problem is a QP in ``u`` on the Gramian (solved exactly with quadprog, tiny ridge for rank
+    deficient Gramians) and ``w = ‖g₀‖ / ‖d̃‖ · u ⊙ s``. When the constraints are inconsistent
+    (only possible for ``m ≥ 3``) they are dropped and ``w = e₀``; when ``g₀ = 0`` or ``d̃ = 0``
+    the weights are 0.
+
+    Args:
+        tau: ``τ ∈ [0, 1]``, one float for every secondary objective or a ``[m - 1]`` tensor.
+        beta: moving-average rate ``β ∈ [0, 1)`` of the squared norms.
+        eps: ``ε ≥ 0`` added to ``v̂`` before its inverse square root.
+
+    State: the moving average ``v`` and the call count; :meth:`reset` clears both.
+    """
+
+    tau: Tensor | None
+
+    def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
+        super().__init__()
+        tau_values: Tensor | None = None
+        tau_float: float | None = None
+        if isinstance(tau, Tensor):
+            check_tensor(tau, "tau")
+            if tau.ndim != 1:
+                raise ValueError(
+                    f"tau must be a float or a 1-D tensor (one per secondary objective), got shape "
+                    f"{tuple(tau.shape)}."
+                )
+            check_finite(tau, "tau")
+            tau_values = tau.detach().clone()
+            in_range = bool(((tau_values >= 0) & (tau_values <= 1)).all())
+        else:
+            tau_float = float(tau)
+            in_range = 0 <= tau_float <= 1
+        if not in_range:
+            raise ValueError(f"tau must be in [0, 1], got {tau}.")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}.")
+        if not eps >= 0:
+            raise ValueError(f"eps must be non-negative, got {eps}.")
+        self.register_buffer("tau", tau_values, persistent=False)
+        self.tau_float = tau_float
+        self.beta = beta
+        self.eps = eps
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        rows = gramian.shape[0]
+        taus = self._taus(rows)
+        gram = gramian.detach().to(device="cpu", dtype=torch.float64)
+        squared_norms = gram.diagonal().clamp(min=0)
+        average = self._state.get("average")
+        if average is None:
+            average, calls = torch.zeros_like(squared_norms), 0
+        else:
+            check_state_rows(self, average, rows)
+            average, calls = average.to(squared_norms), int(self._state["calls"])
+        average = self.beta * average + (1 - self.beta) * squared_norms
+        calls += 1
+        self._state.update(average=average.to(gramian), calls=calls)
+
+        scales = 1.0 / (average / (1 - self.beta**calls) + self.eps).sqrt()
+        normalized = (scales[:, None] * gram * scales[None, :]).numpy()
+        coefficients = _closest_to_primary(normalized, taus)
+        squared_norm = float(coefficients @ normalized @ coefficients)
+        rounding = 10 * torch.finfo(gramian.dtype).eps
+        rounding_bound = float(np.abs(coefficients) @ np.abs(normalized) @ np.abs(coefficients))
+        if squared_norms[0] <= 0 or squared_norm <= rounding * rounding_bound:
+            return gramian.new_zeros(rows)
+        factor = float(squared_norms[0].sqrt()) / np.sqrt(squared_norm)
+        weights = torch.from_numpy(factor * coefficients) * scales
+        return weights.to(dtype=gramian.dtype, device=gramian.device)
+
+    def _taus(self, rows: int) -> np.ndarray:
+        if self.tau is None:
+            return np.full(rows - 1, self.tau_float, dtype=np.float64)
+        if self.tau.shape[0] != rows - 1:
+            raise ValueError(
+                f"tau has {self.tau.shape[0]} entries but there are {rows - 1} secondary "
+                "objectives; give one per row after the first."
+            )
+        return np.asarray(self.tau.detach().cpu().double().numpy(), dtype=np.float64)
+
+    def _repr_args(self) -> str:
+        tau = self.tau_float if self.tau is None else self.tau.tolist()
+        return f"tau={tau}, beta={self.beta}, eps={self.eps}"
+
+
+def _closest_to_primary(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """``u`` minimising ``½ (u − e₀)ᵀ G (u − e₀)`` s.t. ``(G u)ⱼ ≥ τⱼ Gⱼⱼ`` for ``j ≥ 1``.
+
+    Returns ``e₀`` when the constraints are inconsistent.
+    """
+    size = gramian.shape[0]
+    primary = np.zeros(size)
+    primary[0] = 1.0
+    if size == 1:
+        return primary
+    ridge = _RIDGE * max(float(np.trace(gramian)) / size, 1e-300)
+    matrix = gramian + ridge * np.eye(size)
+    constraints = gramian[:, 1:]
+    bounds = taus * np.diagonal(gramian)[1:]
+    try:
+        return solve_qp(inverse_cholesky_factor(matrix), matrix @ primary, constraints, bounds)
+    except ValueError:
+        return primary
+
+
+class PCD(GramianWeightedAggregator):
+    """Aggregates the Jacobian with :class:`PCDWeighting` (same arguments)."""
+
+    def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
+        super().__init__(PCDWeighting(tau, beta, eps))
