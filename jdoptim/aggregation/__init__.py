@@ -13,6 +13,8 @@ from jdoptim.aggregation._bases import (
     WeightedAggregator,
     Weighting,
 )
+from jdoptim.aggregation.aligned_mtl import AlignedMTL, AlignedMTLWeighting
+from jdoptim.aggregation.config import ConFIG, ConFIGWeighting
 from jdoptim.aggregation.constant import Constant, ConstantWeighting
 from jdoptim.aggregation.cr_mogm import CRMOGMWeighting
 from jdoptim.aggregation.dualproj import DualProj, DualProjWeighting
@@ -37,7 +39,11 @@ __all__ = [
     "MGDA",
     "PCD",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
     "CRMOGMWeighting",
+    "ConFIG",
+    "ConFIGWeighting",
     "Constant",
     "ConstantWeighting",
     "DualProj",

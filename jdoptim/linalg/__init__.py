@@ -1,5 +1,6 @@
 """Linear-algebra building blocks: Gramians, dual-cone projection, simplex problems, checks."""
 
+from jdoptim.linalg._alpha_fair import solve_alpha_fair
 from jdoptim.linalg._checks import (
     check_finite,
     check_generalized_gramian,
@@ -41,4 +42,5 @@ __all__ = [
     "project_to_dual_cone",
     "regularize_gramian",
     "reshape_gramian",
+    "solve_alpha_fair",
 ]
