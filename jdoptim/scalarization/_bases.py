@@ -51,7 +51,9 @@ class Scalarizer(_Named, ABC):
 
 def as_shape(shape: int | Sequence[int], name: str = "shape") -> tuple[int, ...]:
     """Turns ``n`` into ``(n,)`` and checks that every dimension is a positive int."""
-    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    dims = (
+        (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, Sequence) else ()
+    )
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
         raise ValueError(
             f"{name} must be a positive int or a non-empty sequence of positive ints (the shape of "
