@@ -1,0 +1,5 @@
+"""The autogram engine: Gramians of Jacobians without the Jacobians (see ``docs/autogram.md``)."""
+
+from jdoptim.autogram._engine import Engine
+
+__all__ = ["Engine"]

@@ -1,0 +1,524 @@
+"""The autogram engine: the Gramian ``J Jᵀ`` of any tensor's Jacobian, without storing ``J``."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.utils.hooks import RemovableHandle
+
+from jdoptim.autogram._graph import (
+    GraphPlan,
+    closed_form_place,
+    generic_place,
+    walk_graph,
+)
+from jdoptim.autogram._jacobian import batched_vjp
+from jdoptim.autogram._records import CallRecord, closed_form_rule, mixes_instances, record_call
+from jdoptim.autogram._rules import (
+    MaterializedTerm,
+    Term,
+    build_terms,
+    candidate_batch_dims,
+)
+from jdoptim.linalg import reshape_gramian
+
+_FREED_GRAPH_HINT = (
+    "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
+    "Run the forward pass again, then call compute_gramian before any backward()."
+)
+
+
+@dataclass
+class _Pending:
+    """What :meth:`Engine.backward` needs from the last Gramian pass."""
+
+    terms: list[tuple[Tensor, Term]]
+    shape: tuple[int, ...]
+    batch_dim: int | None
+
+
+class Engine:
+    """Computes the Gramian of the Jacobian of a tensor w.r.t. the parameters of some modules.
+
+    ``Engine(*modules, batch_dim=..., parameters=None)``: each positional argument is a module or an
+    iterable of modules; the engine covers every parameter that requires grad in them (their own
+    and their children's, each once). With ``parameters`` and no modules, the engine covers exactly
+    those parameters and finds the modules that own them while :meth:`capture` is active.
+
+    ``batch_dim`` is the dim of the differentiated output that indexes independent instances (loss
+    ``i`` depends on instance ``i`` only), or ``None``. With it, one backward pass of activation
+    gradients plus closed-form per-layer rules give the Gramian (the idea of Algorithm 3 of
+    Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024); parameters outside
+    what the rules support are handled by exact per-instance vector-Jacobian products. Without it,
+    the Gramian is computed from exact per-row Jacobians, valid for any graph. See
+    ``docs/autogram.md``.
+    """
+
+    def __init__(
+        self,
+        *modules: nn.Module | Iterable[nn.Module],
+        batch_dim: int | None,
+        parameters: Iterable[Tensor] | None = None,
+    ) -> None:
+        if batch_dim is not None and (
+            isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
+        ):
+            raise TypeError(f"batch_dim must be an int or None, got {type(batch_dim).__name__}.")
+        self._batch_dim = batch_dim
+        self._modules = _flatten_modules(modules)
+        if parameters is not None:
+            params = [p for p in parameters]
+            for p in params:
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"parameters must hold tensors, got {type(p).__name__}.")
+        else:
+            if not self._modules:
+                raise ValueError(
+                    "Engine needs modules (Engine(model, batch_dim=0)) or parameters "
+                    "(Engine(batch_dim=0, parameters=model.parameters()))."
+                )
+            params = [p for m in self._modules for p in m.parameters()]
+        self._params: list[Tensor] = []
+        seen: set[int] = set()
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self._params.append(p)
+        self._param_ids = seen
+        self._pending: _Pending | None = None
+        self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._handles: list[RemovableHandle] = []
+        tree = {id(m): m for root in self._modules for m in root.modules()}
+        for module in tree.values():
+            if self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module):
+                self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+
+    @property
+    def batch_dim(self) -> int | None:
+        return self._batch_dim
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        """The covered parameters, each once."""
+        return list(self._params)
+
+    def remove_hooks(self) -> None:
+        """Detaches the engine from its modules (it cannot compute Gramians afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending = None
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Records the calls of every module that owns a covered parameter (discovery mode).
+
+        Needed only for an engine built from ``parameters`` alone; harmless otherwise.
+        """
+        self._pending = None
+        if self._modules:
+            yield
+            return
+        handle = nn.modules.module.register_module_forward_hook(self._hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _owns_covered(self, module: nn.Module) -> bool:
+        return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
+
+    def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self._pending = None
+        if self._batch_dim is None:
+            return
+        known = self._rules.get(module)
+        if known is None:
+            owns = self._owns_covered(module)
+            known = (owns or _is_batch_norm(module), closed_form_rule(module) if owns else None)
+            self._rules[module] = known
+        relevant, rule = known
+        if relevant:
+            record_call(module, rule, (args, kwargs), output)
+
+    # ------------------------------------------------------------------ Gramian
+
+    def compute_gramian(self, output: Tensor) -> Tensor:
+        """The generalized Gramian of ``output``'s Jacobian, ``[*output.shape, *reversed(shape)]``.
+
+        Entry ``[i..., j...]`` is the inner product of the gradients of ``output[i...]`` and
+        ``output[j...]`` w.r.t. the covered parameters (a 0-d output gives the squared gradient
+        norm). The graph is retained, so ``output.backward(weights)`` works afterwards; or call
+        :meth:`backward` to fill ``.grad`` from what this pass saved.
+        """
+        self._pending = None
+        try:
+            return self._compute_gramian(output)
+        except RuntimeError as error:
+            self._pending = None
+            if "second time" in str(error) or "already been freed" in str(error):
+                raise RuntimeError(_FREED_GRAPH_HINT) from error
+            raise
+        except BaseException:
+            self._pending = None
+            raise
+
+    def _compute_gramian(self, output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output must be a torch.Tensor, got {type(output).__name__}.")
+        if not output.is_floating_point():
+            raise TypeError(f"output must have a floating-point dtype, got {output.dtype}.")
+        if not output.requires_grad:
+            raise ValueError(
+                "output does not require grad: compute it from the covered modules with gradients "
+                "enabled (not under torch.no_grad()) and before detaching it."
+            )
+        shape = tuple(output.shape)
+        rows = math.prod(shape)
+        if rows == 0:
+            raise ValueError(f"output has no entries (shape {shape}); nothing to differentiate.")
+        batch_dim = self._normalized_batch_dim(output)
+        covered = {id(p): p for p in self._params if p.requires_grad}
+        dtype = torch.promote_types(output.dtype, torch.float32)
+        if batch_dim is None:
+            terms = _exact_terms(output, list(covered.values()), _row_order(shape, None))
+        else:
+            terms = self._batched_terms(output, batch_dim, covered)
+        if not terms:
+            raise ValueError(
+                "output does not depend on any parameter covered by the engine: check that it was "
+                "computed by the modules given to the Engine (and for Engine(parameters=...), "
+                "inside `with engine.capture():`)."
+            )
+        gramian = sum(
+            (term.gramian().to(dtype) for _, term in terms),
+            torch.zeros(rows, rows, dtype=dtype, device=output.device),
+        )
+        gramian = (gramian + gramian.T) / 2
+        order = _row_order(shape, batch_dim).to(output.device)
+        natural = torch.empty_like(gramian)
+        natural[order[:, None], order[None, :]] = gramian
+        self._pending = _Pending(terms, shape, batch_dim)
+        return reshape_gramian(natural, shape)
+
+    def _normalized_batch_dim(self, output: Tensor) -> int | None:
+        if self._batch_dim is None:
+            return None
+        if output.ndim == 0:
+            raise ValueError(
+                f"The engine has batch_dim={self._batch_dim} but output is a scalar; pass a tensor "
+                "with one entry per instance (e.g. losses with reduction='none'), or build the "
+                "engine with batch_dim=None."
+            )
+        if not -output.ndim <= self._batch_dim < output.ndim:
+            raise ValueError(
+                f"batch_dim={self._batch_dim} is out of range for output of shape "
+                f"{tuple(output.shape)}; it must be in [{-output.ndim}, {output.ndim - 1}]."
+            )
+        return self._batch_dim % output.ndim
+
+    def _batched_terms(
+        self, output: Tensor, batch_dim: int, covered: dict[int, Tensor]
+    ) -> list[tuple[Tensor, Term]]:
+        plan = walk_graph(output, covered)
+        try:
+            if plan.mixing_modules:
+                names = ", ".join(type(m).__name__ for m in plan.mixing_modules)
+                raise ValueError(
+                    f"{names} mixes the instances of a batch (batch statistics), so the losses are "
+                    f"not independent per instance as batch_dim={self._batch_dim} declares. Use "
+                    "Engine(..., batch_dim=None) (exact, slower), put the layer in eval() mode, or "
+                    "replace it by GroupNorm/LayerNorm."
+                )
+            return _BatchedPass(output, batch_dim, covered, plan).terms()
+        finally:
+            for record in plan.records:
+                record.reached_outputs = []  # these edges point back at the nodes holding the record
+
+    # ------------------------------------------------------------------ fused .grad
+
+    def backward(self, weights: Tensor) -> None:
+        """Adds ``Σᵢ wᵢ ∂output_i/∂θ`` to ``.grad`` of every covered parameter ``θ``.
+
+        Equivalent to ``output.backward(weights)`` for the covered parameters, for the ``output``
+        of the last :meth:`compute_gramian`, but built from what that pass saved (activations and
+        output gradients, per-instance gradients) instead of a second backward pass. Valid once per
+        :meth:`compute_gramian`.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError(
+                "Engine.backward(weights) is valid once after each compute_gramian(output); call "
+                "compute_gramian first (a forward pass in between also discards the saved state)."
+            )
+        if not isinstance(weights, Tensor) or tuple(weights.shape) != pending.shape:
+            got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise ValueError(
+                f"weights must be a tensor of the output's shape {pending.shape}, got {got}."
+            )
+        weights = weights.detach()
+        if pending.batch_dim is None:
+            rows = weights.reshape(-1, 1)
+        else:
+            moved = weights.movedim(pending.batch_dim, 0)
+            rows = moved.reshape(moved.shape[0], -1)
+        for param, term in pending.terms:
+            grad = term.weighted_grad(rows).to(param.dtype)
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+
+
+class _BatchedPass:
+    """The Gramian pass with a batch dim: activation gradients, closed forms, exact leftovers."""
+
+    def __init__(
+        self, output: Tensor, batch_dim: int, covered: dict[int, Tensor], plan: GraphPlan
+    ) -> None:
+        self.output = output
+        self.batch_dim = batch_dim
+        self.covered = covered
+        self.plan = plan
+        self.shape = tuple(output.shape)
+        self.batch = self.shape[batch_dim]
+        self.tasks = math.prod(self.shape) // self.batch
+        self.dtype = torch.promote_types(output.dtype, torch.float32)
+
+    def terms(self) -> list[tuple[Tensor, Term]]:
+        records = self.plan.records
+        edges = [edge for record in records for edge in record.reached_outputs]
+        shapes = [shape for record in records for shape in record.output_shapes]
+        gradients = self._activation_gradients(edges, shapes) if edges else []
+        by_record: dict[int, list[tuple[Tensor, int | None]]] = {}
+        position = 0
+        for record in records:
+            outputs = []
+            for shape in record.output_shapes:
+                outputs.append(
+                    (gradients[position], self._verified_dim(record, shape, gradients[position]))
+                )
+                position += 1
+            by_record[id(record)] = outputs
+        self._check_batch_size(records)
+        verified = {
+            id(r): all(dim is not False for _, dim in by_record[id(r)]) and _input_unchanged(r)
+            for r in records
+        }
+        terms: list[tuple[Tensor, Term]] = []
+        done: set[int] = set()
+        terms += self._closed_form_terms(records, by_record, verified, done)
+        terms += self._local_terms(records, by_record, verified, done)
+        leftovers = [
+            p for pid, p in self.covered.items() if pid in self.plan.places and pid not in done
+        ]
+        if leftovers:
+            terms += _exact_terms(self.output, leftovers, _row_order(self.shape, self.batch_dim))
+        return terms
+
+    def _activation_gradients(
+        self, edges: list[GradientEdge], shapes: list[tuple[int, ...]]
+    ) -> list[Tensor]:
+        """``[T (+1 probe), *y.shape]`` per edge: each task's summed losses, then instance 0's."""
+        dtype, device = self.output.dtype, self.output.device
+        tasks = torch.eye(self.tasks, dtype=dtype, device=device)
+        rows = tasks.unsqueeze(1).expand(self.tasks, self.batch, self.tasks)
+        if self.batch > 1:
+            probe = torch.zeros(1, self.batch, self.tasks, dtype=dtype, device=device)
+            probe[0, 0] = 1
+            rows = torch.cat([rows, probe])
+        grad_outputs = self._from_moved(rows)
+        result = batched_vjp([self.output], edges, [grad_outputs])
+        return [
+            g if g is not None else self.output.new_zeros(rows.shape[0], *shape)
+            for g, shape in zip(result, shapes, strict=True)
+        ]
+
+    def _from_moved(self, rows: Tensor) -> Tensor:
+        """``[R, B, T]`` (instance-major) to ``[R, *output.shape]``."""
+        moved = [self.batch, *(s for d, s in enumerate(self.shape) if d != self.batch_dim)]
+        return rows.reshape(rows.shape[0], *moved).movedim(1, 1 + self.batch_dim)
+
+    def _verified_dim(
+        self, record: CallRecord, shape: tuple[int, ...], grads: Tensor
+    ) -> int | bool | None:
+        """The batch dim of one call output, checked on the probe row; ``False`` if unknown.
+
+        The dim must hold the batch size, and instance 0's losses must have an exactly zero
+        gradient on every other slice of it (and a nonzero one on slice 0).
+        """
+        if self.batch == 1:
+            return None
+        if record.rule is not None:
+            if record.x is None:
+                return False
+            candidates = candidate_batch_dims(record.rule, record.module, record.x, shape)
+        else:
+            candidates = list(range(len(shape)))
+        probe = grads[-1]
+        passing = []
+        for dim in candidates:
+            if shape[dim] != self.batch:
+                continue
+            if bool(probe.narrow(dim, 1, self.batch - 1).any()):
+                continue
+            if bool(probe.narrow(dim, 0, 1).any()):
+                passing.append(dim)
+        return passing[0] if len(passing) == 1 else False
+
+    def _check_batch_size(self, records: list[CallRecord]) -> None:
+        if not records:
+            return
+        if any(self.batch in shape for r in records for shape in r.output_shapes):
+            return
+        shapes = sorted({s for r in records for s in r.output_shapes})[:4]
+        raise ValueError(
+            f"output has batch size {self.batch} along batch_dim={self.batch_dim} (shape "
+            f"{self.shape}), but no covered module produced a tensor with a dim of that size "
+            f"(e.g. {shapes}). Check batch_dim, or that output comes from this forward pass."
+        )
+
+    def _closed_form_terms(
+        self,
+        records: list[CallRecord],
+        by_record: dict[int, list[tuple[Tensor, int | None]]],
+        verified: dict[int, bool],
+        done: set[int],
+    ) -> list[tuple[Tensor, Term]]:
+        modules: dict[int, list[CallRecord]] = {}
+        for record in records:
+            if record.rule is not None:
+                modules.setdefault(id(record.module), []).append(record)
+        terms: list[tuple[Tensor, Term]] = []
+        for calls in modules.values():
+            module = calls[0].module
+            if not all(verified[id(r)] for r in calls):
+                continue
+            place = closed_form_place(module)
+            names = {
+                name: p
+                for name, p in module.named_parameters(recurse=False)
+                if id(p) in self.covered and self.plan.places.get(id(p)) == {place}
+            }
+            if not names:
+                continue
+            inputs = []
+            for record in calls:
+                for gradient, dim in by_record[id(record)]:
+                    assert record.x is not None and dim is not False
+                    inputs.append((record.x, gradient[: self.tasks], dim))
+            assert calls[0].rule is not None
+            with torch.autocast(self.output.device.type, enabled=False):
+                built = build_terms(module, calls[0].rule, inputs, self.dtype)
+            for name, term in built.items():
+                if name in names:
+                    terms.append((names[name], term))
+                    done.add(id(names[name]))
+        return terms
+
+    def _local_terms(
+        self,
+        records: list[CallRecord],
+        by_record: dict[int, list[tuple[Tensor, int | None]]],
+        verified: dict[int, bool],
+        done: set[int],
+    ) -> list[tuple[Tensor, Term]]:
+        """Exact per-instance gradients of a generic call's parameters, from its own local graph."""
+        terms: list[tuple[Tensor, Term]] = []
+        for record in records:
+            if record.rule is not None or not verified[id(record)]:
+                continue
+            place = generic_place(record)
+            params = [
+                p
+                for p in self.plan.generic_params.get(id(record), [])
+                if self.plan.places.get(id(p)) == {place} and id(p) not in done
+            ]
+            if not params:
+                continue
+            grad_outputs = [
+                self._per_instance(gradient[: self.tasks], dim)
+                for gradient, dim in by_record[id(record)]
+            ]
+            jacobians = batched_vjp(record.reached_outputs, params, grad_outputs)
+            for param, jacobian in zip(params, jacobians, strict=True):
+                if jacobian is not None:
+                    rows = jacobian.reshape(jacobian.shape[0], -1).to(self.dtype)
+                    terms.append((param, MaterializedTerm(rows, tuple(param.shape))))
+                done.add(id(param))
+        return terms
+
+    def _per_instance(self, gradient: Tensor, dim: int | None) -> Tensor:
+        """``[B * T, *y.shape]``: row ``(i, t)`` is task ``t``'s gradient restricted to slice ``i``."""
+        if dim is None:
+            return gradient
+        moved = gradient.movedim(1 + dim, 1)  # [T, B, ...]
+        rows = moved.new_zeros(self.batch, self.tasks, *moved.shape[1:])
+        index = torch.arange(self.batch, device=moved.device)
+        rows[index, :, index] = moved.transpose(0, 1)
+        return rows.reshape(self.batch * self.tasks, *moved.shape[1:]).movedim(1, 1 + dim)
+
+
+def _exact_terms(output: Tensor, params: list[Tensor], order: Tensor) -> list[tuple[Tensor, Term]]:
+    """Per-row Jacobians of ``output`` w.r.t. ``params`` by batched autograd (any graph).
+
+    Rows follow ``order``: row ``r`` differentiates ``output.flatten()[order[r]]``.
+    """
+    if not params:
+        return []
+    rows = order.numel()
+    basis = torch.zeros(rows, rows, dtype=output.dtype, device=output.device)
+    basis[torch.arange(rows, device=output.device), order.to(output.device)] = 1
+    jacobians = batched_vjp([output], params, [basis.reshape(rows, *output.shape)])
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    return [
+        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape)))
+        for p, j in zip(params, jacobians, strict=True)
+        if j is not None
+    ]
+
+
+def _row_order(shape: tuple[int, ...], batch_dim: int | None) -> Tensor:
+    """Flat output index of each internal row (instance-major when there is a batch dim)."""
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    if batch_dim is None:
+        return index.reshape(-1)
+    return index.movedim(batch_dim, 0).reshape(-1)
+
+
+def _input_unchanged(record: CallRecord) -> bool:
+    return record.x is None or record.x._version == record.x_version
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _flatten_modules(items: tuple[nn.Module | Iterable[nn.Module], ...]) -> list[nn.Module]:
+    modules: list[nn.Module] = []
+    for item in items:
+        if isinstance(item, nn.Module):
+            modules.append(item)
+            continue
+        if isinstance(item, Tensor) or not isinstance(item, Iterable):
+            raise TypeError(
+                f"Engine takes modules or iterables of modules, got {type(item).__name__}; pass "
+                "parameters with Engine(batch_dim=..., parameters=...)."
+            )
+        for module in item:
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"Engine takes modules, got {type(module).__name__} in an iterable."
+                )
+            modules.append(module)
+    return modules

@@ -1,0 +1,100 @@
+"""Exact per-row Jacobians through autograd: the fallback that works for any graph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+# Rows of grad_outputs sent through one vmapped backward pass: bounds the memory of the batch.
+_ROWS_PER_CHUNK = 64
+
+
+def batched_vjp(
+    outputs: Sequence[Tensor | GradientEdge],
+    inputs: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor],
+) -> list[Tensor | None]:
+    """Vector-Jacobian products for a batch of cotangents, one per leading row of ``grad_outputs``.
+
+    Returns, for each input, the ``[rows, *input.shape]`` stack of ``vᵀ ∂outputs/∂input`` (``None`` if
+    the input does not influence the outputs). The graph is retained. Runs one vmapped backward pass
+    (``is_grads_batched``) per chunk of rows and falls back to one pass per row for operations that
+    have no batching rule.
+    """
+    rows = grad_outputs[0].shape[0]
+    chunks: list[list[Tensor | None]] = []
+    chunk_grads: list[list[Tensor]] = []
+    for start in range(0, rows, _ROWS_PER_CHUNK):
+        chunk = [g[start : start + _ROWS_PER_CHUNK] for g in grad_outputs]
+        chunk_grads.append(chunk)
+        chunks.append(_vjp_chunk(outputs, inputs, chunk))
+    if len(chunks) == 1:
+        return chunks[0]
+    merged: list[Tensor | None] = []
+    for index in range(len(inputs)):
+        parts = [chunk[index] for chunk in chunks]
+        if all(part is None for part in parts):
+            merged.append(None)
+            continue
+        template = next(p for p in parts if p is not None)
+        merged.append(
+            torch.cat(
+                [
+                    p if p is not None else template.new_zeros(len(c[0]), *template.shape[1:])
+                    for p, c in zip(parts, chunk_grads, strict=True)
+                ]
+            )
+        )
+    return merged
+
+
+def _vjp_chunk(
+    outputs: Sequence[Tensor | GradientEdge],
+    inputs: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor],
+) -> list[Tensor | None]:
+    rows = grad_outputs[0].shape[0]
+    if rows > 1:
+        try:
+            return list(
+                torch.autograd.grad(
+                    list(outputs),  # type: ignore[arg-type]
+                    list(inputs),  # type: ignore[arg-type]
+                    list(grad_outputs),
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            )
+        except RuntimeError as error:
+            if "graph" in str(error) and "freed" in str(error):
+                raise
+            # Some backward formulas have no vmap rule; the per-row loop below is exact too.
+    per_row = [
+        torch.autograd.grad(
+            list(outputs),  # type: ignore[arg-type]
+            list(inputs),  # type: ignore[arg-type]
+            [g[row] for g in grad_outputs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for row in range(rows)
+    ]
+    result: list[Tensor | None] = []
+    for index in range(len(inputs)):
+        parts = [row_grads[index] for row_grads in per_row]
+        if all(part is None for part in parts):
+            result.append(None)
+        else:
+            result.append(torch.stack([_zeros_if_none(p, parts) for p in parts]))
+    return result
+
+
+def _zeros_if_none(part: Tensor | None, parts: Sequence[Tensor | None]) -> Tensor:
+    if part is not None:
+        return part
+    template = next(p for p in parts if p is not None)
+    return torch.zeros_like(template)
