@@ -56,7 +56,7 @@ class DWA(Stateful, Scalarizer):
         if last is None or previous is None:
             return torch.ones_like(values)
         check_value_shape(values, tuple(last.shape), "the losses DWA recorded so far")
-        rates = (last / previous).to(dtype=values.dtype, device=values.device)
+        rates = (last.to(values.device) / previous.to(values.device)).to(values.dtype)
         return values.numel() * torch.softmax(rates.flatten() / self.temperature, dim=0).reshape(
             values.shape
         )
@@ -88,7 +88,7 @@ class DWA(Stateful, Scalarizer):
         total = self._state.get("epoch_sum")
         if total is not None:
             check_value_shape(values, tuple(total.shape), "the losses DWA recorded this epoch")
-            values = total + values.to(total.dtype)
+            values = total.to(values.device) + values.to(total.dtype)
         elif (last := self._state.get("last_average")) is not None:
             check_value_shape(values, tuple(last.shape), "the losses DWA recorded so far")
         self._state["epoch_sum"] = values.clone()

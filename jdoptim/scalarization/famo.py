@@ -94,7 +94,7 @@ class FAMO(Stateful, Scalarizer):
 
     def forward(self, values: Tensor, /) -> Tensor:
         shifted = self._shifted_losses(values)
-        weights = self.task_weights.to(dtype=values.dtype)
+        weights = self.task_weights.to(dtype=values.dtype, device=values.device)
         scale = 1.0 / (weights / shifted.detach()).sum()
         if self.training:
             self._state["losses_before"] = values.detach().clone()
@@ -114,7 +114,7 @@ class FAMO(Stateful, Scalarizer):
         improvement = self._shifted_losses(before).log() - self._shifted_losses(losses_after).log()
         logits: Tensor = self._state["logits"]
         weights = self.task_weights
-        improvement = improvement.to(logits.dtype)
+        improvement = improvement.to(dtype=logits.dtype, device=logits.device)
         # Gradient of zᵀδ w.r.t. ξ through the softmax: z ⊙ (δ - zᵀδ).
         grad = weights * (improvement - (weights * improvement).sum())
         steps = self._state["adam_steps"] + 1
