@@ -12,8 +12,9 @@ from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import check_finite, check_tensor
 from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
 
-# Relative ridge on the (possibly singular) normalised Gramian: moves the direction by ~1e-10.
-_RIDGE = 1e-10
+# Relative ridge that makes the (possibly singular) normalised Gramian definite for quadprog; it
+# moves the direction by about 1e-12 divided by the smallest non-zero eigenvalue.
+_RIDGE = 1e-12
 
 
 class PCDWeighting(Stateful, Weighting):
