@@ -1,0 +1,102 @@
+"""UPGrad against its definition: the sum of the rows' projections onto the dual cone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchjd.aggregation as peer
+from hypothesis import given, settings
+from torch import Tensor
+
+from jdoptim.aggregation import UPGrad, UPGradWeighting
+from tests.aggregation._jacobians import (
+    gramian,
+    jacobian_from_seed,
+    jacobians,
+    non_conflicting_jacobians,
+)
+
+
+def conflict_tolerance(matrix: Tensor, weights: Tensor, reg_eps: float) -> float:
+    """How far below zero ``J d`` may go: the regularisation shifts the KKT conditions by
+    ``reg_eps * trace(G) * w`` (plus round-off)."""
+    trace = float(gramian(matrix).trace())
+    return 2 * reg_eps * trace * float(weights.abs().max()) + 1e-9 * trace
+
+
+def test_hand_computed() -> None:
+    # g1 = (1, 0), g2 = (-1, 1). g1/2 projects onto the dual cone {x1 >= 0, x2 >= x1} at
+    # (1/4, 1/4), g2/2 at (0, 1/2): the sum is (1/4, 3/4).
+    matrix = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    result = UPGrad(reg_eps=0.0)(matrix)
+    assert torch.allclose(result, torch.tensor([0.25, 0.75], dtype=torch.float64), atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix=jacobians(max_rows=8))
+def test_never_conflicts_with_a_row(matrix: Tensor) -> None:
+    aggregator = UPGrad()
+    weights = aggregator.compute_weights(matrix)
+    result = aggregator(matrix)
+    assert (matrix @ result >= -conflict_tolerance(matrix, weights, 1e-4)).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(matrix=jacobians(max_rows=6))
+def test_without_regularisation_the_projection_is_exact(matrix: Tensor) -> None:
+    weights = UPGradWeighting(reg_eps=0.0)(gramian(matrix))
+    assert (matrix @ (weights @ matrix) >= -conflict_tolerance(matrix, weights, 0.0) - 1e-7).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrix=non_conflicting_jacobians())
+def test_equals_the_mean_when_no_rows_conflict(matrix: Tensor) -> None:
+    rows = matrix.shape[0]
+    assert torch.allclose(
+        UPGradWeighting()(gramian(matrix)), torch.full_like(matrix[:, 0], 1 / rows)
+    )
+    assert torch.allclose(UPGrad()(matrix), matrix.mean(dim=0), atol=1e-12)
+
+
+def test_preference_is_followed_without_conflicts() -> None:
+    matrix = jacobian_from_seed(5, 3, 4, 3).abs()
+    pref = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    assert torch.allclose(UPGrad(pref)(matrix), pref @ matrix, atol=1e-12)
+
+
+def test_zero_gramian_gives_the_preference() -> None:
+    pref = torch.tensor([0.0, 2.0, 1.0])
+    assert torch.equal(UPGradWeighting(pref)(torch.zeros(3, 3)), pref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(matrix=jacobians(max_rows=8))
+def test_matches_the_peer(matrix: Tensor) -> None:
+    ours, theirs = UPGrad()(matrix), peer.UPGrad()(matrix)
+    assert torch.allclose(ours, theirs, atol=1e-7 * float(theirs.norm()) + 1e-12)
+
+
+def test_matches_the_peer_with_a_preference() -> None:
+    matrix = jacobian_from_seed(7, 4, 5, 3)
+    pref = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    assert torch.allclose(UPGrad(pref)(matrix), peer.UPGrad(pref)(matrix), atol=1e-8)
+
+
+def test_wrong_preference_length() -> None:
+    with pytest.raises(ValueError, match="3 entries but there are 2 objectives"):
+        UPGrad(torch.ones(3))(torch.ones(2, 4))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="reg_eps"):
+        UPGrad(reg_eps=-1.0)
+    with pytest.raises(ValueError, match="solver"):
+        UPGrad(solver="nope")(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))  # type: ignore[arg-type]
+
+
+def test_repr() -> None:
+    assert repr(UPGrad()) == "UPGrad(pref_vector=None, reg_eps=0.0001, solver='auto')"
+    assert repr(UPGradWeighting(torch.tensor([1.0, 2.0]), reg_eps=0.0)) == (
+        "UPGradWeighting(pref_vector=tensor([1, 2]), reg_eps=0.0, solver='auto')"
+    )
+    assert str(UPGrad()) == "UPGrad" and str(UPGradWeighting()) == "UPGrad"
