@@ -5,9 +5,19 @@ aggregators), :mod:`jdoptim.autojac` (Jacobians through autograd), :mod:`jdoptim
 Gramian engine) and :mod:`jdoptim.optim` (the optimizers).
 """
 
-from jdoptim import aggregation, autogram, linalg, scalarization
+from jdoptim import aggregation, autogram, autojac, linalg, scalarization
 from jdoptim._stateful import Stateful
+from jdoptim.autojac._aggregated_backward import backward
 
 __version__ = "0.1.0"
 
-__all__ = ["Stateful", "__version__", "aggregation", "autogram", "linalg", "scalarization"]
+__all__ = [
+    "Stateful",
+    "__version__",
+    "aggregation",
+    "autogram",
+    "autojac",
+    "backward",
+    "linalg",
+    "scalarization",
+]

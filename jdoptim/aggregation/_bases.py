@@ -11,8 +11,10 @@ which is what lets the autogram engine run them without ever forming ``J``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 from jdoptim.linalg import (
@@ -194,12 +196,36 @@ class GramianWeightedAggregator(WeightedAggregator):
             )
 
     def compute_weights(self, matrix: Tensor, /) -> Tensor:
+        return self.compute_weights_from_blocks([matrix])
+
+    def compute_weights_from_blocks(self, blocks: Sequence[Tensor], /) -> Tensor:
+        """The weights for ``J = [J₁ ⋯ J_k]`` given as its column blocks ``J_p`` of shape ``[m, n_p]``.
+
+        ``J Jᵀ = Σ_p J_p J_pᵀ``, so ``J`` is never concatenated: autojac's ``jac_to_grad`` passes
+        one block per parameter and its memory stays at one Jacobian.
+        """
         weighting = self.weighting
+        rows = blocks[0].shape[0]
         if not weighting.requires_values:
-            rows = matrix.shape[0]
-            return weighting(matrix.new_zeros(()).expand(rows, rows))
-        if weighting.scale_invariant:
-            scale = power_of_two_scale(matrix)
-            if bool(scale.log2().abs() > _SAFE_LOG2_RANGE):
-                matrix = matrix / scale
-        return weighting(gramian_from_jacobian(matrix))
+            return weighting(blocks[0].new_zeros(()).expand(rows, rows))
+        scale = _extreme_entries_scale(blocks) if weighting.scale_invariant else None
+        if len(blocks) == 1:
+            matrix = blocks[0] if scale is None else blocks[0] / scale
+            return weighting(gramian_from_jacobian(matrix))
+        gramian = blocks[0].new_zeros(rows, rows)
+        for block in blocks:
+            scaled = block if scale is None else block / scale
+            gramian.addmm_(scaled, scaled.T)
+        return weighting((gramian + gramian.T) / 2)
+
+
+def _extreme_entries_scale(blocks: Sequence[Tensor]) -> Tensor | None:
+    """A power of two to divide the blocks by when their largest entry is too large or too small.
+
+    Taken over all blocks together, so that the blocks' Gramians stay summable.
+    """
+    extremes = [torch.stack(torch.aminmax(block)) for block in blocks if block.numel() > 0]
+    if not extremes:
+        return None
+    scale = power_of_two_scale(torch.cat(extremes))
+    return scale if bool(scale.log2().abs() > _SAFE_LOG2_RANGE) else None

@@ -1,0 +1,38 @@
+"""``backward``: accumulate the Jacobian into the ``.jac`` field of the inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import Tensor
+
+from jdoptim.autojac._graph import unique
+from jdoptim.autojac._jac import jacobians, resolve_arguments
+from jdoptim.autojac._jac_field import accumulate_jac
+
+
+def backward(
+    tensors: Tensor | Sequence[Tensor],
+    inputs: Tensor | Iterable[Tensor] | None = None,
+    *,
+    retain_graph: bool = False,
+    parallel_chunk_size: int | None = None,
+) -> None:
+    """Adds the Jacobian of the elements of ``tensors`` to the ``.jac`` field of each input.
+
+    The analogue of :func:`torch.autograd.backward` for a vector of ``m`` values: each input ``x``
+    receives ``x.jac`` of shape ``[m, *x.shape]`` (summed with any ``.jac`` already there, like
+    ``.grad``). Aggregate it into ``.grad`` with :func:`jac_to_grad`. Arguments and errors are those
+    of :func:`jac`; ``inputs=None`` means every leaf requiring grad that ``tensors`` depend on.
+    """
+    output_list, input_list = resolve_arguments(
+        tensors, inputs, parallel_chunk_size, outputs_name="tensors"
+    )
+    input_list = unique(input_list)
+    results = jacobians(
+        output_list,
+        input_list,
+        retain_graph=retain_graph,
+        parallel_chunk_size=parallel_chunk_size,
+    )
+    accumulate_jac(input_list, results)

@@ -1,0 +1,109 @@
+"""``jac_to_grad``: aggregate the Jacobians in ``.jac`` into ``.grad``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
+from jdoptim.autojac._graph import unique
+from jdoptim.autojac._jac_field import clear_jac, get_jac
+from jdoptim.linalg import check_finite
+
+
+def jac_to_grad(
+    params: Iterable[Tensor], aggregator: Aggregator, *, retain_jac: bool = False
+) -> Tensor | None:
+    """Aggregates the Jacobian stored in the params' ``.jac`` into their ``.grad``.
+
+    The aggregator sees the whole Jacobian ``J = [J₁ ⋯ J_k] ∈ R^{m×n}``, param ``p``'s ``.jac``
+    flattened to ``J_p ∈ R^{m×n_p}``; the direction ``d`` it returns is split back per param and
+    added to ``.grad`` (set when ``None``), as autograd accumulates. For a
+    :class:`~jdoptim.aggregation.GramianWeightedAggregator`, ``J`` is never concatenated: the weights
+    come from ``J Jᵀ = Σ_p J_p J_pᵀ`` and ``d_p = wᵀ J_p``, so memory stays at one Jacobian.
+
+    Returns:
+        the weights ``w ∈ R^m`` for a weighted aggregator (``d = wᵀ J``), else ``None``.
+
+    Raises:
+        ValueError: no params, a param without ``.jac``, Jacobians with different numbers of rows or
+            a shape that does not match their param, or non-finite entries. Nothing is changed then.
+    """
+    param_list = unique(params)
+    jacobians = _collect_jacobians(param_list)
+    weights = aggregate_into_grads(param_list, jacobians, aggregator)
+    if not retain_jac:
+        clear_jac(param_list)
+    return weights
+
+
+def aggregate_into_grads(
+    params: Sequence[Tensor], jacobians: Sequence[Tensor], aggregator: Aggregator
+) -> Tensor | None:
+    """Adds the aggregation of the Jacobians ``[m, *p.shape]`` to ``p.grad``; returns the weights.
+
+    Every check (and the aggregation itself) happens before the first ``.grad`` is touched.
+    """
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(
+            f"aggregator must be a jdoptim.aggregation.Aggregator (such as UPGrad()), got "
+            f"{type(aggregator).__name__}."
+        )
+    for index, jacobian in enumerate(jacobians):
+        check_finite(jacobian, f"The Jacobian of params[{index}]")
+    blocks = [jacobian.reshape(jacobian.shape[0], -1) for jacobian in jacobians]
+    weights: Tensor | None = None
+    if isinstance(aggregator, GramianWeightedAggregator):
+        weights = aggregator.compute_weights_from_blocks(blocks)
+        updates = [weights @ block for block in blocks]
+    else:
+        matrix = torch.cat(blocks, dim=1)
+        if isinstance(aggregator, WeightedAggregator):
+            weights = aggregator.compute_weights(matrix)
+            direction = weights @ matrix
+        else:
+            direction = aggregator(matrix)
+        del matrix
+        updates = list(torch.split(direction, [block.shape[1] for block in blocks]))
+    for index, update in enumerate(updates):
+        check_finite(update, f"The aggregation of the Jacobian by {aggregator!r} (params[{index}])")
+    for param, update in zip(params, updates, strict=True):
+        grad = update.reshape(param.shape)
+        if param.grad is None:
+            param.grad = grad.detach()
+        else:
+            param.grad += grad.detach()
+    return weights
+
+
+def _collect_jacobians(params: Sequence[Tensor]) -> list[Tensor]:
+    if not params:
+        raise ValueError("jac_to_grad needs at least one param, got none.")
+    jacobians = []
+    for index, param in enumerate(params):
+        jacobian = get_jac(param)
+        if jacobian is None:
+            raise ValueError(
+                f"params[{index}] (shape {tuple(param.shape)}) has no .jac. Fill it first with "
+                "jdoptim.autojac.backward or mtl_backward, and pass only the params those reach."
+            )
+        if tuple(jacobian.shape[1:]) != tuple(param.shape):
+            raise ValueError(
+                f"params[{index}].jac has shape {tuple(jacobian.shape)}, but a Jacobian for a param "
+                f"of shape {tuple(param.shape)} must have shape {_jacobian_shape(param)}."
+            )
+        jacobians.append(jacobian)
+    rows = {jacobian.shape[0] for jacobian in jacobians}
+    if len(rows) > 1:
+        counts = ", ".join(f"params[{i}]: {j.shape[0]}" for i, j in enumerate(jacobians))
+        raise ValueError(
+            f"The .jac fields have different numbers of rows ({counts}); they must come from the "
+            "same outputs. Clear stale Jacobians with clear_jac before calling backward again."
+        )
+    return jacobians
+
+
+def _jacobian_shape(param: Tensor) -> str:
+    return "[" + ", ".join(["m", *map(str, param.shape)]) + "]"

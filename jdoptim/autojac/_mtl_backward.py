@@ -1,0 +1,157 @@
+"""``mtl_backward``: Jacobian descent for multi-task learning with a shared trunk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from jdoptim.autojac._graph import (
+    as_tensor_list,
+    check_chunk_size,
+    check_inputs,
+    check_outputs,
+    depends_on,
+    reachable_leaves,
+    unique,
+)
+from jdoptim.autojac._jac_field import accumulate_jac
+from jdoptim.autojac._vjp import vjp_rows
+
+
+def mtl_backward(
+    losses: Tensor | Sequence[Tensor],
+    features: Tensor | Sequence[Tensor],
+    *,
+    tasks_params: Sequence[Iterable[Tensor]] | None = None,
+    shared_params: Iterable[Tensor] | None = None,
+    retain_graph: bool = False,
+    parallel_chunk_size: int | None = None,
+) -> None:
+    """Gradients for the task heads and the Jacobian for the shared trunk, in one call.
+
+    The model is a trunk with parameters ``θ`` computing ``features`` ``f(θ)`` and one head per
+    task computing the scalar loss ``ℓ_t(f, φ_t)``. Each task's parameters ``φ_t`` receive their own
+    loss's gradient in ``.grad`` (accumulated), and each shared parameter receives the ``[T, ...]``
+    Jacobian of the ``T`` losses in ``.jac``, row ``t`` being ``(∂ℓ_t/∂f)(∂f/∂θ)``: the heads are
+    differentiated once each down to the features, then the trunk once for all tasks with batched
+    backward passes (see :func:`jac`), not once per loss element. Aggregate with
+    :func:`jac_to_grad` (``shared_params``, aggregator).
+
+    Args:
+        losses: one scalar loss per task (a sequence, or a 1-D tensor of ``T`` losses).
+        features: the last shared representation (a tensor or several), that every loss depends on.
+        tasks_params: for each task, its head's parameters. ``None``: the leaves requiring grad
+            that each loss depends on without going through the features.
+        shared_params: the trunk's parameters. ``None``: every leaf requiring grad the features
+            depend on.
+        retain_graph: keep the graph so that it can be differentiated again.
+        parallel_chunk_size: tasks per batched backward pass through the trunk (see :func:`jac`).
+
+    Raises:
+        ValueError: a loss is not a scalar or does not depend on the features, a feature or param
+            does not require grad, a param is both shared and task-specific, or ``tasks_params``
+            does not have one entry per loss.
+    """
+    loss_list = _scalar_losses(losses)
+    feature_list = as_tensor_list(features, "features")
+    check_outputs(feature_list, "features")
+    check_chunk_size(parallel_chunk_size)
+    for index, loss in enumerate(loss_list):
+        if not depends_on(loss, feature_list):
+            raise ValueError(
+                f"losses[{index}] does not depend on the features; every task's loss must be "
+                "computed from the shared features."
+            )
+    shared = _shared_params(shared_params, feature_list)
+    heads = _tasks_params(tasks_params, loss_list, feature_list, shared)
+
+    feature_grads: list[list[Tensor]] = [[] for _ in feature_list]
+    head_grads = []
+    for loss, head in zip(loss_list, heads, strict=True):
+        grads = torch.autograd.grad(
+            loss, [*feature_list, *head], retain_graph=True, allow_unused=True
+        )
+        for index, feature in enumerate(feature_list):
+            grad = grads[index]
+            feature_grads[index].append(grad if grad is not None else torch.zeros_like(feature))
+        head_grads.append(grads[len(feature_list) :])
+    cotangents = [torch.stack(grads) for grads in feature_grads]
+    jacobians = vjp_rows(
+        feature_list,
+        shared,
+        len(loss_list),
+        lambda start, stop: [cotangent[start:stop] for cotangent in cotangents],
+        retain_graph=retain_graph,
+        chunk_size=parallel_chunk_size,
+    )
+    accumulate_jac(shared, jacobians)
+    for head, grads in zip(heads, head_grads, strict=True):
+        for param, grad in zip(head, grads, strict=True):
+            if grad is None:
+                continue
+            if param.grad is None:
+                param.grad = grad.contiguous()
+            else:
+                param.grad += grad
+
+
+def _scalar_losses(losses: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(losses, Tensor) and losses.ndim == 1:
+        loss_list = list(losses.unbind())
+    else:
+        loss_list = as_tensor_list(losses, "losses")
+    check_outputs(loss_list, "losses")
+    for index, loss in enumerate(loss_list):
+        if loss.ndim != 0:
+            raise ValueError(
+                f"losses[{index}] must be a scalar (one loss per task), got shape "
+                f"{tuple(loss.shape)}. Reduce each task's loss to a scalar first."
+            )
+    return loss_list
+
+
+def _shared_params(params: Iterable[Tensor] | None, features: list[Tensor]) -> list[Tensor]:
+    if params is None:
+        return reachable_leaves(features)
+    shared = unique(as_tensor_list(params, "shared_params"))
+    check_inputs(shared, "shared_params")
+    return shared
+
+
+def _tasks_params(
+    tasks_params: Sequence[Iterable[Tensor]] | None,
+    losses: list[Tensor],
+    features: list[Tensor],
+    shared: list[Tensor],
+) -> list[list[Tensor]]:
+    if tasks_params is None:
+        heads = [reachable_leaves([loss], stop_at=features) for loss in losses]
+    else:
+        if isinstance(tasks_params, Tensor) or len(tasks_params) != len(losses):
+            raise ValueError(
+                f"tasks_params must hold one iterable of params per loss ({len(losses)}), got "
+                f"{len(tasks_params)} entries."
+            )
+        heads = [
+            unique(as_tensor_list(params, f"tasks_params[{task}]"))
+            for task, params in enumerate(tasks_params)
+        ]
+        for task, head in enumerate(heads):
+            for index, param in enumerate(head):
+                if not param.requires_grad:
+                    raise ValueError(
+                        f"tasks_params[{task}][{index}] (shape {tuple(param.shape)}) does not "
+                        "require grad."
+                    )
+    shared_ids = {id(param) for param in shared}
+    for task, head in enumerate(heads):
+        for param in head:
+            if id(param) in shared_ids:
+                raise ValueError(
+                    f"A param of shape {tuple(param.shape)} is both shared and specific to task "
+                    f"{task}: the losses would depend on it through another path than the "
+                    "features. Pass disjoint tasks_params and shared_params."
+                )
+    return heads

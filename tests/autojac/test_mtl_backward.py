@@ -1,0 +1,122 @@
+"""``mtl_backward`` against the hand-written per-task computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim.autojac import mtl_backward
+
+
+class TwoTaskModel(nn.Module):
+    """A trunk giving two feature tensors, a regression head and a classification-like head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        self.side = nn.Linear(4, 2)
+        self.head_a = nn.Linear(5, 1)
+        self.head_b = nn.Sequential(nn.Linear(5 + 2, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        features = [self.trunk(x), self.side(x)]
+        loss_a = self.head_a(features[0]).pow(2).mean()
+        loss_b = self.head_b(torch.cat(features, dim=1)).sin().sum()
+        return [loss_a, loss_b], features
+
+
+def _setup() -> tuple[TwoTaskModel, Tensor, list[nn.Parameter], list[list[nn.Parameter]]]:
+    torch.manual_seed(0)
+    model = TwoTaskModel().double()
+    shared = [*model.trunk.parameters(), *model.side.parameters()]
+    heads = [list(model.head_a.parameters()), list(model.head_b.parameters())]
+    return model, torch.randn(6, 4, dtype=torch.float64), shared, heads
+
+
+def _hand_written(
+    model: TwoTaskModel, x: Tensor, shared: list[nn.Parameter], heads: list[list[nn.Parameter]]
+):  # type: ignore[no-untyped-def]
+    losses, _ = model(x)
+    shared_rows = []
+    head_grads = []
+    for loss, head in zip(losses, heads, strict=True):
+        grads = torch.autograd.grad(loss, [*shared, *head], retain_graph=True, allow_unused=True)
+        shared_rows.append(
+            [
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(grads, shared, strict=False)
+            ]
+        )
+        head_grads.append(grads[len(shared) :])
+    jacobians = [torch.stack(rows) for rows in zip(*shared_rows, strict=True)]
+    return jacobians, head_grads
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_matches_hand_written_per_task_computation(chunk: int | None, explicit: bool) -> None:
+    model, x, shared, heads = _setup()
+    expected_jacobians, expected_head_grads = _hand_written(model, x, shared, heads)
+    losses, features = model(x)
+    if explicit:
+        mtl_backward(
+            losses, features, tasks_params=heads, shared_params=shared, parallel_chunk_size=chunk
+        )
+    else:
+        mtl_backward(losses, features, parallel_chunk_size=chunk)
+    for param, expected in zip(shared, expected_jacobians, strict=True):
+        assert param.grad is None
+        torch.testing.assert_close(param.jac, expected)  # type: ignore[attr-defined]
+    for head, grads in zip(heads, expected_head_grads, strict=True):
+        for param, expected in zip(head, grads, strict=True):
+            assert not hasattr(param, "jac")
+            torch.testing.assert_close(param.grad, expected)
+
+
+def test_losses_as_a_tensor_and_single_feature_accumulate() -> None:
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 4).double()
+    heads = [nn.Linear(4, 1).double() for _ in range(3)]
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def run() -> tuple[Tensor, Tensor]:
+        features = trunk(x).relu()
+        return torch.stack([head(features).square().mean() for head in heads]), features
+
+    losses, _ = run()
+    expected = [
+        torch.stack([torch.autograd.grad(loss, p, retain_graph=True)[0] for loss in losses])
+        for p in trunk.parameters()
+    ]
+    head_grads = [
+        torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+        for loss, h in zip(losses, heads, strict=True)
+    ]
+    for _ in range(2):
+        losses, features = run()
+        mtl_backward(losses, features, parallel_chunk_size=2)
+    for param, rows in zip(trunk.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.jac, 2 * rows)  # type: ignore[attr-defined]
+    for head, grads in zip(heads, head_grads, strict=True):
+        for param, grad in zip(head.parameters(), grads, strict=True):
+            torch.testing.assert_close(param.grad, 2 * grad)
+
+
+def test_errors() -> None:
+    model, x, shared, heads = _setup()
+    losses, features = model(x)
+    with pytest.raises(ValueError, match=r"losses\[0\] must be a scalar"):
+        mtl_backward([losses[0].reshape(1), losses[1]], features)
+    unrelated = torch.ones((), requires_grad=True) * 2
+    with pytest.raises(ValueError, match=r"losses\[1\] does not depend on the features"):
+        mtl_backward([losses[0], unrelated], features)
+    with pytest.raises(ValueError, match="one iterable of params per loss"):
+        mtl_backward(losses, features, tasks_params=heads[:1])
+    with pytest.raises(ValueError, match="both shared and specific to task 1"):
+        mtl_backward(losses, features, tasks_params=[heads[0], [*heads[1], shared[0]]])
+    with pytest.raises(ValueError, match=r"features\[0\].*does not require grad"):
+        mtl_backward(losses, [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"shared_params\[0\].*does not require grad"):
+        mtl_backward(losses, features, shared_params=[torch.ones(2)])
+    assert not any(hasattr(p, "jac") or p.grad is not None for p in model.parameters())
