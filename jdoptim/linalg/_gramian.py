@@ -30,7 +30,7 @@ def flatten_generalized_gramian(gramian: Tensor) -> Tensor:
 def reshape_gramian(gramian: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`flatten_generalized_gramian`: ``[M, M]`` to ``[*shape, *reversed(shape)]``."""
     k = len(shape)
-    unflat = gramian.reshape(*shape, *shape)
+    unflat = gramian.reshape((*shape, *shape))
     permutation = [*range(k), *range(2 * k - 1, k - 1, -1)]
     return unflat.permute(permutation)
 
