@@ -5,13 +5,18 @@ aggregators), :mod:`jdoptim.autojac` (Jacobians through autograd), :mod:`jdoptim
 Gramian engine) and :mod:`jdoptim.optim` (the optimizers).
 """
 
-from jdoptim import aggregation, autogram, autojac, linalg, scalarization
+from jdoptim import aggregation, autogram, autojac, linalg, optim, scalarization
 from jdoptim._stateful import Stateful
 from jdoptim.autojac._aggregated_backward import backward
+from jdoptim.optim import JDSGD, JacobianDescent, JDAdam, JDAdamW
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "JDSGD",
+    "JDAdam",
+    "JDAdamW",
+    "JacobianDescent",
     "Stateful",
     "__version__",
     "aggregation",
@@ -19,5 +24,6 @@ __all__ = [
     "autojac",
     "backward",
     "linalg",
+    "optim",
     "scalarization",
 ]

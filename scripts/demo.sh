@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/_setup_venv.sh
-"${JDOPTIM_VENV:-.venv}/bin/python" examples/aggregation_demo.py
+"${JDOPTIM_VENV:-.venv}/bin/python" examples/iwrm.py

@@ -1,0 +1,373 @@
+"""JacobianDescent against hand-written loops, and as a torch.optim citizen."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.optim import SGD, Adam
+
+from jdoptim.aggregation import (
+    Flattening,
+    Mean,
+    MeanWeighting,
+    UPGrad,
+    UPGradWeighting,
+    WeightedAggregator,
+    Weighting,
+)
+from jdoptim.autogram import Engine
+from jdoptim.autojac import backward, jac_to_grad, mtl_backward
+from jdoptim.optim import JDSGD, JacobianDescent, JDAdam, JDAdamW
+from tests.optim._models import (
+    EMAWeighting,
+    assert_same_params,
+    clone_model,
+    per_instance_losses,
+    regression_problem,
+)
+
+
+def run_jd(optimizer: JacobianDescent, model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+    for x, y in zip(inputs, targets, strict=True):
+
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            optimizer.zero_grad()
+            return per_instance_losses(model, x, y)
+
+        optimizer.step(closure)
+
+
+def test_mean_weighting_equals_sgd_on_the_mean_loss() -> None:
+    model, inputs, targets = regression_problem(steps=5)
+    reference = clone_model(model)
+    run_jd(JDSGD(model.parameters(), lr=0.1, weighting=MeanWeighting()), model, inputs, targets)
+    sgd = SGD(reference.parameters(), lr=0.1)
+    for x, y in zip(inputs, targets, strict=True):
+        sgd.zero_grad()
+        per_instance_losses(reference, x, y).mean().backward()
+        sgd.step()
+    assert_same_params(model, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("fuse_backward", [True, False])
+def test_upgrad_equals_the_engine_loop_of_seed_003(
+    batch_dim: int | None, fuse_backward: bool
+) -> None:
+    model, inputs, targets = regression_problem(steps=3)
+    reference = clone_model(model)
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        weighting=UPGradWeighting(),
+        batch_dim=batch_dim,
+        fuse_backward=fuse_backward,
+    )
+    run_jd(optimizer, model, inputs, targets)
+
+    sgd = SGD(reference.parameters(), lr=0.1)
+    engine = Engine(reference.modules(), batch_dim=batch_dim)
+    weighting = UPGradWeighting()
+    for x, y in zip(inputs, targets, strict=True):
+        losses = per_instance_losses(reference, x, y)
+        sgd.zero_grad()
+        weights = weighting(engine.compute_gramian(losses))
+        losses.backward(weights)
+        sgd.step()
+    assert_same_params(model, reference, atol=1e-10)
+
+
+def test_upgrad_equals_the_autojac_loop_of_seed_001() -> None:
+    model, inputs, targets = regression_problem(steps=3)
+    reference = clone_model(model)
+    run_jd(
+        JDSGD(model.parameters(), lr=0.1, aggregator=UPGrad(), batch_dim=0), model, inputs, targets
+    )
+    sgd = SGD(reference.parameters(), lr=0.1)
+    for x, y in zip(inputs, targets, strict=True):
+        backward(per_instance_losses(reference, x, y))
+        jac_to_grad(reference.parameters(), UPGrad())
+        sgd.step()
+        sgd.zero_grad()
+    assert_same_params(model, reference, atol=1e-10)
+
+
+def test_jdadam_equals_autojac_then_adam() -> None:
+    model, inputs, targets = regression_problem(steps=4)
+    reference = clone_model(model)
+    run_jd(JDAdam(model.parameters(), lr=0.01, weighting=UPGradWeighting()), model, inputs, targets)
+    adam = Adam(reference.parameters(), lr=0.01)
+    for x, y in zip(inputs, targets, strict=True):
+        adam.zero_grad()
+        backward(per_instance_losses(reference, x, y))
+        jac_to_grad(reference.parameters(), UPGrad())
+        adam.step()
+    assert_same_params(model, reference, atol=1e-10)
+
+
+class _RowNormWeighting(Weighting):
+    """Needs the Jacobian itself: weights inversely proportional to the rows' norms."""
+
+    input_kind = "matrix"
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return 1.0 / (matrix.norm(dim=1) + 1.0)
+
+
+def test_matrix_weighting_takes_the_jacobian_path() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = clone_model(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=_RowNormWeighting())
+    run_jd(optimizer, model, inputs, targets)
+    sgd = SGD(reference.parameters(), lr=0.1)
+    for x, y in zip(inputs, targets, strict=True):
+        sgd.zero_grad()
+        backward(per_instance_losses(reference, x, y))
+        jac_to_grad(reference.parameters(), WeightedAggregator(_RowNormWeighting()))
+        sgd.step()
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_scalar_losses_give_a_plain_gradient_step() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = clone_model(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1)
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.zero_grad()
+        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y).mean())
+    sgd = SGD(reference.parameters(), lr=0.1)
+    for x, y in zip(inputs, targets, strict=True):
+        sgd.zero_grad()
+        per_instance_losses(reference, x, y).mean().backward()
+        sgd.step()
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_instance_wise_multi_task_losses_use_the_flattened_gramian() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    reference = clone_model(model)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    optimizer = JDSGD(
+        model.parameters(), lr=0.1, weighting=Flattening(UPGradWeighting()), batch_dim=0
+    )
+    losses = optimizer.step(lambda: (model(x) - y) ** 2)
+    assert losses.shape == (6, 2) and not losses.requires_grad
+    backward(((reference(x) - y) ** 2).reshape(-1))
+    jac_to_grad(reference.parameters(), UPGrad())
+    SGD(reference.parameters(), lr=0.1).step()
+    assert_same_params(model, reference, atol=1e-10)
+
+
+def test_multi_task_mode_equals_mtl_backward_loop() -> None:
+    torch.manual_seed(2)
+    trunk = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).double()
+    heads = nn.ModuleList([nn.Linear(3, 1).double() for _ in range(2)])
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    reference = clone_model(model)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 2, dtype=torch.float64)
+
+    def task_losses(net: nn.ModuleDict) -> tuple[Tensor, Tensor]:
+        features = net["trunk"](x)
+        losses = torch.stack(
+            [
+                ((head(features).squeeze(-1) - y[:, t]) ** 2).mean()
+                for t, head in enumerate(net["heads"])
+            ]
+        )
+        return losses, features
+
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        aggregator=UPGrad(),
+        shared_params=trunk.parameters(),
+        tasks_params=[h.parameters() for h in heads],
+    )
+    optimizer.step(lambda: task_losses(model))
+
+    losses, features = task_losses(reference)
+    mtl_backward(
+        losses,
+        features,
+        tasks_params=[list(h.parameters()) for h in reference["heads"]],
+        shared_params=list(reference["trunk"].parameters()),
+    )
+    jac_to_grad(list(reference["trunk"].parameters()), UPGrad())
+    SGD(reference.parameters(), lr=0.1).step()
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_resume_from_checkpoint_is_bit_identical() -> None:
+    model, inputs, targets = regression_problem(steps=6)
+    start = clone_model(model)
+
+    def make(net: nn.Module) -> JacobianDescent:
+        return JDAdam(net.parameters(), lr=0.01, weighting=EMAWeighting(), batch_dim=0)
+
+    uninterrupted = make(model)
+    run_jd(uninterrupted, model, inputs, targets)
+
+    first = make(start)
+    run_jd(first, start, inputs[:3], targets[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": start.state_dict(), "optimizer": first.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    resumed_model = clone_model(start)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = make(resumed_model)  # fresh optimizer and fresh weighting
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert resumed.method._state["calls"] == 3
+    run_jd(resumed, resumed_model, inputs[3:], targets[3:])
+    assert_same_params(model, resumed_model)
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=6),
+    ],
+    ids=["StepLR", "CosineAnnealingLR", "OneCycleLR"],
+)
+def test_lr_schedulers_drive_the_shared_param_groups(make_scheduler) -> None:  # type: ignore[no-untyped-def]
+    model, inputs, targets = regression_problem(steps=5)
+    reference = clone_model(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, momentum=0.9, weighting=MeanWeighting())
+    scheduler = make_scheduler(optimizer)
+    sgd = SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    reference_scheduler = make_scheduler(sgd)
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y))
+        optimizer.zero_grad()
+        sgd.zero_grad()
+        per_instance_losses(reference, x, y).mean().backward()
+        sgd.step()
+        scheduler.step()
+        reference_scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == sgd.param_groups[0]["lr"]
+        assert optimizer.optimizer.param_groups is optimizer.param_groups
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_add_param_group_and_hooks() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    first, second = model[0], model[2]
+    optimizer = JDSGD(first.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    optimizer.add_param_group({"params": list(second.parameters()), "lr": 0.05})
+    assert len(optimizer.optimizer.param_groups) == 2
+    calls: list[str] = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    assert calls == ["pre", "post"]
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_zero_grad_clears_jac_and_grad() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=UPGrad())
+    backward(per_instance_losses(model, inputs[0], targets[0]))
+    assert all(hasattr(p, "jac") for p in model.parameters())
+    optimizer.zero_grad()
+    assert all(getattr(p, "jac", None) is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_trainer_style_keyword_closure_and_returned_losses() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDAdamW(model.parameters(), lr=0.01, weighting=UPGradWeighting(), batch_dim=0)
+    losses = optimizer.step(closure=lambda: per_instance_losses(model, inputs[0], targets[0]))
+    assert losses.shape == (8,) and not losses.requires_grad
+
+
+def test_after_step_receives_step_info() -> None:
+    seen = []
+
+    class Listening(EMAWeighting):
+        def after_step(self, info) -> None:  # type: ignore[no-untyped-def]
+            seen.append((info.step, info.lr, info.losses.shape, info.evaluate().shape))
+
+    model, inputs, targets = regression_problem(steps=2)
+    run_jd(JDSGD(model.parameters(), lr=0.1, weighting=Listening()), model, inputs, targets)
+    assert seen == [(1, 0.1, (8,), (8,)), (2, 0.1, (8,), (8,))]
+
+
+def test_grad_scaler_step_matches_the_unscaled_step() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = clone_model(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    run_jd(
+        JDSGD(model.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler), model, inputs, targets
+    )
+    run_jd(JDSGD(reference.parameters(), lr=0.1, batch_dim=0), reference, inputs, targets)
+    assert_same_params(model, reference, atol=1e-10)
+
+
+# --- failures leave everything as it was ---------------------------------------------------------
+
+
+def _snapshot(model: nn.Module, optimizer: JacobianDescent) -> tuple[list[Tensor], bytes]:
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return [p.detach().clone() for p in model.parameters()], buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("closure_output", "error"),
+    [
+        (lambda losses: losses * float("nan"), ValueError),
+        (lambda losses: losses.detach(), ValueError),
+        (lambda losses: "not a tensor", TypeError),
+        (lambda losses: losses[:0], ValueError),
+    ],
+    ids=["nan", "no-grad", "wrong-type", "empty"],
+)
+def test_a_failed_step_changes_nothing(closure_output, error) -> None:  # type: ignore[no-untyped-def]
+    model, inputs, targets = regression_problem(steps=2)
+    optimizer = JDAdam(model.parameters(), lr=0.01, weighting=EMAWeighting(), batch_dim=0)
+    run_jd(optimizer, model, inputs[:1], targets[:1])
+    params_before, state_before = _snapshot(model, optimizer)
+    with pytest.raises(error):
+        optimizer.step(lambda: closure_output(per_instance_losses(model, inputs[1], targets[1])))
+    params_after, state_after = _snapshot(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(params_before, params_after, strict=True))
+    assert state_before == state_after
+
+
+def test_a_failing_weighting_restores_the_method_state() -> None:
+    class Exploding(EMAWeighting):
+        def forward(self, gramian: Tensor, /) -> Tensor:
+            super().forward(gramian)
+            raise ValueError("boom")
+
+    model, inputs, targets = regression_problem(steps=1)
+    weighting = Exploding()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting)
+    with pytest.raises(ValueError, match="boom"):
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    assert weighting._state == {}
+
+
+def test_bad_arguments_are_rejected() -> None:
+    model, _, _ = regression_problem()
+    with pytest.raises(TypeError, match="closure"):
+        JDSGD(model.parameters()).step()
+    with pytest.raises(ValueError, match="at most one"):
+        JDSGD(model.parameters(), weighting=UPGradWeighting(), aggregator=Mean())
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
+        JacobianDescent(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Aggregator"):
+        JDSGD(model.parameters(), aggregator=UPGradWeighting())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="modules="):
+        JDSGD(model.parameters(), modules=model[0])
+    with pytest.raises(ValueError, match="missing"):
+        JDSGD(model.parameters()).load_state_dict(SGD(model.parameters()).state_dict())
