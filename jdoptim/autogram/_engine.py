@@ -94,6 +94,8 @@ class Engine:
                 self._params.append(p)
         self._param_ids = seen
         self._pending: _Pending | None = None
+        # How each parameter's part of the last Gramian was computed (diagnostics and tests).
+        self._last_routes: dict[int, str] = {}
         self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str | None]] = (
             weakref.WeakKeyDictionary()
         )
@@ -209,6 +211,9 @@ class Engine:
         natural = torch.empty_like(gramian)
         natural[order[:, None], order[None, :]] = gramian
         self._pending = _Pending(terms, shape, batch_dim)
+        self._last_routes = {id(param): term.route for param, term in terms}
+        if not shape:
+            return natural.reshape(())
         return reshape_gramian(natural, shape)
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
@@ -454,7 +459,7 @@ class _BatchedPass:
             for param, jacobian in zip(params, jacobians, strict=True):
                 if jacobian is not None:
                     rows = jacobian.reshape(jacobian.shape[0], -1).to(self.dtype)
-                    terms.append((param, MaterializedTerm(rows, tuple(param.shape))))
+                    terms.append((param, MaterializedTerm(rows, tuple(param.shape), "local")))
                 done.add(id(param))
         return terms
 
@@ -482,7 +487,7 @@ def _exact_terms(output: Tensor, params: list[Tensor], order: Tensor) -> list[tu
     jacobians = batched_vjp([output], params, [basis.reshape(rows, *output.shape)])
     dtype = torch.promote_types(output.dtype, torch.float32)
     return [
-        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape)))
+        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape), "exact"))
         for p, j in zip(params, jacobians, strict=True)
         if j is not None
     ]

@@ -27,7 +27,13 @@ _MAX_PAIRWISE_ELEMENTS = 2**26
 
 
 class Term(ABC):
-    """The part of the Jacobian that belongs to one parameter, in whatever form is cheapest."""
+    """The part of the Jacobian that belongs to one parameter, in whatever form is cheapest.
+
+    ``route`` says how it was obtained: ``"closed_form"`` (a layer rule), ``"local"`` (exact
+    per-instance VJPs of one module call) or ``"exact"`` (per-row autograd on the whole graph).
+    """
+
+    route: str = "closed_form"
 
     @abstractmethod
     def gramian(self) -> Tensor:
@@ -44,6 +50,7 @@ class MaterializedTerm(Term):
 
     rows: Tensor
     shape: tuple[int, ...]
+    route: str = "closed_form"
 
     def gramian(self) -> Tensor:
         return self.rows @ self.rows.T

@@ -66,3 +66,30 @@ def engine_gramian_and_grads(
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return gramian, fused, expected
+
+
+def loop_gramian(output: Tensor, params: list[Tensor]) -> Tensor:
+    """``J Jᵀ`` from one ``autograd.grad`` per entry of ``output`` (same graph, same randomness)."""
+    flat = output.reshape(-1)
+    rows = []
+    for index in range(flat.numel()):
+        grads = torch.autograd.grad(flat[index], params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                    for g, p in zip(grads, params)
+                ]
+            )
+        )
+    matrix = torch.stack(rows)
+    return reshape_gramian(matrix @ matrix.T, tuple(output.shape))
+
+
+def routes(engine: Engine, model: nn.Module) -> dict[str, str]:
+    """How the engine computed each named parameter's part of its last Gramian."""
+    return {
+        name: engine._last_routes[id(p)]
+        for name, p in model.named_parameters()
+        if id(p) in engine._last_routes
+    }
