@@ -14,11 +14,14 @@ from jdoptim.aggregation._bases import (
     Weighting,
 )
 from jdoptim.aggregation.aligned_mtl import AlignedMTL, AlignedMTLWeighting
+from jdoptim.aggregation.cagrad import CAGrad, CAGradWeighting
 from jdoptim.aggregation.config import ConFIG, ConFIGWeighting
 from jdoptim.aggregation.constant import Constant, ConstantWeighting
 from jdoptim.aggregation.cr_mogm import CRMOGMWeighting
 from jdoptim.aggregation.dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation.excess_mtl import ExcessMTL, ExcessMTLWeighting
+from jdoptim.aggregation.fairgrad import FairGrad, FairGradWeighting
+from jdoptim.aggregation.graddrop import GradDrop
 from jdoptim.aggregation.gradvac import GradVac, GradVacWeighting
 from jdoptim.aggregation.imtl_g import IMTLG, IMTLGWeighting
 from jdoptim.aggregation.krum import Krum, KrumWeighting
@@ -26,6 +29,7 @@ from jdoptim.aggregation.mean import Mean, MeanWeighting
 from jdoptim.aggregation.mgda import MGDA, MGDAWeighting
 from jdoptim.aggregation.moco import MoCo
 from jdoptim.aggregation.modo import MoDoWeighting
+from jdoptim.aggregation.nash_mtl import NashMTL, NashMTLWeighting
 from jdoptim.aggregation.pcd import PCD, PCDWeighting
 from jdoptim.aggregation.pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation.random import Random, RandomWeighting
@@ -41,6 +45,8 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
+    "CAGrad",
+    "CAGradWeighting",
     "CRMOGMWeighting",
     "ConFIG",
     "ConFIGWeighting",
@@ -50,8 +56,11 @@ __all__ = [
     "DualProjWeighting",
     "ExcessMTL",
     "ExcessMTLWeighting",
+    "FairGrad",
+    "FairGradWeighting",
     "Flattening",
     "GeneralizedWeighting",
+    "GradDrop",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
@@ -63,6 +72,8 @@ __all__ = [
     "MeanWeighting",
     "MoCo",
     "MoDoWeighting",
+    "NashMTL",
+    "NashMTLWeighting",
     "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",

@@ -21,6 +21,7 @@ def solve_alpha_fair(
     gramian: Tensor,
     alpha: float,
     *,
+    ridge: float = 0.0,
     initial: Tensor | None = None,
     max_iters: int = 100,
     tol: float = 1e-10,
@@ -33,21 +34,27 @@ def solve_alpha_fair(
     that keeps the iterates positive, so every step decreases ``f`` and the last steps converge
     quadratically. Computation is in float64 on ``gramian``'s device.
 
+    A Gramian rounded in low precision can have slightly negative eigenvalues, which would make
+    ``f`` unbounded below; they are set to zero first. A solution then exists when ``G`` is positive
+    definite; a ``G`` with a non-negative null vector (such as a zero row) has none, as the weights
+    on that vector grow without bound: ``ridge`` (added to the diagonal after the clipping) keeps
+    one.
+
     ``residual = maxᵢ |(G w)ᵢ - wᵢ^(-1/α)| / ((|G| w)ᵢ + wᵢ^(-1/α))`` is the componentwise backward
     error: ``w`` solves the equation exactly for a ``G`` whose entries are perturbed by at most that
-    relative amount. It is returned so that callers can verify the solution. A solution exists when ``G`` is positive definite; rows
-    of ``G`` that are zero have none (their weight grows without bound), so callers add a ridge.
+    relative amount. It is returned so that callers can verify the solution.
 
     Args:
-        gramian: ``[m, m]`` symmetric positive-definite matrix.
+        gramian: ``[m, m]`` symmetric positive-definite matrix (up to rounding).
         alpha: fairness parameter ``α > 0``.
+        ridge: multiple of the identity added to ``G``, making it positive definite.
         initial: starting point (positive, ``[m]``), such as the previous step's solution;
             ``None`` starts from the solution for a diagonal ``G``, ``wᵢ = Gᵢᵢ^(-α/(α+1))``.
         max_iters: Newton iterations at most.
         tol: residual at which the iterations stop.
     """
-    matrix = gramian.detach().to(torch.float64)
-    matrix = (matrix + matrix.T) / 2
+    matrix = _clip_negative_eigenvalues(gramian.detach().to(torch.float64))
+    matrix = matrix + ridge * torch.eye(matrix.shape[0], dtype=torch.float64, device=matrix.device)
     exponent = 1.0 / alpha
     if initial is not None and initial.shape == (matrix.shape[0],) and bool((initial > 0).all()):
         weights = initial.detach().to(dtype=torch.float64, device=matrix.device).clone()
@@ -96,3 +103,12 @@ def solve_alpha_fair(
         weights, value = candidate, candidate_value
         residual = residual_of(weights)
     return weights, residual
+
+
+def _clip_negative_eigenvalues(matrix: Tensor) -> Tensor:
+    symmetric = (matrix + matrix.T) / 2
+    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+    if bool((eigenvalues >= 0).all()):
+        return symmetric
+    clipped: Tensor = (eigenvectors * eigenvalues.clamp_min(0)) @ eigenvectors.T
+    return (clipped + clipped.T) / 2

@@ -1,0 +1,106 @@
+"""CAGrad: the direction is in the ball around the mean and maximises the worst improvement."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import CAGrad, CAGradWeighting
+from tests.aggregation._jacobians import jacobian_from_seed
+
+DTYPES = [torch.float32, torch.float64]
+CS = [0.1, 0.5, 1.0, 4.0]
+
+
+def dual_weights(weights: Tensor, rows: int) -> Tensor:
+    """The ``w ∈ Δ`` of ``1/m + λ w``."""
+    extra = weights - 1 / rows
+    return extra / extra.sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_orthonormal_rows_by_hand(dtype: torch.dtype) -> None:
+    # By symmetry g_w = g₀ = [½, ½], so d = g₀ + c g₀ = (1 + c) g₀.
+    jacobian = torch.eye(2, dtype=dtype)
+    torch.testing.assert_close(CAGrad(c=0.5)(jacobian), torch.tensor([0.75, 0.75], dtype=dtype))
+    torch.testing.assert_close(CAGrad(c=0.0)(jacobian), torch.tensor([0.5, 0.5], dtype=dtype))
+
+
+@pytest.mark.parametrize("c", CS)
+@pytest.mark.parametrize(("rows", "cols", "rank"), [(3, 5, 3), (4, 7, 4), (5, 3, 3), (8, 20, 6)])
+def test_optimality_certificate(c: float, rows: int, cols: int, rank: int) -> None:
+    """Feasible d and a dual point w ∈ Δ with equal values: d solves the primal exactly.
+
+    Weak duality: every d' in the ball has minᵢ gᵢᵀd' ≤ g_wᵀg₀ + c‖g₀‖‖g_w‖ for any w ∈ Δ.
+    """
+    jacobian = jacobian_from_seed(rows * cols + rank, rows, cols, rank=rank)
+    weights = CAGrad(c).compute_weights(jacobian)
+    direction = weights @ jacobian
+    mean = jacobian.mean(dim=0)
+    radius = c * mean.norm()
+    assert (direction - mean).norm() <= radius * (1 + 1e-9)
+    dual = dual_weights(weights, rows)
+    assert (dual >= -1e-12).all()
+    combined = dual @ jacobian
+    primal_value = (jacobian @ direction).min()
+    dual_value = combined @ mean + radius * combined.norm()
+    scale = jacobian.norm(dim=1).max() * mean.norm()
+    assert abs(float(dual_value - primal_value)) <= 1e-7 * float(scale)
+
+
+@pytest.mark.parametrize("c", CS)
+def test_beats_every_direction_of_the_ball_in_the_plane(c: float) -> None:
+    """Brute force in R²: the worst improvement is maximal over a fine grid of the ball's boundary."""
+    jacobian = torch.tensor([[1.0, 0.2], [-0.6, 1.0], [0.3, -0.4]], dtype=torch.float64)
+    direction = CAGrad(c)(jacobian)
+    mean = jacobian.mean(dim=0)
+    radius = float(c * mean.norm())
+    angles = torch.linspace(0, 2 * math.pi, 200_001, dtype=torch.float64)
+    candidates = mean + radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    best = float((candidates @ jacobian.T).min(dim=1).values.max())
+    ours = float((jacobian @ direction).min())
+    # Between grid points the objective moves by at most radius · maxᵢ‖gᵢ‖ · step (it is Lipschitz).
+    step = float(angles[1] - angles[0])
+    assert ours >= best - 1e-12
+    assert ours <= best + radius * float(jacobian.norm(dim=1).max()) * step
+
+
+def test_zero_mean_gives_the_mean() -> None:
+    jacobian = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64)
+    torch.testing.assert_close(CAGrad(c=1.0)(jacobian), torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_float32_agrees_with_float64(dtype: torch.dtype) -> None:
+    jacobian = jacobian_from_seed(4, 4, 9, rank=4)
+    expected = CAGrad(c=0.5)(jacobian)
+    result = CAGrad(c=0.5)(jacobian.to(dtype))
+    assert result.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-12
+    assert (result.double() - expected).norm() <= tolerance * expected.norm()
+
+
+def test_weights_are_scale_free_and_duplicated_rows_work() -> None:
+    jacobian = jacobian_from_seed(6, 3, 5, rank=3)
+    gramian = jacobian @ jacobian.T
+    weighting = CAGradWeighting(c=0.4)
+    torch.testing.assert_close(weighting(gramian * 1e15), weighting(gramian), rtol=1e-9, atol=0)
+    duplicated = torch.cat([jacobian, jacobian[:1]])
+    assert torch.isfinite(CAGrad(c=0.4)(duplicated)).all()
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="c must be"):
+        CAGradWeighting(c=-1.0)
+    with pytest.raises(ValueError, match="c must be"):
+        CAGradWeighting(c=float("nan"))
+    with pytest.raises(ValueError, match="norm_eps"):
+        CAGradWeighting(c=0.5, norm_eps=0.0)
+    with pytest.raises(ValueError, match="symmetric"):
+        CAGradWeighting(c=0.5)(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="square"):
+        CAGradWeighting(c=0.5)(torch.ones(2, 3))
+    assert repr(CAGrad(0.5)) == "CAGrad(c=0.5, norm_eps=0.0001, reg_eps=1e-10)"
