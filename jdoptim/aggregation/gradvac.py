@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -48,44 +46,50 @@ class GradVacWeighting(Stateful, Weighting):
         rows = gramian.shape[0]
         previous = self._state.get("targets")
         if previous is None:
-            targets = gramian.new_zeros(rows, rows)
+            targets = gramian.new_zeros(rows, rows, dtype=torch.float64)
         else:
             check_state_rows(self, previous, rows)
-            targets = previous.to(gramian).clone()
-        gram = gramian.detach().to(torch.float64).cpu().tolist()
-        target_list = targets.to(torch.float64).cpu().tolist()
-        norms = [math.sqrt(max(gram[k][k], 0.0)) for k in range(rows)]
-        coefficients = [[float(k == i) for k in range(rows)] for i in range(rows)]
-        for i in range(rows):
-            coefs = coefficients[i]
-            # Dot products of the corrected row i with every original row: (c G)_j.
-            dots = [sum(coefs[k] * gram[k][j] for k in range(rows)) for j in range(rows)]
-            for j in _others_in_random_order(i, rows):
-                norm_i = math.sqrt(max(sum(coefs[k] * dots[k] for k in range(rows)), 0.0))
-                cosine = dots[j] / (norm_i * norms[j] + self.eps)
-                target = target_list[i][j]
-                if cosine < target:
-                    sine, target_sine = _sine(cosine), _sine(target)
-                    step = (
-                        norm_i
-                        * (target * sine - cosine * target_sine)
-                        / (norms[j] * target_sine + self.eps)
-                    )
-                    coefs[j] += step
-                    dots = [dots[k] + step * gram[j][k] for k in range(rows)]
-                target_list[i][j] = (1 - self.beta) * target + self.beta * cosine
-        self._state["targets"] = torch.tensor(
-            target_list, dtype=gramian.dtype, device=gramian.device
+            targets = previous.to(device=gramian.device, dtype=torch.float64).clone()
+        gram = gramian.detach().to(torch.float64)
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        orders = (
+            torch.tensor([_others_in_random_order(i, rows) for i in range(rows)], dtype=torch.int64)
+            .reshape(rows, rows - 1)
+            .to(gramian.device)
         )
-        weights = torch.tensor(coefficients, dtype=torch.float64).sum(dim=0)
-        return weights.to(dtype=gramian.dtype, device=gramian.device)
+        everyone = torch.arange(rows, device=gramian.device)
+        coefficients = torch.eye(rows, dtype=torch.float64, device=gramian.device)
+        dots = gram.clone()  # dots[i, j] = gᵢ' · gⱼ = (C G)ᵢⱼ
+        # Rows are corrected independently of each other, so all rows take their t-th pair at once.
+        for t in range(rows - 1):
+            others = orders[:, t]
+            row_norms = (coefficients * dots).sum(dim=1).clamp(min=0).sqrt()
+            cosines = _safe_divide(dots[everyone, others], row_norms * norms[others] + self.eps)
+            goals = targets[everyone, others]
+            sines, goal_sines = _sine(cosines), _sine(goals)
+            steps = _safe_divide(
+                row_norms * (goals * sines - cosines * goal_sines),
+                norms[others] * goal_sines + self.eps,
+            )
+            steps = torch.where(cosines < goals, steps, torch.zeros_like(steps))
+            coefficients[everyone, others] += steps
+            dots += steps[:, None] * gram[others]
+            targets[everyone, others] = (1 - self.beta) * goals + self.beta * cosines
+        self._state["targets"] = targets.to(gramian.dtype)
+        return coefficients.sum(dim=0).to(gramian.dtype)
 
     def _repr_args(self) -> str:
         return f"beta={self.beta}, eps={self.eps}"
 
 
-def _sine(cosine: float) -> float:
-    return math.sqrt(max(1.0 - cosine * cosine, 0.0))
+def _sine(cosines: Tensor) -> Tensor:
+    return (1 - cosines.square()).clamp(min=0).sqrt()
+
+
+def _safe_divide(numerators: Tensor, denominators: Tensor) -> Tensor:
+    """Entrywise ratio, 0 where the denominator is 0 (zero rows with ``eps = 0``)."""
+    safe = torch.where(denominators == 0, torch.ones_like(denominators), denominators)
+    return torch.where(denominators == 0, torch.zeros_like(numerators), numerators / safe)
 
 
 def _others_in_random_order(index: int, rows: int) -> list[int]:
