@@ -106,3 +106,20 @@ def test_float32_gramians_of_huge_and_tiny_entries(weighting: Weighting) -> None
     for scale in (1e30, 1e-30):
         weights = weighting((base * scale).float())
         assert torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize(
+    ("weighting", "expected"),
+    [
+        (UPGradWeighting(), [0.25] * 4),
+        (DualProjWeighting(), [0.25] * 4),
+        (MGDAWeighting(), [0.25] * 4),
+        (PCGradWeighting(), [1.0] * 4),
+        (IMTLGWeighting(), [0.0] * 4),
+        (KrumWeighting(1, n_selected=2), [0.5, 0.5, 0.0, 0.0]),
+    ],
+    ids=str,
+)
+def test_weights_of_a_zero_gramian(weighting: Weighting, expected: list[float]) -> None:
+    weights = weighting(torch.zeros(4, 4, dtype=torch.float64))
+    assert torch.allclose(weights, torch.tensor(expected, dtype=torch.float64))
