@@ -20,8 +20,8 @@ _RIDGE = 1e-12
 class PCDWeighting(Stateful, Weighting):
     r"""Stateful weights of PCD; row 0 of the Gramian is the primary objective.
 
-    Varam et al., *Not All Objectives Are Born Equal: Priority-Constrained Descent for
-    Hierarchical Multi-Objective Optimization* (TMLR 2026). With the normalised rows
+    *Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical
+    Multi-Objective Optimization* (TMLR 2026, arXiv:2606.29521). With the normalised rows
     ``g̃ᵢ = sᵢ gᵢ``, ``sᵢ = 1/√(v̂ᵢ + ε)`` where ``v̂ᵢ`` is the bias-corrected moving average (rate
     ``β``) of ``‖gᵢ‖²`` over the calls, PCD solves
 
