@@ -22,7 +22,9 @@ class ExcessMTLWeighting(Stateful, Weighting):
     ``eᵢ = Σₖ gᵢₖ² / √(Sᵢₖ + ε)``. The weights ``α ∈ Δ`` (uniform at first) then take one
     exponentiated-gradient step per call (eq. 9), on excess risks relative to a baseline ``e⁰``:
 
-    ``αᵢ ← αᵢ exp(η eᵢ / eᵢ⁰)``, then ``α ← α / Σ α``.
+    ``αᵢ ← αᵢ exp(η eᵢ / eᵢ⁰)``, then ``α ← α / Σ α``
+
+    (computed in log space; a task with ``eᵢ⁰ = 0`` gets ratio 0).
 
     The baseline is the mean excess risk of the first ``n_warmup_steps`` calls (during which the
     weights stay uniform), or the first call's when ``n_warmup_steps = 0``. Unlike the official
@@ -81,8 +83,10 @@ class ExcessMTLWeighting(Stateful, Weighting):
             if self.n_warmup_steps == 0 and calls == 1:
                 risk_sum = risks
             baseline = risk_sum / max(self.n_warmup_steps, 1)
-            weights = weights * torch.exp(self.robust_step_size * risks / baseline)
-            weights = weights / weights.sum()
+            # A task whose gradient was zero throughout the warmup has no baseline to compare to.
+            ratios = torch.where(baseline > 0, risks / baseline, 0.0)
+            # In log space, so that large ratios cannot overflow exp().
+            weights = torch.softmax(weights.log() + self.robust_step_size * ratios, dim=0)
         self._state.update(
             squared_gradients=squares, weights=weights, risk_sum=risk_sum, calls=calls
         )

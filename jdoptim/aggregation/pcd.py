@@ -88,7 +88,9 @@ class PCDWeighting(Stateful, Weighting):
         calls += 1
         self._state.update(average=average.to(gramian), calls=calls)
 
-        scales = 1.0 / (average / (1 - self.beta**calls) + self.eps).sqrt()
+        second_moments = average / (1 - self.beta**calls) + self.eps
+        # A row that has always been zero (with eps = 0) stays zero: scale it by 0, not by inf.
+        scales = torch.where(second_moments > 0, second_moments.rsqrt(), 0.0)
         normalized = (scales[:, None] * gram * scales[None, :]).numpy()
         coefficients = _closest_to_primary(normalized, taus)
         squared_norm = float(coefficients @ normalized @ coefficients)

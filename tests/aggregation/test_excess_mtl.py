@@ -98,3 +98,17 @@ def test_bad_arguments_and_inputs() -> None:
         weighting(torch.ones(3, 3))
     with pytest.raises(ValueError, match="shape"):
         weighting(torch.ones(2, 4))
+
+
+def test_zero_baseline_and_huge_ratios_stay_finite() -> None:
+    weighting = ExcessMTLWeighting(robust_step_size=50.0)
+    weighting(torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))  # task 0: no baseline
+    for _ in range(3):
+        weights = weighting(torch.tensor([[1e3, 1e3], [1e-3, 1e-3]], dtype=torch.float64))
+        assert torch.isfinite(weights).all()
+    # Task 0 has ratio 0 and task 1 a small positive one: task 1 gains weight.
+    assert weights[1] > weights[0]
+    assert weights.sum() == pytest.approx(1.0)
+    float32 = ExcessMTLWeighting(robust_step_size=1e3)
+    float32(torch.ones(2, 2))
+    assert torch.isfinite(float32(torch.tensor([[1e4, 1e4], [1.0, 1.0]]))).all()

@@ -161,3 +161,13 @@ def test_matches_active_set_enumeration(rank: int) -> None:
     expected = enumerated_direction(normalized, taus)
     expected = expected * jacobian[0].norm() / expected.norm()
     torch.testing.assert_close(weights @ jacobian, expected, atol=1e-7, rtol=1e-7)
+
+
+def test_zero_secondary_rows_with_eps_zero_stay_finite() -> None:
+    jacobian = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    weights = PCDWeighting(tau=0.5, beta=0.0, eps=0.0)(jacobian @ jacobian.T)
+    assert torch.isfinite(weights).all()
+    assert weights[1] == 0
+    two_rows = jacobian[[0, 2]]
+    expected = PCDWeighting(tau=0.5, beta=0.0, eps=0.0)(two_rows @ two_rows.T) @ two_rows
+    torch.testing.assert_close(weights @ jacobian, expected)
