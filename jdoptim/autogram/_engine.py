@@ -302,6 +302,7 @@ class _BatchedPass:
 
     def terms(self) -> list[tuple[Tensor, Term]]:
         records = self.plan.records
+        self._check_batch_size(records)
         edges = [edge for record in records for edge in record.reached_outputs]
         shapes = [shape for record in records for shape in record.output_shapes]
         gradients = self._activation_gradients(edges, shapes) if edges else []
@@ -315,7 +316,6 @@ class _BatchedPass:
                 )
                 position += 1
             by_record[id(record)] = outputs
-        self._check_batch_size(records)
         verified = {
             id(r): all(dim is not False for _, dim in by_record[id(r)]) and _input_unchanged(r)
             for r in records
@@ -364,33 +364,37 @@ class _BatchedPass:
         """
         if self.batch == 1:
             return None
-        if record.rule is not None:
-            if record.x is None:
-                return False
-            candidates = candidate_batch_dims(record.rule, record.module, record.x, shape)
-        else:
-            candidates = list(range(len(shape)))
+        candidates = self._candidates(record, shape)
         probe = grads[-1]
         passing = []
         for dim in candidates:
-            if shape[dim] != self.batch:
-                continue
             if bool(probe.narrow(dim, 1, self.batch - 1).any()):
                 continue
             if bool(probe.narrow(dim, 0, 1).any()):
                 passing.append(dim)
         return passing[0] if len(passing) == 1 else False
 
+    def _candidates(self, record: CallRecord, shape: tuple[int, ...]) -> list[int]:
+        """Dims of one call output that may hold the instances (right size, right role)."""
+        if record.rule is not None:
+            if record.x is None:
+                return []
+            dims = candidate_batch_dims(record.rule, record.module, record.x, shape)
+        else:
+            dims = list(range(len(shape)))
+        return [dim for dim in dims if shape[dim] == self.batch]
+
     def _check_batch_size(self, records: list[CallRecord]) -> None:
-        if not records:
+        if not records or self.batch == 1:
             return
-        if any(self.batch in shape for r in records for shape in r.output_shapes):
+        if any(self._candidates(r, shape) for r in records for shape in r.output_shapes):
             return
         shapes = sorted({s for r in records for s in r.output_shapes})[:4]
         raise ValueError(
             f"output has batch size {self.batch} along batch_dim={self.batch_dim} (shape "
-            f"{self.shape}), but no covered module produced a tensor with a dim of that size "
-            f"(e.g. {shapes}). Check batch_dim, or that output comes from this forward pass."
+            f"{self.shape}), but no covered module processed a batch of that size (their outputs "
+            f"have shapes such as {shapes}). Check batch_dim, or that output comes from this "
+            "forward pass."
         )
 
     def _closed_form_terms(

@@ -78,7 +78,7 @@ def loop_gramian(output: Tensor, params: list[Tensor]) -> Tensor:
             torch.cat(
                 [
                     (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                    for g, p in zip(grads, params)
+                    for g, p in zip(grads, params, strict=True)
                 ]
             )
         )

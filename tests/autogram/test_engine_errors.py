@@ -1,0 +1,111 @@
+"""Bad inputs get clear errors, and the engine stays usable afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from jdoptim.autogram import Engine
+from tests.autogram._reference import loop_gramian, relative_error
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+
+
+def _still_works(engine: Engine, model: nn.Module) -> None:
+    x = torch.randn(3, 5, dtype=torch.float64)
+    output = model(x).pow(2).sum(dim=1)
+    gramian = engine.compute_gramian(output)
+    assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
+
+
+def test_output_that_does_not_require_grad() -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    with torch.no_grad():
+        output = model(torch.randn(3, 5, dtype=torch.float64)).sum(dim=1)
+    with pytest.raises(ValueError, match="does not require grad"):
+        engine.compute_gramian(output)
+    _still_works(engine, model)
+
+
+def test_output_not_computed_by_covered_modules() -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    other = nn.Linear(5, 1).double()
+    with pytest.raises(ValueError, match="does not depend on any parameter"):
+        engine.compute_gramian(other(torch.randn(3, 5, dtype=torch.float64)).squeeze(1))
+    _still_works(engine, model)
+
+
+@pytest.mark.parametrize("batch_dim", [2, -3])
+def test_batch_dim_out_of_range(batch_dim: int) -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=batch_dim)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.compute_gramian(model(torch.randn(3, 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="scalar"):
+        engine.compute_gramian(model(torch.randn(3, 5, dtype=torch.float64)).sum())
+
+
+def test_batch_size_mismatch() -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=1)  # the output's dim 1 holds 2 tasks, not the 3 instances
+    with pytest.raises(ValueError, match="batch size 2"):
+        engine.compute_gramian(model(torch.randn(3, 5, dtype=torch.float64)))
+    engine = Engine(model, batch_dim=0)
+    _still_works(engine, model)
+
+
+def test_freed_graph() -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    output = model(torch.randn(3, 5, dtype=torch.float64)).pow(2).sum(dim=1)
+    output.sum().backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        engine.compute_gramian(output)
+    _still_works(engine, model)
+
+
+def test_backward_needs_a_gramian_first_and_runs_once() -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    with pytest.raises(RuntimeError, match="compute_gramian"):
+        engine.backward(torch.ones(3))
+    output = model(torch.randn(3, 5, dtype=torch.float64)).pow(2).sum(dim=1)
+    engine.compute_gramian(output)
+    with pytest.raises(ValueError, match="shape"):
+        engine.backward(torch.ones(4))
+    with pytest.raises(RuntimeError, match="compute_gramian"):
+        engine.backward(torch.ones(3))  # the failed call consumed the saved state
+
+
+def test_a_forward_discards_the_saved_state() -> None:
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    engine.compute_gramian(model(x).sum(dim=1))
+    model(x)
+    with pytest.raises(RuntimeError, match="compute_gramian"):
+        engine.backward(torch.ones(3))
+
+
+def test_constructor_arguments() -> None:
+    model = _model()
+    with pytest.raises(TypeError, match="batch_dim"):
+        Engine(model, batch_dim=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="modules"):
+        Engine(torch.ones(2), batch_dim=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="modules"):
+        Engine(batch_dim=0)
+    # The three spellings cover the same parameters, each once.
+    spellings = [
+        Engine(model, batch_dim=0),
+        Engine(model.modules(), batch_dim=0),
+        Engine(model[0], model[2], model, batch_dim=0),
+    ]
+    for engine in spellings:
+        assert [id(p) for p in engine.parameters] == [id(p) for p in model.parameters()]
