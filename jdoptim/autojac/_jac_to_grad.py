@@ -55,7 +55,8 @@ def aggregate_into_grads(
         _check_finite_in_place(jacobian, f"The Jacobian of params[{index}]")
     blocks = [jacobian.reshape(jacobian.shape[0], -1) for jacobian in jacobians]
     weights: Tensor | None = None
-    if isinstance(aggregator, GramianWeightedAggregator):
+    if _weights_from_gramian(aggregator):
+        assert isinstance(aggregator, GramianWeightedAggregator)
         weights = aggregator.compute_weights_from_blocks(blocks)
         updates = [weights @ block for block in blocks]
     else:
@@ -117,3 +118,12 @@ def _check_finite_in_place(tensor: Tensor, name: str) -> None:
     """
     if tensor.numel() > 0:
         check_finite(torch.stack(torch.aminmax(tensor)), name)
+
+
+def _weights_from_gramian(aggregator: Aggregator) -> bool:
+    """Whether the weights only need ``J Jᵀ``: a Gramian-weighted aggregator that does not compute
+    them from ``J`` itself (as ConFIG does, for precision, when ``J`` is at hand)."""
+    return (
+        isinstance(aggregator, GramianWeightedAggregator)
+        and type(aggregator).compute_weights is GramianWeightedAggregator.compute_weights
+    )

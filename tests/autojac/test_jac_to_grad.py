@@ -8,7 +8,9 @@ from torch import Tensor, nn
 
 from jdoptim.aggregation import (
     Aggregator,
+    GramianWeightedAggregator,
     Mean,
+    MeanWeighting,
     UPGrad,
     UPGradWeighting,
     WeightedAggregator,
@@ -58,6 +60,24 @@ def test_weighted_aggregators_fill_grad_and_return_weights(aggregator: Aggregato
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(_grad_vector(model), aggregator(matrix))
     assert not any(hasattr(p, "jac") for p in model.parameters())
+
+
+class FirstRowWeights(GramianWeightedAggregator):
+    """Overrides ``compute_weights`` to look at ``J`` itself, as ConFIG does."""
+
+    def __init__(self) -> None:
+        super().__init__(MeanWeighting())
+
+    def compute_weights(self, matrix: Tensor, /) -> Tensor:
+        return matrix[:, 0].clone()
+
+
+def test_gramian_aggregator_computing_weights_from_the_matrix_gets_the_matrix() -> None:
+    model, matrix = _model_with_jac()
+    weights = jac_to_grad(model.parameters(), FirstRowWeights())
+    assert weights is not None
+    torch.testing.assert_close(weights, matrix[:, 0])
+    torch.testing.assert_close(_grad_vector(model), matrix[:, 0] @ matrix)
 
 
 def test_plain_aggregator_returns_none() -> None:
