@@ -5,6 +5,7 @@ import torch
 import torchjd.aggregation as peer
 from torch import Tensor
 
+from jdoptim import JDSGD
 from jdoptim._step_info import StepInfo
 from jdoptim.aggregation import (
     CRMOGMWeighting,
@@ -150,3 +151,25 @@ def test_bad_arguments_and_inputs() -> None:
         weighting(torch.eye(3))
     with pytest.raises(ValueError, match="symmetric"):
         CRMOGMWeighting(MGDAWeighting())(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+
+
+def test_the_optimizer_drives_alpha_through_after_step() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    weighting = CRMOGMWeighting(MGDAWeighting(), follow_lr=True)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    x, y = torch.randn(4, 3), torch.randn(4)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        losses: Tensor = (model(x).squeeze(-1) - y) ** 2
+        return losses
+
+    alphas = []
+    for _ in range(3):
+        optimizer.step(closure)
+        alphas.append(weighting.current_alpha)
+        scheduler.step()
+    # Steps were taken at lr 0.1, 0.05, 0.025.
+    assert alphas == pytest.approx([0.0, 0.5, 0.75])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from jdoptim import Stateful
+from jdoptim import JDSGD, Stateful
 from jdoptim.aggregation import (
     PCD,
     CRMOGMWeighting,
@@ -107,3 +108,60 @@ def test_instances_do_not_share_state_and_repr_names_the_method(
     first(data(0, torch.float64))
     assert state_tensors(first) and not state_tensors(second)
     assert repr(first).startswith(type(first).__name__ + "(")
+
+
+# Methods as the optimizers take them: (name, keyword arguments of JDSGD, batches per step).
+OPTIMIZER_CASES: list[tuple[str, Callable[[], dict[str, nn.Module]], int]] = [
+    ("SDMGrad", lambda: {"weighting": SDMGradWeighting(lr=0.5)}, 3),
+    ("MoDo", lambda: {"weighting": MoDoWeighting()}, 3),
+    ("GradVac", lambda: {"aggregator": GradVac()}, 1),
+    ("PCD", lambda: {"aggregator": PCD()}, 1),
+    ("ExcessMTL", lambda: {"aggregator": ExcessMTL()}, 1),
+    ("CRMOGM", lambda: {"weighting": CRMOGMWeighting(MGDAWeighting(), alpha=0.5)}, 1),
+    ("MoCo", lambda: {"aggregator": MoCo()}, 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "per_step"), OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES]
+)
+def test_optimizer_checkpoint_resumes_bit_identically(
+    name: str, method: Callable[[], dict[str, nn.Module]], per_step: int
+) -> None:
+    """The method's state travels in the optimizer's state_dict into fresh objects."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(6, 4, generator=generator), torch.randn(6, generator=generator))
+        for _ in range(4 * per_step)
+    ]
+    criterion = nn.MSELoss(reduction="none")
+
+    def setup(seed: int) -> tuple[nn.Module, JDSGD]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+        return model, JDSGD(model.parameters(), lr=0.05, **method())  # type: ignore[arg-type]
+
+    def train(model: nn.Module, optimizer: JDSGD, first_step: int, steps: int) -> None:
+        data = iter(batches[first_step * per_step :])
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            x, y = next(data)
+            losses: Tensor = criterion(model(x).squeeze(-1), y)
+            return losses
+
+        for step in range(first_step, first_step + steps):
+            torch.manual_seed(100 + step)  # GradVac's shuffles
+            optimizer.step(closure)
+
+    model, optimizer = setup(0)
+    train(model, optimizer, 0, 2)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    train(model, optimizer, 2, 2)
+
+    fresh_model, fresh_optimizer = setup(1)
+    fresh_model.load_state_dict(checkpoint["model"])
+    fresh_optimizer.load_state_dict(checkpoint["optimizer"])
+    train(fresh_model, fresh_optimizer, 2, 2)
+    for got, want in zip(fresh_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(got, want)
