@@ -127,6 +127,16 @@ def reachable_leaves(roots: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) ->
     return [leaf for _, _, leaf in sorted(leaves, key=lambda item: item[:2])]
 
 
+def graph_signature(outputs: Sequence[Tensor]) -> frozenset[str]:
+    """The kinds of backward nodes in the graph of ``outputs``, with the outputs' dtypes and devices.
+
+    Whether vmap can batch a backward pass depends on which operations it runs, so two graphs with
+    the same signature (such as the graphs of two training steps) behave alike.
+    """
+    names = {node.name() for node, _ in _walk([_node(output) for output in outputs], set())}
+    return frozenset(names | {f"{output.dtype}@{output.device.type}" for output in outputs})
+
+
 def depends_on(output: Tensor, inputs: Sequence[Tensor]) -> bool:
     """Whether the graph of ``output`` reaches any of ``inputs`` (a structural, not numeric, test)."""
     input_nodes = [_node(tensor) for tensor in inputs]

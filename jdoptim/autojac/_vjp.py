@@ -16,9 +16,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from jdoptim.autojac._graph import graph_signature
+
 #: ``cotangents(start, stop)``: for each output, the cotangents of rows ``start..stop-1``, of shape
 #: ``[stop - start, *output.shape]``.
 Cotangents = Callable[[int, int], list[Tensor]]
+
+
+#: Signatures (see :func:`graph_signature`) of graphs on which batched backward passes have run.
+#: Only on those may a batched pass free the graph (``retain_graph=False``): elsewhere the graph is
+#: kept, so that a failed batched pass can fall back to row-by-row passes on the intact graph.
+_VMAPPABLE_GRAPHS: set[frozenset[str]] = set()
+_MAX_REMEMBERED_GRAPHS = 256
 
 
 class VmapFallbackWarning(UserWarning):
@@ -71,32 +80,25 @@ def vjp_rows(
     size = num_rows if chunk_size is None else min(chunk_size, num_rows)
     bounds = [(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
     batched = size > 1
-    batched_worked = False
+    signature = graph_signature(outputs) if batched else frozenset()
+    trusted = signature in _VMAPPABLE_GRAPHS
     result: list[Tensor] | None = None
     for index, (start, stop) in enumerate(bounds):
         last = index == len(bounds) - 1
         chunk_cotangents = cotangents(start, stop)
         block = None
         if batched:
-            # A failed batched pass may already have freed part of the graph, so the graph is only
-            # released by a batched pass once one has run on it: the fallback must stay possible.
-            retain = retain_graph or not last or not batched_worked
+            # A failed batched pass may have freed part of the graph, which the fallback needs: a
+            # batched pass only frees the graph where batched passes are known to run.
+            retain = retain_graph or not last or not trusted
             try:
                 block = _batched_vjp(outputs, inputs, chunk_cotangents, retain)
-                batched_worked = True
+                trusted = True
+                _remember_vmappable(signature)
             except (RuntimeError, NotImplementedError) as error:
-                if batched_worked:
-                    raise
                 batched = False
-                # A genuine error (such as a freed graph) fails row by row too, and propagates
-                # from there without a misleading warning.
-                block = _row_by_row_vjp(outputs, inputs, chunk_cotangents, retain_graph or not last)
-                warnings.warn(
-                    "Batched backward passes (vmap) failed on this graph, so the Jacobian is "
-                    f"computed one row at a time instead (same result, slower). Cause: {error}",
-                    VmapFallbackWarning,
-                    stacklevel=4,
-                )
+                _VMAPPABLE_GRAPHS.discard(signature)
+                block = _fall_back(outputs, inputs, chunk_cotangents, retain, error)
         if block is None:
             block = _row_by_row_vjp(outputs, inputs, chunk_cotangents, retain_graph or not last)
         if len(bounds) == 1:
@@ -107,6 +109,41 @@ def vjp_rows(
             target[start:stop] = rows
     assert result is not None
     return result
+
+
+def _remember_vmappable(signature: frozenset[str]) -> None:
+    if len(_VMAPPABLE_GRAPHS) >= _MAX_REMEMBERED_GRAPHS:
+        _VMAPPABLE_GRAPHS.clear()
+    _VMAPPABLE_GRAPHS.add(signature)
+
+
+def _fall_back(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    cotangents: list[Tensor],
+    retained: bool,
+    error: BaseException,
+) -> list[Tensor]:
+    """The rows of a failed batched pass, one backward pass each, announced by one warning."""
+    try:
+        block = _row_by_row_vjp(outputs, inputs, cotangents, retained)
+    except RuntimeError as row_error:
+        if retained:
+            # The graph was intact, so this is a genuine error: no misleading warning.
+            raise
+        raise RuntimeError(
+            f"A batched backward pass (vmap) failed ({error}) on a graph like those it had run on "
+            f"before, and computing the rows one at a time then failed too ({row_error}), likely "
+            "because the failed pass had freed the graph. Pass parallel_chunk_size=1 for this "
+            "graph."
+        ) from error
+    warnings.warn(
+        "Batched backward passes (vmap) failed on this graph, so the Jacobian is computed one row "
+        f"at a time instead (same result, slower). Cause: {error}",
+        VmapFallbackWarning,
+        stacklevel=5,
+    )
+    return block
 
 
 def _zeros_for_none(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor
 
 from jdoptim.autojac import VmapFallbackWarning, backward, jac
-from jdoptim.autojac._vjp import identity_cotangents
+from jdoptim.autojac._graph import graph_signature
+from jdoptim.autojac._vjp import _VMAPPABLE_GRAPHS, identity_cotangents
 
 
 class DoubleWithItem(torch.autograd.Function):
@@ -91,3 +93,51 @@ def test_genuine_errors_propagate_without_fallback_warning() -> None:
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="second time"):
             jac(outputs, w, parallel_chunk_size=2)
+
+
+@pytest.fixture
+def fresh_vmap_memory() -> Iterator[set[frozenset[str]]]:
+    saved = set(_VMAPPABLE_GRAPHS)
+    _VMAPPABLE_GRAPHS.clear()
+    yield _VMAPPABLE_GRAPHS
+    _VMAPPABLE_GRAPHS.clear()
+    _VMAPPABLE_GRAPHS.update(saved)
+
+
+def test_single_pass_frees_the_graph_once_vmap_is_known_to_work(
+    fresh_vmap_memory: set[frozenset[str]],
+) -> None:
+    w = torch.randn(3, requires_grad=True)
+    first = (w * w).exp()
+    jac(first, w)  # unknown graph: kept whole in case the batched pass had failed
+    jac(first, w)
+    second = (w * w).exp()
+    assert graph_signature([second]) in fresh_vmap_memory
+    jac(second, w)
+    with pytest.raises(RuntimeError, match="second time"):
+        jac(second, w)
+
+
+def test_failure_on_a_trusted_graph_falls_back_when_the_graph_survived(
+    fresh_vmap_memory: set[frozenset[str]],
+) -> None:
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    outputs = DoubleWithItem.apply(x @ w)  # fails at the first node, before anything is freed
+    expected = _hand_written_rows(outputs.reshape(-1), [w])
+    fresh_vmap_memory.add(graph_signature([outputs]))
+    with pytest.warns(VmapFallbackWarning):
+        (result,) = jac(outputs, w)
+    torch.testing.assert_close(result, expected[0])
+    assert not fresh_vmap_memory
+
+
+def test_failure_on_a_trusted_graph_that_was_freed_is_a_clear_error(
+    fresh_vmap_memory: set[frozenset[str]],
+) -> None:
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    losses = _unvmappable_losses(w, x)  # pow's saved input is freed before the failing node
+    fresh_vmap_memory.add(graph_signature([losses]))
+    with pytest.raises(RuntimeError, match="parallel_chunk_size=1"):
+        jac(losses, w)
