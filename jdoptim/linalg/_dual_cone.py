@@ -18,10 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jdoptim.linalg._dual_cone_batched import solve_dual_cone_batched
 from jdoptim.linalg._gramian import normalize_gramian, regularize_gramian
 from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
 
-DualConeSolver = Literal["auto", "quadprog"]
+DualConeSolver = Literal["auto", "quadprog", "batched"]
+
+# On the CPU, quadprog (one QP per row) beats the batched solver up to this many objectives
+# (measured with benchmarks/bench_dual_cone.py; see docs/performance.md).
+_QUADPROG_MAX_SIZE = 24
 
 
 def prepare_dual_cone_gramian(gramian: Tensor, reg_eps: float) -> Tensor:
@@ -43,7 +48,11 @@ def project_to_dual_cone(
         gramian: ``[m, m]`` Gramian ``J Jᵀ``.
         lower_bounds: ``[k, m]`` matrix whose rows are the vectors ``u``.
         reg_eps: multiple of the identity added to the trace-normalised Gramian.
-        solver: ``"quadprog"`` (exact active-set, one problem per row on the CPU) or ``"auto"``.
+        solver: ``"quadprog"`` (exact active set, one problem per row on the CPU, through numpy),
+            ``"batched"`` (all rows together in torch on ``gramian``'s device, see
+            :func:`jdoptim.linalg._dual_cone_batched.solve_dual_cone_batched`), or ``"auto"``:
+            quadprog for small ``m`` on the CPU or when ``reg_eps`` is zero, the batched solver
+            otherwise (always on other devices).
 
     Returns:
         ``[k, m]`` matrix whose row ``i`` is the solution ``v`` for ``u = lower_bounds[i]``, on the
@@ -51,10 +60,29 @@ def project_to_dual_cone(
     """
     if reg_eps < 0:
         raise ValueError(f"reg_eps must be non-negative, got {reg_eps}.")
-    if solver not in ("auto", "quadprog"):
-        raise ValueError(f"solver must be 'auto' or 'quadprog', got {solver!r}.")
+    if solver not in ("auto", "quadprog", "batched"):
+        raise ValueError(f"solver must be 'auto', 'quadprog' or 'batched', got {solver!r}.")
     matrix = prepare_dual_cone_gramian(gramian.detach(), reg_eps)
+    if choose_dual_cone_solver(gramian, reg_eps, solver) == "batched":
+        return solve_dual_cone_batched(matrix, lower_bounds.detach())
     return _project_quadprog(matrix, lower_bounds.detach())
+
+
+def choose_dual_cone_solver(
+    gramian: Tensor, reg_eps: float, solver: DualConeSolver
+) -> Literal["quadprog", "batched"]:
+    """The solver ``"auto"`` stands for, given the Gramian's size and device.
+
+    Without regularisation (``reg_eps == 0``) the problem may be singular, which quadprog's jittered
+    factorisation handles and conjugate gradients do not, so the CPU keeps quadprog there.
+    """
+    if solver != "auto":
+        return solver
+    if gramian.device.type != "cpu":
+        return "batched"
+    if reg_eps == 0 or gramian.shape[0] <= _QUADPROG_MAX_SIZE:
+        return "quadprog"
+    return "batched"
 
 
 def _project_quadprog(matrix: Tensor, lower_bounds: Tensor) -> Tensor:

@@ -1,0 +1,169 @@
+"""The batched dual-cone solver against the KKT conditions and against quadprog."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import UPGradWeighting
+from jdoptim.linalg import prepare_dual_cone_gramian, project_to_dual_cone
+from jdoptim.linalg._dual_cone import choose_dual_cone_solver
+from jdoptim.linalg._dual_cone_batched import solve_dual_cone_batched
+
+KKT_TOLERANCE = 1e-6
+AGREEMENT_TOLERANCE = 1e-5
+
+
+def random_gramian(size: int, columns: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    jacobian = torch.randn(size, columns, generator=generator, dtype=torch.float64)
+    return jacobian @ jacobian.T
+
+
+def gramian_with_condition(size: int, condition: float, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), size)
+    gramian = (basis * eigenvalues.to(torch.float64)) @ basis.T
+    return (gramian + gramian.T) / 2
+
+
+def rank_deficient_gramian(size: int, rank: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(size, rank, generator=generator, dtype=torch.float64)
+    jacobian = factor @ torch.randn(rank, 3 * size, generator=generator, dtype=torch.float64)
+    return jacobian @ jacobian.T
+
+
+def assert_kkt(gramian: Tensor, bounds: Tensor, solution: Tensor, reg_eps: float = 1e-4) -> None:
+    """Checks v ≥ u, μ = G'v ≥ 0 and μ ⊙ (v - u) = 0, relative to the sizes involved."""
+    matrix = prepare_dual_cone_gramian(gramian.to(torch.float64), reg_eps)
+    solution = solution.to(torch.float64)
+    bounds = bounds.to(torch.float64)
+    multiplier = solution @ matrix
+    scale = matrix.abs().max() * solution.abs().amax(dim=1, keepdim=True).clamp(min=1e-300)
+    slack = solution - bounds
+    assert bool((slack >= 0).all())
+    assert bool((multiplier >= -KKT_TOLERANCE * scale).all())
+    slack_scale = slack.abs().amax(dim=1, keepdim=True).clamp(min=1e-300)
+    assert bool(((multiplier * slack).abs() <= KKT_TOLERANCE * scale * slack_scale).all())
+
+
+def assert_agrees_with_quadprog(gramian: Tensor, bounds: Tensor) -> Tensor:
+    batched = project_to_dual_cone(gramian, bounds, solver="batched")
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    error = (batched - reference).abs().max() / reference.abs().max().clamp(min=1e-300)
+    assert float(error) <= AGREEMENT_TOLERANCE
+    assert_kkt(gramian, bounds, batched)
+    return batched
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 40, 90])
+def test_random_gramians_upgrad_rows(size: int) -> None:
+    gramian = random_gramian(size, 2 * size + 3, seed=size)
+    assert_agrees_with_quadprog(gramian, torch.eye(size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [12, 80])
+def test_general_lower_bounds(size: int) -> None:
+    generator = torch.Generator().manual_seed(size)
+    bounds = torch.randn(5, size, generator=generator, dtype=torch.float64)
+    assert_agrees_with_quadprog(random_gramian(size, size + 1, seed=1), bounds)
+
+
+@pytest.mark.parametrize("size", [30, 80])
+def test_rank_deficient(size: int) -> None:
+    gramian = rank_deficient_gramian(size, rank=5, seed=size)
+    assert_agrees_with_quadprog(gramian, torch.eye(size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [20, 72])
+def test_condition_number_1e12(size: int) -> None:
+    gramian = gramian_with_condition(size, 1e12, seed=size)
+    bounds = torch.eye(size, dtype=torch.float64) * torch.linspace(0.5, 2.0, size).double()
+    assert_agrees_with_quadprog(gramian, bounds)
+
+
+def test_duplicated_rows() -> None:
+    generator = torch.Generator().manual_seed(3)
+    jacobian = torch.randn(10, 30, generator=generator, dtype=torch.float64)
+    jacobian = torch.cat([jacobian, jacobian[:4], -jacobian[:2]])
+    assert_agrees_with_quadprog(jacobian @ jacobian.T, torch.eye(16, dtype=torch.float64))
+
+
+def test_zero_gramian_gives_positive_part_of_bounds() -> None:
+    bounds = torch.tensor([[1.0, -2.0, 0.5], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    solution = project_to_dual_cone(
+        torch.zeros(3, 3, dtype=torch.float64), bounds, solver="batched"
+    )
+    torch.testing.assert_close(solution, bounds.clamp(min=0), rtol=0, atol=1e-12)
+
+
+def test_non_conflicting_rows_are_returned_unchanged() -> None:
+    jacobian = torch.rand(6, 10, dtype=torch.float64) + 0.1  # positive rows: no conflict
+    bounds = torch.eye(6, dtype=torch.float64) / 6
+    solution = project_to_dual_cone(jacobian @ jacobian.T, bounds, solver="batched")
+    assert torch.equal(solution, bounds)
+
+
+def test_positive_homogeneity() -> None:
+    gramian = random_gramian(70, 100, seed=5)
+    bounds = torch.eye(70, dtype=torch.float64)
+    scales = torch.logspace(-3, 3, 70, dtype=torch.float64)[:, None]
+    unit = project_to_dual_cone(gramian, bounds, solver="batched")
+    scaled = project_to_dual_cone(gramian, bounds * scales, solver="batched")
+    torch.testing.assert_close(scaled, unit * scales, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("size", [10, 70])
+def test_float32_input_is_solved_in_float64(size: int) -> None:
+    gramian = random_gramian(size, 2 * size, seed=11)
+    bounds = torch.eye(size, dtype=torch.float64)
+    solution = project_to_dual_cone(gramian.float(), bounds.float(), solver="batched")
+    assert solution.dtype == torch.float32
+    reference = project_to_dual_cone(gramian.float().double(), bounds, solver="quadprog")
+    error = (solution.double() - reference).abs().max() / reference.abs().max()
+    assert float(error) <= AGREEMENT_TOLERANCE
+
+
+@pytest.mark.parametrize("size", [20, 90])
+def test_iteration_bound_raises(size: int) -> None:
+    matrix = prepare_dual_cone_gramian(random_gramian(size, size + 1, seed=2), 1e-4)
+    with pytest.raises(RuntimeError, match="did not converge in 1 rounds"):
+        solve_dual_cone_batched(matrix, torch.eye(size, dtype=torch.float64), max_rounds=1)
+
+
+def test_auto_dispatch() -> None:
+    small = torch.eye(8)
+    large = torch.eye(200)
+    assert choose_dual_cone_solver(small, 1e-4, "auto") == "quadprog"
+    assert choose_dual_cone_solver(large, 1e-4, "auto") == "batched"
+    assert choose_dual_cone_solver(large, 0.0, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 1e-4, "auto") == "batched"
+    assert choose_dual_cone_solver(large, 1e-4, "quadprog") == "quadprog"
+    assert choose_dual_cone_solver(small, 1e-4, "batched") == "batched"
+
+
+def test_unknown_solver_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'auto', 'quadprog' or 'batched'"):
+        project_to_dual_cone(torch.eye(3), torch.eye(3), solver="cvxpy")  # type: ignore[arg-type]
+
+
+def test_upgrad_weighting_solvers_agree() -> None:
+    gramian = random_gramian(50, 80, seed=9)
+    batched = UPGradWeighting(solver="batched")(gramian)
+    reference = UPGradWeighting(solver="quadprog")(gramian)
+    torch.testing.assert_close(batched, reference, rtol=AGREEMENT_TOLERANCE, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    gramian = random_gramian(300, 400, seed=4)
+    bounds = torch.eye(300, dtype=torch.float64)
+    on_cuda = project_to_dual_cone(gramian.cuda(), bounds.cuda(), solver="auto")
+    assert on_cuda.device.type == "cuda"
+    reference = project_to_dual_cone(gramian, bounds, solver="batched")
+    torch.testing.assert_close(on_cuda.cpu(), reference, rtol=1e-7, atol=1e-12)
+    assert_kkt(gramian, bounds, on_cuda.cpu())
