@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from jdoptim._stateful import Stateful
@@ -102,7 +104,7 @@ class CRMOGMWeighting(Stateful, Weighting):
 
     def after_step(self, info: StepInfo) -> None:
         """Moves ``α`` with the learning rate (if ``follow_lr``) and forwards to the inner method."""
-        if self.follow_lr:
+        if self.follow_lr and math.isfinite(info.lr):
             first_lr = float(self._state.setdefault("first_lr", info.lr))
             alpha = 1.0 - info.lr / first_lr if first_lr > 0 else 1.0
             self._state["alpha"] = min(max(alpha, 0.0), 1.0)

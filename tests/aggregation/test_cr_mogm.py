@@ -91,6 +91,8 @@ def test_alpha_follows_the_learning_rate_through_after_step() -> None:
     expected = 0.75 * previous + 0.25 * MGDAWeighting()(matrices[2])
     torch.testing.assert_close(weighting(matrices[2]), expected)
     assert not torch.equal(first, expected)
+    weighting.after_step(info(lr=float("nan"), step=3))  # an optimizer without a learning rate
+    assert weighting.current_alpha == pytest.approx(0.75)
     fixed = CRMOGMWeighting(MGDAWeighting(), alpha=0.9)
     fixed.after_step(info(lr=0.01, step=1))
     assert fixed.current_alpha == 0.9
