@@ -30,6 +30,9 @@ from jdoptim.autogram._rules import (
 )
 from jdoptim.linalg import reshape_gramian
 
+# A call output whose batch dim could not be established: its parameters take an exact path.
+_UNVERIFIED = -1
+
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
     "Run the forward pass again, then call compute_gramian before any backward()."
@@ -96,6 +99,8 @@ class Engine:
         self._pending: _Pending | None = None
         # How each parameter's part of the last Gramian was computed (diagnostics and tests).
         self._last_routes: dict[int, str] = {}
+        # Batch dims already checked by a probe row, per call signature (see _BatchedPass).
+        self._verified_dims: dict[tuple[object, ...], int | None] = {}
         self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str | None]] = (
             weakref.WeakKeyDictionary()
         )
@@ -245,7 +250,7 @@ class Engine:
                     "Engine(..., batch_dim=None) (exact, slower), put the layer in eval() mode, or "
                     "replace it by GroupNorm/LayerNorm."
                 )
-            return _BatchedPass(output, batch_dim, covered, plan).terms()
+            return _BatchedPass(output, batch_dim, covered, plan, self._verified_dims).terms()
         finally:
             for record in plan.records:
                 record.reached_outputs = []  # these edges point back at the nodes holding the record
@@ -289,9 +294,15 @@ class _BatchedPass:
     """The Gramian pass with a batch dim: activation gradients, closed forms, exact leftovers."""
 
     def __init__(
-        self, output: Tensor, batch_dim: int, covered: dict[int, Tensor], plan: GraphPlan
+        self,
+        output: Tensor,
+        batch_dim: int,
+        covered: dict[int, Tensor],
+        plan: GraphPlan,
+        verified_dims: dict[tuple[object, ...], int | None],
     ) -> None:
         self.output = output
+        self.verified_dims = verified_dims
         self.batch_dim = batch_dim
         self.covered = covered
         self.plan = plan
@@ -305,19 +316,25 @@ class _BatchedPass:
         self._check_batch_size(records)
         edges = [edge for record in records for edge in record.reached_outputs]
         shapes = [shape for record in records for shape in record.output_shapes]
-        gradients = self._activation_gradients(edges, shapes) if edges else []
+        keys = [self._signature(r, shape) for r in records for shape in r.output_shapes]
+        probe = self.batch > 1 and any(key not in self.verified_dims for key in keys)
+        gradients = self._activation_gradients(edges, shapes, probe) if edges else []
+        if probe:
+            for key, record, shape, gradient in zip(
+                keys, _repeat_records(records), shapes, gradients, strict=True
+            ):
+                self.verified_dims[key] = self._probed_dim(record, shape, gradient[-1])
         by_record: dict[int, list[tuple[Tensor, int | None]]] = {}
         position = 0
         for record in records:
             outputs = []
-            for shape in record.output_shapes:
-                outputs.append(
-                    (gradients[position], self._verified_dim(record, shape, gradients[position]))
-                )
+            for _ in record.output_shapes:
+                dim = self.verified_dims[keys[position]] if self.batch > 1 else None
+                outputs.append((gradients[position][: self.tasks], dim))
                 position += 1
             by_record[id(record)] = outputs
         verified = {
-            id(r): all(dim is not False for _, dim in by_record[id(r)]) and _input_unchanged(r)
+            id(r): all(dim != _UNVERIFIED for _, dim in by_record[id(r)]) and _input_unchanged(r)
             for r in records
         }
         terms: list[tuple[Tensor, Term]] = []
@@ -332,16 +349,16 @@ class _BatchedPass:
         return terms
 
     def _activation_gradients(
-        self, edges: list[GradientEdge], shapes: list[tuple[int, ...]]
+        self, edges: list[GradientEdge], shapes: list[tuple[int, ...]], probe: bool
     ) -> list[Tensor]:
         """``[T (+1 probe), *y.shape]`` per edge: each task's summed losses, then instance 0's."""
         dtype, device = self.output.dtype, self.output.device
         tasks = torch.eye(self.tasks, dtype=dtype, device=device)
         rows = tasks.unsqueeze(1).expand(self.tasks, self.batch, self.tasks)
-        if self.batch > 1:
-            probe = torch.zeros(1, self.batch, self.tasks, dtype=dtype, device=device)
-            probe[0, 0] = 1
-            rows = torch.cat([rows, probe])
+        if probe:
+            instance_zero = torch.zeros(1, self.batch, self.tasks, dtype=dtype, device=device)
+            instance_zero[0, 0] = 1
+            rows = torch.cat([rows, instance_zero])
         grad_outputs = self._from_moved(rows)
         result = batched_vjp([self.output], edges, [grad_outputs])
         return [
@@ -349,30 +366,30 @@ class _BatchedPass:
             for g, shape in zip(result, shapes, strict=True)
         ]
 
+    def _signature(self, record: CallRecord, shape: tuple[int, ...]) -> tuple[object, ...]:
+        """What a call's batch dim depends on: the module, its input and output shapes, the batch."""
+        x_shape = tuple(record.x.shape) if record.x is not None else None
+        return (id(record.module), record.rule, x_shape, shape, self.shape, self.batch_dim)
+
     def _from_moved(self, rows: Tensor) -> Tensor:
         """``[R, B, T]`` (instance-major) to ``[R, *output.shape]``."""
         moved = [self.batch, *(s for d, s in enumerate(self.shape) if d != self.batch_dim)]
         return rows.reshape(rows.shape[0], *moved).movedim(1, 1 + self.batch_dim)
 
-    def _verified_dim(
-        self, record: CallRecord, shape: tuple[int, ...], grads: Tensor
-    ) -> int | bool | None:
-        """The batch dim of one call output, checked on the probe row; ``False`` if unknown.
+    def _probed_dim(self, record: CallRecord, shape: tuple[int, ...], probe: Tensor) -> int:
+        """The batch dim of one call output, or ``_UNVERIFIED``, from the probe row.
 
-        The dim must hold the batch size, and instance 0's losses must have an exactly zero
-        gradient on every other slice of it (and a nonzero one on slice 0).
+        The dim must be able to hold instances (:meth:`_candidates`), and instance 0's losses must
+        have an exactly zero gradient on every other slice of it and a nonzero one on slice 0. The
+        result is cached per call signature, so the probe row runs once per model structure.
         """
-        if self.batch == 1:
-            return None
-        candidates = self._candidates(record, shape)
-        probe = grads[-1]
         passing = []
-        for dim in candidates:
+        for dim in self._candidates(record, shape):
             if bool(probe.narrow(dim, 1, self.batch - 1).any()):
                 continue
             if bool(probe.narrow(dim, 0, 1).any()):
                 passing.append(dim)
-        return passing[0] if len(passing) == 1 else False
+        return passing[0] if len(passing) == 1 else _UNVERIFIED
 
     def _candidates(self, record: CallRecord, shape: tuple[int, ...]) -> list[int]:
         """Dims of one call output that may hold the instances (right size, right role)."""
@@ -424,8 +441,8 @@ class _BatchedPass:
             inputs = []
             for record in calls:
                 for gradient, dim in by_record[id(record)]:
-                    assert record.x is not None and dim is not False
-                    inputs.append((record.x, gradient[: self.tasks], dim))
+                    assert record.x is not None
+                    inputs.append((record.x, gradient, dim))
             assert calls[0].rule is not None
             with torch.autocast(self.output.device.type, enabled=False):
                 built = build_terms(module, calls[0].rule, inputs, self.dtype)
@@ -456,8 +473,7 @@ class _BatchedPass:
             if not params:
                 continue
             grad_outputs = [
-                self._per_instance(gradient[: self.tasks], dim)
-                for gradient, dim in by_record[id(record)]
+                self._per_instance(gradient, dim) for gradient, dim in by_record[id(record)]
             ]
             jacobians = batched_vjp(record.reached_outputs, params, grad_outputs)
             for param, jacobian in zip(params, jacobians, strict=True):
@@ -503,6 +519,11 @@ def _row_order(shape: tuple[int, ...], batch_dim: int | None) -> Tensor:
     if batch_dim is None:
         return index.reshape(-1)
     return index.movedim(batch_dim, 0).reshape(-1)
+
+
+def _repeat_records(records: list[CallRecord]) -> list[CallRecord]:
+    """Each record once per output, aligned with the flattened edges."""
+    return [record for record in records for _ in record.output_shapes]
 
 
 def _input_unchanged(record: CallRecord) -> bool:

@@ -110,10 +110,17 @@ def _pairwise_gramian(a: Tensor, b_t: Tensor) -> Tensor:
 
 def _pairwise_kernel_gramian(a: Tensor, kernel: Tensor) -> Tensor:
     tasks, batch, positions, k = a.shape
+    if tasks == 1 and positions == 1:  # one row per instance: a Hadamard product of two Gramians
+        rows = a.reshape(batch, k)
+        return (rows @ rows.T) * kernel
     a_rows = a.permute(1, 0, 2, 3).reshape(batch * tasks * positions, k)
     products = (a_rows @ a_rows.T).view(batch, tasks, positions, batch, tasks, positions)
     products = products * kernel.view(batch, 1, positions, batch, 1, positions)
     return products.sum(dim=(2, 5)).reshape(batch * tasks, batch * tasks)
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def to_instances(tensor: Tensor, batch_dim: int | None, offset: int = 0) -> Tensor:
@@ -196,8 +203,8 @@ def _linear_terms(
 ) -> dict[str, Term]:
     k, d = module.out_features, module.in_features
     parts = [_instance_rows(x.to(dtype), dy.to(dtype), bd, k, d) for x, dy, bd in calls]
-    a = torch.cat([p[0] for p in parts], dim=2)
-    b = torch.cat([p[1] for p in parts], dim=1)
+    a = _cat([p[0] for p in parts], dim=2)
+    b = _cat([p[1] for p in parts], dim=1)
     terms: dict[str, Term] = {"weight": OuterTerm(a, b, (k, d))}
     if module.bias is not None:
         terms["bias"] = _bias_term(a, (k,))
@@ -248,7 +255,7 @@ def _conv_terms(
             grads = grads.reshape(grads.shape[0], 1, -1, k)
         a_parts.append(grads)
         b_parts.append(patches)
-    a, b = torch.cat(a_parts, dim=2), torch.cat(b_parts, dim=1)
+    a, b = _cat(a_parts, dim=2), _cat(b_parts, dim=1)
     terms: dict[str, Term] = {"weight": OuterTerm(a, b, tuple(module.weight.shape))}
     if module.bias is not None:
         terms["bias"] = _bias_term(a, (k,))
@@ -270,7 +277,7 @@ def _embedding_terms(
         a_parts.append(a)
         idx_parts.append(idx)
     shape = (module.num_embeddings, k)
-    return {"weight": EmbeddingTerm(torch.cat(a_parts, 2), torch.cat(idx_parts, 1), shape)}
+    return {"weight": EmbeddingTerm(_cat(a_parts, 2), _cat(idx_parts, 1), shape)}
 
 
 def _affine_terms(

@@ -322,3 +322,38 @@ def test_parameters_used_outside_their_module_are_exact() -> None:
         "embed.bias": "closed_form",
         "extra": "exact",
     }
+
+
+class SharedPositions(nn.Module):
+    """A Linear applied to an unbatched table whose length equals the batch size."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.positions = nn.Linear(3, 4)
+        self.tokens = nn.Linear(2, 4)
+        self.register_buffer("table", torch.randn(length, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tokens(x) + self.positions(self.table)
+
+
+def test_unbatched_tensor_with_batch_sized_dim_is_not_mistaken_for_a_batch() -> None:
+    torch.manual_seed(17)
+    x = torch.randn(4, 4, 2, dtype=torch.float64)  # batch 4, sequence 4
+    model = SharedPositions(4)
+    engine = assert_exact(model, lambda m: m(x).pow(2).sum(dim=(1, 2)), 0)
+    route = routes(engine, model)
+    assert route["tokens.weight"] == "closed_form"
+    assert route["positions.weight"] == "exact"
+
+
+def test_later_steps_reuse_the_checked_batch_dims_and_stay_exact() -> None:
+    torch.manual_seed(18)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    engine = Engine(model, batch_dim=0)
+    for _ in range(3):
+        x = torch.randn(3, 3, 8, dtype=torch.float64)
+        output = model(x).pow(2).sum(dim=(1, 2))
+        gramian = engine.compute_gramian(output)
+        expected = loop_gramian(output, list(model.parameters()))
+        assert relative_error(gramian, expected) <= 1e-10
