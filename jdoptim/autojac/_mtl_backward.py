@@ -69,9 +69,14 @@ def mtl_backward(
 
     feature_grads: list[list[Tensor]] = [[] for _ in feature_list]
     head_grads = []
-    for loss, head in zip(loss_list, heads, strict=True):
+    for task, (loss, head) in enumerate(zip(loss_list, heads, strict=True)):
+        # Heads may share nodes (a 1-D losses tensor shares its stacking node), so only the last
+        # task's pass may free them; it does not reach the trunk, which the batched pass needs.
         grads = torch.autograd.grad(
-            loss, [*feature_list, *head], retain_graph=True, allow_unused=True
+            loss,
+            [*feature_list, *head],
+            retain_graph=retain_graph or task < len(loss_list) - 1,
+            allow_unused=True,
         )
         for index, feature in enumerate(feature_list):
             grad = grads[index]

@@ -120,3 +120,12 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match=r"shared_params\[0\].*does not require grad"):
         mtl_backward(losses, features, shared_params=[torch.ones(2)])
     assert not any(hasattr(p, "jac") or p.grad is not None for p in model.parameters())
+
+
+def test_graph_is_freed_unless_retained() -> None:
+    model, x, _, _ = _setup()
+    losses, features = model(x)
+    mtl_backward(losses, features, retain_graph=True, parallel_chunk_size=1)
+    mtl_backward(losses, features, parallel_chunk_size=1)
+    with pytest.raises(RuntimeError, match="second time"):
+        mtl_backward(losses, features, parallel_chunk_size=1)
