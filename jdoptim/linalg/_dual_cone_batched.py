@@ -78,9 +78,8 @@ def solve_dual_cone_batched(
     unit_bounds = unit_bounds / row_scale
 
     slack = _solve_lcp(unit_gramian, unit_bounds, rounds_bound, cg_bound)
-    solution = (unit_bounds + slack) * row_scale * column_scale
-    # v ≥ u is part of the definition: no round-off may leave a coordinate below its bound.
-    solution = torch.maximum(solution, bounds)
+    # v = u + D s r, so bounds that are active hold exactly and slacks are never negative.
+    solution = bounds + slack * row_scale * column_scale
     return solution.to(matrix.dtype)
 
 
@@ -181,20 +180,24 @@ def _masked_conjugate_gradient(
     result = torch.zeros_like(r)
     for _ in range(max_iterations):
         unconverged = (rr > threshold) & (rr > 0)
-        if not bool(unconverged.all()):
+        finished = int(unconverged.numel() - unconverged.sum())
+        # Dropping rows costs copies; drop them in bulk, and freeze the few in between.
+        if finished > 0 and 4 * finished >= unconverged.numel():
             result[active[~unconverged]] = x[~unconverged]
             active, x, r, p = active[unconverged], x[unconverged], r[unconverged], p[unconverged]
             rr, mask, threshold = rr[unconverged], mask[unconverged], threshold[unconverged]
+            unconverged = unconverged[unconverged]
             if active.numel() == 0:
                 return result
         product = (p @ gramian) * mask
         curvature = (p * product).sum(dim=1)
         # A singular G_FF (only without regularisation) stalls the row instead of making NaNs.
-        step = torch.where(curvature > 0, rr / curvature.clamp(min=1e-300), 0.0)
+        moving = unconverged & (curvature > 0)
+        step = torch.where(moving, rr / curvature.clamp(min=1e-300), 0.0)
         x = x + step[:, None] * p
         r = r - step[:, None] * product
         rr_next = (r * r).sum(dim=1)
-        p = r + (rr_next / rr)[:, None] * p
+        p = r + torch.where(moving, rr_next / rr.clamp(min=1e-300), 0.0)[:, None] * p
         rr = rr_next
     result[active] = x
     return result

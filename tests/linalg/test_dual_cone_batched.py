@@ -101,7 +101,8 @@ def test_zero_gramian_gives_positive_part_of_bounds() -> None:
 
 
 def test_non_conflicting_rows_are_returned_unchanged() -> None:
-    jacobian = torch.rand(6, 10, dtype=torch.float64) + 0.1  # positive rows: no conflict
+    generator = torch.Generator().manual_seed(0)
+    jacobian = torch.rand(6, 10, generator=generator, dtype=torch.float64) + 0.1  # no conflict
     bounds = torch.eye(6, dtype=torch.float64) / 6
     solution = project_to_dual_cone(jacobian @ jacobian.T, bounds, solver="batched")
     assert torch.equal(solution, bounds)

@@ -1,0 +1,136 @@
+"""UPGrad weights at batch scale: quadprog per row, the batched solver, and TorchJD 0.18's UPGrad.
+
+Side by side in one process, with interleaved repeats (every repeat calls each solver once, in
+turn, so a load change on the shared CPU hits all of them alike), medians and ratios. The Gramians
+are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, and of a rank-deficient ``J`` of rank
+``m / 8``. A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit``
+seconds is skipped and reported as such.
+
+    python benchmarks/bench_dual_cone.py            # m = 8 ... 1024, float32 and float64
+    python benchmarks/bench_dual_cone.py --small    # m = 8, 32, 128: a quick run
+    python benchmarks/bench_dual_cone.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
+
+from jdoptim.aggregation import UPGradWeighting
+
+Solver = Callable[[Tensor], Tensor]
+
+
+def make_gramian(kind: str, size: int, dtype: torch.dtype, device: str) -> Tensor:
+    generator = torch.Generator().manual_seed(size)
+    if kind == "random":
+        jacobian = torch.randn(size, 2 * size, generator=generator, dtype=torch.float64)
+    else:
+        rank = max(size // 8, 1)
+        factor = torch.randn(size, rank, generator=generator, dtype=torch.float64)
+        jacobian = factor @ torch.randn(rank, 2 * size, generator=generator, dtype=torch.float64)
+    gramian = jacobian @ jacobian.T
+    return ((gramian + gramian.T) / 2).to(dtype=dtype, device=device)
+
+
+def synchronized(solver: Solver, device: str) -> Solver:
+    def run(gramian: Tensor) -> Tensor:
+        weights = solver(gramian)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return weights
+
+    return run
+
+
+def time_call(solver: Solver, gramian: Tensor) -> tuple[float, Tensor]:
+    start = time.perf_counter()
+    weights = solver(gramian)
+    return time.perf_counter() - start, weights
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "skipped"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="m = 8, 32, 128 and 3 repeats")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[8, 32, 128, 512, 1024])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--limit", type=float, default=60.0, help="skip calls predicted longer")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kinds", nargs="*", default=["random", "rank-deficient"])
+    args = parser.parse_args()
+    sizes = [8, 32, 128] if args.small else args.sizes
+    repeats = 3 if args.small else args.repeats
+    torch.set_num_threads(args.threads)
+
+    solvers: dict[str, Solver] = {
+        "quadprog": synchronized(UPGradWeighting(solver="quadprog"), args.device),
+        "batched": synchronized(UPGradWeighting(solver="batched"), args.device),
+        "auto": synchronized(UPGradWeighting(solver="auto"), args.device),
+        "torchjd": synchronized(PeerUPGradWeighting(), args.device),
+    }
+    print(f"device {args.device}, torch threads {args.threads}, {repeats} interleaved repeats")
+    header = "| Gramian | dtype | m | " + " | ".join(solvers) + " | torchjd / batched |"
+    header += " quadprog / batched | max rel. diff |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for kind in args.kinds:
+        for dtype in (torch.float32, torch.float64):
+            last: dict[str, tuple[int, float]] = {}
+            for size in sizes:
+                gramian = make_gramian(kind, size, dtype, args.device)
+                solvers["batched"](gramian)  # warm-up: first-call allocations and dispatch
+                times: dict[str, list[float]] = {name: [] for name in solvers}
+                weights: dict[str, Tensor] = {}
+                skipped = set()
+                for name in solvers:
+                    if name in last:
+                        previous_size, previous_time = last[name]
+                        if previous_time * (size / previous_size) ** 4 > args.limit:
+                            skipped.add(name)
+                for repeat in range(repeats):
+                    for name, solver in solvers.items():
+                        if name in skipped or (repeat > 0 and sum(times[name]) > args.limit):
+                            continue
+                        seconds, weights[name] = time_call(solver, gramian)
+                        times[name].append(seconds)
+                medians = {
+                    name: statistics.median(times[name]) if times[name] else None
+                    for name in solvers
+                }
+                for name, median in medians.items():
+                    if median is not None:
+                        last[name] = (size, median)
+                reference = weights.get("quadprog", weights.get("torchjd"))
+                difference = "n/a"
+                if reference is not None:
+                    error = (weights["batched"] - reference).abs().max() / reference.abs().max()
+                    difference = f"{float(error):.1e}"
+                batched = medians["batched"]
+                assert batched is not None
+                ratios = [
+                    f"{medians[name] / batched:.3g}x" if medians[name] is not None else "n/a"
+                    for name in ("torchjd", "quadprog")
+                ]
+                cells = [format_seconds(medians[name]) for name in solvers]
+                dtype_name = str(dtype).removeprefix("torch.")
+                row = [kind, dtype_name, str(size), *cells, *ratios, difference]
+                print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
