@@ -52,7 +52,7 @@ def aggregate_into_grads(
             f"{type(aggregator).__name__}."
         )
     for index, jacobian in enumerate(jacobians):
-        _check_finite_in_place(jacobian, f"The Jacobian of params[{index}]")
+        check_finite(jacobian, f"The Jacobian of params[{index}]")
     blocks = [jacobian.reshape(jacobian.shape[0], -1) for jacobian in jacobians]
     weights: Tensor | None = None
     if _weights_from_gramian(aggregator):
@@ -108,16 +108,6 @@ def _collect_jacobians(params: Sequence[Tensor]) -> list[Tensor]:
 
 def _jacobian_shape(param: Tensor) -> str:
     return "[" + ", ".join(["m", *map(str, param.shape)]) + "]"
-
-
-def _check_finite_in_place(tensor: Tensor, name: str) -> None:
-    """:func:`check_finite` without the temporary copies of ``torch.isfinite`` on a big tensor.
-
-    NaN propagates through ``aminmax`` and an infinity is the minimum or the maximum, so the two
-    extremes are finite exactly when every entry is.
-    """
-    if tensor.numel() > 0:
-        check_finite(torch.stack(torch.aminmax(tensor)), name)
 
 
 def _weights_from_gramian(aggregator: Aggregator) -> bool:

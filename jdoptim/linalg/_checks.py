@@ -20,8 +20,12 @@ def check_tensor(value: object, name: str) -> Tensor:
 
 
 def check_finite(tensor: Tensor, name: str) -> None:
-    """Raises ``ValueError`` if ``tensor`` holds a NaN or an infinity."""
-    if tensor.numel() > 0 and not bool(torch.isfinite(tensor).all()):
+    """Raises ``ValueError`` if ``tensor`` holds a NaN or an infinity.
+
+    Only the two extremes are examined: NaN propagates through ``aminmax`` and an infinity is the
+    minimum or the maximum, so this needs no temporary as large as ``tensor`` (Jacobians are big).
+    """
+    if tensor.numel() > 0 and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
         raise ValueError(
             f"{name} contains NaN or infinite entries; check the losses and the learning rate "
             "(a diverging model is the usual cause)."
