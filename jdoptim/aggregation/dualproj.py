@@ -18,7 +18,9 @@ class DualProjWeighting(Weighting):
     Args:
         pref_vector: preference ``p``; ``None`` means uniform ``1/m``.
         reg_eps: multiple of the identity added to the trace-normalised Gramian.
-        solver: dual-cone solver, see :func:`jdoptim.linalg.project_to_dual_cone`.
+        solver: dual-cone solver: ``"quadprog"`` (one QP per row, CPU), ``"batched"`` (all rows
+            at once in torch, on the Gramian's device) or ``"auto"`` (quadprog for small ``m`` on
+            the CPU, batched otherwise); see :func:`jdoptim.linalg.project_to_dual_cone`.
     """
 
     scale_invariant = True

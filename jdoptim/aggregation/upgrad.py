@@ -23,7 +23,9 @@ class UPGradWeighting(Weighting):
         reg_eps: multiple of the identity added to the trace-normalised Gramian (the Gramian is
             normalised by its trace at any scale, so the weights do not depend on the losses'
             scale; a zero Gramian gives ``w = p``).
-        solver: dual-cone solver, see :func:`jdoptim.linalg.project_to_dual_cone`.
+        solver: dual-cone solver: ``"quadprog"`` (one QP per row, CPU), ``"batched"`` (all rows
+            at once in torch, on the Gramian's device) or ``"auto"`` (quadprog for small ``m`` on
+            the CPU, batched otherwise); see :func:`jdoptim.linalg.project_to_dual_cone`.
     """
 
     scale_invariant = True
