@@ -32,14 +32,14 @@ class PCGradWeighting(Weighting):
         matrix = normalize_gramian(gramian)
         coefficients = torch.eye(rows, dtype=gramian.dtype, device=gramian.device)
         squared_norms = matrix.diagonal()
+        nonzero = squared_norms > 0
+        safe_squared_norms = torch.where(nonzero, squared_norms, 1.0)
         orders = _orders_of_others(rows).to(gramian.device)
         own = torch.arange(rows, device=gramian.device)
         for others in orders.T:
             inner_products = (coefficients * matrix[others]).sum(dim=1)
-            conflicts = (inner_products < 0) & (squared_norms[others] > 0)
-            steps = torch.where(
-                conflicts, inner_products / squared_norms[others].clamp(min=1e-300), 0.0
-            )
+            conflicts = (inner_products < 0) & nonzero[others]
+            steps = torch.where(conflicts, inner_products / safe_squared_norms[others], 0.0)
             coefficients[own, others] -= steps
         return coefficients.sum(dim=0)
 
