@@ -1,0 +1,313 @@
+"""One training step of per-instance losses: jdoptim's autogram engine against the alternatives.
+
+Side by side in one process, with interleaved repeats (every repeat runs each method once, in turn,
+so a load change on the shared CPU hits all of them alike); medians and ratios to a plain SGD step
+on the mean loss. Methods:
+
+* ``sgd``: ``loss.mean().backward()`` and ``SGD.step()``, the baseline.
+* ``jd-mean`` / ``jd-upgrad``: ``Engine.compute_gramian``, ``MeanWeighting`` / ``UPGradWeighting``,
+  the fused ``Engine.backward(weights)``, ``SGD.step()``.
+* ``gramian``: the forward pass and jdoptim's ``compute_gramian``, nothing else (compare with
+  ``sgd``, which is a forward pass, a backward pass and an update).
+* ``peer-autogram``: TorchJD 0.18's ``Engine(model, batch_dim=0)``, its ``UPGradWeighting``,
+  ``losses.backward(weights)`` (the seeds' loop).
+* ``peer-autojac``: TorchJD 0.18's ``autojac.backward`` + ``jac_to_grad`` with ``UPGrad``.
+* ``func``: hand-written ``torch.func`` per-sample gradients (``vmap(grad(...))``), averaged.
+
+Peak memory: each (model, method) runs again in a fresh subprocess that resets the resident-set
+high-water mark (``/proc/self/clear_refs``) after two warm-up steps and reports its growth over
+three more steps: the transient memory of a step, on top of the model and optimizer. glibc is told
+to map every block of 16 KiB or more on its own (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave
+the resident set at once and the high-water mark follows live memory.
+
+    python benchmarks/bench_autogram.py            # every model and batch size
+    python benchmarks/bench_autogram.py --small    # MLP at batch 32 and the GRU: a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from jdoptim.aggregation import MeanWeighting, UPGradWeighting
+from jdoptim.autogram import Engine
+
+Step = Callable[[], None]
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(32, 128, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+
+    def build(self) -> tuple[nn.Module, Tensor]:
+        torch.manual_seed(0)
+        if self.name == "mlp":
+            model: nn.Module = nn.Sequential(
+                nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+            )
+            return model, torch.randn(self.batch, 784)
+        if self.name == "cnn":
+            return small_cnn(), torch.randn(self.batch, 3, 32, 32)
+        if self.name == "transformer":
+            return TransformerClassifier(), torch.randn(self.batch, 32, 128)
+        return GRUClassifier(), torch.randn(self.batch, 32, 32)
+
+
+CASES = [
+    Case("mlp", 32),
+    Case("mlp", 128),
+    Case("mlp", 512),
+    Case("cnn", 32),
+    Case("cnn", 128),
+    Case("transformer", 32),
+    Case("gru", 32),
+]
+SMALL_CASES = [Case("mlp", 32), Case("gru", 32)]
+METHODS = ["sgd", "gramian", "jd-mean", "jd-upgrad", "peer-autogram", "peer-autojac", "func"]
+
+
+def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
+    """One training step of ``method`` on ``model`` (raises if the method rejects the model)."""
+    targets = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    criterion = nn.CrossEntropyLoss(reduction="none")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def losses() -> Tensor:
+        return criterion(model(x), targets)
+
+    if method == "sgd":
+
+        def sgd() -> None:
+            optimizer.zero_grad()
+            losses().mean().backward()
+            optimizer.step()
+
+        return sgd
+    if method in ("gramian", "jd-mean", "jd-upgrad"):
+        engine = Engine(model, batch_dim=0)
+        weighting = MeanWeighting() if method == "jd-mean" else UPGradWeighting()
+        if method == "gramian":
+
+            def gramian() -> None:
+                engine.compute_gramian(losses())
+
+            return gramian
+
+        def jd() -> None:
+            optimizer.zero_grad()
+            values = losses()
+            weights = weighting(engine.compute_gramian(values))
+            engine.backward(weights)
+            optimizer.step()
+
+        return jd
+    if method == "peer-autogram":
+        from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
+        from torchjd.autogram import Engine as PeerEngine
+
+        peer = PeerEngine(*model.modules(), batch_dim=0)
+        peer_weighting = PeerUPGradWeighting()
+
+        def peer_autogram() -> None:
+            optimizer.zero_grad()
+            values = losses()
+            weights = peer_weighting(peer.compute_gramian(values))
+            values.backward(weights)
+            optimizer.step()
+
+        return peer_autogram
+    if method == "peer-autojac":
+        from torchjd.aggregation import UPGrad as PeerUPGrad
+        from torchjd.autojac import backward as peer_backward
+        from torchjd.autojac import jac_to_grad
+
+        aggregator = PeerUPGrad()
+
+        def peer_autojac() -> None:
+            optimizer.zero_grad()
+            peer_backward(losses())
+            jac_to_grad(model.parameters(), aggregator)
+            optimizer.step()
+
+        return peer_autojac
+    return _func_step(model, x, targets, criterion, optimizer)
+
+
+def _func_step(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> Step:
+    from torch.func import functional_call, grad, vmap
+
+    names = [name for name, _ in model.named_parameters()]
+
+    def one_loss(params: dict[str, Tensor], sample: Tensor, target: Tensor) -> Tensor:
+        out = functional_call(model, params, (sample.unsqueeze(0),))
+        loss: Tensor = criterion(out, target.unsqueeze(0)).squeeze(0)
+        return loss
+
+    per_sample = vmap(grad(one_loss), in_dims=(None, 0, 0))
+
+    def func() -> None:
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        grads = per_sample(params, x, targets)
+        for name, p in zip(names, model.parameters(), strict=True):
+            p.grad = grads[name].mean(dim=0)
+        optimizer.step()
+
+    return func
+
+
+def time_case(case: Case, repeats: int) -> dict[str, float | str]:
+    steps: dict[str, Step] = {}
+    result: dict[str, float | str] = {}
+    for method in METHODS:
+        model, x = case.build()  # one copy per method: the engines' hooks must not see the others
+        try:
+            step = make_step(method, model, x)
+            step()  # warm-up; also tells whether the method accepts the model
+            steps[method] = step
+        except Exception as error:  # a rejected model is a result, not a crash
+            result[method] = f"fails: {type(error).__name__}"
+    times: dict[str, list[float]] = {method: [] for method in steps}
+    for _ in range(repeats):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+    for method, samples in times.items():
+        result[method] = statistics.median(samples)
+    return result
+
+
+def peak_memory(case: Case, method: str) -> float | str:
+    """Peak memory growth (MiB) of three steps, measured in a fresh subprocess."""
+    command = [sys.executable, __file__, "--memory-of", case.name, str(case.batch), method]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, timeout=900, env=env
+    )
+    if done.returncode != 0:
+        return "fails"
+    value: float = json.loads(done.stdout.strip().splitlines()[-1])
+    return value
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_memory(name: str, batch: int, method: str) -> None:
+    model, x = Case(name, batch).build()
+    step = make_step(method, model, x)
+    step()
+    step()
+    baseline = _rss_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set
+    for _ in range(3):
+        step()
+    print(json.dumps(_rss_mib("VmHWM") - baseline))
+
+
+def format_row(case: Case, result: dict[str, float | str], memory: dict[str, float | str]) -> str:
+    base = result["sgd"]
+    assert isinstance(base, float)
+    cells = [f"{case.name} B={case.batch}", f"{base * 1e3:.1f} ms"]
+    for method in METHODS[1:]:
+        value = result[method]
+        cell = f"{value / base:.2f}x" if isinstance(value, float) else str(value)
+        mem = memory.get(method)
+        if isinstance(mem, float):
+            cell += f" / {mem:.0f} MiB"
+        cells.append(cell)
+    sgd_memory = memory.get("sgd")
+    if isinstance(sgd_memory, float):
+        cells[1] += f" / {sgd_memory:.0f} MiB"
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="MLP B=32 and GRU only, few repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--memory-of", nargs=3, metavar=("MODEL", "BATCH", "METHOD"))
+    args = parser.parse_args()
+    if args.memory_of:
+        name, batch, method = args.memory_of
+        _measure_memory(name, int(batch), method)
+        return
+    cases = SMALL_CASES if args.small else CASES
+    repeats = args.repeats or (3 if args.small else 9)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
+    print("cells: step time / SGD step time [ / peak memory growth over 3 steps ]")
+    print("| model | sgd | " + " | ".join(METHODS[1:]) + " |")
+    print("|---" * (len(METHODS) + 1) + "|")
+    for case in cases:
+        result = time_case(case, repeats)
+        memory: dict[str, float | str] = {}
+        if not args.no_memory and os.path.exists("/proc/self/clear_refs"):
+            for method in METHODS:
+                if isinstance(result.get(method), float):
+                    memory[method] = peak_memory(case, method)
+        print(format_row(case, result, memory), flush=True)
+
+
+if __name__ == "__main__":
+    main()
