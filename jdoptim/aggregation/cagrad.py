@@ -12,8 +12,10 @@ from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.linalg import normalize_gramian, regularize_gramian
 from jdoptim.linalg._quadprog import Array, inverse_cholesky_factor, solve_qp
 
-# Bisection halvings on the scalar of the inner problem: enough for float64 resolution.
-_BISECTION_STEPS = 60
+# The distance equation is solved to this precision relative to the radius.
+_RELATIVE_TOLERANCE = 1e-12
+_MAX_NEWTON_STEPS = 30
+_PROXIMAL_PASSES = 4
 
 
 class CAGradWeighting(Weighting):
@@ -21,21 +23,28 @@ class CAGradWeighting(Weighting):
     NeurIPS 2021, Algorithm 1).
 
     With the mean gradient ``g₀ = Jᵀ 1/m``, CAGrad's direction solves
-    ``max_d minᵢ gᵢᵀ d`` s.t. ``‖d - g₀‖ ≤ c ‖g₀‖``. Its dual is
-    ``min_{w ∈ Δ} g_wᵀ g₀ + √φ ‖g_w‖`` with ``g_w = Jᵀ w`` and ``φ = c² ‖g₀‖²``, and the direction is
-    ``d = g₀ + (√φ / ‖g_w‖) g_w``; so the weights are ``1/m + (√φ / ‖g_w‖) w``, all from ``G``.
+    ``max_d minᵢ gᵢᵀd`` s.t. ``‖d - g₀‖ ≤ c ‖g₀‖``. The paper solves its dual,
+    ``min_{w ∈ Δ} g_wᵀg₀ + c‖g₀‖ ‖g_w‖``, and sets ``d = g₀ + (c‖g₀‖ / ‖g_w‖) g_w``.
 
-    The dual is solved in-house and exactly: at its optimum, ``w`` also minimises the quadratic
-    ``g_wᵀ g₀ + √φ ‖g_w‖² / (2r)`` over ``Δ`` for ``r = ‖g_w‖`` (both have the same gradient there),
-    and the norm of that quadratic's solution grows with ``r``; a bisection on ``r``, each step one
-    simplex QP (quadprog, one Cholesky factorisation shared by all), finds the fixed point.
+    Here the same optimum is found in-house, from ``G`` alone: for a level ``t``, the point of
+    ``{d : J d ≥ t}`` closest to ``g₀`` is ``g₀ + Jᵀλ(t)`` with
+    ``λ(t) = argmin_{λ ≥ 0} ½ λᵀGλ - λᵀ(t - G 1/m)`` (one quadprog QP, one Cholesky factorisation
+    shared by all), and its distance ``‖Jᵀλ(t)‖`` is convex and non-decreasing in ``t``, with
+    derivative ``Σλ / ‖Jᵀλ‖``. The largest ``t`` at distance ``c‖g₀‖`` is the optimal worst
+    improvement and ``d = g₀ + Jᵀλ``, so the weights are ``1/m + λ``. Newton's method finds it from
+    above (monotonically, the distance being convex) on the ridged Gramian, then polishes it with
+    proximal-point passes that remove the ridge's bias. For a non-singular ``G`` the result is exact
+    to about ``1e-12``; for a singular one, to about ``√reg_eps`` (relative), and ``d`` never leaves
+    the ball. Away from degenerate cases ``λ = (c‖g₀‖ / ‖g_w‖) w``, the paper's formula; when the
+    rows' convex hull contains 0 (where that formula divides 0 by 0) this still returns a maximiser
+    (to the same precision).
     The authors' code optionally divides ``d`` by ``1 + c²``; this follows the paper and does not
     (scale the learning rate to match).
 
     Args:
         c: radius of the ball around ``g₀``, relative to ``‖g₀‖`` (``c ≥ 0``; ``c = 0`` is Mean).
-        norm_eps: lower bound on ``‖g_w‖`` (of the trace-normalised Gramian) in the division, for
-            when the rows' convex hull contains 0.
+        norm_eps: accepted for compatibility with TorchJD's signature, where it guards a division
+            by ``‖g_w‖``; the solver here has no such division, so it is unused.
         reg_eps: multiple of the identity added to the trace-normalised Gramian in the QPs, to make
             them strictly convex.
     """
@@ -58,42 +67,64 @@ class CAGradWeighting(Weighting):
         size = gramian.shape[0]
         matrix = normalize_gramian(gramian.to(torch.float64)).cpu().numpy()
         mean = np.full(size, 1.0 / size)
-        alignment = matrix @ mean
-        sqrt_phi = self.c * math.sqrt(max(float(mean @ alignment), 0.0))
+        alignment = matrix @ mean  # gᵢᵀg₀
+        radius = self.c * math.sqrt(max(float(mean @ alignment), 0.0))
         weights = mean
-        if sqrt_phi > 0:
-            dual = self._solve_dual(matrix, alignment, sqrt_phi)
-            dual_norm = math.sqrt(max(float(dual @ matrix @ dual), 0.0))
-            weights = mean + sqrt_phi / max(dual_norm, self.norm_eps) * dual
+        if radius > 0:
+            weights = mean + self._multipliers(matrix, alignment, radius)
         return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
 
-    def _solve_dual(self, matrix: Array, alignment: Array, sqrt_phi: float) -> Array:
-        """``argmin_{w ∈ Δ} wᵀa + √φ √(wᵀGw)`` for ``a = G 1/m``, by bisection on ``r = ‖g_w‖``."""
+    def _multipliers(self, matrix: Array, alignment: Array, radius: float) -> Array:
+        """``λ(t*)`` for the largest level ``t*`` whose closest point is ``radius`` away from g₀."""
         size = matrix.shape[0]
         regularized = regularize_gramian(torch.from_numpy(matrix), self.reg_eps).numpy()
         factor = inverse_cholesky_factor(regularized)
-        constraints = np.concatenate([np.ones((size, 1)), np.eye(size)], axis=1)
-        bounds = np.concatenate([[1.0], np.zeros(size)])
+        constraints = np.eye(size)
+        bounds = np.zeros(size)
 
-        def quadratic_solution(radius: float) -> tuple[Array, float]:
-            # min ½ wᵀGw + (r/√φ) aᵀw over Δ: the quadratic above, divided by √φ/r.
-            w = solve_qp(factor, -radius / sqrt_phi * alignment, constraints, bounds, 1)
-            w = np.maximum(w, 0.0)
-            w /= w.sum()
-            return w, math.sqrt(max(float(w @ matrix @ w), 0.0))
+        def closest_point(level: float, passes: int) -> tuple[Array, float]:
+            multipliers = np.zeros(size)
+            # Proximal-point passes: each one removes most of the ridge's bias where G is regular.
+            for _ in range(passes):
+                linear = level - alignment + self.reg_eps * multipliers
+                multipliers = np.maximum(solve_qp(factor, linear, constraints, bounds), 0.0)
+            metric = regularized if passes == 1 else matrix
+            return multipliers, math.sqrt(max(float(multipliers @ metric @ multipliers), 0.0))
 
-        low, high = 0.0, math.sqrt(float(matrix.diagonal().max()))
-        solution, norm = quadratic_solution(low)
-        if norm <= 0.0:
-            return solution
-        for _ in range(_BISECTION_STEPS):
-            middle = (low + high) / 2
-            solution, norm = quadratic_solution(middle)
-            if norm > middle:
-                low = middle
-            else:
-                high = middle
-        return quadratic_solution((low + high) / 2)[0]
+        # No d in the ball beats minᵢ(gᵢᵀg₀ + radius ‖gᵢ‖): the levels worth trying are below.
+        highest = float((alignment + radius * np.sqrt(np.maximum(matrix.diagonal(), 0.0))).min())
+
+        def newton(level: float, passes: int) -> tuple[Array, float, bool]:
+            """Multipliers, level, and whether the level is optimal (to the tolerance).
+
+            Without convergence (a rank-deficient ``G`` makes the QPs' solutions noisy at about
+            ``1e-16 / reg_eps``), the best level found inside the ball is returned.
+            """
+            multipliers, distance = closest_point(level, passes)
+            best: tuple[Array, float] | None = None
+            for _ in range(_MAX_NEWTON_STEPS):
+                if abs(distance - radius) <= _RELATIVE_TOLERANCE * radius:
+                    return multipliers, level, True
+                if distance <= radius:
+                    if level >= highest:
+                        return multipliers, level, True  # the highest level is reachable
+                    if best is None or level > best[1]:
+                        best = (multipliers, level)
+                # d(distance)/dt = Σλ / distance (envelope theorem).
+                step = (distance - radius) * distance / max(float(multipliers.sum()), 1e-300)
+                if step == 0.0:
+                    break
+                level = min(level - step, highest)
+                multipliers, distance = closest_point(level, passes)
+            if best is not None:
+                return best[0], best[1], False
+            return multipliers, level, False
+
+        # The ridged distance is convex in t: Newton from the far side converges monotonically.
+        multipliers, level, _ = newton(highest, 1)
+        # Polish without the ridge's bias; kept only where it converges (G regular enough).
+        polished, _, converged = newton(level, _PROXIMAL_PASSES)
+        return polished if converged else multipliers
 
     def _repr_args(self) -> str:
         return f"c={self.c}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}"
