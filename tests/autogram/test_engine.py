@@ -357,3 +357,41 @@ def test_later_steps_reuse_the_checked_batch_dims_and_stay_exact() -> None:
         gramian = engine.compute_gramian(output)
         expected = loop_gramian(output, list(model.parameters()))
         assert relative_error(gramian, expected) <= 1e-10
+
+
+LAYER_VARIANTS = {
+    "conv2d-stride-dilation": (
+        lambda: nn.Conv2d(3, 4, 3, stride=2, dilation=2, padding=2),
+        (3, 3, 9, 9),
+        "closed_form",
+    ),
+    "conv2d-groups": (lambda: nn.Conv2d(4, 4, 3, groups=2), (3, 4, 6, 6), "local"),
+    "conv2d-same": (lambda: nn.Conv2d(3, 4, 3, padding="same"), (3, 3, 6, 6), "local"),
+    "conv2d-reflect": (
+        lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        (3, 3, 6, 6),
+        "local",
+    ),
+    "conv1d-no-bias": (lambda: nn.Conv1d(3, 4, 2, bias=False), (3, 3, 6), "closed_form"),
+    "conv3d-stride": (
+        lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1)),
+        (3, 2, 4, 5, 3),
+        "closed_form",
+    ),
+    "layer-norm-2d": (lambda: nn.LayerNorm((3, 4)), (3, 5, 3, 4), "closed_form"),
+    "layer-norm-no-bias": (lambda: nn.LayerNorm(4, bias=False), (3, 5, 4), "closed_form"),
+    "group-norm-1d": (lambda: nn.GroupNorm(2, 4), (3, 4, 5), "closed_form"),
+    "linear-4d": (lambda: nn.Linear(4, 2), (3, 2, 5, 4), "closed_form"),
+    "instance-norm": (lambda: nn.InstanceNorm1d(4, affine=True), (3, 4, 6), "local"),
+    "prelu": (lambda: nn.PReLU(4), (3, 4), "local"),
+}
+
+
+@pytest.mark.parametrize("variant", LAYER_VARIANTS)
+def test_layer_variants(variant: str) -> None:
+    torch.manual_seed(19)
+    build, shape, route = LAYER_VARIANTS[variant]
+    x = torch.randn(*shape, dtype=torch.float64)
+    model = build()
+    engine = assert_exact(model, lambda m: m(x).pow(2).flatten(1).sum(dim=1), 0)
+    assert set(routes(engine, model).values()) == {route}
