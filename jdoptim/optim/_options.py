@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypedDict
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from jdoptim.aggregation import Aggregator, GeneralizedWeighting, Weighting
@@ -30,6 +31,7 @@ class JDOptions(TypedDict, total=False):
     fuse_backward: bool
     parallel_chunk_size: int | None
     grad_scaler: torch.amp.GradScaler | None
+    process_group: dist.ProcessGroup | None
 
 
 __all__ = ["JDOptions", "Unpack"]

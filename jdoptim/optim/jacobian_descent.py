@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -26,6 +27,7 @@ from jdoptim.aggregation import (
 from jdoptim.autogram import Engine
 from jdoptim.autojac import backward as jac_backward
 from jdoptim.autojac import clear_jac, jac, jac_to_grad, mtl_backward
+from jdoptim.distributed import DistributedStep, distributed_step_for, watch_ddp
 from jdoptim.linalg import check_finite
 from jdoptim.optim._method import Method, resolve_method
 
@@ -62,6 +64,9 @@ class JacobianDescent(Optimizer):
         parallel_chunk_size: rows per batched backward on the autojac paths (``None``: all).
         grad_scaler: a ``torch.amp.GradScaler`` for mixed precision: the losses are scaled before
             differentiation and the update goes through ``grad_scaler.step`` and ``update``.
+        process_group: distributed mode (:mod:`jdoptim.distributed`): each step is exact on the
+            losses of every rank of this ``torch.distributed`` group (e.g. ``dist.group.WORLD``);
+            also enabled by ``modules=ddp_model``. ``step`` then returns the global losses.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class JacobianDescent(Optimizer):
         fuse_backward: bool = True,
         parallel_chunk_size: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -102,6 +108,9 @@ class JacobianDescent(Optimizer):
                 f"path used by {self._method.module!r} does not support loss scaling."
             )
         self._modules = None if modules is None else _as_module_list(modules)
+        self.distributed: DistributedStep | None = distributed_step_for(
+            process_group, self._modules, self._method.path, grad_scaler
+        )
         self.batch_dim = batch_dim
         self.fuse_backward = fuse_backward
         self.parallel_chunk_size = parallel_chunk_size
@@ -185,6 +194,8 @@ class JacobianDescent(Optimizer):
         return losses
 
     def _fill_grad(self, closure: Closure) -> Tensor:
+        if self.distributed is not None:
+            return self.distributed.fill_grad(self, closure)
         path = self._method.path
         if path == "scalarizer":
             losses, _ = self._call_closure(closure)
@@ -298,12 +309,14 @@ class JacobianDescent(Optimizer):
     def _evaluate(self, closure: Closure) -> Tensor:
         with torch.no_grad():
             losses, _ = self._call_closure(closure)
+        if self.distributed is not None:
+            return self.distributed.global_losses(losses, self)
         return losses.detach()
 
     # --- helpers -------------------------------------------------------------------------------
 
     def _call_closure(self, closure: Closure, expect_features: bool = False) -> tuple[Tensor, Any]:
-        with torch.enable_grad():
+        with torch.enable_grad(), watch_ddp(self.distributed is not None):
             result = closure()
         features: Any = None
         if expect_features:
