@@ -37,12 +37,12 @@ def solve_alpha_fair(
     A Gramian rounded in low precision can have slightly negative eigenvalues, which would make
     ``f`` unbounded below; they are set to zero first. A solution then exists when ``G`` is positive
     definite; a ``G`` with a non-negative null vector (such as a zero row) has none, as the weights
-    on that vector grow without bound: ``ridge`` (added to the diagonal after the clipping) keeps
-    one.
+    on that vector grow without bound: a positive ``ridge`` (added to the diagonal after the
+    clipping) makes one exist.
 
     ``residual = maxᵢ |(G w)ᵢ - wᵢ^(-1/α)| / ((|G| w)ᵢ + wᵢ^(-1/α))`` is the componentwise backward
-    error: ``w`` solves the equation exactly for a ``G`` whose entries are perturbed by at most that
-    relative amount. It is returned so that callers can verify the solution.
+    error: ``w`` solves the equation exactly once the entries of ``G`` and of the right-hand side are
+    perturbed by at most that relative amount. It is returned so that callers can verify the solution.
 
     Args:
         gramian: ``[m, m]`` symmetric positive-definite matrix (up to rounding).
