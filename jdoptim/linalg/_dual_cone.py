@@ -51,8 +51,8 @@ def project_to_dual_cone(
         solver: ``"quadprog"`` (exact active set, one problem per row on the CPU, through numpy),
             ``"batched"`` (all rows together in torch on ``gramian``'s device, see
             :func:`jdoptim.linalg._dual_cone_batched.solve_dual_cone_batched`), or ``"auto"``:
-            quadprog for small ``m`` on the CPU or when ``reg_eps`` is zero, the batched solver
-            otherwise (always on other devices).
+            quadprog when ``reg_eps`` is zero or for small ``m`` on the CPU, the batched solver
+            otherwise (on every other device).
 
     Returns:
         ``[k, m]`` matrix whose row ``i`` is the solution ``v`` for ``u = lower_bounds[i]``, on the
@@ -74,15 +74,15 @@ def choose_dual_cone_solver(
     """The solver ``"auto"`` stands for, given the Gramian's size and device.
 
     Without regularisation (``reg_eps == 0``) the problem may be singular, which quadprog's jittered
-    factorisation handles and conjugate gradients do not, so the CPU keeps quadprog there.
+    factorisation handles and conjugate gradients may not, so quadprog solves it on every device.
     """
     if solver != "auto":
         return solver
+    if reg_eps == 0:
+        return "quadprog"
     if gramian.device.type != "cpu":
         return "batched"
-    if reg_eps == 0 or gramian.shape[0] <= _QUADPROG_MAX_SIZE:
-        return "quadprog"
-    return "batched"
+    return "quadprog" if gramian.shape[0] <= _QUADPROG_MAX_SIZE else "batched"
 
 
 def _project_quadprog(matrix: Tensor, lower_bounds: Tensor) -> Tensor:

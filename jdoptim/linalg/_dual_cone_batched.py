@@ -53,7 +53,7 @@ def solve_dual_cone_batched(
         matrix: ``[m, m]`` symmetric positive-definite matrix ``G`` (the prepared Gramian, see
             :func:`jdoptim.linalg.prepare_dual_cone_gramian`).
         lower_bounds: ``[k, m]`` matrix ``U``.
-        max_rounds: bound on the pivoting rounds (default ``3 m + 30``).
+        max_rounds: bound on the rounds (pivoting or refinement; default ``m + 30``).
         max_cg_iterations: bound on conjugate-gradient iterations per round (default
             ``2 m + 100``).
 
@@ -64,7 +64,7 @@ def solve_dual_cone_batched(
         RuntimeError: if some row does not meet the KKT tolerance within ``max_rounds`` rounds.
     """
     size = matrix.shape[0]
-    rounds_bound = 3 * size + 30 if max_rounds is None else max_rounds
+    rounds_bound = size + 30 if max_rounds is None else max_rounds
     cg_bound = 2 * size + 100 if max_cg_iterations is None else max_cg_iterations
     gramian = matrix.to(torch.float64)
     bounds = lower_bounds.to(torch.float64)
@@ -193,6 +193,7 @@ def _masked_conjugate_gradient(
         curvature = (p * product).sum(dim=1)
         # A singular G_FF (only without regularisation) stalls the row instead of making NaNs.
         moving = unconverged & (curvature > 0)
+        threshold = torch.where(curvature > 0, threshold, torch.inf)
         step = torch.where(moving, rr / curvature.clamp(min=1e-300), 0.0)
         x = x + step[:, None] * p
         r = r - step[:, None] * product

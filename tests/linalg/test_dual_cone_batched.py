@@ -142,8 +142,22 @@ def test_auto_dispatch() -> None:
     assert choose_dual_cone_solver(large, 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 0.0, "auto") == "quadprog"
     assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 1e-4, "auto") == "batched"
+    assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 0.0, "auto") == "quadprog"
     assert choose_dual_cone_solver(large, 1e-4, "quadprog") == "quadprog"
     assert choose_dual_cone_solver(small, 1e-4, "batched") == "batched"
+
+
+def test_singular_gramian_without_regularisation_stops_with_a_clear_error() -> None:
+    generator = torch.Generator().manual_seed(0)
+    jacobian = torch.randn(20, 5, generator=generator, dtype=torch.float64)
+    matrix = prepare_dual_cone_gramian(jacobian @ jacobian.T, 0.0)
+    with pytest.raises(RuntimeError, match="raise reg_eps, or use solver='quadprog'"):
+        solve_dual_cone_batched(matrix, torch.eye(20, dtype=torch.float64))
+
+
+def test_no_rows() -> None:
+    solution = project_to_dual_cone(torch.eye(3), torch.zeros(0, 3), solver="batched")
+    assert solution.shape == (0, 3)
 
 
 def test_unknown_solver_is_rejected() -> None:
