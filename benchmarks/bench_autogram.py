@@ -287,6 +287,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="MLP B=32 and GRU only, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-timing", action="store_true", help="memory only (no timed steps)")
+    parser.add_argument(
+        "--cases", default=None, help="comma-separated model:batch, e.g. mlp:128,gru:32"
+    )
     parser.add_argument("--memory-of", nargs=3, metavar=("MODEL", "BATCH", "METHOD"))
     args = parser.parse_args()
     if args.memory_of:
@@ -294,14 +298,26 @@ def main() -> None:
         _measure_memory(name, int(batch), method)
         return
     cases = SMALL_CASES if args.small else CASES
+    if args.cases:
+        wanted = {tuple(item.split(":")) for item in args.cases.split(",")}
+        cases = [case for case in CASES if (case.name, str(case.batch)) in wanted]
     repeats = args.repeats or (3 if args.small else 9)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
     print("cells: step time / SGD step time [ / peak memory growth over 3 steps ]")
     print("| model | sgd | " + " | ".join(METHODS[1:]) + " |")
     print("|---" * (len(METHODS) + 1) + "|")
     for case in cases:
-        result = time_case(case, repeats)
         memory: dict[str, float | str] = {}
+        if args.no_timing:
+            for method in METHODS:
+                memory[method] = peak_memory(case, method)
+            cells = [
+                f"{method}: {value if isinstance(value, str) else f'{value:.0f} MiB'}"
+                for method, value in memory.items()
+            ]
+            print(f"| {case.name} B={case.batch} | " + " | ".join(cells) + " |", flush=True)
+            continue
+        result = time_case(case, repeats)
         if not args.no_memory and os.path.exists("/proc/self/clear_refs"):
             for method in METHODS:
                 if isinstance(result.get(method), float):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
+
+from jdoptim.autogram._rules import MaterializedTerm, Term
 
 # Rows of grad_outputs sent through one vmapped backward pass: bounds the memory of the batch.
 _ROWS_PER_CHUNK = 64
@@ -98,3 +101,30 @@ def _zeros_if_none(part: Tensor | None, parts: Sequence[Tensor | None]) -> Tenso
         return part
     template = next(p for p in parts if p is not None)
     return torch.zeros_like(template)
+
+
+def exact_terms(output: Tensor, params: list[Tensor], order: Tensor) -> list[tuple[Tensor, Term]]:
+    """Per-row Jacobians of ``output`` w.r.t. ``params`` by batched autograd (any graph).
+
+    Rows follow ``order``: row ``r`` differentiates ``output.flatten()[order[r]]``.
+    """
+    if not params:
+        return []
+    rows = order.numel()
+    basis = torch.zeros(rows, rows, dtype=output.dtype, device=output.device)
+    basis[torch.arange(rows, device=output.device), order.to(output.device)] = 1
+    jacobians = batched_vjp([output], params, [basis.reshape(rows, *output.shape)])
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    return [
+        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape), "exact"))
+        for p, j in zip(params, jacobians, strict=True)
+        if j is not None
+    ]
+
+
+def row_order(shape: tuple[int, ...], batch_dim: int | None) -> Tensor:
+    """Flat output index of each internal row (instance-major when there is a batch dim)."""
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    if batch_dim is None:
+        return index.reshape(-1)
+    return index.movedim(batch_dim, 0).reshape(-1)
