@@ -101,6 +101,7 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
     q = linear[pending]
     free = q < 0
     s = torch.zeros_like(q)
+    multiplier = q
     best = free.sum(dim=1)
     backups = torch.full_like(best, _BACKUP_EXCHANGES)
     indices = torch.arange(q.shape[1], device=q.device)
@@ -108,7 +109,7 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
 
     for _ in range(max_rounds):
         mask = free.to(q.dtype)
-        before = -(q + s @ gramian) * mask
+        before = -multiplier * mask
         if q.shape[1] <= _DIRECT_MAX_SIZE:
             correction = _masked_direct_solve(gramian, before, free)
         else:
@@ -128,6 +129,7 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
             slack[pending[done]] = s[done].clamp(min=0)
             keep = ~done
             pending, q, s, free, wrong = pending[keep], q[keep], s[keep], free[keep], wrong[keep]
+            multiplier = multiplier[keep]
             best, backups, wrong_count = best[keep], backups[keep], wrong_count[keep]
             accurate, residual_tolerance = accurate[keep], residual_tolerance[keep]
             if pending.numel() == 0:
@@ -141,7 +143,11 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
         single = torch.zeros_like(wrong).scatter_(1, largest_wrong, True) & wrong
         swap = torch.where(full_exchange, wrong, single & accurate[:, None])
         free = free ^ swap
-        s = torch.where(free, s.clamp(min=0), 0.0)
+        updated = torch.where(free, s.clamp(min=0), 0.0)
+        # Few slacks change in a swap: update μ = q + s G through them instead of a new product.
+        removed = (s - updated).to_sparse()
+        multiplier = multiplier - torch.sparse.mm(removed, gramian)
+        s = updated
     raise RuntimeError(
         f"The batched dual-cone solver did not converge in {max_rounds} rounds for "
         f"{pending.numel()} of {bounds.shape[0]} rows. The Gramian is probably too ill-conditioned: "
