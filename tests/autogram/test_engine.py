@@ -395,3 +395,34 @@ def test_layer_variants(variant: str) -> None:
     model = build()
     engine = assert_exact(model, lambda m: m(x).pow(2).flatten(1).sum(dim=1), 0)
     assert set(routes(engine, model).values()) == {route}
+
+
+def test_in_place_activation_after_a_closed_form_layer() -> None:
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    engine = assert_exact(model, lambda m: m(x).pow(2).sum(dim=1), 0)
+    assert set(engine._last_routes.values()) == {"closed_form"}
+
+
+class TiedModules(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_parameter_shared_by_two_modules() -> None:
+    torch.manual_seed(21)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    model = TiedModules()
+    engine = assert_exact(model, lambda m: m(x).pow(2).sum(dim=1), 0)
+    assert routes(engine, model) == {
+        "a.weight": "exact",
+        "a.bias": "closed_form",
+        "b.bias": "closed_form",
+    }
