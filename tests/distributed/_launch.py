@@ -1,0 +1,93 @@
+"""Runs a function on R gloo ranks over loopback, in spawned processes, bounded in time."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# A hung collective gives up after this many seconds (the group's timeout).
+COLLECTIVE_TIMEOUT_S = 30
+# The whole launch is killed after this many seconds.
+LAUNCH_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, out_dir: Path, *args: Any) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on each rank; returns each rank's result, rank order.
+
+    A rank's exception is returned (as its formatted traceback, wrapped in ``RankError``) rather
+    than raised, so tests can check that every rank failed.
+    """
+    port = free_port()
+    context = mp.start_processes(
+        _entry,
+        args=(fn, world_size, port, str(out_dir), args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    try:
+        deadline_steps = LAUNCH_TIMEOUT_S * 10
+        for _ in range(deadline_steps):
+            if context.join(timeout=0.1):
+                break
+        else:
+            raise TimeoutError(f"The {world_size} ranks did not finish in {LAUNCH_TIMEOUT_S} s.")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [
+        torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)
+    ]
+
+
+class RankError:
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"RankError({self.kind}: {self.message})"
+
+
+def _entry(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    out_dir: str,
+    args: tuple[Any, ...],
+) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        try:
+            result: Any = fn(rank, world_size, *args)
+        except Exception as error:
+            result = RankError(type(error).__name__, f"{error}\n{traceback.format_exc()}")
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

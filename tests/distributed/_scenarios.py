@@ -1,0 +1,324 @@
+"""What each rank runs in the distributed tests (module-level, so spawned processes can import it).
+
+Every scenario draws the *global* batches from a fixed seed and gives rank ``r`` its slice, so a
+single process can replay the same steps on the concatenated batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from jdoptim import JDSGD, JDAdam
+from jdoptim.aggregation import MeanWeighting, TrimmedMean, UPGradWeighting
+from jdoptim.scalarization import GeometricMean
+from tests.optim._models import EMAWeighting
+
+STEPS = 3
+
+
+def iwrm_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+
+def iwrm_batches(total: int, steps: int = STEPS, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(total, 5, generator=generator, dtype=torch.float64),
+            torch.randn(total, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(steps)
+    ]
+
+
+def iwrm_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return (model(x).squeeze(-1) - y) ** 2
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """Optimizer keyword arguments for a method name of the scenarios."""
+    if method == "mean":
+        return {"weighting": MeanWeighting()}
+    if method == "upgrad":
+        return {"weighting": UPGradWeighting()}
+    if method == "ema":
+        return {"weighting": EMAWeighting()}
+    if method == "trimmed_mean":  # a Jacobian aggregator: the autojac path
+        return {"aggregator": TrimmedMean(1)}
+    if method == "geometric_mean":  # a nonlinear scalarizer
+        return {"scalarizer": GeometricMean()}
+    raise ValueError(method)
+
+
+def slices(sizes: list[int]) -> list[slice]:
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    return [slice(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def train_iwrm(
+    model: nn.Module,
+    method: str,
+    batches: list[tuple[Tensor, Tensor]],
+    part: slice,
+    batch_dim: int | None = 0,
+    **options: Any,
+) -> Tensor:
+    optimizer = JDSGD(
+        model.parameters(), lr=0.1, batch_dim=batch_dim, **method_options(method), **options
+    )
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            return iwrm_losses(model, x[part], y[part])
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+def params_of(model: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- instance-wise ---------------------------------------------------------------------------
+
+
+def iwrm_rank(
+    rank: int, world: int, method: str, sizes: list[int], ddp: bool, batch_dim: int | None
+) -> Any:
+    model = iwrm_model()
+    batches = iwrm_batches(sum(sizes))
+    part = slices(sizes)[rank]
+    if ddp:
+        wrapped = DistributedDataParallel(model)
+        losses = train_iwrm(
+            wrapped, method, batches, part, batch_dim, process_group=wrapped.process_group
+        )
+    else:
+        losses = train_iwrm(model, method, batches, part, batch_dim, process_group=dist.group.WORLD)
+    return {"params": params_of(model), "losses": losses}
+
+
+def iwrm_reference(method: str, sizes: list[int], batch_dim: int | None) -> dict[str, Any]:
+    model = iwrm_model()
+    losses = train_iwrm(model, method, iwrm_batches(sum(sizes)), slice(None), batch_dim)
+    return {"params": params_of(model), "losses": losses}
+
+
+# --- multi-task ------------------------------------------------------------------------------
+
+
+class TwoTaskModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.trunk(x)
+        outputs = torch.cat([head(features) for head in self.heads], dim=1)
+        return outputs, features
+
+
+def mtl_model() -> TwoTaskModel:
+    torch.manual_seed(0)
+    return TwoTaskModel().double()
+
+
+def mtl_batches(total: int) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    return [
+        (
+            torch.randn(total, 5, generator=generator, dtype=torch.float64),
+            torch.randn(total, 2, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train_mtl(
+    model: TwoTaskModel, batches: list[tuple[Tensor, Tensor]], part: slice, **options: Any
+) -> Tensor:
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        weighting=UPGradWeighting(),
+        shared_params=model.trunk.parameters(),
+        **options,
+    )
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> tuple[Tensor, Tensor]:
+            optimizer.zero_grad()
+            outputs, features = model(x[part])
+            return ((outputs - y[part]) ** 2).mean(dim=0), features
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+def mtl_rank(rank: int, world: int, batch: int) -> Any:
+    model = mtl_model()
+    part = slices([batch] * world)[rank]
+    losses = train_mtl(model, mtl_batches(batch * world), part, process_group=dist.group.WORLD)
+    return {"params": params_of(model), "losses": losses}
+
+
+def mtl_reference(world: int, batch: int) -> dict[str, Any]:
+    model = mtl_model()
+    losses = train_mtl(model, mtl_batches(batch * world), slice(None))
+    return {"params": params_of(model), "losses": losses}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def resume_rank(rank: int, world: int, out_dir: str) -> Any:
+    """Four steps straight vs two steps, rank 0's checkpoint, two steps in fresh objects."""
+    sizes = [3] * world
+    part = slices(sizes)[rank]
+    batches = iwrm_batches(sum(sizes), steps=4, seed=3)
+
+    def build() -> tuple[nn.Module, JDAdam]:
+        model = iwrm_model()
+        optimizer = JDAdam(
+            model.parameters(),
+            lr=0.05,
+            weighting=EMAWeighting(),
+            batch_dim=0,
+            process_group=dist.group.WORLD,
+        )
+        return model, optimizer
+
+    def run(model: nn.Module, optimizer: JDAdam, steps: list[tuple[Tensor, Tensor]]) -> None:
+        for x, y in steps:
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                return iwrm_losses(model, x[part], y[part])
+
+            optimizer.step(closure)
+
+    model, optimizer = build()
+    run(model, optimizer, batches)
+    straight = params_of(model)
+
+    model, optimizer = build()
+    run(model, optimizer, batches[:2])
+    path = Path(out_dir) / "checkpoint.pt"
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    dist.barrier()
+    checkpoint = torch.load(path, weights_only=False)
+    model, optimizer = build()
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    run(model, optimizer, batches[2:])
+    return {"straight": straight, "resumed": params_of(model)}
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+def failing_rank(rank: int, world: int, failure: str) -> Any:
+    """Rank 1 fails at the second step (``failure`` says how); returns what each rank raised."""
+    model = iwrm_model()
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        weighting=UPGradWeighting(),
+        batch_dim=0,
+        process_group=dist.group.WORLD,
+    )
+    batches = iwrm_batches(3 * world)
+    part = slices([3] * world)[rank]
+    outcome: dict[str, Any] = {"error": None}
+    for step, (x, y) in enumerate(batches):
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            losses = iwrm_losses(model, x[part], y[part])
+            if step == 1 and rank == 1:
+                if failure == "raise":
+                    raise ValueError("data loader broke on rank 1")
+                if failure == "nan":
+                    return losses * float("nan")
+                if failure == "shape":
+                    return torch.stack([losses, losses], dim=1)
+            return losses
+
+        before = params_of(model)
+        try:
+            optimizer.step(closure)
+        except Exception as error:
+            outcome["error"] = (type(error).__name__, str(error))
+            outcome["unchanged"] = all(
+                torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
+            )
+            break
+    return outcome
+
+
+def undeclared_ddp_rank(rank: int, world: int) -> Any:
+    """A DDP model with an optimizer that was not told about the process group."""
+    model = DistributedDataParallel(iwrm_model())
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    x, y = iwrm_batches(2 * world)[0]
+    try:
+        optimizer.step(lambda: iwrm_losses(model, x, y))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+# --- one launch per world size ---------------------------------------------------------------
+
+# (name, scenario function, its arguments after rank and world size); "{out}" is the launch's dir.
+IWRM_CASES: dict[int, list[tuple[str, list[int], bool, int | None]]] = {
+    2: [
+        ("mean", [4, 4], False, 0),
+        ("upgrad", [4, 4], False, 0),
+        ("mean", [4, 4], True, 0),
+        ("upgrad", [4, 4], True, 0),
+        ("upgrad", [3, 3], False, None),
+        ("trimmed_mean", [3, 3], False, 0),
+        ("geometric_mean", [3, 3], False, 0),
+    ],
+    3: [
+        ("upgrad", [3, 2, 4], False, 0),
+        ("mean", [2, 3, 2], True, 0),
+    ],
+}
+MTL_BATCH = {2: 3, 3: 2}
+FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
+
+
+def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Every scenario for this world size, in one process group (failures leave it in sync)."""
+    results: dict[str, Any] = {}
+
+    def record(key: str, fn: Any, *args: Any) -> None:
+        try:
+            results[key] = fn(rank, world, *args)
+        except Exception as error:  # reported to the test, which fails on it
+            results[key] = f"{type(error).__name__}: {error}"
+
+    for method, sizes, ddp, batch_dim in IWRM_CASES[world]:
+        key = f"iwrm-{method}-{sizes}-ddp={ddp}-bd={batch_dim}"
+        record(key, iwrm_rank, method, sizes, ddp, batch_dim)
+    record("mtl", mtl_rank, MTL_BATCH[world])
+    for failure in FAILURES[world]:
+        record(f"failure-{failure}", failing_rank, failure)
+    if world == 2:
+        record("resume", resume_rank, out_dir)
+        record("undeclared-ddp", undeclared_ddp_rank)
+    return results

@@ -1,0 +1,160 @@
+"""Distributed steps on 2 and 3 gloo ranks (spawned, loopback) against single-process runs.
+
+Each world size is launched once, running every scenario of ``_scenarios.py`` in one process
+group; the tests below check the results. Time-bounded by ``_launch``'s timeouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from jdoptim import JDSGD
+from jdoptim.aggregation import SDMGradWeighting
+from tests.distributed import _scenarios as scenarios
+from tests.distributed._launch import run_ranks
+
+TOLERANCE = 1e-10
+
+
+def _launch(world: int, factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
+    out_dir = factory.mktemp(f"ranks{world}")
+    return world, run_ranks(scenarios.all_scenarios_rank, world, out_dir, str(out_dir))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
+    return _launch(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
+    return _launch(3, tmp_path_factory)
+
+
+@pytest.fixture(params=["two_ranks", "three_ranks"])
+def launch(request: pytest.FixtureRequest) -> tuple[int, list[Any]]:
+    result: tuple[int, list[Any]] = request.getfixturevalue(request.param)
+    return result
+
+
+def _close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=TOLERANCE, rtol=0.0)
+
+
+def _ok(result: Any) -> dict[str, Any]:
+    assert isinstance(result, dict), result
+    return result
+
+
+def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) -> None:
+    world, ranks = launch
+    for method, sizes, ddp, batch_dim in scenarios.IWRM_CASES[world]:
+        key = f"iwrm-{method}-{sizes}-ddp={ddp}-bd={batch_dim}"
+        reference = scenarios.iwrm_reference(method, sizes, batch_dim)
+        for rank in ranks:
+            result = _ok(rank[key])
+            _close(result["params"], reference["params"])
+            _close([result["losses"]], [reference["losses"]])
+        for rank in ranks[1:]:  # bit-identical across ranks, not just close
+            for a, b in zip(rank[key]["params"], ranks[0][key]["params"], strict=True):
+                assert torch.equal(a, b), key
+
+
+def test_multi_task_steps_equal_one_process_on_the_global_batch(launch: Any) -> None:
+    world, ranks = launch
+    reference = scenarios.mtl_reference(world, scenarios.MTL_BATCH[world])
+    for rank in ranks:
+        result = _ok(rank["mtl"])
+        _close(result["params"], reference["params"])
+        _close([result["losses"]], [reference["losses"]])
+        for a, b in zip(result["params"], ranks[0]["mtl"]["params"], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_failing_rank_makes_every_rank_raise_without_changing_parameters(launch: Any) -> None:
+    world, ranks = launch
+    for failure in scenarios.FAILURES[world]:
+        outcomes = [_ok(rank[f"failure-{failure}"]) for rank in ranks]
+        for rank, outcome in enumerate(outcomes):
+            assert outcome["error"] is not None, (failure, rank)
+            assert outcome["unchanged"], (failure, rank)
+            kind, message = outcome["error"]
+            if failure == "shape":  # every rank sees the mismatch and says so
+                assert kind == "ValueError" and "different numbers of dims" in message
+            elif rank == 1:  # the failing rank raises its own error
+                expected = "data loader broke" if failure == "raise" else "non-finite"
+                assert expected in message.lower() or "nan" in message.lower(), message
+            else:
+                assert kind == "DistributedStepError", message
+                assert "rank 1" in message, message
+
+
+def test_a_checkpoint_of_rank_zero_resumes_bit_identically(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    for rank in ranks:
+        result = _ok(rank["resume"])
+        for a, b in zip(result["straight"], result["resumed"], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_ddp_model_without_process_group_is_a_clear_error(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    for rank in ranks:
+        message = rank["undeclared-ddp"]
+        assert isinstance(message, str) and "process_group=" in message
+
+
+@pytest.fixture
+def single_rank_group() -> Iterator[None]:
+    """A one-rank gloo group in this process (no network), destroyed after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_group_must_be_a_process_group() -> None:
+    model = scenarios.iwrm_model()
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        JDSGD(model.parameters(), lr=0.1, process_group="world")  # type: ignore[arg-type]
+
+
+def test_unsupported_methods_are_rejected_when_the_optimizer_is_built(
+    single_rank_group: None,
+) -> None:
+    model = scenarios.iwrm_model()
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match="Cross-Gramian"):
+        JDSGD(model.parameters(), lr=0.1, weighting=SDMGradWeighting(), process_group=group)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="grad_scaler"):
+        JDSGD(model.parameters(), lr=0.1, grad_scaler=scaler, process_group=group)
+
+
+def test_one_rank_steps_equal_local_steps_and_count_bytes(single_rank_group: None) -> None:
+    sizes = [5]
+    for method in ["upgrad", "mean", "trimmed_mean", "geometric_mean"]:
+        model = scenarios.iwrm_model()
+        batches = scenarios.iwrm_batches(5)
+        scenarios.train_iwrm(model, method, batches, slice(None), 0, process_group=dist.group.WORLD)
+        reference = scenarios.iwrm_reference(method, sizes, 0)
+        _close(scenarios.params_of(model), reference["params"])
+
+
+def test_bytes_sent_are_counted_per_kind(single_rank_group: None) -> None:
+    model = scenarios.iwrm_model()
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, process_group=dist.group.WORLD)
+    x, y = scenarios.iwrm_batches(4)[0]
+    optimizer.step(lambda: scenarios.iwrm_losses(model, x, y))
+    assert optimizer.distributed is not None
+    sent = optimizer.distributed.bytes_sent
+    # One rank sends nothing in all-gathers and all-reduces (R - 1 = 0); broadcasts are counted.
+    assert sent.get("all_gather", 0) == 0 and sent.get("all_reduce", 0) == 0
+    assert sent["broadcast"] == 4 * 8  # the four float64 weights
