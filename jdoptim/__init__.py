@@ -5,7 +5,7 @@ aggregators), :mod:`jdoptim.autojac` (Jacobians through autograd), :mod:`jdoptim
 Gramian engine) and :mod:`jdoptim.optim` (the optimizers).
 """
 
-from jdoptim import aggregation, autogram, autojac, linalg, optim, scalarization
+from jdoptim import aggregation, autogram, autojac, distributed, linalg, optim, scalarization
 from jdoptim._stateful import Stateful
 from jdoptim.autojac._aggregated_backward import backward
 from jdoptim.optim import JDSGD, JacobianDescent, JDAdam, JDAdamW
@@ -23,6 +23,7 @@ __all__ = [
     "autogram",
     "autojac",
     "backward",
+    "distributed",
     "linalg",
     "optim",
     "scalarization",

@@ -35,6 +35,12 @@ class Communicator:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes_sent: dict[str, int] = {}
+        # NCCL only moves CUDA tensors: the small control tensors live where the backend wants.
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
 
     def reset_counts(self) -> None:
         self.bytes_sent = {}
@@ -64,7 +70,7 @@ class Communicator:
 
     def agree(self, name: str, error: BaseException | None) -> None:
         """All-reduces a failure flag; raises on every rank if any rank passed an error."""
-        flag = torch.tensor([0.0 if error is None else 1.0])
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         self._count("control", 2 * flag.element_size() * (self.world_size - 1) / self.world_size)
         if flag.item() == 0.0:
@@ -85,7 +91,7 @@ class Communicator:
 
     def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
         """Every rank's list of ints (the same length on every rank)."""
-        local = torch.tensor(list(values), dtype=torch.int64)
+        local = torch.tensor(list(values), dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         self._count("control", local.numel() * 8 * (self.world_size - 1))
