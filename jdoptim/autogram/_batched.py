@@ -16,6 +16,7 @@ from torch.autograd.graph import GradientEdge
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
 from jdoptim.autogram._jacobian import batched_vjp, exact_terms, row_order
 from jdoptim.autogram._records import CallRecord
+from jdoptim.autogram._replay import replay_rows
 from jdoptim.autogram._rules import MaterializedTerm, Term, build_terms, candidate_batch_dims
 
 # A call output whose batch dim could not be established: its parameters take an exact path.
@@ -204,6 +205,11 @@ class BatchedPass:
             ]
             if not params:
                 continue
+            replayed = self._replayed_terms(record, by_record[id(record)], params)
+            if replayed:
+                terms += replayed
+                done.update(id(p) for p in params)
+                continue
             grad_outputs = [
                 self._per_instance(gradient, dim) for gradient, dim in by_record[id(record)]
             ]
@@ -214,6 +220,29 @@ class BatchedPass:
                     terms.append((param, MaterializedTerm(rows, tuple(param.shape), "local")))
                 done.add(id(param))
         return terms
+
+    def _replayed_terms(
+        self,
+        record: CallRecord,
+        outputs: list[tuple[Tensor, int | None]],
+        params: list[Tensor],
+    ) -> list[tuple[Tensor, Term]]:
+        if record.replay is None or len(outputs) != 1 or outputs[0][1] is None:
+            return []
+        gradient, dim = outputs[0]
+        assert dim is not None
+        rows = replay_rows(record.module, params, record.replay, gradient, dim, self.batch)
+        if rows is None:
+            return []
+        return [
+            (
+                p,
+                MaterializedTerm(
+                    r.reshape(self.batch * self.tasks, -1).to(self.dtype), tuple(p.shape), "replay"
+                ),
+            )
+            for p, r in zip(params, rows, strict=True)
+        ]
 
     def _per_instance(self, gradient: Tensor, dim: int | None) -> Tensor:
         """``[B * T, *y.shape]``: row ``(i, t)`` is task ``t``'s gradient restricted to slice ``i``."""

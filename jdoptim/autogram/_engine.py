@@ -17,6 +17,7 @@ from jdoptim.autogram._batched import BatchedPass
 from jdoptim.autogram._graph import walk_graph
 from jdoptim.autogram._jacobian import exact_terms, row_order
 from jdoptim.autogram._records import closed_form_rule, mixes_instances, record_call
+from jdoptim.autogram._replay import hooks_are_suspended
 from jdoptim.autogram._rules import Term
 from jdoptim.linalg import reshape_gramian
 
@@ -133,6 +134,8 @@ class Engine:
         return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
 
     def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if hooks_are_suspended():
+            return
         self._pending = None
         if self._batch_dim is None:
             return
@@ -143,7 +146,7 @@ class Engine:
             self._rules[module] = known
         relevant, rule = known
         if relevant:
-            record_call(module, rule, (args, kwargs), output)
+            record_call(module, rule, args, kwargs, output)
 
     # ------------------------------------------------------------------ Gramian
 

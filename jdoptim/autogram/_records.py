@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
+from jdoptim.autogram._replay import replay_inputs
+
 METADATA_KEY = "jdoptim.autogram"
 
 
@@ -26,6 +28,7 @@ class CallRecord:
     ``rule`` names the closed-form Gramian rule for the module type (``None``: generic module).
     ``x`` is the detached first input, saved for closed-form rules only. ``input_edges`` are the
     gradient edges of every input tensor that requires grad: where the call's local graph ends.
+    ``replay`` holds the detached inputs of a call that can be replayed per instance.
     """
 
     module: nn.Module
@@ -34,6 +37,7 @@ class CallRecord:
     x_version: int
     input_edges: list[GradientEdge]
     mixes_instances: bool
+    replay: Any = None
     reached_outputs: list[GradientEdge] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -77,13 +81,14 @@ def mixes_instances(module: nn.Module) -> bool:
     return False
 
 
-def record_call(module: nn.Module, rule: str | None, inputs: Any, output: Any) -> None:
+def record_call(module: nn.Module, rule: str | None, args: Any, kwargs: Any, output: Any) -> None:
     """Attaches a :class:`CallRecord` of this call to the nodes that produced its outputs."""
     if not torch.is_grad_enabled():
         return
     outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
     if not outputs:
         return
+    inputs = (args, kwargs)
     input_tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
     input_edges = [get_gradient_edge(t) for t in input_tensors]
     first = next((t for t in tree_leaves(inputs) if isinstance(t, Tensor)), None)
@@ -95,6 +100,7 @@ def record_call(module: nn.Module, rule: str | None, inputs: Any, output: Any) -
         x_version=first._version if keep_x and first is not None else 0,
         input_edges=input_edges,
         mixes_instances=mixes_instances(module),
+        replay=replay_inputs(module, args, kwargs, output) if rule is None else None,
     )
     own_inputs = {(id(e.node), e.output_nr) for e in input_edges}
     for tensor in outputs:
