@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from jdoptim.autogram._rules import MaterializedTerm, Term
+
+
+@contextmanager
+def without_vmap_fallback_warnings() -> Iterator[None]:
+    """Silences functorch's note that an op runs its slow per-row vmap fallback (still exact)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        yield
+
 
 # Rows of grad_outputs sent through one vmapped backward pass: bounds the memory of the batch.
 _ROWS_PER_CHUNK = 64
@@ -62,16 +73,17 @@ def _vjp_chunk(
     rows = grad_outputs[0].shape[0]
     if rows > 1:
         try:
-            return list(
-                torch.autograd.grad(
-                    list(outputs),  # type: ignore[arg-type]
-                    list(inputs),  # type: ignore[arg-type]
-                    list(grad_outputs),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
+            with without_vmap_fallback_warnings():
+                return list(
+                    torch.autograd.grad(
+                        list(outputs),  # type: ignore[arg-type]
+                        list(inputs),  # type: ignore[arg-type]
+                        list(grad_outputs),
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
                 )
-            )
         except RuntimeError as error:
             if "graph" in str(error) and "freed" in str(error):
                 raise

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from jdoptim.autogram._jacobian import without_vmap_fallback_warnings
+
 _suspended = 0
 
 
@@ -118,6 +120,6 @@ def replay_rows(
         return grads
 
     in_dims = ([dims[i] for i in batched], 1 + output_dim)
-    with hooks_suspended(), torch.enable_grad():
+    with hooks_suspended(), torch.enable_grad(), without_vmap_fallback_warnings():
         grads = vmap(one_instance, in_dims=in_dims)([leaves[i] for i in batched], gradient)
     return [grads[names[id(p)]] for p in params]
