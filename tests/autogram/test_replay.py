@@ -48,8 +48,8 @@ def _inputs() -> tuple[Tensor, ...]:
     v = torch.randn(4, 5, 5, dtype=torch.float64)
     padding = torch.zeros(4, 5, dtype=torch.bool)
     padding[1, -2:] = True
-    mask = torch.zeros(3, 5, dtype=torch.float64)
-    mask[0, 0] = float("-inf")
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 0] = True  # query 0 may not attend to key 0
     return q, k, v, padding, mask
 
 
