@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from jdoptim.autogram._rules import Term
 from jdoptim.autojac import jac, mtl_backward
 from jdoptim.autojac._jac_field import get_jac
 from jdoptim.distributed._communicator import Communicator
-from jdoptim.distributed._terms import gather_terms, global_gramian
+from jdoptim.distributed._terms import global_gramian, term_factors, with_factors
 from jdoptim.linalg import check_finite
 
 if TYPE_CHECKING:
@@ -77,13 +78,16 @@ class DistributedStep:
             return self._scalar(optimizer, losses)
         with comm.phase("the local Gramian terms"):
             stash = _take_grads(optimizer.params())
-            terms = []
+            terms: list[Term] = []
             if engine is not None:
                 engine.compute_gramian(losses)
                 pending = engine._pending
                 assert pending is not None
                 terms = [term for _, term in pending.terms]
-        gathered = gather_terms(terms, comm) if engine is not None else []
+            factors, dims = term_factors(terms)
+        gathered = (
+            with_factors(terms, comm.all_gather_padded(factors, dims)) if engine is not None else []
+        )
         with comm.phase("the weighting"):
             dtype = torch.promote_types(losses.dtype, torch.float32)
             if engine is not None:

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from jdoptim.autogram._rules import EmbeddingTerm, MaterializedTerm, OuterTerm, Term
-from jdoptim.distributed._communicator import Communicator
 from jdoptim.linalg import reshape_gramian
 
 # Per term type: its factor fields and the dim of each that indexes instances (rows).
@@ -28,17 +27,22 @@ _FACTORS: dict[type[Term], tuple[tuple[str, int], ...]] = {
 }
 
 
-def gather_terms(terms: list[Term], communicator: Communicator) -> list[Term]:
-    """Every term with its factors concatenated over the ranks (rank 0's instances first)."""
+def term_factors(terms: list[Term]) -> tuple[list[Tensor], list[int]]:
+    """The factor tensors of ``terms`` in order, and the instance dim of each."""
     tensors: list[Tensor] = []
     dims: list[int] = []
     for term in terms:
         for name, dim in _factor_fields(term):
             tensors.append(getattr(term, name))
             dims.append(dim)
-    gathered = iter(communicator.all_gather_padded(tensors, dims))
+    return tensors, dims
+
+
+def with_factors(terms: list[Term], factors: list[Tensor]) -> list[Term]:
+    """``terms`` rebuilt around new factors (in :func:`term_factors` order)."""
+    remaining = iter(factors)
     return [
-        dataclasses.replace(term, **{name: next(gathered) for name, _ in _factor_fields(term)})  # type: ignore[type-var]
+        dataclasses.replace(term, **{name: next(remaining) for name, _ in _factor_fields(term)})  # type: ignore[type-var]
         for term in terms
     ]
 

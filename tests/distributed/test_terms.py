@@ -1,0 +1,90 @@
+"""The global Gramian from per-rank engine terms equals J Jᵀ of the concatenated batch.
+
+The ranks are simulated in one process: each slice of the batch gets its own engine pass, and the
+factors are concatenated the way ``Communicator.all_gather_padded`` concatenates them (zero-padded
+to the largest size along every other dim). Ground truth: ``torch.func.jacrev`` Jacobians.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+from jdoptim.autogram import Engine
+from jdoptim.distributed._communicator import _pad_to
+from jdoptim.distributed._terms import global_gramian, term_factors, with_factors
+
+
+class SequenceModel(nn.Module):
+    """Embedding, Linear at every position, LayerNorm, mean over positions: one loss per instance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4)
+        self.linear = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.norm(self.linear(self.embedding(tokens))).tanh().mean(dim=(1, 2))
+
+
+def _rank_terms(model: nn.Module, tokens: Tensor) -> list:
+    engine = Engine(model, batch_dim=0)
+    engine.compute_gramian(model(tokens))
+    pending = engine._pending
+    assert pending is not None
+    routes = {term.route for _, term in pending.terms}
+    assert routes == {"closed_form"}  # the factored forms, not exact rows
+    return [term for _, term in pending.terms]
+
+
+def _concat_padded(per_rank: list[list[Tensor]], dims: list[int]) -> list[Tensor]:
+    result = []
+    for index, dim in enumerate(dims):
+        tensors = [factors[index] for factors in per_rank]
+        maximum = [max(t.shape[d] for t in tensors) for d in range(tensors[0].ndim)]
+        padded = []
+        for tensor in tensors:
+            shape = list(maximum)
+            shape[dim] = tensor.shape[dim]
+            padded.append(_pad_to(tensor, tuple(shape)))
+        result.append(torch.cat(padded, dim))
+    return result
+
+
+def test_gathered_terms_give_the_gramian_of_the_concatenated_batch() -> None:
+    torch.manual_seed(0)
+    model = SequenceModel().double()
+    # Two "ranks" with different batch sizes and sequence lengths (each runs only its own).
+    slices = [torch.randint(7, (3, 5)), torch.randint(7, (2, 4))]
+    per_rank_terms = [_rank_terms(model, tokens) for tokens in slices]
+    per_rank_factors = []
+    dims: list[int] = []
+    for terms in per_rank_terms:
+        factors, dims = term_factors(terms)
+        per_rank_factors.append(factors)
+    gathered = with_factors(per_rank_terms[0], _concat_padded(per_rank_factors, dims))
+    gramian = global_gramian(gathered, (5,), 0, torch.float64, torch.device("cpu"))
+
+    params = dict(model.named_parameters())
+    rows = []
+    for tokens in slices:
+        jacobian = jacrev(lambda p, t=tokens: functional_call(model, p, (t,)))(params)
+        rows.append(torch.cat([j.reshape(tokens.shape[0], -1) for j in jacobian.values()], dim=1))
+    full = torch.cat(rows)
+    torch.testing.assert_close(gramian, full @ full.T, atol=1e-12, rtol=0.0)
+
+
+def test_instance_major_rows_are_put_back_in_the_losses_layout() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    losses = model(x).T  # [T=2, B=4]: instances along dim 1
+    engine = Engine(model, batch_dim=1)
+    expected = engine.compute_gramian(losses)
+    pending = engine._pending
+    assert pending is not None
+    terms = [term for _, term in pending.terms]
+    gramian = global_gramian(terms, (2, 4), 1, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(gramian, expected, atol=1e-12, rtol=0.0)
