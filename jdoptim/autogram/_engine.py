@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim.autogram._batched import BatchedPass
-from jdoptim.autogram._graph import walk_graph
+from jdoptim.autogram._graph import GraphPlan, walk_graph
 from jdoptim.autogram._jacobian import exact_terms, row_order
 from jdoptim.autogram._records import closed_form_rule, mixes_instances, record_call
 from jdoptim.autogram._replay import hooks_are_suspended
@@ -188,6 +188,7 @@ class Engine:
         covered = {id(p): p for p in self._params if p.requires_grad}
         dtype = torch.promote_types(output.dtype, torch.float32)
         if batch_dim is None:
+            _check_visible(walk_graph(output, covered))
             terms = exact_terms(output, list(covered.values()), row_order(shape, None))
         else:
             terms = self._batched_terms(output, batch_dim, covered)
@@ -232,6 +233,7 @@ class Engine:
     ) -> list[tuple[Tensor, Term]]:
         plan = walk_graph(output, covered)
         try:
+            _check_visible(plan)
             if plan.mixing_modules:
                 names = ", ".join(type(m).__name__ for m in plan.mixing_modules)
                 raise ValueError(
@@ -278,6 +280,15 @@ class Engine:
                 param.grad = grad
             else:
                 param.grad.add_(grad)
+
+
+def _check_visible(plan: GraphPlan) -> None:
+    if plan.opaque_nodes:
+        raise ValueError(
+            f"The graph of output contains {plan.opaque_nodes[0]} (torch.utils.checkpoint with "
+            "use_reentrant=True), whose backward pass hides the parameters inside it from "
+            "autograd.grad. Use checkpoint(..., use_reentrant=False)."
+        )
 
 
 def _is_batch_norm(module: nn.Module) -> bool:

@@ -29,6 +29,11 @@ class GraphPlan:
     places: dict[int, set[Place]] = field(default_factory=dict)
     generic_params: dict[int, list[Tensor]] = field(default_factory=dict)
     mixing_modules: list[nn.Module] = field(default_factory=list)
+    opaque_nodes: list[str] = field(default_factory=list)
+
+
+# Backward nodes that run a hidden backward pass of their own (parameters inside are invisible).
+_OPAQUE_NODE_NAMES = ("CheckpointFunctionBackward",)
 
 
 def closed_form_place(module: nn.Module) -> Place:
@@ -80,6 +85,9 @@ def _explore(
                     if all(p is not variable for p in params):
                         params.append(variable)
             continue
+        name = node.name()
+        if any(opaque in name for opaque in _OPAQUE_NODE_NAMES):
+            plan.opaque_nodes.append(name)
         entries = records_at(node)
         box = _black_box(entries, scope)
         for record, _, _ in entries:

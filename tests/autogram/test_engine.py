@@ -426,3 +426,30 @@ def test_parameter_shared_by_two_modules() -> None:
         "a.bias": "closed_form",
         "b.bias": "closed_form",
     }
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 2)
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.reentrant)
+        assert isinstance(hidden, Tensor)
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_gradient_checkpointing(batch_dim: int | None) -> None:
+    torch.manual_seed(22)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    model = Checkpointed(reentrant=False).double()
+    engine = Engine(model, batch_dim=batch_dim)
+    output = model(x).pow(2).sum(dim=1)
+    gramian = engine.compute_gramian(output)
+    assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
+    hidden = Checkpointed(reentrant=True).double()
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        Engine(hidden, batch_dim=batch_dim).compute_gramian(hidden(x).pow(2).sum(dim=1))
