@@ -1,4 +1,4 @@
-"""Runs a function on R gloo ranks over loopback, in spawned processes, bounded in time."""
+"""Runs a function on R gloo ranks over loopback, in fresh processes, bounded in time."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def free_port() -> int:
         return port
 
 
+# The fork server imports these once; every rank of every launch is then forked from it, so no
+# rank pays for importing torch again.
+_PRELOAD = ["torch", "torch.distributed", "jdoptim", "tests.distributed._scenarios"]
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, out_dir: Path, *args: Any) -> list[Any]:
     """``fn(rank, world_size, *args)`` on each rank; returns each rank's result, rank order.
 
@@ -34,12 +39,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int, out_dir: Path, *args: Any
     than raised, so tests can check that every rank failed.
     """
     port = free_port()
+    mp.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     context = mp.start_processes(
         _entry,
         args=(fn, world_size, port, str(out_dir), args),
         nprocs=world_size,
         join=False,
-        start_method="spawn",
+        start_method="forkserver",
     )
     try:
         deadline_steps = LAUNCH_TIMEOUT_S * 10
