@@ -69,7 +69,28 @@ def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
             f"{float(asymmetry):.3g} for entries of size {float(scale):.3g}. For a non-symmetric "
             "matrix (such as J1 J2ᵀ), use a weighting that accepts one."
         )
+    _check_gram_inequalities(tensor, scale, name)
     return tensor
+
+
+def _check_gram_inequalities(gramian: Tensor, scale: Tensor, name: str) -> None:
+    """Rejects matrices that cannot be ``J Jᵀ``: a negative diagonal entry (a squared norm), or an
+    entry breaking Cauchy-Schwarz, ``|Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ)``. Both are O(m²) necessary conditions of
+    positive semi-definiteness, with the same rounding tolerance as the symmetry check."""
+    tolerance = symmetry_tolerance(gramian.dtype) * scale
+    diagonal = gramian.diagonal()
+    if bool((diagonal < -tolerance).any()):
+        raise ValueError(
+            f"{name} has a negative diagonal entry ({float(diagonal.min()):.3g}); the diagonal of "
+            "a Gramian J Jᵀ holds squared norms, so it is not a Gramian."
+        )
+    norms = diagonal.clamp(min=0).sqrt()
+    excess = gramian.abs() - norms[:, None] * norms[None, :]
+    if bool((excess > tolerance).any()):
+        raise ValueError(
+            f"{name} is not positive semi-definite: an off-diagonal entry exceeds the geometric "
+            "mean of its diagonal entries (Cauchy-Schwarz), so it is not a Gramian J Jᵀ."
+        )
 
 
 def check_generalized_gramian(gramian: object, name: str = "generalized gramian") -> Tensor:
