@@ -53,3 +53,26 @@ def test_symmetry_tolerance_is_relative() -> None:
     check_gramian(gramian)  # round-off level asymmetry at a huge scale is fine
     with pytest.raises(ValueError, match="symmetric"):
         check_gramian(torch.tensor([[1.0, 1.0], [1.001, 1.0]], dtype=torch.float64) * 1e-30)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "match"),
+    [
+        ([[1.0, 0.0], [0.0, -1.0]], "negative diagonal"),
+        ([[0.0, 1.0], [1.0, 0.0]], "Cauchy-Schwarz"),
+        ([[1.0, 2.0], [2.0, 1.0]], "Cauchy-Schwarz"),
+    ],
+)
+def test_matrices_that_cannot_be_gramians_are_rejected(
+    matrix: list[list[float]], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_gramian(torch.tensor(matrix))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_gramians_with_rounding_pass(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    jacobian = torch.randn(3, 50, dtype=dtype)
+    jacobian = torch.cat([jacobian, jacobian[:1] * (1 + 1e-7), -jacobian[1:2]])
+    check_gramian(jacobian @ jacobian.T)
