@@ -9,6 +9,8 @@ seconds is skipped and reported as such.
     python benchmarks/bench_dual_cone.py            # m = 8 ... 1024, float32 and float64
     python benchmarks/bench_dual_cone.py --small    # m = 8, 32, 128: a quick run
     python benchmarks/bench_dual_cone.py --device cuda
+    python benchmarks/bench_dual_cone.py --sizes 512 --kinds random --dtypes float64 \
+        --without quadprog auto --limit 1000 --repeats 1     # the peer at m = 512, once
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kinds", nargs="*", default=["random", "rank-deficient"])
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
+    parser.add_argument("--without", nargs="*", default=[], help="solvers to leave out")
     args = parser.parse_args()
     sizes = [8, 32, 128] if args.small else args.sizes
     repeats = 3 if args.small else args.repeats
@@ -83,13 +87,15 @@ def main() -> None:
         "auto": synchronized(UPGradWeighting(solver="auto"), args.device),
         "torchjd": synchronized(PeerUPGradWeighting(), args.device),
     }
+    for name in args.without:
+        del solvers[name]
     print(f"device {args.device}, torch threads {args.threads}, {repeats} interleaved repeats")
     header = "| Gramian | dtype | m | " + " | ".join(solvers) + " | torchjd / batched |"
     header += " quadprog / batched | max rel. diff |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind in args.kinds:
-        for dtype in (torch.float32, torch.float64):
+        for dtype in [getattr(torch, name) for name in args.dtypes]:
             last: dict[str, tuple[int, float]] = {}
             for size in sizes:
                 gramian = make_gramian(kind, size, dtype, args.device)
@@ -123,7 +129,7 @@ def main() -> None:
                 batched = medians["batched"]
                 assert batched is not None
                 ratios = [
-                    f"{medians[name] / batched:.3g}x" if medians[name] is not None else "n/a"
+                    f"{medians[name] / batched:.3g}x" if medians.get(name) is not None else "n/a"
                     for name in ("torchjd", "quadprog")
                 ]
                 cells = [format_seconds(medians[name]) for name in solvers]

@@ -14,9 +14,10 @@ when the solution has ``s_F ≥ 0`` and ``μ ≥ 0`` off ``F``. Block principal 
 again; when a row's number of wrong signs stops falling it swaps one variable at a time (Murty's
 rule: the largest wrong index), which terminates for positive-definite ``G``.
 
-The systems of all rows share ``G``, so they are solved together by conjugate gradient: one matrix
-product ``S G`` per iteration for the whole batch, warm-started from the previous round. The problem
-is first rescaled to a unit diagonal (``G → DGD``, ``u → D⁻¹u``, ``D = diag(G)^-½``, which changes
+The systems of all rows share ``G``, so they are solved together, each round continuing from the
+previous round's slacks: by one batched Cholesky for small ``m``, otherwise by conjugate gradient
+with one matrix product ``S G`` per iteration for the whole batch, run in float32 on corrections to
+the float64 residual (mixed-precision iterative refinement). The problem is first rescaled to a unit diagonal (``G → DGD``, ``u → D⁻¹u``, ``D = diag(G)^-½``, which changes
 no solution) and each row of ``U`` to unit size (``v(c u) = c v(u)`` for ``c > 0``). A row is
 accepted only when its KKT residuals are below tolerance, so the result is exact to that tolerance
 or a ``RuntimeError`` says so; it never returns an unconverged row.
@@ -117,9 +118,9 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
         s = s + correction.to(s.dtype) * mask
         multiplier = q + s @ gramian
         stationarity = (multiplier * mask).abs().amax(dim=1)
-        if inner_gramian.dtype != gramian.dtype and bool(
-            (stationarity > 0.1 * before.abs().amax(dim=1)).any()
-        ):
+        start = before.abs().amax(dim=1)
+        stalled = (stationarity > 0.1 * start) & (start > residual_tolerance)
+        if inner_gramian.dtype != gramian.dtype and bool(stalled.any()):
             inner_gramian = gramian
         wrong = (free & (s < -_SIGN_TOLERANCE)) | (~free & (multiplier < -_SIGN_TOLERANCE))
         wrong_count = wrong.sum(dim=1)
