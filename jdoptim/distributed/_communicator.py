@@ -2,15 +2,17 @@
 
 Every collective of a step goes through one :class:`Communicator`, so that (1) the bytes each rank
 sends per step are counted, per kind of collective, for the docs and benchmarks, and (2) no rank
-can wait forever on a collective that another rank never reaches: local work runs inside
-:meth:`Communicator.phase`, whose exit is itself a collective (an all-reduced error flag), so a rank
-that raises makes every rank raise there, before anyone enters the next collective.
+can wait forever on a collective that another rank never reaches. Local work runs inside
+:meth:`Communicator.guard`, which records an exception instead of raising it; the next collective
+carries a failure flag (one more number in a buffer that travels anyway), and when any rank has
+failed, every rank raises right after it, before anyone enters the following collective. The
+collectives' sizes never depend on local work that may have failed (a failed rank sends zeros).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -25,9 +27,8 @@ class DistributedStepError(RuntimeError):
 class Communicator:
     """``torch.distributed`` collectives over one process group, counted in bytes sent per rank.
 
-    Byte counts follow the usual ring algorithms: an all-gather or all-reduce of ``s`` bytes per
-    rank sends about ``s · (R - 1)`` resp. ``2 s (R - 1) / R`` bytes from each rank; a broadcast
-    of ``s`` bytes costs ``s`` (counted on every rank, as a tree would spread it).
+    Byte counts follow the usual ring algorithms: an all-gather of ``s`` bytes per rank sends
+    ``s (R - 1)`` from each rank, an all-reduce of ``s`` bytes ``2 s (R - 1) / R``.
     """
 
     def __init__(self, group: dist.ProcessGroup) -> None:
@@ -35,6 +36,8 @@ class Communicator:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes_sent: dict[str, int] = {}
+        self.error: Exception | None = None
+        self.stage = ""
         # NCCL only moves CUDA tensors: the small control tensors live where the backend wants.
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -42,81 +45,90 @@ class Communicator:
             else torch.device("cpu")
         )
 
-    def reset_counts(self) -> None:
+    def start_step(self) -> None:
         self.bytes_sent = {}
-
-    @property
-    def total_bytes_sent(self) -> int:
-        return sum(self.bytes_sent.values())
+        self.error = None
 
     def _count(self, kind: str, nbytes: float) -> None:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
 
     # --- failures ------------------------------------------------------------------------------
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Runs local work; afterwards every rank learns whether any rank failed in it.
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
-        On failure, the failing rank re-raises its own exception and every other rank raises
-        :class:`DistributedStepError` naming the rank and its error, so no rank is left waiting.
-        """
-        error: BaseException | None = None
+    @contextmanager
+    def guard(self, stage: str) -> Iterator[None]:
+        """Runs local work; an exception is kept (the first one) for the next collective."""
         try:
             yield
-        except Exception as caught:  # every error must reach the agreement collective
-            error = caught
-        self.agree(name, error)
+        except Exception as error:  # every error must reach the next collective
+            if self.error is None:
+                self.error = error
+                self.stage = stage
 
-    def agree(self, name: str, error: BaseException | None) -> None:
-        """All-reduces a failure flag; raises on every rank if any rank passed an error."""
-        flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self._count("control", 2 * flag.element_size() * (self.world_size - 1) / self.world_size)
-        if flag.item() == 0.0:
+    def _flag(self) -> int:
+        return 0 if self.error is None else 1
+
+    def _raise_if_any_failed(self, failures: float) -> None:
+        """After a collective that summed the flags: raises on every rank if any rank failed."""
+        if failures == 0:
             return
         messages: list[str | None] = [None] * self.world_size
-        own = None if error is None else f"{type(error).__name__}: {error}"
+        own = None if self.error is None else f"{type(self.error).__name__} in {self.stage}: "
+        own = None if own is None else own + str(self.error)
         dist.all_gather_object(messages, own, group=self.group)
-        if error is not None:
+        if self.error is not None:
+            error, self.error = self.error, None
             raise error
-        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
-        details = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
+        details = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
         raise DistributedStepError(
-            f"The distributed Jacobian-descent step failed on another rank during {name} "
-            f"({details}). Every rank stops this step; parameters are unchanged."
+            f"The distributed Jacobian-descent step failed on another rank ({details}). Every rank "
+            "stops this step; parameters and optimizer state are unchanged."
         )
 
-    # --- data ----------------------------------------------------------------------------------
+    # --- collectives ---------------------------------------------------------------------------
 
-    def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
-        """Every rank's list of ints (the same length on every rank)."""
-        local = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+    def exchange_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same length on every rank), after the failure check."""
+        local = torch.tensor([self._flag(), *values], dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         self._count("control", local.numel() * 8 * (self.world_size - 1))
-        return [g.tolist() for g in gathered]
+        rows = [g.tolist() for g in gathered]
+        self._raise_if_any_failed(sum(row[0] for row in rows))
+        return [row[1:] for row in rows]
 
-    def all_gather_padded(self, tensors: Sequence[Tensor], dims: Sequence[int]) -> list[Tensor]:
+    def all_gather_padded(
+        self,
+        tensors: Sequence[Tensor],
+        dims: Sequence[int],
+        header: Sequence[int] = (),
+        check: Callable[[list[list[int]]], None] | None = None,
+    ) -> list[Tensor]:
         """Concatenates each tensor over the ranks along its dim in ``dims``, rank 0 first.
 
         Ranks may hold different sizes along any dim: every tensor is zero-padded to the largest
-        size first (one small all-gather of the shapes), the padding along the concatenation dim
-        is cut off again, and padding along other dims stays, as zeros. Tensors of one dtype
-        travel in one all-gather.
+        size first, the padding along the concatenation dim is cut off again, and padding along
+        other dims stays, as zeros. ``header`` (the same length on every rank) travels with the
+        first, small exchange; ``check`` sees every rank's header before any data moves (it must
+        decide the same on every rank). Tensors of one dtype travel in one all-gather.
         """
         ndims = [t.ndim for t in tensors]
-        # Sizes first (fixed length), so that ranks that disagree raise instead of mismatching.
-        headers = self.all_gather_ints([len(ndims), sum(ndims)])
-        flat_shapes = (
-            self.all_gather_ints([*ndims, *(s for t in tensors for s in t.shape)])
-            if all(h == headers[0] for h in headers)
-            else []
-        )
-        if not flat_shapes or any(f[: len(ndims)] != ndims for f in flat_shapes):
+        headers = self.exchange_ints([len(ndims), sum(ndims), *header])
+        if check is not None:
+            check([h[2:] for h in headers])
+        if any(h[:2] != headers[0][:2] for h in headers):
             raise ValueError(
                 "The ranks disagree on the number or the dims of the tensors to exchange: every "
                 "rank must run the same model on losses with the same number of dims."
+            )
+        flat_shapes = self.exchange_ints([*ndims, *(s for t in tensors for s in t.shape)])
+        if any(f[: len(ndims)] != ndims for f in flat_shapes):
+            raise ValueError(
+                "The ranks disagree on the dims of the tensors to exchange: every rank must run "
+                "the same model on losses with the same number of dims."
             )
         per_rank = [_split_shapes(flat[len(ndims) :], ndims) for flat in flat_shapes]
         maxima = [
@@ -142,30 +154,53 @@ class Communicator:
                     pieces[i].append(piece.narrow(dims[i], 0, per_rank[rank][i][dims[i]]))
         return [torch.cat(parts, dim) for parts, dim in zip(pieces, dims, strict=True)]
 
-    def all_reduce_sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The sum over ranks of each tensor (one all-reduce per dtype)."""
+    def all_reduce_sum(self, tensors: Sequence[Tensor], kind: str = "all_reduce") -> list[Tensor]:
+        """The sum over ranks of each tensor, one all-reduce per dtype; checks failures.
+
+        The failure flag rides in the first buffer. A rank that failed passes zeros of the same
+        shapes; every rank then raises instead of returning.
+        """
+        if not tensors:
+            tensors = [torch.zeros(0, device=self.device)]
         by_dtype: dict[torch.dtype, list[int]] = {}
         for index, tensor in enumerate(tensors):
             by_dtype.setdefault(tensor.dtype, []).append(index)
         results: list[Tensor] = list(tensors)
-        for indices in by_dtype.values():
-            flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        failures = 0.0
+        for position, indices in enumerate(by_dtype.values()):
+            parts = [tensors[i].detach().reshape(-1) for i in indices]
+            if position == 0:
+                parts.append(parts[0].new_full((1,), self._flag()))
+            flat = torch.cat(parts)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
             r = self.world_size
-            self._count("all_reduce", flat.numel() * flat.element_size() * 2 * (r - 1) / r)
+            self._count(kind, flat.numel() * flat.element_size() * 2 * (r - 1) / r)
+            if position == 0:
+                failures = float(flat[-1])
             offset = 0
             for i in indices:
                 size = tensors[i].numel()
                 results[i] = flat[offset : offset + size].reshape(tensors[i].shape)
                 offset += size
+        self._raise_if_any_failed(failures)
         return results
 
-    def broadcast_from_first(self, tensor: Tensor) -> Tensor:
-        """Rank 0's ``tensor`` on every rank (so that every rank applies bit-identical values)."""
-        buffer = tensor.detach().clone().contiguous()
-        dist.broadcast(buffer, src=dist.get_global_rank(self.group, 0), group=self.group)
-        self._count("broadcast", buffer.numel() * buffer.element_size())
-        return buffer
+
+def from_first_rank(value: Tensor, rank: int) -> Tensor:
+    """What rank ``rank`` contributes to an all-reduce that must return rank 0's ``value``.
+
+    Adding zeros is exact, so a sum where only rank 0 contributes is a broadcast that can share
+    its buffer (and its failure flag) with other all-reduced tensors.
+    """
+    return value.detach() if rank == 0 else torch.zeros_like(value)
+
+
+def at_offset(value: Tensor, shape: tuple[int, ...], dim: int, offset: int) -> Tensor:
+    """``value`` placed at ``offset`` along ``dim`` in zeros of ``shape``: summing every rank's
+    placement over the ranks concatenates their values (an all-gather inside an all-reduce)."""
+    placed = value.new_zeros(shape)
+    placed.narrow(dim, offset, value.shape[dim]).copy_(value.detach())
+    return placed
 
 
 def _split_shapes(flat: list[int], ndims: Sequence[int]) -> list[tuple[int, ...]]:

@@ -4,10 +4,11 @@ With ``R`` ranks, rank ``r``'s losses are its slice of the global losses, concat
 instance dim (``batch_dim``, or dim 0) in rank order; in multi-task mode, the global loss of task
 ``t`` is the mean over ranks of the per-rank losses (each the mean over an equally sized local
 batch, as DDP assumes). Every rank computes the same global Gramian (or Jacobian), rank 0's
-weights are broadcast so that every rank applies bit-identical values, each rank builds the
+weights are shared so that every rank applies bit-identical values, each rank builds the
 gradient of its own losses under its slice of the weights, and one all-reduce sums them. DDP's
 own gradient synchronisation is switched off during the closure (as under ``no_sync()``), so
-gradients are reduced exactly once.
+gradients are reduced exactly once. Each path uses as few collectives as it can (the engine path:
+a header, the factors' shapes, the factors, the weights, the gradients); failure flags ride along.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from jdoptim.autogram._rules import Term
-from jdoptim.autojac import jac, mtl_backward
+from jdoptim.autojac import jac, jac_to_grad, mtl_backward
 from jdoptim.autojac._jac_field import get_jac
-from jdoptim.distributed._communicator import Communicator
+from jdoptim.distributed._communicator import Communicator, at_offset, from_first_rank
 from jdoptim.distributed._terms import global_gramian, term_factors, with_factors
 from jdoptim.linalg import check_finite
 
@@ -42,21 +43,30 @@ class DistributedStep:
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.communicator = Communicator(group)
+        self._stash: list[tuple[Tensor, Tensor | None]] | None = None
 
     @property
     def bytes_sent(self) -> dict[str, int]:
         return dict(self.communicator.bytes_sent)
 
     def fill_grad(self, optimizer: JacobianDescent, closure: Closure) -> Tensor:
-        self.communicator.reset_counts()
-        path = optimizer._method.path
-        if optimizer._shared_params is not None:
-            return self._multi_task(optimizer, closure)
-        if path == "scalarizer":
-            return self._scalarizer(optimizer, closure)
-        if path == "jacobian":
-            return self._jacobian(optimizer, closure)
-        return self._gramian(optimizer, closure)
+        """Calls the closure, fills ``.grad`` and returns the global losses (detached)."""
+        self.communicator.start_step()
+        self._stash = None
+        try:
+            if optimizer._shared_params is not None:
+                return self._multi_task(optimizer, closure)
+            path = optimizer._method.path
+            if path == "scalarizer":
+                return self._scalarizer(optimizer, closure)
+            if path == "jacobian":
+                return self._jacobian(optimizer, closure)
+            return self._gramian(optimizer, closure)
+        except BaseException:
+            if self._stash is not None:
+                for param, old in self._stash:
+                    param.grad = old
+            raise
 
     # --- instance-wise paths ---------------------------------------------------------------------
 
@@ -65,101 +75,138 @@ class DistributedStep:
 
         comm = self.communicator
         weighting = optimizer._gramian_weighting
-        needs_gramian = _needs_gramian(weighting)
-        engine = optimizer._get_engine() if needs_gramian else None
-        with comm.phase("the closure"):
-            if engine is not None:
+        engine = optimizer._get_engine() if _needs_gramian(weighting) else None
+        losses: Tensor | None = None
+        terms: list[Term] = []
+        factors: list[Tensor] = []
+        dims: list[int] = []
+        with comm.guard("the closure or the local Gramian terms"):
+            if engine is None:
+                losses, _ = optimizer._call_closure(closure)
+            else:
                 with engine.capture():
                     losses, _ = optimizer._call_closure(closure)
-            else:
-                losses, _ = optimizer._call_closure(closure)
-        layout = self._layout(losses, optimizer.batch_dim)
+                if losses.ndim > 0:
+                    engine.compute_gramian(losses)
+                    pending = engine._pending
+                    assert pending is not None
+                    terms = [term for _, term in pending.terms]
+                    factors, dims = term_factors(terms)
+        layouts: list[_Layout | None] = []
+
+        def read_layout(headers: list[list[int]]) -> None:
+            layouts.append(self._layout(headers, optimizer.batch_dim))
+
+        if engine is None:
+            read_layout(comm.exchange_ints(_shape_header(losses)))
+            gathered: list[Term] = []
+        else:
+            gathered_factors = comm.all_gather_padded(
+                factors, dims, header=_shape_header(losses), check=read_layout
+            )
+            gathered = with_factors(terms, gathered_factors)
+        layout = layouts[0]
+        assert losses is not None
         if layout is None:
             return self._scalar(optimizer, losses)
-        with comm.phase("the local Gramian terms"):
-            stash = _take_grads(optimizer.params())
-            terms: list[Term] = []
-            if engine is not None:
-                engine.compute_gramian(losses)
-                pending = engine._pending
-                assert pending is not None
-                terms = [term for _, term in pending.terms]
-            factors, dims = term_factors(terms)
-        gathered = (
-            with_factors(terms, comm.all_gather_padded(factors, dims)) if engine is not None else []
-        )
-        with comm.phase("the weighting"):
-            dtype = torch.promote_types(losses.dtype, torch.float32)
+        dtype = torch.promote_types(losses.dtype, torch.float32)
+        weights = losses.new_zeros(layout.shape, dtype=dtype)
+        with comm.guard("the weighting"):
             if engine is not None:
                 gramian = global_gramian(gathered, layout.shape, layout.dim, dtype, losses.device)
                 check_finite(gramian, "The Gramian of the global losses")
             else:
-                gramian = losses.new_zeros(()).expand(*layout.shape, *layout.shape[::-1])
-            weights = _weights(weighting, gramian)
-        weights = comm.broadcast_from_first(weights)
-        with comm.phase("the local gradients"):
+                gramian = losses.new_zeros((), dtype=dtype).expand(
+                    *layout.shape, *layout.shape[::-1]
+                )
+            weights = _weights(weighting, gramian).to(dtype)
+        weights, global_losses = comm.all_reduce_sum(
+            [from_first_rank(weights, comm.rank), layout.place(losses.to(dtype))], kind="weights"
+        )
+        params = optimizer.params()
+        self._take_grads(params)
+        with comm.guard("the local gradients"):
             local = layout.local_slice(weights).to(losses.dtype)
             if engine is not None and optimizer.fuse_backward:
                 engine.backward(local)
             else:
                 torch.autograd.backward(losses, local)
-        self._reduce_grads(optimizer.params(), stash, scale=1.0)
-        return self._global_losses(losses, layout)
+        self._reduce_grads(params)
+        return global_losses.to(losses.dtype)
 
     def _jacobian(self, optimizer: JacobianDescent, closure: Closure) -> Tensor:
         comm = self.communicator
         params = optimizer.params()
-        with comm.phase("the closure"):
+        losses: Tensor | None = None
+        tensors: list[Tensor] = []
+        with comm.guard("the closure or the local Jacobian"):
             losses, _ = optimizer._call_closure(closure)
-        layout = self._layout(losses, optimizer.batch_dim)
+            if losses.ndim > 0:
+                dim = _instance_dim(losses, optimizer.batch_dim)
+                moved = losses.movedim(dim, 0)
+                blocks = jac(
+                    moved.reshape(-1), params, parallel_chunk_size=optimizer.parallel_chunk_size
+                )
+                rows = torch.cat([b.flatten(1) for b in blocks], dim=1)
+                tensors = [rows, losses.detach()]
+        layouts: list[_Layout | None] = []
+        gathered = comm.all_gather_padded(
+            tensors,
+            [0, _instance_dim(losses, optimizer.batch_dim)] if tensors else [],
+            header=_shape_header(losses),
+            check=lambda headers: layouts.append(self._layout(headers, optimizer.batch_dim)),
+        )
+        layout = layouts[0]
+        assert losses is not None
         if layout is None:
             return self._scalar(optimizer, losses)
-        with comm.phase("the local Jacobian"):
-            stash = _take_grads(params)
-            moved = losses.movedim(layout.dim, 0)
-            blocks = jac(
-                moved.reshape(-1), params, parallel_chunk_size=optimizer.parallel_chunk_size
-            )
-            rows = torch.cat([b.flatten(1) for b in blocks], dim=1)
-        (global_rows,) = comm.all_gather_padded([rows], [0])
-        with comm.phase("the aggregation"):
+        global_rows, global_losses = gathered
+        direction = global_rows.new_zeros(global_rows.shape[1])
+        with comm.guard("the aggregation"):
             natural = torch.empty_like(global_rows)
             natural[layout.natural_order(global_rows.device)] = global_rows
             direction = optimizer._jacobian_aggregator(natural)
-        direction = comm.broadcast_from_first(direction)
+        (direction,) = comm.all_reduce_sum(
+            [from_first_rank(direction, comm.rank)], kind="direction"
+        )
+        self._take_grads(params)
         offset = 0
-        for param, old in zip(params, stash, strict=True):
-            part = direction[offset : offset + param.numel()].reshape(param.shape).to(param.dtype)
+        for param in params:
+            part = direction[offset : offset + param.numel()].reshape(param.shape)
+            param.grad = part.to(param.dtype)
             offset += param.numel()
-            param.grad = part if old is None else old + part
-        return self._global_losses(losses, layout)
+        self._restore()
+        return global_losses
 
     def _scalarizer(self, optimizer: JacobianDescent, closure: Closure) -> Tensor:
         comm = self.communicator
-        with comm.phase("the closure"):
+        losses: Tensor | None = None
+        with comm.guard("the closure"):
             losses, _ = optimizer._call_closure(closure)
-        layout = self._layout(losses, optimizer.batch_dim)
+        layout = self._layout(comm.exchange_ints(_shape_header(losses)), optimizer.batch_dim)
+        assert losses is not None
         if layout is None:
             return self._scalar(optimizer, losses)
-        (values,) = comm.all_gather_padded([losses.detach()], [layout.dim])
-        with comm.phase("the scalarized backward"):
-            stash = _take_grads(optimizer.params())
-            start = layout.offset
-            size = losses.shape[layout.dim]
-            before = values.narrow(layout.dim, 0, start)
-            after = values.narrow(layout.dim, start + size, values.shape[layout.dim] - start - size)
+        (values,) = comm.all_reduce_sum([layout.place(losses)], kind="losses")
+        params = optimizer.params()
+        self._take_grads(params)
+        with comm.guard("the scalarized backward"):
+            before = values.narrow(layout.dim, 0, layout.offset)
+            end = layout.offset + layout.size
+            after = values.narrow(layout.dim, end, values.shape[layout.dim] - end)
             global_losses = torch.cat([before, losses, after], dim=layout.dim)
             torch.autograd.backward(optimizer._method.module(global_losses))
-        self._reduce_grads(optimizer.params(), stash, scale=1.0)
-        return global_losses.detach()
+        self._reduce_grads(params)
+        return values
 
     def _scalar(self, optimizer: JacobianDescent, losses: Tensor) -> Tensor:
         """A scalar loss per rank: its gradient averaged over the ranks, as DDP does."""
-        with self.communicator.phase("the backward of the scalar loss"):
-            stash = _take_grads(optimizer.params())
+        params = optimizer.params()
+        self._take_grads(params)
+        with self.communicator.guard("the backward of the scalar loss"):
             torch.autograd.backward(losses)
-        self._reduce_grads(optimizer.params(), stash, scale=1.0 / self.communicator.world_size)
-        return self._global_losses(losses, None)
+        (total,) = self._reduce_grads(params, [losses.detach()], scale=1 / self.world_size)
+        return total
 
     # --- multi-task mode -------------------------------------------------------------------------
 
@@ -170,23 +217,16 @@ class DistributedStep:
         params = optimizer.params()
         shared = [p for p in optimizer._shared_params or [] if p.requires_grad]
         shared_ids = {id(p) for p in shared}
-        others = [p for p in params if id(p) not in shared_ids]
-        with comm.phase("the closure"):
+        heads = [p for p in params if id(p) not in shared_ids]
+        losses: Tensor | None = None
+        with comm.guard("the closure or the local multi-task backward"):
             losses, features = optimizer._call_closure(closure, expect_features=True)
-        shapes = comm.all_gather_ints(_shape_header(losses))
-        if any(shape != shapes[0] for shape in shapes):
-            raise ValueError(
-                "In multi-task mode every rank must return the same number of task losses; got "
-                f"shapes {[_shape_of(s) for s in shapes]}."
-            )
-        with comm.phase("the local multi-task backward"):
-            stash = _take_grads(params)
-            stashed_jacs = [get_jac(p) for p in shared]
-            if any(j is not None for j in stashed_jacs):
+            if any(get_jac(p) is not None for p in shared):
                 raise ValueError(
                     "Shared parameters already hold a .jac before the step; call zero_grad() in "
                     "the closure."
                 )
+            self._take_grads(params)
             mtl_backward(
                 losses,
                 features,
@@ -194,65 +234,74 @@ class DistributedStep:
                 shared_params=shared,
                 parallel_chunk_size=optimizer.parallel_chunk_size,
             )
-            tasks = losses.numel()
-            jacobians = [_or_zeros(get_jac(p), (tasks, *p.shape), p) for p in shared]
-            grads = [_or_zeros(p.grad, tuple(p.shape), p) for p in others]
-        reduced = comm.all_reduce_sum(jacobians + grads)
-        scale = 1.0 / comm.world_size
-        with comm.phase("the aggregation"):
+        shapes = [_shape_of(h) for h in comm.exchange_ints(_shape_header(losses))]
+        if any(shape != shapes[0] for shape in shapes):
+            raise ValueError(
+                f"In multi-task mode every rank must return the same number of task losses; got "
+                f"shapes {shapes}."
+            )
+        assert losses is not None
+        tasks = losses.numel()
+        jacobians = [_or_zeros(get_jac(p), (tasks, *p.shape), p) for p in shared]
+        grads = [_or_zeros(p.grad, tuple(p.shape), p) for p in heads]
+        *reduced, global_losses = comm.all_reduce_sum(
+            [*jacobians, *grads, losses.detach()], kind="jacobian"
+        )
+        scale = 1 / self.world_size
+        aggregated = [p.new_zeros(p.shape) for p in shared]
+        with comm.guard("the aggregation"):
             for param, jacobian in zip(shared, reduced[: len(shared)], strict=True):
                 setattr(param, "jac", jacobian * scale)  # noqa: B010
                 param.grad = None
-            for param, grad in zip(others, reduced[len(shared) :], strict=True):
-                param.grad = grad * scale
-            method = optimizer._method
             aggregator = (
                 optimizer._jacobian_aggregator
-                if method.path == "jacobian"
+                if optimizer._method.path == "jacobian"
                 else _gramian_aggregator(optimizer._gramian_weighting)
             )
-            from jdoptim.autojac import jac_to_grad
-
             jac_to_grad(shared, aggregator)
-        synced = comm.broadcast_from_first(
-            torch.cat([_or_zeros(p.grad, tuple(p.shape), p).reshape(-1) for p in shared])
+            aggregated = [_or_zeros(p.grad, tuple(p.shape), p) for p in shared]
+        synced = comm.all_reduce_sum(
+            [from_first_rank(g, comm.rank) for g in aggregated], kind="direction"
         )
-        offset = 0
-        for param in shared:
-            param.grad = synced[offset : offset + param.numel()].reshape(param.shape)
-            offset += param.numel()
-        _restore(params, stash)
-        return self._global_losses(losses, None)
+        for param, grad in zip(shared, synced, strict=True):
+            param.grad = grad
+        for param, grad in zip(heads, reduced[len(shared) :], strict=True):
+            param.grad = grad * scale
+        self._restore()
+        return global_losses * scale
 
     # --- shared pieces ---------------------------------------------------------------------------
 
+    @property
+    def world_size(self) -> int:
+        return self.communicator.world_size
+
     def global_losses(self, losses: Tensor, optimizer: JacobianDescent) -> Tensor:
-        """The global losses for local ``losses`` (as :meth:`fill_grad` returns them)."""
-        if optimizer._shared_params is not None:
-            return self._global_losses(losses, None)
-        return self._global_losses(losses, self._layout(losses, optimizer.batch_dim))
-
-    def _global_losses(self, losses: Tensor, layout: _Layout | None) -> Tensor:
-        """Instance-wise losses concatenated over ranks; task or scalar losses averaged."""
-        detached = losses.detach()
+        """The global losses for this rank's ``losses`` (as :meth:`fill_grad` returns them)."""
+        comm = self.communicator
+        layout = None
+        if optimizer._shared_params is None:
+            layout = self._layout(comm.exchange_ints(_shape_header(losses)), optimizer.batch_dim)
         if layout is None:
-            (total,) = self.communicator.all_reduce_sum([detached])
-            return total / self.communicator.world_size
-        (gathered,) = self.communicator.all_gather_padded([detached], [layout.dim])
-        return gathered
+            (total,) = comm.all_reduce_sum([losses.detach()], kind="losses")
+            return total / self.world_size
+        (values,) = comm.all_reduce_sum([layout.place(losses)], kind="losses")
+        return values
 
-    def _layout(self, losses: Tensor, batch_dim: int | None) -> _Layout | None:
-        """Every rank's losses shape; ``None`` when the losses are scalars (a plain step)."""
-        shapes = [_shape_of(s) for s in self.communicator.all_gather_ints(_shape_header(losses))]
-        ndims = {len(shape) for shape in shapes}
-        if len(ndims) != 1:
+    def _layout(self, headers: list[list[int]], batch_dim: int | None) -> _Layout | None:
+        """Where this rank's losses sit in the global ones; ``None`` for scalar losses.
+
+        Decided from every rank's losses shape, so every rank decides (or raises) alike.
+        """
+        shapes = [_shape_of(header) for header in headers]
+        if len({len(shape) for shape in shapes}) != 1:
             raise ValueError(
                 f"The ranks returned losses with different numbers of dims: {shapes}; every rank "
                 "must return losses of the same kind."
             )
-        if losses.ndim == 0:
+        if not shapes[0]:
             return None
-        dim = (0 if batch_dim is None else batch_dim) % losses.ndim
+        dim = (0 if batch_dim is None else batch_dim) % len(shapes[0])
         rest = {tuple(s for d, s in enumerate(shape) if d != dim) for shape in shapes}
         if len(rest) != 1:
             raise ValueError(
@@ -265,14 +314,30 @@ class DistributedStep:
         global_shape[dim] = sum(sizes)
         return _Layout(tuple(global_shape), dim, sum(sizes[:rank]), sizes[rank])
 
+    def _take_grads(self, params: Sequence[Tensor]) -> None:
+        """Sets each ``.grad`` aside, so that the step reduces only its own part."""
+        self._stash = [(p, p.grad) for p in params]
+        for p in params:
+            p.grad = None
+
+    def _restore(self) -> None:
+        """Adds the gradients set aside back (they were there before the step)."""
+        if self._stash is not None:
+            for param, old in self._stash:
+                if old is not None:
+                    param.grad = old if param.grad is None else param.grad + old
+        self._stash = None
+
     def _reduce_grads(
-        self, params: Sequence[Tensor], stash: Sequence[Tensor | None], scale: float
-    ) -> None:
+        self, params: Sequence[Tensor], extra: Sequence[Tensor] = (), scale: float = 1.0
+    ) -> list[Tensor]:
+        """Sums every rank's gradients (and ``extra``) in one all-reduce; returns ``extra``'s sums."""
         grads = [_or_zeros(p.grad, tuple(p.shape), p) for p in params]
-        reduced = self.communicator.all_reduce_sum(grads)
+        reduced = self.communicator.all_reduce_sum([*grads, *extra], kind="gradients")
         for param, grad in zip(params, reduced, strict=True):
             param.grad = grad if scale == 1.0 else grad * scale
-        _restore(params, stash)
+        self._restore()
+        return [total * scale for total in reduced[len(params) :]]
 
 
 class _Layout:
@@ -287,13 +352,26 @@ class _Layout:
     def local_slice(self, weights: Tensor) -> Tensor:
         return weights.narrow(self.dim, self.offset, self.size)
 
+    def place(self, losses: Tensor) -> Tensor:
+        """This rank's losses in zeros of the global shape (summed over ranks: the global losses)."""
+        return at_offset(losses, self.shape, self.dim, self.offset)
+
     def natural_order(self, device: torch.device) -> Tensor:
         """Flat index in the global losses of each instance-major row."""
         rows = torch.arange(math.prod(self.shape), device=device)
         return rows.reshape(self.shape).movedim(self.dim, 0).reshape(-1)
 
 
-def _shape_header(losses: Tensor) -> list[int]:
+def _instance_dim(losses: Tensor | None, batch_dim: int | None) -> int:
+    if losses is None or losses.ndim == 0:
+        return 0
+    return (0 if batch_dim is None else batch_dim) % losses.ndim
+
+
+def _shape_header(losses: Tensor | None) -> list[int]:
+    """``[ndim, *shape]`` padded to a fixed length (zeros for a rank without losses)."""
+    if losses is None:
+        return [0] * (_MAX_LOSS_DIMS + 1)
     if losses.ndim > _MAX_LOSS_DIMS:
         raise ValueError(f"Distributed steps support losses of up to {_MAX_LOSS_DIMS} dims.")
     return [losses.ndim, *losses.shape, *([0] * (_MAX_LOSS_DIMS - losses.ndim))]
@@ -301,20 +379,6 @@ def _shape_header(losses: Tensor) -> list[int]:
 
 def _shape_of(header: list[int]) -> tuple[int, ...]:
     return tuple(header[1 : 1 + header[0]])
-
-
-def _take_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
-    """Each param's current ``.grad`` (set to ``None``), so the step reduces only its own part."""
-    stash = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    return stash
-
-
-def _restore(params: Sequence[Tensor], stash: Sequence[Tensor | None]) -> None:
-    for param, old in zip(params, stash, strict=True):
-        if old is not None:
-            param.grad = old if param.grad is None else param.grad + old
 
 
 def _or_zeros(tensor: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -280,6 +280,26 @@ def undeclared_ddp_rank(rank: int, world: int) -> Any:
     return None
 
 
+# --- bytes ---------------------------------------------------------------------------------
+
+
+def bytes_rank(rank: int, world: int) -> dict[str, int]:
+    """The bytes this rank sent in one UPGrad IWRM step on 4 instances per rank."""
+    model = iwrm_model()
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        weighting=UPGradWeighting(),
+        batch_dim=0,
+        process_group=dist.group.WORLD,
+    )
+    x, y = iwrm_batches(4 * world)[0]
+    part = slices([4] * world)[rank]
+    optimizer.step(lambda: iwrm_losses(model, x[part], y[part]))
+    assert optimizer.distributed is not None
+    return optimizer.distributed.bytes_sent
+
+
 # --- one launch per world size ---------------------------------------------------------------
 
 # (name, scenario function, its arguments after rank and world size); "{out}" is the launch's dir.
@@ -321,4 +341,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     if world == 2:
         record("resume", resume_rank, out_dir)
         record("undeclared-ddp", undeclared_ddp_rank)
+        record("bytes", bytes_rank)
     return results

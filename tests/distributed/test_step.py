@@ -148,13 +148,23 @@ def test_one_rank_steps_equal_local_steps_and_count_bytes(single_rank_group: Non
         _close(scenarios.params_of(model), reference["params"])
 
 
-def test_bytes_sent_are_counted_per_kind(single_rank_group: None) -> None:
-    model = scenarios.iwrm_model()
-    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, process_group=dist.group.WORLD)
-    x, y = scenarios.iwrm_batches(4)[0]
-    optimizer.step(lambda: scenarios.iwrm_losses(model, x, y))
-    assert optimizer.distributed is not None
-    sent = optimizer.distributed.bytes_sent
-    # One rank sends nothing in all-gathers and all-reduces (R - 1 = 0); broadcasts are counted.
-    assert sent.get("all_gather", 0) == 0 and sent.get("all_reduce", 0) == 0
-    assert sent["broadcast"] == 4 * 8  # the four float64 weights
+def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ranks: Any) -> None:
+    """Hand count for Linear(5, 6), LayerNorm(6), Linear(6, 1), 4 instances per rank, float64."""
+    _, ranks = two_ranks
+    factors = (
+        4 * 6
+        + 4 * 5
+        + 4 * 6  # first Linear: output gradients, inputs, bias rows
+        + 4 * 6
+        + 4 * 6  # LayerNorm: weight rows, bias rows
+        + 4 * 1
+        + 4 * 6
+        + 4 * 1  # last Linear
+    )
+    parameters = 5 * 6 + 6 + 6 + 6 + 6 + 1
+    for rank in ranks:
+        sent = _ok(rank["bytes"])
+        assert sent["all_gather"] == factors * 8  # R - 1 = 1 copy of each factor
+        # all-reduces send 2 (R - 1) / R = 1 copy; one more number carries the failure flag
+        assert sent["gradients"] == (parameters + 1) * 8
+        assert sent["weights"] == (8 + 8 + 1) * 8  # rank 0's weights and the global losses
