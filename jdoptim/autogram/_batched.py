@@ -52,17 +52,25 @@ class BatchedPass:
         keys = [self._signature(r, shape) for r in records for shape in r.output_shapes]
         probe = self.batch > 1 and any(key not in self.verified_dims for key in keys)
         gradients = self._activation_gradients(edges, shapes, probe) if edges else []
+        probed: dict[tuple[object, ...], int] = {}
         if probe:
             for key, record, shape, gradient in zip(
                 keys, _repeat_records(records), shapes, gradients, strict=True
             ):
-                self.verified_dims[key] = self._probed_dim(record, shape, gradient[-1])
+                probed[key] = self._probed_dim(record, shape, gradient[-1])
+                if bool(gradient[-1].any()):  # an all-zero probe proves nothing: ask again later
+                    self.verified_dims[key] = probed[key]
         by_record: dict[int, list[tuple[Tensor, int | None]]] = {}
         position = 0
         for record in records:
             outputs = []
             for _ in record.output_shapes:
-                dim = self.verified_dims[keys[position]] if self.batch > 1 else None
+                key = keys[position]
+                dim = (
+                    probed.get(key, self.verified_dims.get(key, _UNVERIFIED))
+                    if self.batch > 1
+                    else None
+                )
                 outputs.append((gradients[position][: self.tasks], dim))
                 position += 1
             by_record[id(record)] = outputs
@@ -102,7 +110,8 @@ class BatchedPass:
     def _signature(self, record: CallRecord, shape: tuple[int, ...]) -> tuple[object, ...]:
         """What a call's batch dim depends on: the module, its input and output shapes, the batch."""
         x_shape = tuple(record.x.shape) if record.x is not None else None
-        return (id(record.module), record.rule, x_shape, shape, self.shape, self.batch_dim)
+        module = (id(record.module), type(record.module))
+        return (module, record.rule, x_shape, shape, self.shape, self.batch_dim)
 
     def _from_moved(self, rows: Tensor) -> Tensor:
         """``[R, B, T]`` (instance-major) to ``[R, *output.shape]``."""
