@@ -453,3 +453,17 @@ def test_gradient_checkpointing(batch_dim: int | None) -> None:
     hidden = Checkpointed(reentrant=True).double()
     with pytest.raises(ValueError, match="use_reentrant=False"):
         Engine(hidden, batch_dim=batch_dim).compute_gramian(hidden(x).pow(2).sum(dim=1))
+
+
+def test_a_zero_loss_for_instance_0_defers_the_batch_dim_check() -> None:
+    torch.manual_seed(23)
+    model = mlp().double()
+    engine = Engine(model, batch_dim=0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for first in (0.0, 1.0):
+        scale = torch.tensor([first, 1.0, 1.0, 1.0], dtype=torch.float64)
+        output = model(x).pow(2).sum(dim=1) * scale
+        gramian = engine.compute_gramian(output)
+        assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
+        expected = "exact" if first == 0.0 else "closed_form"  # nothing to learn from a zero probe
+        assert set(engine._last_routes.values()) == {expected}
