@@ -51,8 +51,8 @@ def project_to_dual_cone(
         solver: ``"quadprog"`` (exact active set, one problem per row on the CPU, through numpy),
             ``"batched"`` (all rows together in torch on ``gramian``'s device, see
             :func:`jdoptim.linalg._dual_cone_batched.solve_dual_cone_batched`), or ``"auto"``:
-            quadprog when ``reg_eps`` is zero or for small ``m`` on the CPU, the batched solver
-            otherwise (on every other device).
+            quadprog when ``reg_eps`` is zero, on MPS, or for small ``m`` on the CPU; the batched
+            solver otherwise (on CUDA always).
 
     Returns:
         ``[k, m]`` matrix whose row ``i`` is the solution ``v`` for ``u = lower_bounds[i]``, on the
@@ -78,7 +78,8 @@ def choose_dual_cone_solver(
     """
     if solver != "auto":
         return solver
-    if reg_eps == 0:
+    # MPS has no float64, which the batched solver needs for its residuals.
+    if reg_eps == 0 or gramian.device.type == "mps":
         return "quadprog"
     if gramian.device.type != "cpu":
         return "batched"
