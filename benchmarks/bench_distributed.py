@@ -7,7 +7,9 @@ rank's, steps separated by barriers), the bytes each rank sent in that step (cou
 :class:`jdoptim.distributed.Communicator`, ring algorithms), and, for comparison, the bytes an
 all-gather of per-instance gradients (``[B, n]``, the naive exact scheme) would send.
 
-Modes: ``iwrm-upgrad`` (Gramian path: engine terms all-gathered in factored form),
+Modes: ``sgd`` (the baseline: ``torch.optim.SGD`` on the mean loss, the model wrapped in
+``DistributedDataParallel`` on R ranks; its bytes are DDP's gradient all-reduce, computed, not
+counted), ``iwrm-upgrad`` (Gramian path: engine terms all-gathered in factored form),
 ``iwrm-mean`` (no Gramian needed: only the gradient all-reduce), ``iwrm-trimmed`` (full
 Jacobian path: per-instance gradient rows all-gathered), ``mtl-upgrad`` (2 tasks: ``[T, n]``
 shared Jacobian all-reduced).
@@ -32,11 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from jdoptim import JDSGD
 from jdoptim.aggregation import MeanWeighting, TrimmedMean, UPGradWeighting
 
-MODES = ["iwrm-upgrad", "iwrm-mean", "iwrm-trimmed", "mtl-upgrad"]
+MODES = ["sgd", "iwrm-upgrad", "iwrm-mean", "iwrm-trimmed", "mtl-upgrad"]
 FEATURES, HIDDEN, CLASSES, POSITIONS = 64, 256, 10, 8
 
 
@@ -92,9 +95,30 @@ def closure_for(mode: str, model: SequenceMLP, optimizer: JDSGD, x: Tensor, y: T
     return closure
 
 
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+    optimizer.zero_grad()
+    logits, _ = model(x)
+    nn.functional.cross_entropy(logits[0], y).backward()
+    optimizer.step()
+
+
 def run_mode(mode: str, batches: list[tuple[Tensor, Tensor]], part: slice, group: Any) -> Any:
     torch.manual_seed(0)
     model = SequenceMLP()
+    n_params = sum(p.numel() for p in model.parameters())
+    if mode == "sgd":
+        wrapped = DistributedDataParallel(model, process_group=group) if group else model
+        sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+        times = []
+        for x, y in batches:
+            if group is not None:
+                dist.barrier(group)
+            start = time.perf_counter()
+            sgd_step(wrapped, sgd, x[part], y[part])
+            times.append(_slowest(time.perf_counter() - start, group))
+        r = dist.get_world_size(group) if group else 1
+        ddp_bytes = {"all_reduce (DDP)": int(n_params * 4 * 2 * (r - 1) / r)}
+        return statistics.median(times[2:]), ddp_bytes, n_params
     optimizer = build(mode, model, group)
     times, sent = [], {}
     for index, (x, y) in enumerate(batches):
@@ -103,17 +127,21 @@ def run_mode(mode: str, batches: list[tuple[Tensor, Tensor]], part: slice, group
             dist.barrier(group)
         start = time.perf_counter()
         optimizer.step(closure)
-        elapsed = time.perf_counter() - start
+        elapsed = _slowest(time.perf_counter() - start, group)
         if group is not None:
-            slowest = torch.tensor([elapsed])
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-            elapsed = float(slowest)
             assert optimizer.distributed is not None
             sent = optimizer.distributed.bytes_sent
         if index >= 2:  # warm-up steps
             times.append(elapsed)
-    n_params = sum(p.numel() for p in model.parameters())
     return statistics.median(times), sent, n_params
+
+
+def _slowest(elapsed: float, group: Any) -> float:
+    if group is None:
+        return elapsed
+    slowest = torch.tensor([elapsed])
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    return float(slowest)
 
 
 def rank_main(rank: int, world: int, port: int, batch: int, steps: int, out: str) -> None:
