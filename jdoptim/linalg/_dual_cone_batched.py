@@ -144,7 +144,9 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
         single = torch.zeros_like(wrong).scatter_(1, largest_wrong, True) & wrong
         swap = torch.where(full_exchange, wrong, single & accurate[:, None])
         free = free ^ swap
-        updated = torch.where(free, s.clamp(min=0), 0.0)
+        # Slacks of F stay as solved (clamping them would undo the refinement of a row that waits
+        # for a single exchange); those leaving F drop to zero.
+        updated = torch.where(free, s, 0.0)
         # Few slacks change in a swap: update μ = q + s G through them instead of a new product.
         removed = (s - updated).to_sparse()
         multiplier = multiplier - torch.sparse.mm(removed, gramian)

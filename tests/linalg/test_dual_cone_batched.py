@@ -147,6 +147,20 @@ def test_auto_dispatch() -> None:
     assert choose_dual_cone_solver(small, 1e-4, "batched") == "batched"
 
 
+@pytest.mark.parametrize("size", [15, 70])
+def test_single_exchanges_alone_converge(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No full exchanges at all: only the fallback rule (Murty's), which must still be exact.
+    monkeypatch.setattr("jdoptim.linalg._dual_cone_batched._BACKUP_EXCHANGES", -1)
+    generator = torch.Generator().manual_seed(size)
+    bounds = torch.randn(4, size, generator=generator, dtype=torch.float64)
+    gramian = random_gramian(size, 2 * size, seed=size)
+    matrix = prepare_dual_cone_gramian(gramian, 1e-4)
+    solution = solve_dual_cone_batched(matrix, bounds, max_rounds=20 * size)
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    torch.testing.assert_close(solution, reference, rtol=AGREEMENT_TOLERANCE, atol=1e-12)
+    assert_kkt(gramian, bounds, solution)
+
+
 def test_singular_gramian_without_regularisation_stops_with_a_clear_error() -> None:
     generator = torch.Generator().manual_seed(0)
     jacobian = torch.randn(20, 5, generator=generator, dtype=torch.float64)
