@@ -92,16 +92,20 @@ def params_of(model: nn.Module) -> list[Tensor]:
 
 
 def iwrm_rank(
-    rank: int, world: int, method: str, sizes: list[int], ddp: bool, batch_dim: int | None
+    rank: int, world: int, method: str, sizes: list[int], ddp: str, batch_dim: int | None
 ) -> Any:
+    """``ddp``: "no" (a plain model), "group" (DDP, process_group=) or "modules" (modules=DDP)."""
     model = iwrm_model()
     batches = iwrm_batches(sum(sizes))
     part = slices(sizes)[rank]
-    if ddp:
+    if ddp == "group":
         wrapped = DistributedDataParallel(model)
         losses = train_iwrm(
             wrapped, method, batches, part, batch_dim, process_group=wrapped.process_group
         )
+    elif ddp == "modules":  # the optimizer finds the process group in the DDP wrapper
+        wrapped = DistributedDataParallel(model)
+        losses = train_iwrm(wrapped, method, batches, part, batch_dim, modules=wrapped)
     else:
         losses = train_iwrm(model, method, batches, part, batch_dim, process_group=dist.group.WORLD)
     return {"params": params_of(model), "losses": losses}
@@ -302,20 +306,20 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
 
 # --- one launch per world size ---------------------------------------------------------------
 
-# (name, scenario function, its arguments after rank and world size); "{out}" is the launch's dir.
-IWRM_CASES: dict[int, list[tuple[str, list[int], bool, int | None]]] = {
+# (method, instances per rank, DDP wrapping, batch_dim)
+IWRM_CASES: dict[int, list[tuple[str, list[int], str, int | None]]] = {
     2: [
-        ("mean", [4, 4], False, 0),
-        ("upgrad", [4, 4], False, 0),
-        ("mean", [4, 4], True, 0),
-        ("upgrad", [4, 4], True, 0),
-        ("upgrad", [3, 3], False, None),
-        ("trimmed_mean", [3, 3], False, 0),
-        ("geometric_mean", [3, 3], False, 0),
+        ("mean", [4, 4], "no", 0),
+        ("upgrad", [4, 4], "no", 0),
+        ("mean", [4, 4], "group", 0),
+        ("upgrad", [4, 4], "modules", 0),
+        ("upgrad", [3, 3], "no", None),
+        ("trimmed_mean", [3, 3], "no", 0),
+        ("geometric_mean", [3, 3], "no", 0),
     ],
     3: [
-        ("upgrad", [3, 2, 4], False, 0),
-        ("mean", [2, 3, 2], True, 0),
+        ("upgrad", [3, 2, 4], "no", 0),
+        ("mean", [2, 3, 2], "group", 0),
     ],
 }
 MTL_BATCH = {2: 3, 3: 2}
