@@ -272,6 +272,39 @@ def failing_rank(rank: int, world: int, failure: str) -> Any:
     return outcome
 
 
+def failing_mtl_rank(rank: int, world: int) -> Any:
+    """Multi-task mode; rank 0's closure raises at the second step."""
+    model = mtl_model()
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        weighting=UPGradWeighting(),
+        shared_params=model.trunk.parameters(),
+        process_group=dist.group.WORLD,
+    )
+    part = slices([2] * world)[rank]
+    outcome: dict[str, Any] = {"error": None}
+    for step, (x, y) in enumerate(mtl_batches(2 * world)):
+
+        def closure() -> tuple[Tensor, Tensor]:
+            optimizer.zero_grad()
+            if step == 1 and rank == 0:
+                raise RuntimeError("rank 0 ran out of memory")
+            outputs, features = model(x[part])
+            return ((outputs - y[part]) ** 2).mean(dim=0), features
+
+        before = params_of(model)
+        try:
+            optimizer.step(closure)
+        except Exception as error:
+            outcome["error"] = (type(error).__name__, str(error))
+            outcome["unchanged"] = all(
+                torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
+            )
+            break
+    return outcome
+
+
 def undeclared_ddp_rank(rank: int, world: int) -> Any:
     """A DDP model with an optimizer that was not told about the process group."""
     model = DistributedDataParallel(iwrm_model())
@@ -346,4 +379,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("resume", resume_rank, out_dir)
         record("undeclared-ddp", undeclared_ddp_rank)
         record("bytes", bytes_rank)
+        record("failure-mtl", failing_mtl_rank)
     return results

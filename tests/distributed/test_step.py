@@ -95,6 +95,15 @@ def test_a_failing_rank_makes_every_rank_raise_without_changing_parameters(launc
                 assert "rank 1" in message, message
 
 
+def test_a_failing_rank_in_multi_task_mode_makes_every_rank_raise(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    outcomes = [_ok(rank["failure-mtl"]) for rank in ranks]
+    assert outcomes[0]["error"] == ("RuntimeError", "rank 0 ran out of memory")
+    kind, message = outcomes[1]["error"]
+    assert kind == "DistributedStepError" and "rank 0: RuntimeError" in message
+    assert all(outcome["unchanged"] for outcome in outcomes)
+
+
 def test_a_checkpoint_of_rank_zero_resumes_bit_identically(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
