@@ -3,7 +3,9 @@
 For each mode, R spawned ranks (loopback, gloo, one thread each) train the same model on their
 slices of a global batch of ``R * B`` instances; one process then trains on the whole global
 batch (one thread). Reported per mode: the median wall time of a step (distributed: the slowest
-rank's, steps separated by barriers), the bytes each rank sent in that step (counted by
+rank's, steps separated by barriers), the same on a process group of one rank in this process
+(the distributed code path without communication or shared cores: its own overhead), the bytes
+each rank sent in that step (counted by
 :class:`jdoptim.distributed.Communicator`, ring algorithms), and, for comparison, the bytes an
 all-gather of per-instance gradients (``[B, n]``, the naive exact scheme) would send.
 
@@ -170,19 +172,24 @@ def main() -> None:
         distributed = torch.load(Path(out) / "results.pt")
     torch.set_num_threads(1)
     batches = data(args.batch * args.ranks, args.steps + 2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    one_rank = {mode: run_mode(mode, batches, slice(None), dist.group.WORLD)[0] for mode in MODES}
+    dist.destroy_process_group()
     r, b = args.ranks, args.batch
     print(f"R = {r} ranks x B = {b} instances (global batch {r * b}), S = {POSITIONS} positions")
     print(
-        "| mode | 1 process, global batch | R ranks | sent per rank per step | naive [B, n] all-gather |"
+        "| mode | 1 process, global batch | 1-rank group, global batch | R ranks "
+        "| sent per rank per step | naive [B, n] all-gather |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for mode in MODES:
         local_time, _, n_params = run_mode(mode, batches, slice(None), None)
         dist_time, sent, _ = distributed[mode]
         naive = b * n_params * 4 * (r - 1)
         detail = ", ".join(f"{kind} {size / 1e6:.3f}" for kind, size in sorted(sent.items()))
         print(
-            f"| {mode} | {local_time * 1e3:.1f} ms | {dist_time * 1e3:.1f} ms | "
+            f"| {mode} | {local_time * 1e3:.1f} ms | {one_rank[mode] * 1e3:.1f} ms "
+            f"| {dist_time * 1e3:.1f} ms | "
             f"{sum(sent.values()) / 1e6:.3f} MB ({detail}) | {naive / 1e6:.1f} MB |"
         )
     print(f"model: {n_params} parameters")
