@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._dual_cone_batched import solve_dual_cone_batched
+from jdoptim.linalg._dual_cone_batched import DualConeConvergenceError, solve_dual_cone_batched
 from jdoptim.linalg._gramian import normalize_gramian, regularize_gramian
 from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
 
@@ -52,7 +52,8 @@ def project_to_dual_cone(
             ``"batched"`` (all rows together in torch on ``gramian``'s device, see
             :func:`jdoptim.linalg._dual_cone_batched.solve_dual_cone_batched`), or ``"auto"``:
             quadprog when ``reg_eps`` is zero, on MPS, or for small ``m`` on the CPU; the batched
-            solver otherwise (on CUDA always).
+            solver otherwise (on CUDA always), whose rare unconverged rows (very ill-conditioned
+            problems) are then finished by quadprog.
 
     Returns:
         ``[k, m]`` matrix whose row ``i`` is the solution ``v`` for ``u = lower_bounds[i]``, on the
@@ -63,9 +64,18 @@ def project_to_dual_cone(
     if solver not in ("auto", "quadprog", "batched"):
         raise ValueError(f"solver must be 'auto', 'quadprog' or 'batched', got {solver!r}.")
     matrix = prepare_dual_cone_gramian(gramian.detach(), reg_eps)
-    if choose_dual_cone_solver(gramian, reg_eps, solver) == "batched":
-        return solve_dual_cone_batched(matrix, lower_bounds.detach())
-    return _project_quadprog(matrix, lower_bounds.detach())
+    bounds = lower_bounds.detach()
+    if choose_dual_cone_solver(gramian, reg_eps, solver) == "quadprog":
+        return _project_quadprog(matrix, bounds)
+    try:
+        return solve_dual_cone_batched(matrix, bounds)
+    except DualConeConvergenceError as error:
+        if solver != "auto":
+            raise
+        # "auto" promises a solution: quadprog finishes the few rows the batched solver could not.
+        solution = error.partial
+        solution[error.rows] = _project_quadprog(matrix, bounds[error.rows])
+        return solution
 
 
 def choose_dual_cone_solver(

@@ -41,6 +41,19 @@ _DIRECT_MAX_SIZE = 64
 _INNER_REDUCTION = 1e-3
 
 
+class DualConeConvergenceError(RuntimeError):
+    """Some rows did not meet the KKT tolerance within the round bound.
+
+    ``partial`` holds the solutions (the converged rows are exact; the others hold their bounds) and
+    ``rows`` the indices of the unconverged rows, so a caller can finish just those another way.
+    """
+
+    def __init__(self, message: str, partial: Tensor, rows: Tensor) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.rows = rows
+
+
 def solve_dual_cone_batched(
     matrix: Tensor,
     lower_bounds: Tensor,
@@ -62,7 +75,9 @@ def solve_dual_cone_batched(
         The solutions, on ``matrix``'s device and with its dtype. They are computed in float64.
 
     Raises:
-        RuntimeError: if some row does not meet the KKT tolerance within ``max_rounds`` rounds.
+        DualConeConvergenceError: a ``RuntimeError``, if some row does not meet the KKT tolerance
+            within ``max_rounds`` rounds (possible on very ill-conditioned problems, e.g. with a
+            ``reg_eps`` far below the default).
     """
     size = matrix.shape[0]
     rounds_bound = size + 30 if max_rounds is None else max_rounds
@@ -78,14 +93,26 @@ def solve_dual_cone_batched(
     row_scale = torch.where(row_scale > 0, row_scale, 1.0)
     unit_bounds = unit_bounds / row_scale
 
-    slack = _solve_lcp(unit_gramian, unit_bounds, rounds_bound, cg_bound)
+    slack, unconverged = _solve_lcp(unit_gramian, unit_bounds, rounds_bound, cg_bound)
     # v = u + D s r, so bounds that are active hold exactly and slacks are never negative.
-    solution = bounds + slack * row_scale * column_scale
-    return solution.to(matrix.dtype)
+    solution = (bounds + slack * row_scale * column_scale).to(matrix.dtype)
+    if unconverged.numel() > 0:
+        raise DualConeConvergenceError(
+            f"The batched dual-cone solver did not converge in {rounds_bound} rounds for "
+            f"{unconverged.numel()} of {bounds.shape[0]} rows. The Gramian is probably too "
+            "ill-conditioned: raise reg_eps, or use solver='quadprog'.",
+            solution,
+            unconverged,
+        )
+    return solution
 
 
-def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) -> Tensor:
+def _solve_lcp(
+    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int
+) -> tuple[Tensor, Tensor]:
     """Slack ``s`` of (LCP) for every row of ``bounds``, on a unit-diagonal float64 ``gramian``.
+
+    Also returns the indices of the rows that did not converge (their slack is zero).
 
     Each round solves the current systems approximately in float32 (twice the matrix-product speed)
     as a correction to the float64 residual, i.e. mixed-precision iterative refinement: loose
@@ -96,7 +123,7 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
     slack = torch.zeros_like(bounds)
     pending = (linear < -_SIGN_TOLERANCE).any(dim=1).nonzero().flatten()
     if pending.numel() == 0:
-        return slack
+        return slack, pending
 
     inner_gramian = gramian.to(torch.float32)
     q = linear[pending]
@@ -134,7 +161,7 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
             best, backups, wrong_count = best[keep], backups[keep], wrong_count[keep]
             accurate, residual_tolerance = accurate[keep], residual_tolerance[keep]
             if pending.numel() == 0:
-                return slack
+                return slack, pending
         progress = wrong_count < best
         best = torch.minimum(best, wrong_count)
         backups = torch.where(progress, _BACKUP_EXCHANGES, backups - (wrong_count > 0).long())
@@ -151,11 +178,7 @@ def _solve_lcp(gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int) ->
         removed = (s - updated).to_sparse()
         multiplier = multiplier - torch.sparse.mm(removed, gramian)
         s = updated
-    raise RuntimeError(
-        f"The batched dual-cone solver did not converge in {max_rounds} rounds for "
-        f"{pending.numel()} of {bounds.shape[0]} rows. The Gramian is probably too ill-conditioned: "
-        "raise reg_eps, or use solver='quadprog'."
-    )
+    return slack, pending
 
 
 def _masked_direct_solve(gramian: Tensor, rhs: Tensor, free: Tensor) -> Tensor:

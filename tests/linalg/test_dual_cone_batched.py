@@ -9,7 +9,7 @@ from torch import Tensor
 from jdoptim.aggregation import UPGradWeighting
 from jdoptim.linalg import prepare_dual_cone_gramian, project_to_dual_cone
 from jdoptim.linalg._dual_cone import choose_dual_cone_solver
-from jdoptim.linalg._dual_cone_batched import solve_dual_cone_batched
+from jdoptim.linalg._dual_cone_batched import DualConeConvergenceError, solve_dual_cone_batched
 
 KKT_TOLERANCE = 1e-6
 AGREEMENT_TOLERANCE = 1e-5
@@ -42,7 +42,10 @@ def assert_kkt(gramian: Tensor, bounds: Tensor, solution: Tensor, reg_eps: float
     solution = solution.to(torch.float64)
     bounds = bounds.to(torch.float64)
     multiplier = solution @ matrix
-    scale = matrix.abs().max() * solution.abs().amax(dim=1, keepdim=True).clamp(min=1e-300)
+    size = torch.maximum(
+        solution.abs().amax(dim=1, keepdim=True), bounds.abs().amax(dim=1, keepdim=True)
+    )
+    scale = matrix.abs().max() * size.clamp(min=1e-300)
     slack = solution - bounds
     assert bool((slack >= 0).all())
     assert bool((multiplier >= -KKT_TOLERANCE * scale).all())
@@ -159,6 +162,24 @@ def test_single_exchanges_alone_converge(size: int, monkeypatch: pytest.MonkeyPa
     reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
     torch.testing.assert_close(solution, reference, rtol=AGREEMENT_TOLERANCE, atol=1e-12)
     assert_kkt(gramian, bounds, solution)
+
+
+def test_auto_finishes_unconverged_rows_with_quadprog(monkeypatch: pytest.MonkeyPatch) -> None:
+    def one_round(matrix: Tensor, bounds: Tensor) -> Tensor:
+        return solve_dual_cone_batched(matrix, bounds, max_rounds=1)
+
+    monkeypatch.setattr("jdoptim.linalg._dual_cone.solve_dual_cone_batched", one_round)
+    gramian = random_gramian(40, 41, seed=6)
+    # Rows that need no projection (zero bounds) are done at once; the others need more rounds.
+    bounds = torch.cat(
+        [torch.eye(40, dtype=torch.float64), torch.zeros(5, 40, dtype=torch.float64)]
+    )
+    with pytest.raises(DualConeConvergenceError) as caught:
+        project_to_dual_cone(gramian, bounds, solver="batched")
+    assert caught.value.rows.tolist() == list(range(40))
+    solution = project_to_dual_cone(gramian, bounds, solver="auto")
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    torch.testing.assert_close(solution, reference, rtol=AGREEMENT_TOLERANCE, atol=1e-12)
 
 
 def test_singular_gramian_without_regularisation_stops_with_a_clear_error() -> None:
