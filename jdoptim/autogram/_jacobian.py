@@ -24,6 +24,8 @@ def without_vmap_fallback_warnings() -> Iterator[None]:
 
 # Rows of grad_outputs sent through one vmapped backward pass: bounds the memory of the batch.
 _ROWS_PER_CHUNK = 64
+# ... and their total number of elements: a backward pass keeps intermediates of about that size.
+_ELEMENTS_PER_CHUNK = 2**20
 
 
 def batched_vjp(
@@ -39,10 +41,12 @@ def batched_vjp(
     have no batching rule.
     """
     rows = grad_outputs[0].shape[0]
+    per_row = sum(g[0].numel() for g in grad_outputs) if rows > 0 else 1
+    size = max(1, min(_ROWS_PER_CHUNK, _ELEMENTS_PER_CHUNK // max(per_row, 1)))
     chunks: list[list[Tensor | None]] = []
     chunk_grads: list[list[Tensor]] = []
-    for start in range(0, rows, _ROWS_PER_CHUNK):
-        chunk = [g[start : start + _ROWS_PER_CHUNK] for g in grad_outputs]
+    for start in range(0, rows, size):
+        chunk = [g[start : start + size] for g in grad_outputs]
         chunk_grads.append(chunk)
         chunks.append(_vjp_chunk(outputs, inputs, chunk))
     if len(chunks) == 1:
