@@ -467,3 +467,33 @@ def test_a_zero_loss_for_instance_0_defers_the_batch_dim_check() -> None:
         assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
         expected = "exact" if first == 0.0 else "closed_form"  # nothing to learn from a zero probe
         assert set(engine._last_routes.values()) == {expected}
+
+
+class EveryRoute(nn.Module):
+    """Embedding and norms (closed form), attention (replay), GRU (local): three losses each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.embedding = nn.Embedding(7, 8)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.gru = nn.GRU(8, 3, batch_first=True)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.gru(self.encoder(self.embedding(tokens)))
+        losses: Tensor = out.pow(2).sum(dim=1)  # [B, 3]
+        return losses
+
+
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_generalized_output_through_every_route(batch_dim: int) -> None:
+    torch.manual_seed(24)
+    tokens = torch.randint(0, 7, (3, 4))
+
+    def forward(m: Callable[..., object]) -> Tensor:
+        losses = m(tokens)
+        assert isinstance(losses, Tensor)
+        return losses if batch_dim == 0 else losses.T
+
+    engine = assert_exact(EveryRoute(), forward, batch_dim)
+    assert set(engine._last_routes.values()) == {"closed_form", "replay", "local"}
