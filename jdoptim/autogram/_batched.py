@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from jdoptim.autogram._attention import attention_terms
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
 from jdoptim.autogram._jacobian import batched_vjp, exact_terms, row_order
 from jdoptim.autogram._records import CallRecord
@@ -240,6 +241,13 @@ class BatchedPass:
             return []
         gradient, dim = outputs[0]
         assert dim is not None
+        names = {id(p): name for name, p in record.module.named_parameters()}
+        with torch.autocast(self.output.device.type, enabled=False):
+            factored = attention_terms(
+                record.module, record.replay, gradient, dim, self.batch, self.dtype
+            )
+        if factored is not None and all(names.get(id(p)) in factored for p in params):
+            return [(p, factored[names[id(p)]]) for p in params]
         rows = replay_rows(record.module, params, record.replay, gradient, dim, self.batch)
         if rows is None:
             return []

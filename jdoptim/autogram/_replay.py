@@ -49,7 +49,11 @@ def replay_inputs(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any
     if not isinstance(output, tuple) or output[1] is not None:
         return None  # attention weights requested: a second output to differentiate
     leaves, spec = tree_flatten((args, kwargs))
-    detached = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+    copies: dict[int, Tensor] = {}  # one detached copy per tensor: self-attention stays visible
+    detached = [
+        copies.setdefault(id(leaf), leaf.detach()) if isinstance(leaf, Tensor) else leaf
+        for leaf in leaves
+    ]
     return tree_unflatten(detached, spec)
 
 

@@ -470,17 +470,21 @@ def test_a_zero_loss_for_instance_0_defers_the_batch_dim_check() -> None:
 
 
 class EveryRoute(nn.Module):
-    """Embedding and norms (closed form), attention (replay), GRU (local): three losses each."""
+    """Closed forms (embedding, encoder), replay (cross-attention), local (GRU); 3 losses each."""
 
     def __init__(self) -> None:
         super().__init__()
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         self.embedding = nn.Embedding(7, 8)
         self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.cross = nn.MultiheadAttention(8, 2, batch_first=True)
         self.gru = nn.GRU(8, 3, batch_first=True)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        out, _ = self.gru(self.encoder(self.embedding(tokens)))
+        embedded = self.embedding(tokens)
+        encoded = self.encoder(embedded)
+        mixed, _ = self.cross(encoded, embedded, embedded, need_weights=False)
+        out, _ = self.gru(mixed)
         losses: Tensor = out.pow(2).sum(dim=1)  # [B, 3]
         return losses
 

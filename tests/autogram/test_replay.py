@@ -1,4 +1,4 @@
-"""Attention layers take the replay route when they can, and every route is exact."""
+"""Attention layers: self-attention in closed form, others replayed when possible; all exact."""
 
 from __future__ import annotations
 
@@ -15,16 +15,39 @@ from tests.autogram.test_engine import assert_exact
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_transformer_attention_is_replayed(batch_first: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_self_attention_has_a_closed_form(batch_first: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    x = torch.randn(3, 4, 8, dtype=dtype)
     dims = (1, 2) if batch_first else (0, 2)
-    engine = assert_exact(model, lambda m: m(x).pow(2).sum(dim=dims), 0)
-    route = routes(engine, model)
-    assert route["layers.0.self_attn.in_proj_weight"] == "replay"
-    assert route["layers.1.self_attn.out_proj.bias"] == "replay"
+    engine = assert_exact(model, lambda m: m(x).pow(2).sum(dim=dims), 0, dtype)
+    assert set(routes(engine, model).values()) == {"closed_form"}
+
+
+def test_self_attention_with_masks_has_a_closed_form() -> None:
+    torch.manual_seed(3)
+    attention = nn.MultiheadAttention(6, 2, batch_first=True)
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    padding = torch.zeros(4, 5, dtype=torch.bool)
+    padding[2, -2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+
+    def forward(m: Callable[..., object]) -> Tensor:
+        out = m(
+            x,
+            x,
+            x,
+            key_padding_mask=padding.double().masked_fill(padding, float("-inf")),
+            attn_mask=causal,
+            need_weights=False,
+        )
+        assert isinstance(out, tuple)
+        return out[0].pow(2).sum(dim=(1, 2))
+
+    engine = assert_exact(attention, forward, 0)
+    assert set(routes(engine, attention).values()) == {"closed_form"}
 
 
 class Attention(nn.Module):
