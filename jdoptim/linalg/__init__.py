@@ -14,6 +14,7 @@ from jdoptim.linalg._dual_cone import (
     prepare_dual_cone_gramian,
     project_to_dual_cone,
 )
+from jdoptim.linalg._dual_cone_batched import DualConeConvergenceError
 from jdoptim.linalg._gramian import (
     flatten_generalized_gramian,
     gramian_from_jacobian,
@@ -25,6 +26,7 @@ from jdoptim.linalg._gramian import (
 from jdoptim.linalg._simplex import min_norm_on_simplex, project_onto_simplex
 
 __all__ = [
+    "DualConeConvergenceError",
     "DualConeSolver",
     "check_finite",
     "check_generalized_gramian",
