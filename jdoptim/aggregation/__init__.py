@@ -22,6 +22,7 @@ from jdoptim.aggregation.dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation.excess_mtl import ExcessMTL, ExcessMTLWeighting
 from jdoptim.aggregation.fairgrad import FairGrad, FairGradWeighting
 from jdoptim.aggregation.graddrop import GradDrop
+from jdoptim.aggregation.gradnorm import GradNorm, GradNormWeighting
 from jdoptim.aggregation.gradvac import GradVac, GradVacWeighting
 from jdoptim.aggregation.imtl_g import IMTLG, IMTLGWeighting
 from jdoptim.aggregation.krum import Krum, KrumWeighting
@@ -61,6 +62,8 @@ __all__ = [
     "Flattening",
     "GeneralizedWeighting",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
