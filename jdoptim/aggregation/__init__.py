@@ -18,6 +18,7 @@ from jdoptim.aggregation.cagrad import CAGrad, CAGradWeighting
 from jdoptim.aggregation.config import ConFIG, ConFIGWeighting
 from jdoptim.aggregation.constant import Constant, ConstantWeighting
 from jdoptim.aggregation.cr_mogm import CRMOGMWeighting
+from jdoptim.aggregation.dbmtl import DualBalancing
 from jdoptim.aggregation.dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation.excess_mtl import ExcessMTL, ExcessMTLWeighting
 from jdoptim.aggregation.fairgrad import FairGrad, FairGradWeighting
@@ -53,6 +54,7 @@ __all__ = [
     "ConFIGWeighting",
     "Constant",
     "ConstantWeighting",
+    "DualBalancing",
     "DualProj",
     "DualProjWeighting",
     "ExcessMTL",
