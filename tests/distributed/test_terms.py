@@ -7,6 +7,7 @@ to the largest size along every other dim). Ground truth: ``torch.func.jacrev`` 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
@@ -29,9 +30,20 @@ class SequenceModel(nn.Module):
         return self.norm(self.linear(self.embedding(tokens))).tanh().mean(dim=(1, 2))
 
 
-def _rank_terms(model: nn.Module, tokens: Tensor) -> list:
+class Encoder(nn.Module):
+    """A transformer encoder layer (self-attention closed form), mean over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x).pow(2).mean(dim=(1, 2))
+
+
+def _rank_terms(model: nn.Module, inputs: Tensor) -> list:
     engine = Engine(model, batch_dim=0)
-    engine.compute_gramian(model(tokens))
+    engine.compute_gramian(model(inputs))
     pending = engine._pending
     assert pending is not None
     routes = {term.route for _, term in pending.terms}
@@ -53,11 +65,21 @@ def _concat_padded(per_rank: list[list[Tensor]], dims: list[int]) -> list[Tensor
     return result
 
 
-def test_gathered_terms_give_the_gramian_of_the_concatenated_batch() -> None:
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # jacrev through attention
+@pytest.mark.parametrize("kind", ["embedding", "transformer"])
+def test_gathered_terms_give_the_gramian_of_the_concatenated_batch(kind: str) -> None:
     torch.manual_seed(0)
-    model = SequenceModel().double()
+    model: nn.Module
     # Two "ranks" with different batch sizes and sequence lengths (each runs only its own).
-    slices = [torch.randint(7, (3, 5)), torch.randint(7, (2, 4))]
+    if kind == "embedding":
+        model = SequenceModel().double()
+        slices = [torch.randint(7, (3, 5)), torch.randint(7, (2, 4))]
+    else:
+        model = Encoder().double()
+        slices = [
+            torch.randn(3, 5, 8, dtype=torch.float64),
+            torch.randn(2, 4, 8, dtype=torch.float64),
+        ]
     per_rank_terms = [_rank_terms(model, tokens) for tokens in slices]
     per_rank_factors = []
     dims: list[int] = []
