@@ -69,9 +69,13 @@ def test_log_losses_through_the_optimizer() -> None:
     def losses() -> Tensor:
         return ((model(inputs) - targets) ** 2).mean(dim=0)
 
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        return (losses() + 1e-8).log()
+
     first = losses().detach()
     for _ in range(20):
-        optimizer.step(lambda: (losses() + 1e-8).log())
+        optimizer.step(closure)
     assert aggregator._state["calls"] == 20
     assert bool((losses() < first).all())
 

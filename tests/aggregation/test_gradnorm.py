@@ -133,6 +133,7 @@ def test_after_step_is_driven_by_the_optimizer() -> None:
     seen: list[Tensor] = []
 
     def closure() -> Tensor:
+        optimizer.zero_grad()
         losses = ((model(inputs) - targets) ** 2).mean(dim=0)
         seen.append(losses.detach())
         return losses
@@ -170,3 +171,34 @@ def test_bad_arguments_and_inputs() -> None:
         weighting(torch.eye(3))
     with pytest.raises(ValueError):
         weighting(torch.ones(2, 3))
+
+
+def test_optimizer_checkpoint_resumes_bit_identically() -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, dtype=torch.float64)
+    targets = torch.randn(8, 2, dtype=torch.float64)
+    initial = nn.Linear(3, 2, dtype=torch.float64).state_dict()
+
+    def make() -> tuple[nn.Linear, JDSGD]:
+        model = nn.Linear(3, 2, dtype=torch.float64)
+        model.load_state_dict(initial)
+        return model, JDSGD(model.parameters(), lr=0.05, weighting=GradNormWeighting(lr=0.05))
+
+    def train(model: nn.Linear, optimizer: JDSGD, steps: int) -> None:
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            return ((model(inputs) - targets) ** 2).mean(dim=0)
+
+        for _ in range(steps):
+            optimizer.step(closure)
+
+    reference, reference_optimizer = make()
+    train(reference, reference_optimizer, 6)
+    first, first_optimizer = make()
+    train(first, first_optimizer, 3)
+    resumed, resumed_optimizer = make()
+    resumed.load_state_dict(first.state_dict())
+    resumed_optimizer.load_state_dict(first_optimizer.state_dict())
+    train(resumed, resumed_optimizer, 3)
+    for got, want in zip(resumed.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got, want)
