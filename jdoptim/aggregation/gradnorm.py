@@ -48,7 +48,11 @@ class GradNormWeighting(Stateful, Weighting):
     ``t − 1`` (one step behind the paper, since a weighting only sees the Gramian). Until losses
     are observed, ``r = 1``: the weighted norms are pulled toward their mean.
 
-    ``lr`` acts on the raw gradient norms, so it depends on their scale, as in the paper.
+    The losses must be one per task (the Gramian's rows), the same tasks at every step, and
+    positive. With fixed ``G`` and ``r``, the weighted norms approach their targets (up to an
+    ``O(lr)`` oscillation) when the targets sum to ``Σᵢ wᵢ‖gᵢ‖``, that is for ``α ∈ {0, 1}``; for
+    other ``α`` they sum to ``Ḡ·Σᵢ rᵢ^α`` and are only approached up to that mismatch. ``lr`` acts
+    on the raw gradient norms, so it depends on their scale, as in the paper.
 
     Args:
         alpha: strength ``α ≥ 0`` of the pull toward equal training rates (0: equal weighted norms).
