@@ -16,8 +16,9 @@ class DBMTL(Scalarizer):
     This is only half of DB-MTL. Its other half, gradient-magnitude balancing (an exponential moving
     average of each task's gradient of ``log Lᵢ``, each rescaled to the largest of their norms
     before summing), needs one gradient per task, so it cannot be computed from loss values: it
-    belongs in an aggregator over the Jacobian of these log-losses, and is not provided here. Used
-    alone, this scalarizer is the ``log`` transform of the paper's ablation.
+    is the aggregator :class:`jdoptim.aggregation.DualBalancing`, applied by a jdoptim optimizer to
+    the Jacobian of the log-losses (the closure returns ``(losses + eps).log()``). Used alone, this
+    scalarizer is the ``log`` transform of the paper's ablation.
 
     Args:
         eps: added to each loss before the logarithm (the reference code uses ``1e-8``).

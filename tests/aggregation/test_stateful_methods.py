@@ -13,7 +13,9 @@ from jdoptim import JDSGD, Stateful
 from jdoptim.aggregation import (
     PCD,
     CRMOGMWeighting,
+    DualBalancing,
     ExcessMTL,
+    GradNormWeighting,
     GradVac,
     MGDAWeighting,
     MoCo,
@@ -46,6 +48,8 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[int, torch.dtype], Ten
         lambda k, d: jacobian(k, d) @ jacobian(k, d).T,
     ),
     ("MoCo", MoCo, jacobian),
+    ("GradNorm", GradNormWeighting, lambda k, d: jacobian(k, d) @ jacobian(k, d).T),
+    ("DualBalancing", DualBalancing, jacobian),
 ]
 cases = pytest.mark.parametrize(("name", "make", "data"), CASES, ids=[c[0] for c in CASES])
 
