@@ -12,3 +12,14 @@ def check_state_rows(owner: object, state: Tensor, rows: int) -> None:
             f"{owner!r} holds state for {state.shape[0]} objectives but got an input with {rows} "
             "rows; call reset() before changing the number of objectives."
         )
+
+
+def check_state_shape(owner: object, state: Tensor, jacobian: Tensor) -> None:
+    """:func:`check_state_rows`, then that per-coordinate state (``[m, n]``, like the Jacobian it
+    summarises) was learnt for Jacobians of this exact shape."""
+    check_state_rows(owner, state, jacobian.shape[0])
+    if state.shape != jacobian.shape:
+        raise ValueError(
+            f"{owner!r} holds state for Jacobians of shape {tuple(state.shape)} but got one of shape "
+            f"{tuple(jacobian.shape)}; call reset() before changing the parameters."
+        )

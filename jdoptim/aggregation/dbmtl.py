@@ -9,7 +9,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
-from jdoptim.aggregation._state_rows import check_state_rows
+from jdoptim.aggregation._state_rows import check_state_shape
 
 
 class DualBalancing(Stateful, Aggregator):
@@ -55,12 +55,7 @@ class DualBalancing(Stateful, Aggregator):
             average = torch.zeros_like(jacobian)
             calls = 0
         else:
-            check_state_rows(self, average, jacobian.shape[0])
-            if average.shape != jacobian.shape:
-                raise ValueError(
-                    f"{self!r} averages Jacobians of shape {tuple(average.shape)} but got one of "
-                    f"shape {tuple(jacobian.shape)}; call reset() before changing the parameters."
-                )
+            check_state_shape(self, average, jacobian)
             average = average.to(jacobian)
             calls = int(self._state["calls"])
         calls += 1

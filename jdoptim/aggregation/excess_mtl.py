@@ -7,7 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import WeightedAggregator, Weighting
-from jdoptim.aggregation._state_rows import check_state_rows
+from jdoptim.aggregation._state_rows import check_state_shape
 
 # Keeps the AdaGrad-style curvature estimate invertible for coordinates never seen non-zero.
 _CURVATURE_EPS = 1e-7
@@ -63,13 +63,7 @@ class ExcessMTLWeighting(Stateful, Weighting):
             risk_sum = jacobian.new_zeros(rows)
             calls = 0
         else:
-            check_state_rows(self, squares, rows)
-            if squares.shape != jacobian.shape:
-                raise ValueError(
-                    f"{self!r} holds statistics for Jacobians of shape {tuple(squares.shape)} but "
-                    f"got one of shape {tuple(jacobian.shape)}; call reset() before changing the "
-                    "parameters."
-                )
+            check_state_shape(self, squares, jacobian)
             squares = squares.to(jacobian)
             weights = self._state["weights"].to(jacobian)
             risk_sum = self._state["risk_sum"].to(jacobian)

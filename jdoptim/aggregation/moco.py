@@ -7,7 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
-from jdoptim.aggregation._state_rows import check_state_rows
+from jdoptim.aggregation._state_rows import check_state_shape
 from jdoptim.linalg import project_onto_simplex
 
 
@@ -66,12 +66,7 @@ class MoCo(Stateful, Aggregator):
             weights = jacobian.new_full((rows,), 1.0 / rows)
             calls = 0
         else:
-            check_state_rows(self, tracked, rows)
-            if tracked.shape != jacobian.shape:
-                raise ValueError(
-                    f"{self!r} tracks Jacobians of shape {tuple(tracked.shape)} but got one of "
-                    f"shape {tuple(jacobian.shape)}; call reset() before changing the parameters."
-                )
+            check_state_shape(self, tracked, jacobian)
             tracked = tracked.to(jacobian)
             weights = self._state["weights"].to(jacobian)
             calls = int(self._state["calls"])

@@ -7,8 +7,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 
 from jdoptim.aggregation import Aggregator
-from jdoptim.autojac._graph import unique
-from jdoptim.autojac._jac import jacobians, resolve_arguments
+from jdoptim.autojac._jac import jacobians_of_inputs
 from jdoptim.autojac._jac_to_grad import aggregate_into_grads
 
 
@@ -37,14 +36,7 @@ def backward(
             f"aggregator must be a jdoptim.aggregation.Aggregator (such as UPGrad()), got "
             f"{type(aggregator).__name__}. For the Jacobian in .jac, use jdoptim.autojac.backward."
         )
-    output_list, input_list = resolve_arguments(
-        tensors, inputs, parallel_chunk_size, outputs_name="tensors"
-    )
-    input_list = unique(input_list)
-    results = jacobians(
-        output_list,
-        input_list,
-        retain_graph=retain_graph,
-        parallel_chunk_size=parallel_chunk_size,
+    input_list, results = jacobians_of_inputs(
+        tensors, inputs, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
     )
     return aggregate_into_grads(input_list, results, aggregator)

@@ -6,8 +6,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from jdoptim.autojac._graph import unique
-from jdoptim.autojac._jac import jacobians, resolve_arguments
+from jdoptim.autojac._jac import jacobians_of_inputs
 from jdoptim.autojac._jac_field import accumulate_jac
 
 
@@ -25,14 +24,7 @@ def backward(
     ``.grad``). Aggregate it into ``.grad`` with :func:`jac_to_grad`. Arguments and errors are those
     of :func:`jac`; ``inputs=None`` means every leaf requiring grad that ``tensors`` depend on.
     """
-    output_list, input_list = resolve_arguments(
-        tensors, inputs, parallel_chunk_size, outputs_name="tensors"
-    )
-    input_list = unique(input_list)
-    results = jacobians(
-        output_list,
-        input_list,
-        retain_graph=retain_graph,
-        parallel_chunk_size=parallel_chunk_size,
+    input_list, results = jacobians_of_inputs(
+        tensors, inputs, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
     )
     accumulate_jac(input_list, results)

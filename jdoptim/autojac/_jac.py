@@ -13,6 +13,7 @@ from jdoptim.autojac._graph import (
     check_outputs,
     check_outputs_depend_on_inputs,
     reachable_leaves,
+    unique,
 )
 from jdoptim.autojac._vjp import identity_cotangents, vjp_rows
 
@@ -52,6 +53,24 @@ def jacobians(
         retain_graph=retain_graph,
         chunk_size=parallel_chunk_size,
     )
+
+
+def jacobians_of_inputs(
+    tensors: Tensor | Sequence[Tensor],
+    inputs: Tensor | Iterable[Tensor] | None,
+    *,
+    retain_graph: bool,
+    parallel_chunk_size: int | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The distinct inputs and their Jacobians, for the ``backward``-style functions."""
+    output_list, input_list = resolve_arguments(
+        tensors, inputs, parallel_chunk_size, outputs_name="tensors"
+    )
+    input_list = unique(input_list)
+    results = jacobians(
+        output_list, input_list, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
+    )
+    return input_list, results
 
 
 def jac(
