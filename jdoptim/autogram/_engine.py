@@ -158,9 +158,25 @@ class Engine:
         norm). The graph is retained, so ``output.backward(weights)`` works afterwards; or call
         :meth:`backward` to fill ``.grad`` from what this pass saved.
         """
+        terms = self.compute_terms(output)
+        try:
+            return self._sum_terms(terms, output)
+        except BaseException:
+            self._pending = None
+            raise
+
+    def compute_terms(self, output: Tensor) -> list[tuple[Tensor, Term]]:
+        """The Gramian pass without the sum: one ``(parameter, term)`` per covered parameter.
+
+        :meth:`compute_gramian` is the sum of the terms' Gramians, in ``output``'s layout. A term
+        keeps its parameter's per-row gradients in factored form (for ``Linear``, the inputs and
+        output gradients), rows instance-major with a batch dim (``output``'s flat order
+        without), so the terms of several batches can be combined before summing (as
+        :mod:`jdoptim.distributed` does across ranks). :meth:`backward` works afterwards.
+        """
         self._pending = None
         try:
-            return self._compute_gramian(output)
+            return self._compute_terms(output)
         except RuntimeError as error:
             self._pending = None
             if "second time" in str(error) or "already been freed" in str(error):
@@ -170,7 +186,7 @@ class Engine:
             self._pending = None
             raise
 
-    def _compute_gramian(self, output: Tensor) -> Tensor:
+    def _compute_terms(self, output: Tensor) -> list[tuple[Tensor, Term]]:
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a torch.Tensor, got {type(output).__name__}.")
         if not output.is_floating_point():
@@ -186,7 +202,6 @@ class Engine:
             raise ValueError(f"output has no entries (shape {shape}); nothing to differentiate.")
         batch_dim = self._normalized_batch_dim(output)
         covered = {id(p): p for p in self._params if p.requires_grad}
-        dtype = torch.promote_types(output.dtype, torch.float32)
         if batch_dim is None:
             _check_visible(walk_graph(output, covered))
             terms = exact_terms(output, list(covered.values()), row_order(shape, None))
@@ -198,6 +213,15 @@ class Engine:
                 "computed by the modules given to the Engine (and for Engine(parameters=...), "
                 "inside `with engine.capture():`)."
             )
+        self._pending = _Pending(terms, shape, batch_dim)
+        self._last_routes = {id(param): term.route for param, term in terms}
+        return terms
+
+    def _sum_terms(self, terms: list[tuple[Tensor, Term]], output: Tensor) -> Tensor:
+        shape = tuple(output.shape)
+        rows = math.prod(shape)
+        batch_dim = self._normalized_batch_dim(output)
+        dtype = torch.promote_types(output.dtype, torch.float32)
         gramian = sum(
             (term.gramian().to(dtype) for _, term in terms),
             torch.zeros(rows, rows, dtype=dtype, device=output.device),
@@ -206,8 +230,6 @@ class Engine:
         order = row_order(shape, batch_dim).to(output.device)
         natural = torch.empty_like(gramian)
         natural[order[:, None], order[None, :]] = gramian
-        self._pending = _Pending(terms, shape, batch_dim)
-        self._last_routes = {id(param): term.route for param, term in terms}
         if not shape:
             return natural.reshape(())
         return reshape_gramian(natural, shape)

@@ -87,10 +87,7 @@ class DistributedStep:
                 with engine.capture():
                     losses, _ = optimizer._call_closure(closure)
                 if losses.ndim > 0:
-                    engine.compute_gramian(losses)
-                    pending = engine._pending
-                    assert pending is not None
-                    terms = [term for _, term in pending.terms]
+                    terms = [term for _, term in engine.compute_terms(losses)]
                     factors, dims = term_factors(terms)
         layouts: list[_Layout | None] = []
 

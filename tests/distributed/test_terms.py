@@ -42,13 +42,9 @@ class Encoder(nn.Module):
 
 
 def _rank_terms(model: nn.Module, inputs: Tensor) -> list:
-    engine = Engine(model, batch_dim=0)
-    engine.compute_gramian(model(inputs))
-    pending = engine._pending
-    assert pending is not None
-    routes = {term.route for _, term in pending.terms}
-    assert routes == {"closed_form"}  # the factored forms, not exact rows
-    return [term for _, term in pending.terms]
+    terms = Engine(model, batch_dim=0).compute_terms(model(inputs))
+    assert {term.route for _, term in terms} == {"closed_form"}  # factored, not exact rows
+    return [term for _, term in terms]
 
 
 def _concat_padded(per_rank: list[list[Tensor]], dims: list[int]) -> list[Tensor]:
@@ -105,8 +101,6 @@ def test_instance_major_rows_are_put_back_in_the_losses_layout() -> None:
     losses = model(x).T  # [T=2, B=4]: instances along dim 1
     engine = Engine(model, batch_dim=1)
     expected = engine.compute_gramian(losses)
-    pending = engine._pending
-    assert pending is not None
-    terms = [term for _, term in pending.terms]
+    terms = [term for _, term in engine.compute_terms(losses)]
     gramian = global_gramian(terms, (2, 4), 1, torch.float64, torch.device("cpu"))
     torch.testing.assert_close(gramian, expected, atol=1e-12, rtol=0.0)
