@@ -124,6 +124,8 @@ class Communicator:
                 "The ranks disagree on the number or the dims of the tensors to exchange: every "
                 "rank must run the same model on losses with the same number of dims."
             )
+        if not tensors:
+            return []
         flat_shapes = self.exchange_ints([*ndims, *(s for t in tensors for s in t.shape)])
         if any(f[: len(ndims)] != ndims for f in flat_shapes):
             raise ValueError(

@@ -331,7 +331,7 @@ class DistributedStep:
         """Sums every rank's gradients (and ``extra``) in one all-reduce; returns ``extra``'s sums."""
         grads = [_or_zeros(p.grad, tuple(p.shape), p) for p in params]
         reduced = self.communicator.all_reduce_sum([*grads, *extra], kind="gradients")
-        for param, grad in zip(params, reduced, strict=True):
+        for param, grad in zip(params, reduced[: len(params)], strict=True):
             param.grad = grad if scale == 1.0 else grad * scale
         self._restore()
         return [total * scale for total in reduced[len(params) :]]

@@ -70,15 +70,21 @@ def train_iwrm(
     batch_dim: int | None = 0,
     **options: Any,
 ) -> Tensor:
+    scalar = method == "scalar"  # the closure returns the mean loss: a plain gradient step
     optimizer = JDSGD(
-        model.parameters(), lr=0.1, batch_dim=batch_dim, **method_options(method), **options
+        model.parameters(),
+        lr=0.1,
+        batch_dim=None if scalar else batch_dim,
+        **method_options("upgrad" if scalar else method),
+        **options,
     )
     losses = torch.empty(0)
     for x, y in batches:
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            return iwrm_losses(model, x[part], y[part])
+            losses = iwrm_losses(model, x[part], y[part])
+            return losses.mean() if scalar else losses
 
         losses = optimizer.step(closure)
     return losses
@@ -349,6 +355,7 @@ IWRM_CASES: dict[int, list[tuple[str, list[int], str, int | None]]] = {
         ("upgrad", [3, 3], "no", None),
         ("trimmed_mean", [3, 3], "no", 0),
         ("geometric_mean", [3, 3], "no", 0),
+        ("scalar", [3, 3], "group", 0),
     ],
     3: [
         ("upgrad", [3, 2, 4], "no", 0),
