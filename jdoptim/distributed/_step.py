@@ -95,11 +95,11 @@ class DistributedStep:
             layouts.append(self._layout(headers, optimizer.batch_dim))
 
         if engine is None:
-            read_layout(comm.exchange_ints(_shape_header(losses)))
+            read_layout(self._exchange_header("weights", losses))
             gathered: list[Term] = []
         else:
             gathered_factors = comm.all_gather_padded(
-                factors, dims, header=_shape_header(losses), check=read_layout
+                factors, dims, header=_header("engine", losses), check=read_layout
             )
             gathered = with_factors(terms, gathered_factors)
         layout = layouts[0]
@@ -150,7 +150,7 @@ class DistributedStep:
         gathered = comm.all_gather_padded(
             tensors,
             [0, _instance_dim(losses, optimizer.batch_dim)] if tensors else [],
-            header=_shape_header(losses),
+            header=_header("jacobian", losses),
             check=lambda headers: layouts.append(self._layout(headers, optimizer.batch_dim)),
         )
         layout = layouts[0]
@@ -180,7 +180,7 @@ class DistributedStep:
         losses: Tensor | None = None
         with comm.guard("the closure"):
             losses, _ = optimizer._call_closure(closure)
-        layout = self._layout(comm.exchange_ints(_shape_header(losses)), optimizer.batch_dim)
+        layout = self._layout(self._exchange_header("scalarizer", losses), optimizer.batch_dim)
         assert losses is not None
         if layout is None:
             return self._scalar(optimizer, losses)
@@ -231,7 +231,7 @@ class DistributedStep:
                 shared_params=shared,
                 parallel_chunk_size=optimizer.parallel_chunk_size,
             )
-        shapes = [_shape_of(h) for h in comm.exchange_ints(_shape_header(losses))]
+        shapes = _shapes(self._exchange_header("multi_task", losses))
         if any(shape != shapes[0] for shape in shapes):
             raise ValueError(
                 f"In multi-task mode every rank must return the same number of task losses; got "
@@ -278,7 +278,7 @@ class DistributedStep:
         comm = self.communicator
         layout = None
         if optimizer._shared_params is None:
-            layout = self._layout(comm.exchange_ints(_shape_header(losses)), optimizer.batch_dim)
+            layout = self._layout(self._exchange_header("evaluate", losses), optimizer.batch_dim)
         if layout is None:
             (total,) = comm.all_reduce_sum([losses.detach()], kind="losses")
             return total / self.world_size
@@ -290,7 +290,7 @@ class DistributedStep:
 
         Decided from every rank's losses shape, so every rank decides (or raises) alike.
         """
-        shapes = [_shape_of(header) for header in headers]
+        shapes = _shapes(headers)
         if len({len(shape) for shape in shapes}) != 1:
             raise ValueError(
                 f"The ranks returned losses with different numbers of dims: {shapes}; every rank "
@@ -310,6 +310,15 @@ class DistributedStep:
         global_shape = list(shapes[0])
         global_shape[dim] = sum(sizes)
         return _Layout(tuple(global_shape), dim, sum(sizes[:rank]), sizes[rank])
+
+    def _exchange_header(self, kind: str, losses: Tensor | None) -> list[list[int]]:
+        """Every rank's step header, in an exchange as long as ``all_gather_padded``'s first one.
+
+        Every step starts with one such exchange, of the same length on every path, so that ranks
+        on different paths (differently configured optimizers) get a clear error, not a hang.
+        """
+        headers = self.communicator.exchange_ints([0, 0, *_header(kind, losses)])
+        return [header[2:] for header in headers]
 
     def _take_grads(self, params: Sequence[Tensor]) -> None:
         """Sets each ``.grad`` aside, so that the step reduces only its own part."""
@@ -376,6 +385,26 @@ def _shape_header(losses: Tensor | None) -> list[int]:
 
 def _shape_of(header: list[int]) -> tuple[int, ...]:
     return tuple(header[1 : 1 + header[0]])
+
+
+_KINDS = {"engine": 1, "weights": 2, "jacobian": 3, "scalarizer": 4, "multi_task": 5, "evaluate": 6}
+
+
+def _header(kind: str, losses: Tensor | None) -> list[int]:
+    """``[kind of step, ndim, *shape, 0...]``: what every rank announces first."""
+    return [_KINDS[kind], *_shape_header(losses)]
+
+
+def _shapes(headers: list[list[int]]) -> list[tuple[int, ...]]:
+    """The losses' shapes from every rank's header; the ranks must run the same kind of step."""
+    kinds = {header[0] for header in headers}
+    if len(kinds) != 1:
+        names = {code: name for name, code in _KINDS.items()}
+        raise ValueError(
+            f"The ranks run different kinds of steps ({sorted(names.get(k, '?') for k in kinds)}): "
+            "every rank must build its optimizer with the same method and options."
+        )
+    return [_shape_of(header[1:]) for header in headers]
 
 
 def _or_zeros(tensor: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -311,6 +311,19 @@ def failing_mtl_rank(rank: int, world: int) -> Any:
     return outcome
 
 
+def mismatched_methods_rank(rank: int, world: int) -> Any:
+    """Rank 0 built its optimizer with MeanWeighting, the others with UPGrad."""
+    model = iwrm_model()
+    method = "mean" if rank == 0 else "upgrad"
+    x, y = iwrm_batches(3 * world)[0]
+    part = slices([3] * world)[rank]
+    try:
+        train_iwrm(model, method, [(x, y)], part, 0, process_group=dist.group.WORLD)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def undeclared_ddp_rank(rank: int, world: int) -> Any:
     """A DDP model with an optimizer that was not told about the process group."""
     model = DistributedDataParallel(iwrm_model())
@@ -387,4 +400,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("undeclared-ddp", undeclared_ddp_rank)
         record("bytes", bytes_rank)
         record("failure-mtl", failing_mtl_rank)
+        record("mismatched-methods", mismatched_methods_rank)
     return results

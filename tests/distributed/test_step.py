@@ -104,6 +104,13 @@ def test_a_failing_rank_in_multi_task_mode_makes_every_rank_raise(two_ranks: Any
     assert all(outcome["unchanged"] for outcome in outcomes)
 
 
+def test_ranks_with_differently_built_optimizers_all_raise(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    for rank in ranks:
+        message = rank["mismatched-methods"]
+        assert isinstance(message, str) and "different kinds of steps" in message, message
+
+
 def test_a_checkpoint_of_rank_zero_resumes_bit_identically(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
