@@ -180,8 +180,11 @@ class DistributedStep:
         losses: Tensor | None = None
         with comm.guard("the closure"):
             losses, _ = optimizer._call_closure(closure)
-        layout = self._layout(self._exchange_header("scalarizer", losses), optimizer.batch_dim)
+        headers = self._exchange_header("scalarizer", losses)
         assert losses is not None
+        if _task_losses(optimizer) and losses.ndim > 0:
+            return self._scalarized_tasks(optimizer, losses, _shapes(headers))
+        layout = self._layout(headers, optimizer.batch_dim)
         if layout is None:
             return self._scalar(optimizer, losses)
         (values,) = comm.all_reduce_sum([layout.place(losses)], kind="losses")
@@ -195,6 +198,26 @@ class DistributedStep:
             torch.autograd.backward(optimizer._method.module(global_losses))
         self._reduce_grads(params)
         return values
+
+    def _scalarized_tasks(
+        self, optimizer: JacobianDescent, losses: Tensor, shapes: list[tuple[int, ...]]
+    ) -> Tensor:
+        """Task losses (no ``batch_dim``): the scalarizer sees each task's mean over the ranks."""
+        if any(shape != shapes[0] for shape in shapes):
+            raise ValueError(
+                f"Every rank must return the same number of task losses; got shapes {shapes}."
+            )
+        comm = self.communicator
+        (total,) = comm.all_reduce_sum([losses.detach()], kind="losses")
+        mean = total / self.world_size
+        params = optimizer.params()
+        self._take_grads(params)
+        with comm.guard("the scalarized backward"):
+            # Exactly the mean's value on every rank, with this rank's losses' gradient (1 / R).
+            global_losses = mean + (losses - losses.detach()) / self.world_size
+            torch.autograd.backward(optimizer._method.module(global_losses))
+        self._reduce_grads(params)
+        return mean
 
     def _scalar(self, optimizer: JacobianDescent, losses: Tensor) -> Tensor:
         """A scalar loss per rank: its gradient averaged over the ranks, as DDP does."""
@@ -277,7 +300,7 @@ class DistributedStep:
         """The global losses for this rank's ``losses`` (as :meth:`fill_grad` returns them)."""
         comm = self.communicator
         layout = None
-        if optimizer._shared_params is None:
+        if not _task_losses(optimizer):
             layout = self._layout(self._exchange_header("evaluate", losses), optimizer.batch_dim)
         if layout is None:
             (total,) = comm.all_reduce_sum([losses.detach()], kind="losses")
@@ -366,6 +389,13 @@ class _Layout:
         """Flat index in the global losses of each instance-major row."""
         rows = torch.arange(math.prod(self.shape), device=device)
         return rows.reshape(self.shape).movedim(self.dim, 0).reshape(-1)
+
+
+def _task_losses(optimizer: JacobianDescent) -> bool:
+    """Whether the losses are per task (averaged over ranks) rather than per instance."""
+    if optimizer._shared_params is not None:
+        return True
+    return optimizer._method.path == "scalarizer" and optimizer.batch_dim is None
 
 
 def _instance_dim(losses: Tensor | None, batch_dim: int | None) -> int:

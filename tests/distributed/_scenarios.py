@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import MeanWeighting, TrimmedMean, UPGradWeighting
-from jdoptim.scalarization import GeometricMean
+from jdoptim.scalarization import FAMO, GeometricMean
 from tests.optim._models import EMAWeighting
 
 STEPS = 3
@@ -174,6 +174,36 @@ def train_mtl(
 
         losses = optimizer.step(closure)
     return losses
+
+
+def train_famo(
+    model: TwoTaskModel, batches: list[tuple[Tensor, Tensor]], part: slice, **options: Any
+) -> Tensor:
+    """A task-loss scalarizer that recomputes the losses after each step (``info.evaluate()``)."""
+    optimizer = JDSGD(model.parameters(), lr=0.1, scalarizer=FAMO(2), **options)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            outputs, _ = model(x[part])
+            return ((outputs - y[part]) ** 2).mean(dim=0)
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+def famo_rank(rank: int, world: int, batch: int) -> Any:
+    model = mtl_model()
+    part = slices([batch] * world)[rank]
+    losses = train_famo(model, mtl_batches(batch * world), part, process_group=dist.group.WORLD)
+    return {"params": params_of(model), "losses": losses}
+
+
+def famo_reference(world: int, batch: int) -> dict[str, Any]:
+    model = mtl_model()
+    losses = train_famo(model, mtl_batches(batch * world), slice(None))
+    return {"params": params_of(model), "losses": losses}
 
 
 def mtl_rank(rank: int, world: int, batch: int) -> Any:
@@ -393,6 +423,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         key = f"iwrm-{method}-{sizes}-ddp={ddp}-bd={batch_dim}"
         record(key, iwrm_rank, method, sizes, ddp, batch_dim)
     record("mtl", mtl_rank, MTL_BATCH[world])
+    record("famo", famo_rank, MTL_BATCH[world])
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:

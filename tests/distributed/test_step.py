@@ -77,6 +77,18 @@ def test_multi_task_steps_equal_one_process_on_the_global_batch(launch: Any) -> 
             assert torch.equal(a, b)
 
 
+def test_task_loss_scalarizers_see_the_mean_over_ranks(launch: Any) -> None:
+    """FAMO on per-task losses (no batch_dim), its after_step re-evaluating the global losses."""
+    world, ranks = launch
+    reference = scenarios.famo_reference(world, scenarios.MTL_BATCH[world])
+    for rank in ranks:
+        result = _ok(rank["famo"])
+        _close(result["params"], reference["params"])
+        _close([result["losses"]], [reference["losses"]])
+        for a, b in zip(result["params"], ranks[0]["famo"]["params"], strict=True):
+            assert torch.equal(a, b)
+
+
 def test_a_failing_rank_makes_every_rank_raise_without_changing_parameters(launch: Any) -> None:
     world, ranks = launch
     for failure in scenarios.FAILURES[world]:
