@@ -1,9 +1,9 @@
 """The distributed step: each rank's part of a Jacobian-descent step that is exact on the global batch.
 
-With ``R`` ranks, rank ``r``'s losses are its slice of the global losses, concatenated along the
-instance dim (``batch_dim``, or dim 0) in rank order; in multi-task mode, the global loss of task
-``t`` is the mean over ranks of the per-rank losses (each the mean over an equally sized local
-batch, as DDP assumes). Every rank computes the same global Gramian (or Jacobian), rank 0's
+With ``R`` ranks and a ``batch_dim``, rank ``r``'s losses are its slice of the global losses,
+concatenated along ``batch_dim`` in rank order. Without ``batch_dim`` (and in multi-task mode)
+the losses are per task: the global loss of task ``t`` is the mean over ranks of the per-rank
+losses (each the mean over an equally sized local batch, as DDP assumes). Every rank computes the same global Gramian (or Jacobian), rank 0's
 weights are shared so that every rank applies bit-identical values, each rank builds the
 gradient of its own losses under its slice of the weights, and one all-reduce sums them. DDP's
 own gradient synchronisation is switched off during the closure (as under ``no_sync()``), so
@@ -59,6 +59,8 @@ class DistributedStep:
             path = optimizer._method.path
             if path == "scalarizer":
                 return self._scalarizer(optimizer, closure)
+            if optimizer.batch_dim is None:
+                return self._tasks(optimizer, closure)
             if path == "jacobian":
                 return self._jacobian(optimizer, closure)
             return self._gramian(optimizer, closure)
@@ -166,6 +168,58 @@ class DistributedStep:
         (direction,) = comm.all_reduce_sum(
             [from_first_rank(direction, comm.rank)], kind="direction"
         )
+        self._set_direction(params, direction)
+        return global_losses
+
+    # --- task losses -------------------------------------------------------------------------------
+
+    def _tasks(self, optimizer: JacobianDescent, closure: Closure) -> Tensor:
+        """Task losses (no ``batch_dim``): each the mean over ranks, so ``J̄ = mean_r J_r``.
+
+        The ``[T, n]`` Jacobians are all-reduced (they are linear in the losses); every rank
+        aggregates the same ``J̄`` and applies rank 0's direction.
+        """
+        from jdoptim.optim.jacobian_descent import _gramian_aggregator
+
+        comm = self.communicator
+        params = optimizer.params()
+        losses: Tensor | None = None
+        rows = torch.zeros(0)
+        with comm.guard("the closure or the local Jacobian"):
+            losses, _ = optimizer._call_closure(closure)
+            if losses.ndim > 0:
+                blocks = jac(
+                    losses.reshape(-1), params, parallel_chunk_size=optimizer.parallel_chunk_size
+                )
+                rows = torch.cat([b.flatten(1) for b in blocks], dim=1)
+        shapes = _shapes(self._exchange_header("tasks", losses))
+        if any(shape != shapes[0] for shape in shapes):
+            raise ValueError(
+                "Without batch_dim the losses are per task, averaged over the ranks: every rank "
+                f"must return the same number of them; got shapes {shapes}. Pass batch_dim= for "
+                "per-instance losses."
+            )
+        assert losses is not None
+        if losses.ndim == 0:
+            return self._scalar(optimizer, losses)
+        total_rows, total = comm.all_reduce_sum([rows, losses.detach()], kind="jacobian")
+        scale = 1 / self.world_size
+        direction = total_rows.new_zeros(total_rows.shape[1])
+        with comm.guard("the aggregation"):
+            aggregator = (
+                optimizer._jacobian_aggregator
+                if optimizer._method.path == "jacobian"
+                else _gramian_aggregator(optimizer._gramian_weighting)
+            )
+            direction = aggregator(total_rows * scale)
+        (direction,) = comm.all_reduce_sum(
+            [from_first_rank(direction, comm.rank)], kind="direction"
+        )
+        self._set_direction(params, direction)
+        return total * scale
+
+    def _set_direction(self, params: Sequence[Tensor], direction: Tensor) -> None:
+        """Splits ``direction`` into the params' ``.grad`` (added to what they held before)."""
         self._take_grads(params)
         offset = 0
         for param in params:
@@ -173,7 +227,6 @@ class DistributedStep:
             param.grad = part.to(param.dtype)
             offset += param.numel()
         self._restore()
-        return global_losses
 
     def _scalarizer(self, optimizer: JacobianDescent, closure: Closure) -> Tensor:
         comm = self.communicator
@@ -393,9 +446,7 @@ class _Layout:
 
 def _task_losses(optimizer: JacobianDescent) -> bool:
     """Whether the losses are per task (averaged over ranks) rather than per instance."""
-    if optimizer._shared_params is not None:
-        return True
-    return optimizer._method.path == "scalarizer" and optimizer.batch_dim is None
+    return optimizer._shared_params is not None or optimizer.batch_dim is None
 
 
 def _instance_dim(losses: Tensor | None, batch_dim: int | None) -> int:
@@ -417,7 +468,15 @@ def _shape_of(header: list[int]) -> tuple[int, ...]:
     return tuple(header[1 : 1 + header[0]])
 
 
-_KINDS = {"engine": 1, "weights": 2, "jacobian": 3, "scalarizer": 4, "multi_task": 5, "evaluate": 6}
+_KINDS = {
+    "engine": 1,
+    "weights": 2,
+    "jacobian": 3,
+    "scalarizer": 4,
+    "multi_task": 5,
+    "evaluate": 6,
+    "tasks": 7,
+}
 
 
 def _header(kind: str, losses: Tensor | None) -> list[int]:

@@ -77,6 +77,17 @@ def test_multi_task_steps_equal_one_process_on_the_global_batch(launch: Any) -> 
             assert torch.equal(a, b)
 
 
+def test_task_losses_without_batch_dim_are_means_over_ranks(launch: Any) -> None:
+    world, ranks = launch
+    reference = scenarios.tasks_reference(world, scenarios.MTL_BATCH[world])
+    for rank in ranks:
+        result = _ok(rank["tasks"])
+        _close(result["params"], reference["params"])
+        _close([result["losses"]], [reference["losses"]])
+        for a, b in zip(result["params"], ranks[0]["tasks"]["params"], strict=True):
+            assert torch.equal(a, b)
+
+
 def test_task_loss_scalarizers_see_the_mean_over_ranks(launch: Any) -> None:
     """FAMO on per-task losses (no batch_dim), its after_step re-evaluating the global losses."""
     world, ranks = launch
