@@ -65,8 +65,9 @@ class JacobianDescent(Optimizer):
         grad_scaler: a ``torch.amp.GradScaler`` for mixed precision: the losses are scaled before
             differentiation and the update goes through ``grad_scaler.step`` and ``update``.
         process_group: distributed mode (:mod:`jdoptim.distributed`): each step is exact on the
-            losses of every rank of this ``torch.distributed`` group (e.g. ``dist.group.WORLD``);
-            also enabled by ``modules=ddp_model``. ``step`` then returns the global losses.
+            losses of every rank of this ``torch.distributed`` group (e.g. ``dist.group.WORLD``):
+            concatenated along ``batch_dim``, or, without it, per-task means over the ranks. Also
+            enabled by ``modules=ddp_model``. ``step`` then returns the global losses.
     """
 
     def __init__(
