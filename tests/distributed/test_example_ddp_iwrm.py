@@ -1,4 +1,4 @@
-"""``examples/ddp_iwrm.py`` under torchrun with 2 gloo processes (test_docs skips ``ddp_*``)."""
+"""``examples/ddp_iwrm.py`` under torchrun with 2 gloo processes (tests/test_docs.py leaves ``ddp_*`` examples to this test)."""
 
 from __future__ import annotations
 
