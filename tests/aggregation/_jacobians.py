@@ -36,3 +36,18 @@ def non_conflicting_jacobians(draw: st.DrawFn) -> Tensor:
 
 def gramian(matrix: Tensor) -> Tensor:
     return matrix @ matrix.T
+
+
+def jacobian_sequence(
+    count: int, dtype: torch.dtype = torch.float64, *, rows: int = 3, cols: int = 6
+) -> list[Tensor]:
+    """Successive full-rank Jacobians (seeds 0, 1, ...), inputs for calls of stateful methods."""
+    rank = min(rows, cols)
+    return [jacobian_from_seed(k, rows, cols, rank=rank, dtype=dtype) for k in range(count)]
+
+
+def gramian_sequence(
+    count: int, dtype: torch.dtype = torch.float64, *, rows: int = 3, cols: int = 5
+) -> list[Tensor]:
+    """The Gramians of :func:`jacobian_sequence`."""
+    return [gramian(j) for j in jacobian_sequence(count, dtype, rows=rows, cols=cols)]

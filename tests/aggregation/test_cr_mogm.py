@@ -18,7 +18,7 @@ from jdoptim.aggregation import (
     UPGradWeighting,
     WeightedAggregator,
 )
-from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._jacobians import gramian_sequence, jacobian_from_seed
 from tests.aggregation._stateful_checks import (
     assert_reset_restarts,
     assert_resumes_identically,
@@ -26,20 +26,12 @@ from tests.aggregation._stateful_checks import (
 )
 
 
-def gramians(count: int, rows: int = 3, dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    result = []
-    for k in range(count):
-        jacobian = jacobian_from_seed(k, rows, 5, rank=min(rows, 5), dtype=dtype)
-        result.append(jacobian @ jacobian.T)
-    return result
-
-
 def info(lr: float, step: int) -> StepInfo:
     return StepInfo(losses=torch.zeros(3), lr=lr, step=step, evaluate=lambda: torch.zeros(3))
 
 
 def test_is_the_moving_average_of_the_inner_weights() -> None:
-    matrices = gramians(5)
+    matrices = gramian_sequence(5)
     weighting = CRMOGMWeighting(MGDAWeighting(), alpha=0.7)
     average = None
     for gramian in matrices:
@@ -49,16 +41,16 @@ def test_is_the_moving_average_of_the_inner_weights() -> None:
 
 
 def test_initial_weights_and_extreme_alphas() -> None:
-    gramian = gramians(1)[0]
+    gramian = gramian_sequence(1)[0]
     initial = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     estimate = UPGradWeighting()(gramian)
     smoothed = CRMOGMWeighting(UPGradWeighting(), alpha=0.25, initial_weights=initial)(gramian)
     torch.testing.assert_close(smoothed, 0.25 * initial + 0.75 * estimate)
     frozen = CRMOGMWeighting(UPGradWeighting(), alpha=1.0, initial_weights=initial)
-    for matrix in gramians(3):
+    for matrix in gramian_sequence(3):
         assert torch.equal(frozen(matrix), initial)
     plain = CRMOGMWeighting(UPGradWeighting(), alpha=0.0)
-    for matrix in gramians(3):
+    for matrix in gramian_sequence(3):
         torch.testing.assert_close(plain(matrix), UPGradWeighting()(matrix))
 
 
@@ -79,7 +71,7 @@ def test_takes_the_input_of_the_wrapped_weighting() -> None:
 
 def test_alpha_follows_the_learning_rate_through_after_step() -> None:
     weighting = CRMOGMWeighting(MGDAWeighting(), alpha=0.9, follow_lr=True)
-    matrices = gramians(3)
+    matrices = gramian_sequence(3)
     assert weighting.current_alpha == 0.9
     first = weighting(matrices[0])
     weighting.after_step(info(lr=0.1, step=1))
@@ -109,7 +101,7 @@ def test_after_step_and_reset_reach_the_wrapped_weighting() -> None:
     assert calls == [4]
     inner = GradVacWeighting()
     weighting = CRMOGMWeighting(inner)
-    weighting(gramians(1)[0])
+    weighting(gramian_sequence(1)[0])
     assert inner._state and weighting._state
     weighting.reset()
     assert not inner._state and not weighting._state
@@ -120,12 +112,12 @@ def test_matches_torchjd(dtype: torch.dtype) -> None:
     initial = torch.tensor([0.2, 0.3, 0.5], dtype=dtype)
     ours = CRMOGMWeighting(UPGradWeighting(), alpha=0.6, initial_weights=initial)
     theirs = peer.CRMOGMWeighting(peer.UPGradWeighting(), alpha=0.6, initial_weights=initial)
-    for gramian in gramians(4, dtype=dtype):
+    for gramian in gramian_sequence(4, dtype=dtype):
         torch.testing.assert_close(ours(gramian), theirs(gramian), atol=1e-5, rtol=1e-5)
 
 
 def test_state_round_trip_reset_and_dtype() -> None:
-    matrices = gramians(6)
+    matrices = gramian_sequence(6)
 
     def make() -> CRMOGMWeighting:
         weighting = CRMOGMWeighting(GradVacWeighting(), alpha=0.5, follow_lr=True)

@@ -5,19 +5,14 @@ import math
 import pytest
 import torch
 import torchjd.aggregation as peer
-from torch import Tensor
 
 from jdoptim.aggregation import ExcessMTL, ExcessMTLWeighting
-from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._jacobians import jacobian_sequence
 from tests.aggregation._stateful_checks import (
     assert_reset_restarts,
     assert_resumes_identically,
     assert_state_follows_dtype,
 )
-
-
-def jacobian_sequence(count: int, dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    return [jacobian_from_seed(k, 3, 6, rank=3, dtype=dtype) for k in range(count)]
 
 
 def test_hand_computed_two_calls() -> None:

@@ -8,17 +8,12 @@ from jdoptim import JDSGD
 from jdoptim._step_info import StepInfo
 from jdoptim.aggregation import GradNorm, GradNormWeighting
 from jdoptim.aggregation.gradnorm import gradnorm_loss_gradient
-from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._jacobians import gramian_sequence, jacobian_from_seed
 from tests.aggregation._stateful_checks import (
     assert_reset_restarts,
     assert_resumes_identically,
     assert_state_follows_dtype,
 )
-
-
-def gramians(count: int, dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    jacobians = [jacobian_from_seed(k, 3, 5, rank=3, dtype=dtype) for k in range(count)]
-    return [j @ j.T for j in jacobians]
 
 
 def with_losses(weighting: GradNormWeighting, *losses: list[float]) -> GradNormWeighting:
@@ -83,7 +78,7 @@ def test_weighted_norms_approach_the_paper_targets(alpha: float) -> None:
 
 def test_weights_sum_to_the_number_of_tasks_and_stay_non_negative() -> None:
     weighting = GradNormWeighting(lr=10.0)  # huge steps: clipping at 0 must keep w ≥ 0
-    for gramian in gramians(6):
+    for gramian in gramian_sequence(6):
         weights = weighting(gramian)
         assert bool((weights >= 0).all())
         assert float(weights.sum()) == pytest.approx(3.0)
@@ -91,7 +86,7 @@ def test_weights_sum_to_the_number_of_tasks_and_stay_non_negative() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_dtype_and_state(dtype: torch.dtype) -> None:
-    inputs = gramians(5, dtype)
+    inputs = gramian_sequence(5, dtype)
 
     def make() -> GradNormWeighting:
         return with_losses(GradNormWeighting(lr=0.1), [2.0, 1.0, 3.0], [1.0, 0.9, 2.5])
@@ -101,7 +96,7 @@ def test_dtype_and_state(dtype: torch.dtype) -> None:
     jacobians = [jacobian_from_seed(k, 3, 5, rank=3, dtype=dtype) for k in range(4)]
     assert_resumes_identically(lambda: GradNorm(lr=0.1), jacobians, split=2)
     assert_reset_restarts(GradNormWeighting, inputs)
-    assert_state_follows_dtype(make, gramians(5))
+    assert_state_follows_dtype(make, gramian_sequence(5))
 
 
 def test_checkpoint_keeps_the_observed_losses() -> None:

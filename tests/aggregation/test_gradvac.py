@@ -5,23 +5,14 @@ import math
 import pytest
 import torch
 import torchjd.aggregation as peer
-from torch import Tensor
 
 from jdoptim.aggregation import GradVac, GradVacWeighting
-from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._jacobians import gramian_sequence, jacobian_from_seed
 from tests.aggregation._stateful_checks import (
     assert_reset_restarts,
     assert_resumes_identically,
     assert_state_follows_dtype,
 )
-
-
-def gramians(count: int, rows: int = 3, dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    result = []
-    for k in range(count):
-        jacobian = jacobian_from_seed(k, rows, 5, rank=min(rows, 5), dtype=dtype)
-        result.append(jacobian @ jacobian.T)
-    return result
 
 
 def test_hand_computed_two_tasks() -> None:
@@ -72,7 +63,7 @@ def test_aggregator_combines_the_rows_with_the_weights() -> None:
 @pytest.mark.parametrize("rows", [2, 3, 5])
 def test_matches_torchjd(dtype: torch.dtype, rows: int) -> None:
     ours, theirs = GradVacWeighting(beta=0.7), peer.GradVacWeighting(beta=0.7)
-    for k, gramian in enumerate(gramians(5, rows, dtype)):
+    for k, gramian in enumerate(gramian_sequence(5, dtype, rows=rows)):
         torch.manual_seed(k)
         mine = ours(gramian)
         torch.manual_seed(k)
@@ -80,7 +71,7 @@ def test_matches_torchjd(dtype: torch.dtype, rows: int) -> None:
 
 
 def test_state_round_trip_reset_and_dtype() -> None:
-    matrices = gramians(6)
+    matrices = gramian_sequence(6)
     assert_resumes_identically(GradVacWeighting, matrices, split=3)
     assert_reset_restarts(GradVacWeighting, matrices)
     assert_state_follows_dtype(GradVacWeighting, matrices)

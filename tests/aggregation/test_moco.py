@@ -2,20 +2,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
 
 from jdoptim.aggregation import MGDAWeighting, MoCo
 from jdoptim.linalg import project_onto_simplex
-from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._jacobians import jacobian_from_seed, jacobian_sequence
 from tests.aggregation._stateful_checks import (
     assert_reset_restarts,
     assert_resumes_identically,
     assert_state_follows_dtype,
 )
-
-
-def jacobian_sequence(count: int, dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    return [jacobian_from_seed(k, 3, 6, rank=3, dtype=dtype) for k in range(count)]
 
 
 def test_hand_computed_first_call() -> None:

@@ -9,20 +9,12 @@ import torchjd.aggregation as peer
 from torch import Tensor
 
 from jdoptim.aggregation import PCD, PCDWeighting
-from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._jacobians import gramian_sequence, jacobian_from_seed
 from tests.aggregation._stateful_checks import (
     assert_reset_restarts,
     assert_resumes_identically,
     assert_state_follows_dtype,
 )
-
-
-def gramians(count: int, rows: int = 3, dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    result = []
-    for k in range(count):
-        jacobian = jacobian_from_seed(k, rows, 6, rank=min(rows, 6), dtype=dtype)
-        result.append(jacobian @ jacobian.T)
-    return result
 
 
 def test_hand_computed_two_objectives() -> None:
@@ -95,7 +87,7 @@ def test_rescaling_a_secondary_objective_at_every_call_changes_nothing() -> None
 )
 def test_matches_torchjd(dtype: torch.dtype, kwargs: dict[str, float]) -> None:
     ours, theirs = PCDWeighting(**kwargs), peer.PCDWeighting(**kwargs)
-    for gramian in gramians(5, rows=4, dtype=dtype):
+    for gramian in gramian_sequence(5, dtype, rows=4, cols=6):
         torch.testing.assert_close(ours(gramian), theirs(gramian), atol=1e-5, rtol=1e-5)
 
 
@@ -104,7 +96,7 @@ def test_aggregator_state_and_errors() -> None:
     torch.testing.assert_close(
         PCD(tau=0.2)(jacobian), PCDWeighting(tau=0.2)(jacobian @ jacobian.T) @ jacobian
     )
-    matrices = gramians(5)
+    matrices = gramian_sequence(5, cols=6)
     assert_resumes_identically(lambda: PCDWeighting(tau=0.3, beta=0.9), matrices, split=2)
     assert_reset_restarts(lambda: PCDWeighting(tau=0.3, beta=0.9), matrices)
     assert_state_follows_dtype(PCDWeighting, matrices)
