@@ -210,42 +210,22 @@ def train_tasks(
     return losses
 
 
-def tasks_rank(rank: int, world: int, batch: int) -> Any:
+TASK_TRAINERS = {"mtl": train_mtl, "famo": train_famo, "tasks": train_tasks}
+
+
+def task_losses_rank(rank: int, world: int, kind: str, batch: int) -> Any:
+    """One rank's run of a per-task-losses scenario (``kind`` names its trainer)."""
     model = mtl_model()
     part = slices([batch] * world)[rank]
-    losses = train_tasks(model, mtl_batches(batch * world), part, process_group=dist.group.WORLD)
+    train = TASK_TRAINERS[kind]
+    losses = train(model, mtl_batches(batch * world), part, process_group=dist.group.WORLD)
     return {"params": params_of(model), "losses": losses}
 
 
-def tasks_reference(world: int, batch: int) -> dict[str, Any]:
+def task_losses_reference(kind: str, world: int, batch: int) -> dict[str, Any]:
+    """The same scenario in one process, on the concatenated batch."""
     model = mtl_model()
-    losses = train_tasks(model, mtl_batches(batch * world), slice(None))
-    return {"params": params_of(model), "losses": losses}
-
-
-def famo_rank(rank: int, world: int, batch: int) -> Any:
-    model = mtl_model()
-    part = slices([batch] * world)[rank]
-    losses = train_famo(model, mtl_batches(batch * world), part, process_group=dist.group.WORLD)
-    return {"params": params_of(model), "losses": losses}
-
-
-def famo_reference(world: int, batch: int) -> dict[str, Any]:
-    model = mtl_model()
-    losses = train_famo(model, mtl_batches(batch * world), slice(None))
-    return {"params": params_of(model), "losses": losses}
-
-
-def mtl_rank(rank: int, world: int, batch: int) -> Any:
-    model = mtl_model()
-    part = slices([batch] * world)[rank]
-    losses = train_mtl(model, mtl_batches(batch * world), part, process_group=dist.group.WORLD)
-    return {"params": params_of(model), "losses": losses}
-
-
-def mtl_reference(world: int, batch: int) -> dict[str, Any]:
-    model = mtl_model()
-    losses = train_mtl(model, mtl_batches(batch * world), slice(None))
+    losses = TASK_TRAINERS[kind](model, mtl_batches(batch * world), slice(None))
     return {"params": params_of(model), "losses": losses}
 
 
@@ -451,9 +431,8 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     for method, sizes, ddp, batch_dim in IWRM_CASES[world]:
         key = f"iwrm-{method}-{sizes}-ddp={ddp}-bd={batch_dim}"
         record(key, iwrm_rank, method, sizes, ddp, batch_dim)
-    record("mtl", mtl_rank, MTL_BATCH[world])
-    record("famo", famo_rank, MTL_BATCH[world])
-    record("tasks", tasks_rank, MTL_BATCH[world])
+    for kind in TASK_TRAINERS:
+        record(kind, task_losses_rank, kind, MTL_BATCH[world])
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:

@@ -68,7 +68,7 @@ def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) 
 
 def test_multi_task_steps_equal_one_process_on_the_global_batch(launch: Any) -> None:
     world, ranks = launch
-    reference = scenarios.mtl_reference(world, scenarios.MTL_BATCH[world])
+    reference = scenarios.task_losses_reference("mtl", world, scenarios.MTL_BATCH[world])
     for rank in ranks:
         result = _ok(rank["mtl"])
         _close(result["params"], reference["params"])
@@ -79,7 +79,7 @@ def test_multi_task_steps_equal_one_process_on_the_global_batch(launch: Any) -> 
 
 def test_task_losses_without_batch_dim_are_means_over_ranks(launch: Any) -> None:
     world, ranks = launch
-    reference = scenarios.tasks_reference(world, scenarios.MTL_BATCH[world])
+    reference = scenarios.task_losses_reference("tasks", world, scenarios.MTL_BATCH[world])
     for rank in ranks:
         result = _ok(rank["tasks"])
         _close(result["params"], reference["params"])
@@ -91,7 +91,7 @@ def test_task_losses_without_batch_dim_are_means_over_ranks(launch: Any) -> None
 def test_task_loss_scalarizers_see_the_mean_over_ranks(launch: Any) -> None:
     """FAMO on per-task losses (no batch_dim), its after_step re-evaluating the global losses."""
     world, ranks = launch
-    reference = scenarios.famo_reference(world, scenarios.MTL_BATCH[world])
+    reference = scenarios.task_losses_reference("famo", world, scenarios.MTL_BATCH[world])
     for rank in ranks:
         result = _ok(rank["famo"])
         _close(result["params"], reference["params"])
