@@ -66,37 +66,23 @@ def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) 
                 assert torch.equal(a, b), key
 
 
-def test_multi_task_steps_equal_one_process_on_the_global_batch(launch: Any) -> None:
+@pytest.mark.parametrize(
+    "kind",
+    ["mtl", "tasks", "famo"],
+    ids=[
+        "multi-task mode (shared_params)",
+        "task losses without batch_dim are means over ranks",
+        "FAMO scalarizer, after_step re-evaluating the global losses",
+    ],
+)
+def test_per_task_loss_steps_equal_one_process_on_the_global_batch(launch: Any, kind: str) -> None:
     world, ranks = launch
-    reference = scenarios.task_losses_reference("mtl", world, scenarios.MTL_BATCH[world])
+    reference = scenarios.task_losses_reference(kind, world, scenarios.MTL_BATCH[world])
     for rank in ranks:
-        result = _ok(rank["mtl"])
+        result = _ok(rank[kind])
         _close(result["params"], reference["params"])
         _close([result["losses"]], [reference["losses"]])
-        for a, b in zip(result["params"], ranks[0]["mtl"]["params"], strict=True):
-            assert torch.equal(a, b)
-
-
-def test_task_losses_without_batch_dim_are_means_over_ranks(launch: Any) -> None:
-    world, ranks = launch
-    reference = scenarios.task_losses_reference("tasks", world, scenarios.MTL_BATCH[world])
-    for rank in ranks:
-        result = _ok(rank["tasks"])
-        _close(result["params"], reference["params"])
-        _close([result["losses"]], [reference["losses"]])
-        for a, b in zip(result["params"], ranks[0]["tasks"]["params"], strict=True):
-            assert torch.equal(a, b)
-
-
-def test_task_loss_scalarizers_see_the_mean_over_ranks(launch: Any) -> None:
-    """FAMO on per-task losses (no batch_dim), its after_step re-evaluating the global losses."""
-    world, ranks = launch
-    reference = scenarios.task_losses_reference("famo", world, scenarios.MTL_BATCH[world])
-    for rank in ranks:
-        result = _ok(rank["famo"])
-        _close(result["params"], reference["params"])
-        _close([result["losses"]], [reference["losses"]])
-        for a, b in zip(result["params"], ranks[0]["famo"]["params"], strict=True):
+        for a, b in zip(result["params"], ranks[0][kind]["params"], strict=True):
             assert torch.equal(a, b)
 
 
