@@ -1,7 +1,8 @@
 """Every ```python block of README.md and docs/**/*.md, and every script in examples/, runs.
 
-The blocks of one Markdown file run in order in one namespace, as a reader would type them. Scripts
-run in a subprocess with ``JDOPTIM_SMALL=1`` so they pick small sizes.
+Each Markdown block runs alone, in a fresh namespace, because a reader copies one block at a time:
+a block that needs an import or a model from an earlier block fails here. Scripts run in a
+subprocess with ``JDOPTIM_SMALL=1`` so they pick small sizes.
 """
 
 from __future__ import annotations
@@ -28,17 +29,27 @@ def python_blocks(path: Path) -> list[str]:
     return _BLOCK.findall(path.read_text(encoding="utf-8"))
 
 
+def markdown_blocks() -> list[tuple[Path, int, str]]:
+    return [
+        (path, index, block)
+        for path in MARKDOWN_FILES
+        for index, block in enumerate(python_blocks(path))
+    ]
+
+
 def test_documentation_exists() -> None:
     assert MARKDOWN_FILES and EXAMPLES
     assert any(python_blocks(path) for path in MARKDOWN_FILES)
 
 
-@pytest.mark.parametrize("path", MARKDOWN_FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_markdown_python_blocks_run(path: Path) -> None:
-    namespace: dict[str, object] = {"__name__": "__docs__"}
-    for index, block in enumerate(python_blocks(path)):
-        code = compile(block, f"{path.name}[block {index}]", "exec")
-        exec(code, namespace)
+@pytest.mark.parametrize(
+    ("path", "index", "block"),
+    markdown_blocks(),
+    ids=[f"{path.relative_to(ROOT)}[{index}]" for path, index, _ in markdown_blocks()],
+)
+def test_markdown_python_block_runs_alone(path: Path, index: int, block: str) -> None:
+    code = compile(block, f"{path.name}[block {index}]", "exec")
+    exec(code, {"__name__": "__docs__"})
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
