@@ -11,6 +11,9 @@ Several machines:  torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d \
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from _common import SMALL, regression_batches
@@ -21,6 +24,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from jdoptim import JDSGD
 from jdoptim.aggregation import UPGradWeighting
 
+if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    sys.exit(
+        "This example runs on several processes, started by torchrun (which sets RANK and\n"
+        "WORLD_SIZE). Run, for two processes on this machine:\n"
+        "    torchrun --nproc_per_node 2 examples/ddp_iwrm.py"
+    )
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device(

@@ -7,6 +7,7 @@ subprocess with ``JDOPTIM_SMALL=1`` so they pick small sizes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -52,10 +53,14 @@ def test_markdown_python_block_runs_alone(path: Path, index: int, block: str) ->
     exec(code, {"__name__": "__docs__"})
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script: Path) -> None:
-    env = {**os.environ, "JDOPTIM_SMALL": "1"}
-    result = subprocess.run(
+def run_example(
+    script: Path, output_dir: Path, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Runs an example on this checkout's jdoptim, at small sizes, writing its files to output_dir."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {key: value for key, value in os.environ.items() if key not in unset}
+    env.update(JDOPTIM_SMALL="1", JDOPTIM_OUTPUT_DIR=str(output_dir), PYTHONPATH=path)
+    return subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
         env=env,
@@ -64,4 +69,26 @@ def test_example_runs(script: Path) -> None:
         timeout=300,
         check=False,
     )
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(script: Path, tmp_path: Path) -> None:
+    result = run_example(script, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_demo_prints_its_table_conclusion_and_plot(tmp_path: Path) -> None:
+    result = run_example(ROOT / "examples" / "demo.py", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "increased      mean     worst" in result.stdout
+    assert "What it shows: SGD's steps increased" in result.stdout
+    plotted = (tmp_path / "jdoptim_demo.png").exists()
+    assert plotted == (importlib.util.find_spec("matplotlib") is not None)
+    assert ("Plot: skipped" in result.stdout) != plotted
+
+
+def test_ddp_example_without_torchrun_prints_the_command(tmp_path: Path) -> None:
+    result = run_example(ROOT / "examples" / "ddp_iwrm.py", tmp_path, unset=("RANK", "WORLD_SIZE"))
+    assert result.returncode == 1
+    assert "torchrun --nproc_per_node 2 examples/ddp_iwrm.py" in result.stderr
+    assert "Traceback" not in result.stderr
