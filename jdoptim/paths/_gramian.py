@@ -102,12 +102,7 @@ class GramianPath(Path):
             return parts[0]
         first = parts[0]
         if isinstance(first, TermsPart):
-            terms_parts = [p for p in parts if isinstance(p, TermsPart)]
-            if any(p.params != first.params for p in terms_parts):
-                raise ValueError(
-                    "The micro-batches of one step reached different parameters; every backward() "
-                    "of a step must run the same model."
-                )
+            terms_parts = [_aligned(p, first) for p in parts if isinstance(p, TermsPart)]
             losses = _concat_losses([p.losses for p in terms_parts], self.batch_dim)
             terms = concat_terms([p.terms for p in terms_parts])
             return TermsPart(losses, first.params, terms, None, scale=first.scale)
@@ -149,6 +144,18 @@ class GramianPath(Path):
             grad_from_terms(
                 list(zip(part.params, part.terms, strict=True)), weights, self.batch_dim
             )
+
+
+def _aligned(part: TermsPart, first: TermsPart) -> TermsPart:
+    """``part`` with its terms in the order of ``first``'s parameters."""
+    by_param = {id(param): term for param, term in zip(part.params, part.terms, strict=True)}
+    if set(by_param) != {id(param) for param in first.params}:
+        raise ValueError(
+            "The micro-batches of one step reached different parameters; every backward() of a "
+            "step must run the same model."
+        )
+    terms = [by_param[id(param)] for param in first.params]
+    return TermsPart(part.losses, first.params, terms, part.graph_losses, scale=part.scale)
 
 
 def _concat_losses(losses: Sequence[Tensor], batch_dim: int) -> Tensor:

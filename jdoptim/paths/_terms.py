@@ -29,11 +29,29 @@ def with_factors(term: Term, tensors: Sequence[Tensor]) -> Term:
     return dataclasses.replace(term, **dict(zip(names, tensors, strict=True)))  # type: ignore[type-var]
 
 
+def _materialized(term: Term) -> Term:
+    if isinstance(term, MaterializedTerm):
+        return term
+    if isinstance(term, OuterTerm):
+        tasks, batch = term.a.shape[0], term.a.shape[1]
+        rows = torch.einsum("tbsk,bsd->btkd", term.a, term.b).reshape(batch * tasks, -1)
+        return MaterializedTerm(rows, term.shape)
+    assert isinstance(term, EmbeddingTerm)
+    tasks, batch = term.a.shape[0], term.a.shape[1]
+    eye = torch.eye(batch * tasks, dtype=term.a.dtype, device=term.a.device)
+    rows = torch.stack(
+        [term.weighted_grad(eye[r].reshape(batch, tasks)).reshape(-1) for r in range(batch * tasks)]
+    )
+    return MaterializedTerm(rows, term.shape)
+
+
 def concat_terms(batches: Sequence[Sequence[Term]]) -> list[Term]:
     if len(batches) == 1:
         return list(batches[0])
     result = []
     for terms in zip(*batches, strict=True):
+        if len({type(t) for t in terms}) > 1:
+            terms = tuple(_materialized(t) for t in terms)
         factors = [term_factors(t) for t in terms]
         merged = []
         for index, (_, dim) in enumerate(factors[0]):
