@@ -1,6 +1,6 @@
 """Adam-style Jacobian descent by composition: JDAdam, or JacobianDescent around any optimizer.
 
-Run: python examples/adam_composition.py
+Run: .venv/bin/python examples/adam_composition.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations

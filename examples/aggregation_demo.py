@@ -3,7 +3,7 @@
 A step along -d decreases loss i, to first order, when gᵢ · d > 0, leaves it unchanged when
 gᵢ · d = 0, and increases it when gᵢ · d < 0.
 
-Run: python examples/aggregation_demo.py
+Run: .venv/bin/python examples/aggregation_demo.py   (.venv: made by the quick start)
 """
 
 import torch

@@ -4,7 +4,7 @@ Each rank draws its share of every global batch (DistributedSampler); JDSGD with
 the step that one process would take on the whole global batch: the weighting sees the Gramian of
 all per-instance losses of all ranks, and every rank ends each step with the same parameters.
 
-Run (CPU, gloo):   torchrun --nproc_per_node 2 examples/ddp_iwrm.py
+Run (CPU, gloo):   .venv/bin/torchrun --nproc_per_node 2 examples/ddp_iwrm.py
 Several machines:  torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d \
                        --rdzv_endpoint HOST:29500 examples/ddp_iwrm.py   (on every machine)
 """

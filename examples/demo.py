@@ -7,7 +7,7 @@ the worst per-instance loss on the whole training set. SGD follows the mean grad
 increase some instances' losses; UPGrad picks a direction that decreases every loss of the batch
 to first order.
 
-Run: python examples/demo.py   (after ``bash scripts/demo.sh`` once: ``.venv/bin/python ...``)
+Run: .venv/bin/python examples/demo.py   (bash scripts/demo.sh makes .venv and runs it)
 Optional: ``pip install tqdm matplotlib`` for a progress bar and a plot (jdoptim_demo.png).
 """
 

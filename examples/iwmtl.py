@@ -3,7 +3,7 @@
 The engine returns the generalized Gramian [B, T, T, B]; ``Flattening(UPGradWeighting())`` treats
 the B·T losses as the objectives and returns weights of shape [B, T].
 
-Run: python examples/iwmtl.py
+Run: .venv/bin/python examples/iwmtl.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each step is taken on a batch of per-instance losses. After the step we re-evalu
 and count how many of its losses went up. SGD follows the mean gradient, which may increase some
 losses; JDSGD with UPGrad follows a direction that conflicts with none of them.
 
-Run: python examples/iwrm.py
+Run: .venv/bin/python examples/iwrm.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ In multi-task mode the closure returns ``(losses, features)``: the ``[T]`` task 
 trunk's output. The trunk's parameters get the UPGrad combination of the task gradients; each head
 gets its own task's gradient. No hand-written mtl_backward loop.
 
-Run: python examples/mtl.py
+Run: .venv/bin/python examples/mtl.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations

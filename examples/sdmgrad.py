@@ -4,7 +4,7 @@ SDMGrad's weighting needs ``A = J₁ J₂ᵀ`` from two independent batches and 
 With a cross-Gramian weighting the optimizer calls the closure three times per step; the closure
 draws the next batch at each call.
 
-Run: python examples/sdmgrad.py
+Run: .venv/bin/python examples/sdmgrad.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations
