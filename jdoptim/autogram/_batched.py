@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from jdoptim.autogram._assembly import instance_major_order
 from jdoptim.autogram._attention import attention_terms
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
-from jdoptim.autogram._jacobian import batched_vjp, exact_terms, row_order
+from jdoptim.autogram._jacobian import batched_vjp, exact_terms
 from jdoptim.autogram._records import CallRecord
 from jdoptim.autogram._replay import replay_rows
-from jdoptim.autogram._rules import MaterializedTerm, Term, build_terms, candidate_batch_dims
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 # A call output whose batch dim could not be established: its parameters take an exact path.
 _UNVERIFIED = -1
@@ -87,7 +88,9 @@ class BatchedPass:
             p for pid, p in self.covered.items() if pid in self.plan.places and pid not in done
         ]
         if leftovers:
-            terms += exact_terms(self.output, leftovers, row_order(self.shape, self.batch_dim))
+            terms += exact_terms(
+                self.output, leftovers, instance_major_order(self.shape, self.batch_dim)
+            )
         return terms
 
     def _activation_gradients(
@@ -139,7 +142,7 @@ class BatchedPass:
         if record.rule is not None:
             if record.x is None:
                 return []
-            dims = candidate_batch_dims(record.rule, record.module, record.x, shape)
+            dims = record.rule.batch_dims(record.module, shape)
         else:
             dims = list(range(len(shape)))
         return [dim for dim in dims if shape[dim] == self.batch]
@@ -186,9 +189,10 @@ class BatchedPass:
                 for gradient, dim in by_record[id(record)]:
                     assert record.x is not None
                     inputs.append((record.x, gradient, dim))
-            assert calls[0].rule is not None
+            rule = calls[0].rule
+            assert rule is not None
             with torch.autocast(self.output.device.type, enabled=False):
-                built = build_terms(module, calls[0].rule, inputs, self.dtype)
+                built = rule.terms(module, inputs, self.dtype)
             for name, term in built.items():
                 if name in names:
                     terms.append((names[name], term))
@@ -227,7 +231,7 @@ class BatchedPass:
             for param, jacobian in zip(params, jacobians, strict=True):
                 if jacobian is not None:
                     rows = jacobian.reshape(jacobian.shape[0], -1).to(self.dtype)
-                    terms.append((param, MaterializedTerm(rows, tuple(param.shape), "local")))
+                    terms.append((param, MaterializedTerm(rows, tuple(param.shape), Route.LOCAL)))
                 done.add(id(param))
         return terms
 
@@ -255,7 +259,9 @@ class BatchedPass:
             (
                 p,
                 MaterializedTerm(
-                    r.reshape(self.batch * self.tasks, -1).to(self.dtype), tuple(p.shape), "replay"
+                    r.reshape(self.batch * self.tasks, -1).to(self.dtype),
+                    tuple(p.shape),
+                    Route.REPLAY,
                 ),
             )
             for p, r in zip(params, rows, strict=True)

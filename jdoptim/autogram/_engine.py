@@ -7,19 +7,21 @@ import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim.autogram._assembly import grad_from_terms, gramian_from_terms, instance_major_order
 from jdoptim.autogram._batched import BatchedPass
 from jdoptim.autogram._graph import GraphPlan, walk_graph
-from jdoptim.autogram._jacobian import exact_terms, row_order
-from jdoptim.autogram._records import closed_form_rule, mixes_instances, record_call
+from jdoptim.autogram._jacobian import exact_terms
+from jdoptim.autogram._records import mixes_instances, record_call
 from jdoptim.autogram._replay import hooks_are_suspended
-from jdoptim.autogram._rules import Term
-from jdoptim.linalg import reshape_gramian
+from jdoptim.autogram._rules import ClosedFormRule, closed_form_rule
+from jdoptim.autogram._terms import Route, Term
 
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
@@ -51,6 +53,9 @@ class Engine:
     what the rules support are handled by exact per-instance vector-Jacobian products. Without it,
     the Gramian is computed from exact per-row Jacobians, valid for any graph. See
     ``docs/autogram.md``.
+
+    The engine registers forward hooks on the modules; :meth:`close` removes them (or use the
+    engine as a context manager: ``with Engine(model, batch_dim=0) as engine: ...``).
     """
 
     def __init__(
@@ -86,12 +91,13 @@ class Engine:
         self._param_ids = seen
         self._pending: _Pending | None = None
         # How each parameter's part of the last Gramian was computed (diagnostics and tests).
-        self._last_routes: dict[int, str] = {}
-        # Batch dims already checked by a probe row, per call signature (see _BatchedPass).
+        self._last_routes: dict[int, Route] = {}
+        # Batch dims already checked by a probe row, per call signature (see BatchedPass).
         self._verified_dims: dict[tuple[object, ...], int | None] = {}
-        self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str | None]] = (
+        self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, ClosedFormRule | None]] = (
             weakref.WeakKeyDictionary()
         )
+        self._closed = False
         self._handles: list[RemovableHandle] = []
         tree = {id(m): m for root in self._modules for m in root.modules()}
         for module in tree.values():
@@ -107,12 +113,33 @@ class Engine:
         """The covered parameters, each once."""
         return list(self._params)
 
-    def remove_hooks(self) -> None:
-        """Detaches the engine from its modules (it cannot compute Gramians afterwards)."""
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Removes every hook of the engine from its modules; it cannot compute Gramians afterwards.
+
+        Call it before building another engine on the same modules (or use the engine as a context
+        manager), so that hooks do not pile up. Closing twice is harmless.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._pending = None
+        self._closed = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -121,6 +148,7 @@ class Engine:
         Needed only for an engine built from ``parameters`` alone; harmless otherwise.
         """
         self._pending = None
+        self._check_open()
         if self._modules:
             yield
             return
@@ -129,6 +157,13 @@ class Engine:
             yield
         finally:
             handle.remove()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "This engine was closed (its hooks are removed); build a new Engine to compute "
+                "Gramians again."
+            )
 
     def _owns_covered(self, module: nn.Module) -> bool:
         return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
@@ -159,8 +194,14 @@ class Engine:
         :meth:`backward` to fill ``.grad`` from what this pass saved.
         """
         terms = self.compute_terms(output)
+        assert self._pending is not None
         try:
-            return self._sum_terms(terms, output)
+            return gramian_from_terms(
+                [term for _, term in terms],
+                self._pending.shape,
+                self._pending.batch_dim,
+                dtype=torch.promote_types(output.dtype, torch.float32),
+            )
         except BaseException:
             self._pending = None
             raise
@@ -175,6 +216,7 @@ class Engine:
         :mod:`jdoptim.distributed` does across ranks). :meth:`backward` works afterwards.
         """
         self._pending = None
+        self._check_open()
         try:
             return self._compute_terms(output)
         except RuntimeError as error:
@@ -204,7 +246,7 @@ class Engine:
         covered = {id(p): p for p in self._params if p.requires_grad}
         if batch_dim is None:
             _check_visible(walk_graph(output, covered))
-            terms = exact_terms(output, list(covered.values()), row_order(shape, None))
+            terms = exact_terms(output, list(covered.values()), instance_major_order(shape, None))
         else:
             terms = self._batched_terms(output, batch_dim, covered)
         if not terms:
@@ -216,23 +258,6 @@ class Engine:
         self._pending = _Pending(terms, shape, batch_dim)
         self._last_routes = {id(param): term.route for param, term in terms}
         return terms
-
-    def _sum_terms(self, terms: list[tuple[Tensor, Term]], output: Tensor) -> Tensor:
-        shape = tuple(output.shape)
-        rows = math.prod(shape)
-        batch_dim = self._normalized_batch_dim(output)
-        dtype = torch.promote_types(output.dtype, torch.float32)
-        gramian = sum(
-            (term.gramian().to(dtype) for _, term in terms),
-            torch.zeros(rows, rows, dtype=dtype, device=output.device),
-        )
-        gramian = (gramian + gramian.T) / 2
-        order = row_order(shape, batch_dim).to(output.device)
-        natural = torch.empty_like(gramian)
-        natural[order[:, None], order[None, :]] = gramian
-        if not shape:
-            return natural.reshape(())
-        return reshape_gramian(natural, shape)
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -290,18 +315,7 @@ class Engine:
             raise ValueError(
                 f"weights must be a tensor of the output's shape {pending.shape}, got {got}."
             )
-        weights = weights.detach()
-        if pending.batch_dim is None:
-            rows = weights.reshape(-1, 1)
-        else:
-            moved = weights.movedim(pending.batch_dim, 0)
-            rows = moved.reshape(moved.shape[0], -1)
-        for param, term in pending.terms:
-            grad = term.weighted_grad(rows).to(param.dtype)
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad.add_(grad)
+        grad_from_terms(pending.terms, weights, pending.batch_dim)
 
 
 def _check_visible(plan: GraphPlan) -> None:

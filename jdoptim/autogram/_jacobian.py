@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from jdoptim.autogram._rules import MaterializedTerm, Term
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 
 @contextmanager
@@ -132,15 +131,7 @@ def exact_terms(output: Tensor, params: list[Tensor], order: Tensor) -> list[tup
     jacobians = batched_vjp([output], params, [basis.reshape(rows, *output.shape)])
     dtype = torch.promote_types(output.dtype, torch.float32)
     return [
-        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape), "exact"))
+        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape), Route.EXACT))
         for p, j in zip(params, jacobians, strict=True)
         if j is not None
     ]
-
-
-def row_order(shape: tuple[int, ...], batch_dim: int | None) -> Tensor:
-    """Flat output index of each internal row (instance-major when there is a batch dim)."""
-    index = torch.arange(math.prod(shape)).reshape(shape)
-    if batch_dim is None:
-        return index.reshape(-1)
-    return index.movedim(batch_dim, 0).reshape(-1)
