@@ -92,8 +92,8 @@ class Engine:
         self._pending: _Pending | None = None
         # How each parameter's part of the last Gramian was computed (diagnostics and tests).
         self._last_routes: dict[int, Route] = {}
-        # Batch dims already checked by a probe row, per call signature (see BatchedPass).
-        self._verified_dims: dict[tuple[object, ...], int | None] = {}
+        # Draws the probe weights of the independence check (seeded: runs are reproducible).
+        self._probe_generator = torch.Generator().manual_seed(0)
         self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, ClosedFormRule | None]] = (
             weakref.WeakKeyDictionary()
         )
@@ -289,7 +289,7 @@ class Engine:
                     "Engine(..., batch_dim=None) (exact, slower), put the layer in eval() mode, or "
                     "replace it by GroupNorm/LayerNorm."
                 )
-            return BatchedPass(output, batch_dim, covered, plan, self._verified_dims).terms()
+            return BatchedPass(output, batch_dim, covered, plan, self._probe_generator).terms()
         finally:
             for record in plan.records:
                 record.reached_outputs = []  # these edges point back at the nodes holding the record

@@ -38,6 +38,7 @@ class CallRecord:
     x_version: int
     input_edges: list[GradientEdge]
     mixes_instances: bool
+    half_precision: bool = False
     replay: Any = None
     reached_outputs: list[GradientEdge] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
@@ -71,6 +72,7 @@ def record_call(
         x_version=first._version if keep_x and first is not None else 0,
         input_edges=input_edges,
         mixes_instances=mixes_instances(module),
+        half_precision=any(t.dtype == torch.float16 for t in outputs),
         replay=replay_inputs(module, args, kwargs, output) if rule is None else None,
     )
     own_inputs = {(id(e.node), e.output_nr) for e in input_edges}
