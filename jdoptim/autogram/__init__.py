@@ -6,7 +6,12 @@ returns), :func:`concat_terms` to join batches exactly, :func:`gramian_from_term
 :func:`grad_from_terms` to turn terms into the Gramian of the losses and into ``.grad``.
 """
 
-from jdoptim.autogram._assembly import grad_from_terms, gramian_from_terms, instance_major_order
+from jdoptim.autogram._assembly import (
+    grad_from_terms,
+    gramian_from_terms,
+    instance_major_order,
+    jacobian_scale,
+)
 from jdoptim.autogram._engine import Engine
 from jdoptim.autogram._terms import Route, Term, concat_terms
 
@@ -18,4 +23,5 @@ __all__ = [
     "grad_from_terms",
     "gramian_from_terms",
     "instance_major_order",
+    "jacobian_scale",
 ]

@@ -1,9 +1,18 @@
-"""From per-parameter terms to the Gramian of the losses and to ``.grad``."""
+"""From per-parameter terms to the Gramian of the losses and to ``.grad``.
+
+Both run with autocast disabled and from factors of at least float32, so that a Gramian computed
+inside an fp16 autocast region, or of losses scaled by a ``GradScaler``, does not overflow in
+half-precision intermediates. Before a term's Gramian is formed, each floating factor is divided by
+a power of two that brings its largest entry near 1 (exact in floating point), and the powers are
+put back on the term's Gramian at the end: intermediates never underflow or overflow, and in normal
+ranges the result is bit for bit what the factors would give directly.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -24,36 +33,68 @@ def instance_major_order(shape: tuple[int, ...], batch_dim: int | None) -> Tenso
     return index.movedim(batch_dim, 0).reshape(-1)
 
 
+# Jacobians whose largest entry (bound) lies within 2^±_SAFE_EXPONENT are not rescaled.
+_SAFE_EXPONENT = 30
+
+
+def jacobian_scale(terms: Sequence[Term]) -> Tensor:
+    """A power of two ``s`` to divide the Jacobian by so that its Gramian stays in range.
+
+    ``s`` is 1 unless the largest entry of the terms' per-row gradients (bounded by the product of
+    each term's largest factor entries) lies beyond ``2^±30``; then it is that entry's power of
+    two. A 0-d float64 tensor on the terms' device (no host synchronisation). Pass it to
+    :func:`gramian_from_terms` as ``scale`` to get the Gramian of ``J / s``: the same weights for
+    every scale-invariant weighting, and ``s²`` times it is the Gramian of ``J``.
+    """
+    if not terms:
+        raise ValueError("jacobian_scale needs at least one term.")
+    exponents = torch.stack([_factor_exponents(term)[1] for term in terms])
+    largest = exponents.amax()
+    safe = largest.abs() <= _SAFE_EXPONENT
+    return _exact_power_of_two(torch.where(safe, torch.zeros_like(largest), largest))
+
+
 def gramian_from_terms(
     terms: Sequence[Term],
     shape: tuple[int, ...],
     batch_dim: int | None,
     dtype: torch.dtype | None = None,
+    *,
+    scale: Tensor | None = None,
 ) -> Tensor:
     """The generalized Gramian ``[*shape, *reversed(shape)]`` of losses of ``shape``.
 
     Sums the terms' Gramians (in ``dtype``; default: the terms' dtype, at least float32),
     symmetrises the sum, and moves its instance-major rows (instance along ``batch_dim``) to the
-    losses' own layout. A 0-d ``shape`` gives a 0-d Gramian.
+    losses' own layout. A 0-d ``shape`` gives a 0-d Gramian. With ``scale`` (a power of two, such
+    as :func:`jacobian_scale`'s), the Gramian of ``J / scale``: in range where the Gramian of
+    ``J`` itself would underflow or overflow.
     """
     if not terms:
         raise ValueError("gramian_from_terms needs at least one term.")
     batch_dim = _normalized(batch_dim, shape)
     rows = math.prod(shape)
-    gramians = [term.gramian() for term in terms]
-    for term, gramian in zip(terms, gramians, strict=True):
-        if tuple(gramian.shape) != (rows, rows):
-            raise ValueError(
-                f"A {type(term).__name__} has {gramian.shape[0]} rows, but losses of shape {shape} "
-                f"have {rows}: the terms do not belong to these losses."
-            )
-    if dtype is None:
-        dtype = torch.promote_types(gramians[0].dtype, torch.float32)
+    shift = None if scale is None else torch.frexp(scale.detach().double()).exponent - 1
+    gramians: list[Tensor] = []
+    with _full_precision(terms):
+        for term in terms:
+            normalized, exponent = _normalized_term(term)
+            gramian = normalized.gramian()
+            if tuple(gramian.shape) != (rows, rows):
+                raise ValueError(
+                    f"A {type(term).__name__} has {gramian.shape[0]} rows, but losses of shape "
+                    f"{shape} have {rows}: the terms do not belong to these losses."
+                )
+            if shift is not None:
+                exponent = exponent - shift.to(exponent.device)
+            if dtype is None:
+                dtype = torch.promote_types(gramian.dtype, torch.float32)
+            # The two factors of 2^exponent come back one at a time: each is in float range.
+            factor = _exact_power_of_two(exponent).to(dtype)
+            gramians.append(gramian.to(dtype) * factor * factor)
+    assert dtype is not None
     device = gramians[0].device
-    total = sum(
-        (gramian.to(dtype) for gramian in gramians),
-        torch.zeros(rows, rows, dtype=dtype, device=device),
-    )
+    total = sum(gramians, torch.zeros(rows, rows, dtype=dtype, device=device))
     total = (total + total.T) / 2
     order = instance_major_order(shape, batch_dim).to(device)
     natural = torch.empty_like(total)
@@ -78,12 +119,13 @@ def grad_from_terms(
     else:
         moved = weights.movedim(batch_dim, 0)
         rows = moved.reshape(moved.shape[0], -1)
-    for param, term in pairs:
-        grad = term.weighted_grad(rows).to(param.dtype)
-        if param.grad is None:
-            param.grad = grad
-        else:
-            param.grad.add_(grad)
+    with _full_precision([term for _, term in pairs]):
+        for param, term in pairs:
+            grad = _upcast(term).weighted_grad(rows).to(param.dtype)
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
 
 
 def _normalized(batch_dim: int | None, shape: tuple[int, ...]) -> int | None:
@@ -92,3 +134,61 @@ def _normalized(batch_dim: int | None, shape: tuple[int, ...]) -> int | None:
     if not -len(shape) <= batch_dim < len(shape):
         raise ValueError(f"batch_dim={batch_dim} is out of range for losses of shape {shape}.")
     return batch_dim % len(shape)
+
+
+@contextmanager
+def _full_precision(terms: Sequence[Term]) -> Iterator[None]:
+    """Autocast off on the terms' device (a caller's fp16 region must not reach the Gramian)."""
+    device = next((t.device for term in terms for t, _ in term.factors()), torch.device("cpu"))
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def _upcast(term: Term) -> Term:
+    """The term with half-precision floating factors in float32."""
+    factors = [tensor for tensor, _ in term.factors()]
+    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in factors):
+        return term
+    return term.with_factors(
+        [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in factors]
+    )
+
+
+def _factor_exponents(term: Term) -> tuple[list[Tensor | None], Tensor]:
+    """Per factor, ``e`` with ``max |factor| = m 2^e``, ``m ∈ [0.5, 1)`` (``None`` for indices).
+
+    Also their sum, a bound's exponent for the term's per-row gradient entries.
+    """
+    exponents: list[Tensor | None] = []
+    total: Tensor | None = None
+    for tensor, _ in term.factors():
+        if not tensor.is_floating_point():
+            exponents.append(None)
+            continue
+        largest = tensor.detach().abs().amax() if tensor.numel() else tensor.new_zeros(())
+        exponent = torch.frexp(largest.double()).exponent
+        exponents.append(exponent)
+        total = exponent if total is None else total + exponent
+    if total is None:
+        total = torch.zeros((), dtype=torch.int32)
+    return exponents, total
+
+
+def _normalized_term(term: Term) -> tuple[Term, Tensor]:
+    """The term with each floating factor scaled by a power of two to a largest entry in
+    ``[0.5, 1)`` (at least float32), and the exponent ``e`` such that its per-row gradients are
+    ``2^-e`` times the term's."""
+    term = _upcast(term)
+    exponents, total = _factor_exponents(term)
+    tensors = [
+        tensor if exponent is None else tensor * _exact_power_of_two(-exponent).to(tensor.dtype)
+        for (tensor, _), exponent in zip(term.factors(), exponents, strict=True)
+    ]
+    return term.with_factors(tensors), total
+
+
+def _exact_power_of_two(exponent: Tensor) -> Tensor:
+    """``2^exponent`` as a float64 0-d tensor, built from its bits (exact; clamped to float64's
+    normal range, far beyond float32's)."""
+    biased = (exponent.to(torch.int64) + 1023).clamp(1, 2046)
+    return (biased << 52).view(torch.float64)

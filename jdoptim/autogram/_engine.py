@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim.autogram._assembly import grad_from_terms, gramian_from_terms, instance_major_order
+from jdoptim.autogram._assembly import (
+    grad_from_terms,
+    gramian_from_terms,
+    instance_major_order,
+    jacobian_scale,
+)
 from jdoptim.autogram._batched import BatchedPass
 from jdoptim.autogram._graph import GraphPlan, walk_graph
 from jdoptim.autogram._jacobian import exact_terms
@@ -193,15 +198,34 @@ class Engine:
         norm). The graph is retained, so ``output.backward(weights)`` works afterwards; or call
         :meth:`backward` to fill ``.grad`` from what this pass saved.
         """
-        terms = self.compute_terms(output)
+        return self._gramian(output, scaled=False)[0]
+
+    def compute_scaled_gramian(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        """``(G', s)``: the Gramian ``G'`` of ``J / s`` and the power of two ``s``.
+
+        ``s`` is 1 (and ``G'`` is :meth:`compute_gramian`'s result, bit for bit) unless the
+        Jacobian's entries lie beyond ``2^±30``, where the Gramian of ``J`` itself could underflow
+        or overflow (float32 losses scaled by 1e-22 or 1e20). Scale-invariant weightings give the
+        same weights on ``G'``; ``s² G'`` is the Gramian of ``J``. ``s`` is a 0-d float64 tensor;
+        nothing is synchronised with the host. :meth:`backward` works afterwards as usual.
+        """
+        gramian, scale = self._gramian(output, scaled=True)
+        assert scale is not None
+        return gramian, scale
+
+    def _gramian(self, output: Tensor, scaled: bool) -> tuple[Tensor, Tensor | None]:
+        terms = [term for _, term in self.compute_terms(output)]
         assert self._pending is not None
         try:
-            return gramian_from_terms(
-                [term for _, term in terms],
+            scale = jacobian_scale(terms) if scaled else None
+            gramian = gramian_from_terms(
+                terms,
                 self._pending.shape,
                 self._pending.batch_dim,
                 dtype=torch.promote_types(output.dtype, torch.float32),
+                scale=scale,
             )
+            return gramian, scale
         except BaseException:
             self._pending = None
             raise

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jdoptim.autogram import grad_from_terms, gramian_from_terms, instance_major_order
-from jdoptim.autogram._terms import MaterializedTerm
+from jdoptim.autogram import (
+    grad_from_terms,
+    gramian_from_terms,
+    instance_major_order,
+    jacobian_scale,
+)
+from jdoptim.autogram._terms import EmbeddingTerm, MaterializedTerm, OuterTerm
 from jdoptim.linalg import reshape_gramian
 
 
@@ -65,3 +70,52 @@ def test_grad_adds_the_weighted_rows(shape: tuple[int, ...], batch_dim: int | No
     weights = torch.randn(shape, dtype=torch.float64)
     grad_from_terms([(param, MaterializedTerm(flat[order], (5,)))], weights, batch_dim)
     torch.testing.assert_close(param.grad, 1 + weights.reshape(-1) @ flat)
+
+
+def _terms(scale_a: float, scale_b: float) -> list:
+    torch.manual_seed(0)
+    return [
+        OuterTerm(torch.randn(1, 4, 3, 5) * scale_a, torch.randn(4, 3, 6) * scale_b, (5, 6)),
+        MaterializedTerm(torch.randn(4, 7) * scale_a * scale_b, (7,)),
+        EmbeddingTerm(
+            torch.randn(1, 4, 3, 5) * scale_a * scale_b, torch.randint(9, (4, 3)), (9, 5)
+        ),
+    ]
+
+
+def _float64_gramian(terms: list) -> torch.Tensor:
+    double = [
+        t.with_factors([f.double() if f.is_floating_point() else f for f, _ in t.factors()])
+        for t in terms
+    ]
+    return sum(t.gramian() for t in double)
+
+
+def test_normal_ranges_are_bit_identical_to_the_direct_sum() -> None:
+    terms = _terms(3.0, 0.01)
+    direct = sum(t.gramian() for t in terms)
+    assert torch.equal(gramian_from_terms(terms, (4,), 0), (direct + direct.T) / 2)
+    assert float(jacobian_scale(terms)) == 1.0
+
+
+@pytest.mark.parametrize(("scale_a", "scale_b"), [(1e-20, 1e-5), (1e20, 1.0), (1e25, 1e-30)])
+def test_scaled_gramian_of_extreme_factors(scale_a: float, scale_b: float) -> None:
+    terms = _terms(scale_a, scale_b)
+    s = jacobian_scale(terms)
+    gramian = gramian_from_terms(terms, (4,), 0, scale=s)
+    expected = _float64_gramian(terms) / s**2
+    assert torch.isfinite(gramian).all()
+    torch.testing.assert_close(
+        gramian.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())
+    )
+
+
+def test_half_precision_factors_and_autocast() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 4, 3, 5) * 300, torch.randn(4, 3, 6) * 300  # a b products beyond fp16
+    half = OuterTerm(a.half(), b.half(), (5, 6))
+    with torch.autocast("cpu", dtype=torch.float16):
+        gramian = gramian_from_terms([half], (4,), 0)
+    assert gramian.dtype == torch.float32 and torch.isfinite(gramian).all()
+    expected = OuterTerm(a.half().double(), b.half().double(), (5, 6)).gramian()
+    torch.testing.assert_close(gramian.double(), expected, rtol=1e-5, atol=0.0)
