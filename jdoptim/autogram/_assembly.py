@@ -48,8 +48,7 @@ def jacobian_scale(terms: Sequence[Term]) -> Tensor:
     """
     if not terms:
         raise ValueError("jacobian_scale needs at least one term.")
-    exponents = torch.stack([_factor_exponents(term)[1] for term in terms])
-    largest = exponents.amax()
+    largest = _Exponents([_upcast(term) for term in terms]).per_term.amax()
     safe = largest.abs() <= _SAFE_EXPONENT
     return _exact_power_of_two(torch.where(safe, torch.zeros_like(largest), largest))
 
@@ -75,23 +74,27 @@ def gramian_from_terms(
     batch_dim = _normalized(batch_dim, shape)
     rows = math.prod(shape)
     shift = None if scale is None else torch.frexp(scale.detach().double()).exponent - 1
-    gramians: list[Tensor] = []
     with _full_precision(terms):
-        for term in terms:
-            normalized, exponent = _normalized_term(term)
-            gramian = normalized.gramian()
+        terms = [_upcast(term) for term in terms]
+        exponents = _Exponents(terms)
+        per_term = exponents.per_term
+        if shift is not None:
+            per_term = per_term - shift.to(per_term.device)
+        gramians = [term.gramian() for term in exponents.normalized(terms)]
+        for term, gramian in zip(terms, gramians, strict=True):
             if tuple(gramian.shape) != (rows, rows):
                 raise ValueError(
                     f"A {type(term).__name__} has {gramian.shape[0]} rows, but losses of shape "
                     f"{shape} have {rows}: the terms do not belong to these losses."
                 )
-            if shift is not None:
-                exponent = exponent - shift.to(exponent.device)
-            if dtype is None:
-                dtype = torch.promote_types(gramian.dtype, torch.float32)
-            # The two factors of 2^exponent come back one at a time: each is in float range.
-            factor = _exact_power_of_two(exponent).to(dtype)
-            gramians.append(gramian.to(dtype) * factor * factor)
+        if dtype is None:
+            dtype = torch.promote_types(gramians[0].dtype, torch.float32)
+        # A term's Gramian is 2^(2e) times its normalised one: 2^e twice, each in float range.
+        factors = _exact_power_of_two(per_term).to(dtype)
+        gramians = [
+            gramian.to(dtype) * factor * factor
+            for gramian, factor in zip(gramians, factors.unbind(), strict=True)
+        ]
     assert dtype is not None
     device = gramians[0].device
     total = sum(gramians, torch.zeros(rows, rows, dtype=dtype, device=device))
@@ -154,37 +157,54 @@ def _upcast(term: Term) -> Term:
     )
 
 
-def _factor_exponents(term: Term) -> tuple[list[Tensor | None], Tensor]:
-    """Per factor, ``e`` with ``max |factor| = m 2^e``, ``m ∈ [0.5, 1)`` (``None`` for indices).
+class _Exponents:
+    """Per floating factor of some terms, ``e`` with ``max |factor| = m 2^e``, ``m ∈ [0.5, 1)``.
 
-    Also their sum, a bound's exponent for the term's per-row gradient entries.
+    ``per_term`` sums each term's factor exponents: the exponent of a bound on its per-row
+    gradient entries. Computed for all factors at once (a handful of operations, no host sync).
     """
-    exponents: list[Tensor | None] = []
-    total: Tensor | None = None
-    for tensor, _ in term.factors():
-        if not tensor.is_floating_point():
-            exponents.append(None)
-            continue
-        largest = tensor.detach().abs().amax() if tensor.numel() else tensor.new_zeros(())
-        exponent = torch.frexp(largest.double()).exponent
-        exponents.append(exponent)
-        total = exponent if total is None else total + exponent
-    if total is None:
-        total = torch.zeros((), dtype=torch.int32)
-    return exponents, total
 
+    def __init__(self, terms: Sequence[Term]) -> None:
+        self.owners: list[list[int | None]] = []
+        floats: list[Tensor] = []
+        term_of: list[int] = []
+        for index, term in enumerate(terms):
+            positions: list[int | None] = []
+            for tensor, _ in term.factors():
+                if tensor.is_floating_point() and tensor.numel() > 0:
+                    positions.append(len(floats))
+                    floats.append(tensor.detach())
+                    term_of.append(index)
+                else:
+                    positions.append(None)
+            self.owners.append(positions)
+        device = next((t.device for t in floats), torch.device("cpu"))
+        if floats:
+            largest = torch.stack(torch._foreach_norm(floats, float("inf"))).double()
+            self.per_factor = torch.frexp(largest).exponent.to(torch.int64)
+        else:
+            self.per_factor = torch.zeros(0, dtype=torch.int64, device=device)
+        owner = torch.tensor(term_of, dtype=torch.int64).to(device, non_blocking=True)
+        self.per_term = self.per_factor.new_zeros(len(terms)).index_add_(0, owner, self.per_factor)
 
-def _normalized_term(term: Term) -> tuple[Term, Tensor]:
-    """The term with each floating factor scaled by a power of two to a largest entry in
-    ``[0.5, 1)`` (at least float32), and the exponent ``e`` such that its per-row gradients are
-    ``2^-e`` times the term's."""
-    term = _upcast(term)
-    exponents, total = _factor_exponents(term)
-    tensors = [
-        tensor if exponent is None else tensor * _exact_power_of_two(-exponent).to(tensor.dtype)
-        for (tensor, _), exponent in zip(term.factors(), exponents, strict=True)
-    ]
-    return term.with_factors(tensors), total
+    def normalized(self, terms: Sequence[Term]) -> list[Term]:
+        """The terms with each floating factor divided by ``2^e`` (exact)."""
+        if not self.per_factor.numel():
+            return list(terms)
+        powers = _exact_power_of_two(-self.per_factor)
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        result = []
+        for term, positions in zip(terms, self.owners, strict=True):
+            tensors = []
+            for (tensor, _), position in zip(term.factors(), positions, strict=True):
+                if position is None:
+                    tensors.append(tensor)
+                    continue
+                if tensor.dtype not in by_dtype:
+                    by_dtype[tensor.dtype] = list(powers.to(tensor.dtype).unbind())
+                tensors.append(tensor * by_dtype[tensor.dtype][position])
+            result.append(term.with_factors(tensors))
+        return result
 
 
 def _exact_power_of_two(exponent: Tensor) -> Tensor:
