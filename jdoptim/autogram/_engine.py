@@ -6,7 +6,7 @@ import math
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +26,7 @@ from jdoptim.autogram._jacobian import exact_terms
 from jdoptim.autogram._records import mixes_instances, record_call
 from jdoptim.autogram._replay import hooks_are_suspended
 from jdoptim.autogram._rules import ClosedFormRule, closed_form_rule
-from jdoptim.autogram._terms import Route, Term
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
@@ -103,6 +103,10 @@ class Engine:
             weakref.WeakKeyDictionary()
         )
         self._closed = False
+        # Tables of nn.Embedding(sparse=True): autograd gives them sparse gradients, so does backward.
+        self._sparse_params = {
+            id(m.weight) for root in self._modules for m in root.modules() if _is_sparse_table(m)
+        }
         self._handles: list[RemovableHandle] = []
         tree = {id(m): m for root in self._modules for m in root.modules()}
         for module in tree.values():
@@ -177,6 +181,8 @@ class Engine:
         if hooks_are_suspended():
             return
         self._pending = None
+        if _is_sparse_table(module):
+            self._sparse_params.add(id(module.weight))
         if self._batch_dim is None:
             return
         known = self._rules.get(module)
@@ -279,6 +285,12 @@ class Engine:
                 "computed by the modules given to the Engine (and for Engine(parameters=...), "
                 "inside `with engine.capture():`)."
             )
+        terms = [
+            (p, replace(t, sparse=True))
+            if id(p) in self._sparse_params and isinstance(t, MaterializedTerm)
+            else (p, t)
+            for p, t in terms
+        ]
         self._pending = _Pending(terms, shape, batch_dim)
         self._last_routes = {id(param): term.route for param, term in terms}
         return terms
@@ -349,6 +361,10 @@ def _check_visible(plan: GraphPlan) -> None:
             "use_reentrant=True), whose backward pass hides the parameters inside it from "
             "autograd.grad. Use checkpoint(..., use_reentrant=False)."
         )
+
+
+def _is_sparse_table(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) and module.sparse
 
 
 def _is_batch_norm(module: nn.Module) -> bool:

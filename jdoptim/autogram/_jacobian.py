@@ -73,6 +73,19 @@ def _vjp_chunk(
     inputs: Sequence[Tensor | GradientEdge],
     grad_outputs: Sequence[Tensor],
 ) -> list[Tensor | None]:
+    return [_dense(g) for g in _vjp_rows(outputs, inputs, grad_outputs)]
+
+
+def _dense(grad: Tensor | None) -> Tensor | None:
+    """Gradients of sparse parameters (``Embedding(sparse=True)``) as dense tensors."""
+    return grad.to_dense() if grad is not None and grad.is_sparse else grad
+
+
+def _vjp_rows(
+    outputs: Sequence[Tensor | GradientEdge],
+    inputs: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor],
+) -> list[Tensor | None]:
     rows = grad_outputs[0].shape[0]
     if rows > 1:
         try:
@@ -107,7 +120,8 @@ def _vjp_chunk(
         if all(part is None for part in parts):
             result.append(None)
         else:
-            result.append(torch.stack([_zeros_if_none(p, parts) for p in parts]))
+            dense = [_dense(p) for p in parts]
+            result.append(torch.stack([_zeros_if_none(p, dense) for p in dense]))
     return result
 
 

@@ -159,11 +159,11 @@ def _patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 
 
 class EmbeddingRule(ClosedFormRule):
-    """``nn.Embedding`` (no ``max_norm``, dense, no ``scale_grad_by_freq``): rows of the table."""
+    """``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): rows of the table."""
 
     def accepts(self, module: nn.Module) -> bool:
         assert isinstance(module, nn.Embedding)
-        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+        return module.max_norm is None and not module.scale_grad_by_freq
 
     def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
         return list(range(len(y_shape) - 1))
@@ -182,7 +182,8 @@ class EmbeddingRule(ClosedFormRule):
             a_parts.append(a)
             idx_parts.append(idx)
         shape = (module.num_embeddings, k)
-        return {"weight": EmbeddingTerm(_cat(a_parts, 2), _cat(idx_parts, 1), shape)}
+        term = EmbeddingTerm(_cat(a_parts, 2), _cat(idx_parts, 1), shape, sparse=module.sparse)
+        return {"weight": term}
 
 
 def _affine_terms(

@@ -78,17 +78,23 @@ class Term(ABC):
 
 @dataclass
 class MaterializedTerm(Term):
-    """Per-row gradients stored as ``[M, n]`` (rows instance-major)."""
+    """Per-row gradients stored as ``[M, n]`` (rows instance-major).
+
+    With ``sparse``, the weighted gradient is a sparse COO tensor over the first dim (the layout
+    autograd gives an ``nn.Embedding(sparse=True)`` table).
+    """
 
     rows: Tensor
     shape: tuple[int, ...]
     route: Route = Route.CLOSED_FORM
+    sparse: bool = False
 
     def gramian(self) -> Tensor:
         return self.rows @ self.rows.T
 
     def weighted_grad(self, weights: Tensor) -> Tensor:
-        return (weights.reshape(-1).to(self.rows.dtype) @ self.rows).reshape(self.shape)
+        grad = (weights.reshape(-1).to(self.rows.dtype) @ self.rows).reshape(self.shape)
+        return grad.to_sparse(sparse_dim=1) if self.sparse else grad
 
     def factors(self) -> list[tuple[Tensor, int]]:
         return [(self.rows, 0)]
@@ -132,12 +138,17 @@ class OuterTerm(Term):
 
 @dataclass
 class EmbeddingTerm(Term):
-    """``g[i, t] = Σₛ onehot(idx[i, s]) ⊗ a[t, i, s]``: rows of an embedding table."""
+    """``g[i, t] = Σₛ onehot(idx[i, s]) ⊗ a[t, i, s]``: rows of an embedding table.
+
+    With ``sparse``, the weighted gradient is a sparse COO tensor, as autograd gives for
+    ``nn.Embedding(sparse=True)``.
+    """
 
     a: Tensor  # [T, B, S, k], zero where idx is the padding index
     idx: Tensor  # [B, S]
     shape: tuple[int, ...]
     route: Route = Route.CLOSED_FORM
+    sparse: bool = False
 
     def gramian(self) -> Tensor:
         flat = self.idx.reshape(-1)
@@ -146,8 +157,11 @@ class EmbeddingTerm(Term):
 
     def weighted_grad(self, weights: Tensor) -> Tensor:
         weighted = torch.einsum("tbsk,bt->bsk", self.a, weights.to(self.a.dtype))
-        table = weighted.new_zeros(self.shape)
-        return table.index_add_(0, self.idx.reshape(-1), weighted.reshape(-1, self.shape[-1]))
+        rows = weighted.reshape(-1, self.shape[-1])
+        if self.sparse:
+            index = self.idx.reshape(1, -1)
+            return torch.sparse_coo_tensor(index, rows, self.shape, check_invariants=False)
+        return weighted.new_zeros(self.shape).index_add_(0, self.idx.reshape(-1), rows)
 
     def factors(self) -> list[tuple[Tensor, int]]:
         return [(self.a, 1), (self.idx, 0)]

@@ -96,6 +96,21 @@ class SameForward(nn.Linear):
     pass
 
 
+def test_sparse_embedding_has_the_closed_form_with_a_sparse_grad() -> None:
+    module = nn.Embedding(6, 3, sparse=True).double()
+    rule = closed_form_rule(module)
+    assert rule is not None
+    x = torch.randint(6, (4, 2))
+    dy = torch.randn(1, 4, 2, 3, dtype=torch.float64)
+    term = rule.terms(module, [(x, dy, 0)], torch.float64)["weight"]
+    weights = torch.randn(4, 1, dtype=torch.float64)
+    grad = term.weighted_grad(weights)
+    assert grad.is_sparse
+    module.weight.grad = None
+    (module(x) * (dy[0] * weights.view(4, 1, 1))).sum().backward()
+    torch.testing.assert_close(grad.to_dense(), module.weight.grad.to_dense())  # type: ignore[union-attr]
+
+
 def test_table_covers_stock_forwards_only() -> None:
     assert closed_form_rule(SameForward(2, 2)) is CLOSED_FORMS[nn.Linear]
     assert closed_form_rule(OwnForward(2, 2)) is None
@@ -111,7 +126,6 @@ def test_table_covers_stock_forwards_only() -> None:
         nn.Conv3d(2, 2, 2, dilation=2),
         nn.Embedding(5, 2, max_norm=1.0),
         nn.Embedding(5, 2, scale_grad_by_freq=True),
-        nn.Embedding(5, 2, sparse=True),
     ],
     ids=repr,
 )
