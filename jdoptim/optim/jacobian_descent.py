@@ -14,6 +14,7 @@ The kind of method decides the path (:mod:`jdoptim.paths`), chosen once here;
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -142,9 +143,11 @@ class JacobianDescent(Optimizer):
         self.optimizer = optimizer
         if self._modules is not None:
             self._check_modules_cover_params()
+        # Weak references: the path's hooks must not keep a dropped optimizer alive.
+        myself = weakref.ref(self)
         context = StepContext(
-            params=self.params,
-            engine=self._get_engine,
+            params=lambda: _alive(myself).params(),
+            engine=lambda: _alive(myself)._get_engine(),
             batch_dim=batch_dim,
             fuse_backward=fuse_backward,
             parallel_chunk_size=parallel_chunk_size,
@@ -437,7 +440,7 @@ class JacobianDescent(Optimizer):
         if self._engine is None or key != self._engine_key:
             if self._engine is not None:
                 self._path.stop_watching()
-                self._engine.remove_hooks()
+                self._engine.close()
             if self._modules is not None:
                 self._engine = Engine(*self._modules, batch_dim=self.batch_dim)
             else:
@@ -623,6 +626,13 @@ def _set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) ->
         setattr(wrapped, name, value)
         return
     optimizer.__dict__[fallback] = value
+
+
+def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:
+    optimizer = ref()
+    if optimizer is None:
+        raise RuntimeError("The optimizer of this step path was garbage-collected.")
+    return optimizer
 
 
 def _values(result: Any) -> Tensor:

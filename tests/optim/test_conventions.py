@@ -104,7 +104,8 @@ def test_dcp_round_trip_with_the_jdoptim_state_beside_it() -> None:
         torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), params.values(), strict=True)
     )
     assert set(probe) == {"state", "param_groups"}
-    set_optimizer_state_dict(fresh, restored, saved)
+    with pytest.warns(UserWarning, match="jd_state_dict"):  # DCP keeps torch's keys only
+        set_optimizer_state_dict(fresh, restored, saved)
     restored.load_jd_state_dict(jd_saved)
     assert restored._steps == 2
     _continue(fresh, restored, inputs, targets)
@@ -220,11 +221,11 @@ def test_float16_autocast_with_a_grad_scaler_trains(norm: nn.Module, batch_dim: 
             return torch.stack([per_instance[:8].mean(), per_instance[8:].mean()])
         return per_instance
 
-    first = float(losses().mean())
+    first = float(losses().detach().mean())
     for _ in range(20):
         optimizer.zero_grad()
         optimizer.step(losses)
-    assert float(losses().mean()) < first
+    assert float(losses().detach().mean()) < first
     assert optimizer._steps >= 15  # a few early steps may overflow at the initial scale
 
     # An overflow (finite float16 outputs, scaled gradients beyond float16's range): the step is
