@@ -47,13 +47,9 @@ torch.manual_seed(0)  # DDP also broadcasts rank 0's initial parameters
 model = DistributedDataParallel(
     nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1)).to(device)
 )
-optimizer = JDSGD(
-    model.parameters(),
-    lr=0.05,
-    weighting=UPGradWeighting(),
-    batch_dim=0,
-    process_group=model.process_group,  # exact on the global batch; DDP's own sync is off
-)
+# No process_group= needed: the DDP model's first forward pass hands its group to the optimizer,
+# every step is exact on the global batch, and DDP's own gradient sync is switched off.
+optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
 
 for epoch in range(epochs):
     sampler.set_epoch(epoch)
@@ -73,4 +69,7 @@ copies = [torch.empty_like(flat) for _ in range(world)]
 dist.all_gather(copies, flat)
 if rank == 0:
     print(f"{world} ranks, identical parameters: {all(torch.equal(c, flat) for c in copies)}")
+# Release the DDP model (and its reducer's hold on the group) before the group itself.
+del optimizer, model
+dist.barrier()
 dist.destroy_process_group()
