@@ -81,3 +81,13 @@ def test_bad_arguments_and_inputs() -> None:
         moco(torch.ones(3, 3))
     with pytest.raises(ValueError, match="shape"):
         moco(torch.ones(2, 4))
+
+
+def test_float32_jacobian_of_large_gradients_keeps_weights_on_the_simplex() -> None:
+    """Gradients around 1e5 in float32: the step is a convex combination of the tracked rows."""
+    jacobian = (jacobian_from_seed(0, 3, 4, rank=3) * 1e5).float()
+    moco = MoCo()
+    direction = moco(jacobian)
+    weights = moco._state["weights"]
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    assert float(direction.norm()) <= float(jacobian.norm(dim=1).max())
