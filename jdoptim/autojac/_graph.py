@@ -144,6 +144,12 @@ def depends_on(output: Tensor, inputs: Sequence[Tensor]) -> bool:
     return any(id(node) in reached for node in input_nodes)
 
 
+def reached_by(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
+    """For each input, whether the graph of ``outputs`` reaches it (one walk for all of them)."""
+    reached = {id(node) for node, _ in _walk([_node(output) for output in outputs], set())}
+    return [id(_node(tensor)) in reached for tensor in inputs]
+
+
 def check_outputs_depend_on_inputs(
     outputs: Sequence[Tensor], inputs: Sequence[Tensor], name: str
 ) -> None:

@@ -13,6 +13,7 @@ from jdoptim.autojac._graph import (
     check_outputs,
     check_outputs_depend_on_inputs,
     reachable_leaves,
+    reached_by,
     unique,
 )
 from jdoptim.autojac._vjp import identity_cotangents, vjp_rows
@@ -61,15 +62,24 @@ def jacobians_of_inputs(
     *,
     retain_graph: bool,
     parallel_chunk_size: int | None,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The distinct inputs and their Jacobians, for the ``backward``-style functions."""
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The distinct inputs and their Jacobians, for the ``backward``-style functions.
+
+    An input the tensors do not reach gets ``None`` rather than zero rows, as autograd leaves the
+    ``.grad`` of an unused tensor ``None`` (so that weight decay and momentum leave it alone).
+    """
     output_list, input_list = resolve_arguments(
         tensors, inputs, parallel_chunk_size, outputs_name="tensors"
     )
     input_list = unique(input_list)
-    results = jacobians(
-        output_list, input_list, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
+    reached = reached_by(output_list, input_list)
+    used = [tensor for tensor, hit in zip(input_list, reached, strict=True) if hit]
+    used_results = iter(
+        jacobians(
+            output_list, used, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
+        )
     )
+    results = [next(used_results) if hit else None for hit in reached]
     return input_list, results
 
 
