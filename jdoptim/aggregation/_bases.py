@@ -11,12 +11,13 @@ which is what lets the autogram engine run them without ever forming ``J``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from jdoptim.aggregation._hyper import Validator
 from jdoptim.linalg import (
     check_finite,
     check_generalized_gramian,
@@ -36,7 +37,20 @@ _SAFE_LOG2_RANGE = 30
 
 
 class _Named(nn.Module):
-    """``repr`` shows the constructor call, ``str`` the short method name."""
+    """``repr`` shows the constructor call, ``str`` the short method name.
+
+    Hyper-parameters listed in :attr:`hyper_parameters` are validated on every assignment.
+    """
+
+    #: Hyper-parameter name → validator returning the value to store (or raising). Assigning one,
+    #: in ``__init__`` or during training, runs its validator.
+    hyper_parameters: ClassVar[Mapping[str, Validator]] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        validator = type(self).hyper_parameters.get(name)
+        if validator is not None:
+            value = validator(value)
+        super().__setattr__(name, value)
 
     def _repr_args(self) -> str:
         return ""
@@ -165,6 +179,24 @@ class WeightedAggregator(Aggregator):
             raise TypeError(f"weighting must be a Weighting, got {type(weighting).__name__}.")
         self._check_weighting(weighting)
         self.weighting = weighting
+
+    def __getattr__(self, name: str) -> Any:
+        weighting = self.__dict__.get("_modules", {}).get("weighting")
+        if weighting is not None and name in type(weighting).hyper_parameters:
+            return getattr(weighting, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The weighting's hyper-parameters live on the weighting: writing them here must reach it.
+        weighting = self.__dict__.get("_modules", {}).get("weighting")
+        if (
+            weighting is not None
+            and name in type(weighting).hyper_parameters
+            and name not in type(self).hyper_parameters
+        ):
+            setattr(weighting, name, value)
+            return
+        super().__setattr__(name, value)
 
     def _check_weighting(self, weighting: Weighting) -> None:
         if weighting.input_kind != "matrix":

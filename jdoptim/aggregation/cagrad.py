@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, positive, validators
 from jdoptim.linalg import normalize_gramian, regularize_gramian
 from jdoptim.linalg._quadprog import Array, inverse_cholesky_factor, solve_qp
 
@@ -50,6 +51,12 @@ class CAGradWeighting(Weighting):
     """
 
     scale_invariant = True
+
+    hyper_parameters = validators(
+        c=non_negative("c"),
+        norm_eps=positive("norm_eps"),
+        reg_eps=non_negative("reg_eps"),
+    )
 
     def __init__(self, c: float, norm_eps: float = 1e-4, *, reg_eps: float = 1e-10) -> None:
         super().__init__()

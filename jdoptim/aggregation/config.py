@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 
 
@@ -28,6 +29,10 @@ class ConFIGWeighting(Weighting):
 
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        pref_vector=check_pref_vector,
+    )
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_shape
 
 
@@ -38,6 +39,11 @@ class DualBalancing(Stateful, Aggregator):
 
     State: ``Ĝ`` (``[m, n]``, as large as ``J``) and ``k``; :meth:`reset` clears them.
     """
+
+    hyper_parameters = validators(
+        beta=unit_interval("beta", high_open=True),
+        beta_sigma=non_negative("beta_sigma"),
+    )
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0) -> None:
         super().__init__()

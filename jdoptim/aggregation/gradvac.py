@@ -7,6 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 
 
@@ -32,6 +33,11 @@ class GradVacWeighting(Stateful, Weighting):
 
     State: the ``[m, m]`` targets ``φ̂``; :meth:`reset` sets them back to 0.
     """
+
+    hyper_parameters = validators(
+        beta=unit_interval("beta"),
+        eps=non_negative("eps"),
+    )
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import non_negative, positive, real_in, validators
 from jdoptim.aggregation._state_rows import check_state_shape
 from jdoptim.linalg import project_onto_simplex
 
@@ -34,6 +35,14 @@ class MoCo(Stateful, Aggregator):
 
     State: ``Y`` (``[m, n]``, as large as ``J``), ``λ`` and ``k``; :meth:`reset` clears them.
     """
+
+    hyper_parameters = validators(
+        beta=real_in("beta", 0.0, 1.0, low_open=True),
+        beta_sigma=non_negative("beta_sigma"),
+        gamma=positive("gamma"),
+        gamma_sigma=non_negative("gamma_sigma"),
+        rho=non_negative("rho"),
+    )
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import check_finite, check_tensor
 from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
@@ -44,6 +45,11 @@ class PCDWeighting(Stateful, Weighting):
     """
 
     tau: Tensor | None
+
+    hyper_parameters = validators(
+        beta=unit_interval("beta", high_open=True),
+        eps=non_negative("eps"),
+    )
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__()

@@ -125,3 +125,18 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="square"):
         CAGradWeighting(c=0.5)(torch.ones(2, 3))
     assert repr(CAGrad(0.5)) == "CAGrad(c=0.5, norm_eps=0.0001, reg_eps=1e-10)"
+
+
+def test_setting_c_on_the_aggregator_reaches_the_weighting_and_is_validated() -> None:
+    matrix = jacobian_from_seed(0, 3, 5, rank=3)
+    aggregator = CAGrad(c=0.1)
+    aggregator.c = 5.0
+    assert aggregator.weighting.c == 5.0 and aggregator.c == 5.0  # type: ignore[attr-defined]
+    torch.testing.assert_close(aggregator(matrix), CAGrad(c=5.0)(matrix))
+    with pytest.raises(ValueError, match="c must be non-negative"):
+        aggregator.c = -1.0
+    with pytest.raises(ValueError, match="c must be non-negative"):
+        aggregator.weighting.c = -1.0  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="c must be a real number"):
+        aggregator.c = "big"
+    assert aggregator.c == 5.0
