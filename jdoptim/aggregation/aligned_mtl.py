@@ -31,6 +31,8 @@ class AlignedMTLWeighting(Weighting):
         scale_mode: which eigenvalue sets the common norm of the aligned gradients.
     """
 
+    differentiable = True
+
     scale_invariant = True
     pref_vector: Tensor | None
 

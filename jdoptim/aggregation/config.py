@@ -27,6 +27,8 @@ class ConFIGWeighting(Weighting):
         pref_vector: relative cosines ``p`` (positive); ``None`` means equal cosines.
     """
 
+    differentiable = True
+
     scale_invariant = True
     pref_vector: Tensor | None
 

@@ -23,6 +23,8 @@ def _checked_weights(weights: Tensor) -> Tensor:
 class ConstantWeighting(Weighting):
     """Always returns the given weights (one per objective)."""
 
+    differentiable = True
+
     requires_values = False
     scale_invariant = True
     weights: Tensor

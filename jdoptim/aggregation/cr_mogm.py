@@ -93,6 +93,7 @@ class CRMOGMWeighting(Stateful, Weighting):
             input_kind=weighting.input_kind,
             requires_values=weighting.requires_values,
             scale_invariant=weighting.scale_invariant,
+            differentiable=weighting.differentiable,
         )
 
     @property

@@ -101,3 +101,9 @@ class ExcessMTL(WeightedAggregator):
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+
+    def reset(self) -> None:
+        """Forgets the weighting's state: the curvature estimates, the weights, the baseline and the call count."""
+        weighting = self.weighting
+        assert isinstance(weighting, ExcessMTLWeighting)
+        weighting.reset()

@@ -53,6 +53,8 @@ class GradDrop(Aggregator):
         leak: ``[m]`` values in ``[0, 1]``: how much of each row passes unmasked; ``None`` means 0.
     """
 
+    differentiable = True
+
     leak: Tensor | None
 
     hyper_parameters = validators(

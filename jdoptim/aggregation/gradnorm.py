@@ -62,6 +62,8 @@ class GradNormWeighting(Stateful, Weighting):
     State: ``w``, ``L(0)`` and ``L(t)``; :meth:`reset` clears them.
     """
 
+    differentiable = True
+
     hyper_parameters = validators(
         alpha=non_negative("alpha"),
         lr=positive("lr"),

@@ -108,3 +108,9 @@ class GradVac(GramianWeightedAggregator):
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__(GradVacWeighting(beta, eps))
+
+    def reset(self) -> None:
+        """Forgets the weighting's state: the cosine targets (back to 0)."""
+        weighting = self.weighting
+        assert isinstance(weighting, GradVacWeighting)
+        weighting.reset()

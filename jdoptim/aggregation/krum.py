@@ -31,6 +31,8 @@ class KrumWeighting(Weighting):
         n_selected: how many rows to average (multi-Krum); at most ``m``.
     """
 
+    differentiable = True
+
     scale_invariant = True
 
     hyper_parameters = validators(

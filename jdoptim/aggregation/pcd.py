@@ -148,3 +148,9 @@ class PCD(GramianWeightedAggregator):
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(PCDWeighting(tau, beta, eps))
+
+    def reset(self) -> None:
+        """Forgets the weighting's state: the moving average of the squared norms and the call count."""
+        weighting = self.weighting
+        assert isinstance(weighting, PCDWeighting)
+        weighting.reset()

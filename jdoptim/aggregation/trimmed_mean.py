@@ -21,6 +21,8 @@ class TrimmedMean(Aggregator):
             ``2·trim_number`` rows.
     """
 
+    differentiable = True
+
     hyper_parameters = validators(
         trim_number=integer_at_least("trim_number", 0),
     )
