@@ -72,7 +72,7 @@ class CAGradWeighting(Weighting):
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         size = gramian.shape[0]
-        matrix = normalize_gramian(gramian.to(torch.float64)).cpu().numpy()
+        matrix = normalize_gramian(gramian.detach().to(torch.float64)).cpu().numpy()
         mean = np.full(size, 1.0 / size)
         alignment = matrix @ mean  # gᵢᵀg₀
         radius = self.c * math.sqrt(max(float(mean @ alignment), 0.0))

@@ -75,6 +75,8 @@ class ConFIG(GramianWeightedAggregator):
         assert isinstance(weighting, ConFIGWeighting)
         pref = pref_weights(weighting.pref_vector, matrix).to(torch.float64)
         jacobian = matrix.to(torch.float64)
+        if jacobian.shape[1] == 0:
+            return matrix.new_zeros(matrix.shape[0])  # no parameters: every row is zero
         inverse_norms = _inverse_norms(jacobian.norm(dim=1))
         left, singular, _ = torch.linalg.svd(inverse_norms[:, None] * jacobian, full_matrices=False)
         # Singular values below this are rounding noise of the Jacobian's own precision.

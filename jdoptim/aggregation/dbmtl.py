@@ -11,6 +11,7 @@ from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
 from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_shape
+from jdoptim.linalg import power_of_two_scale
 
 
 class DualBalancing(Stateful, Aggregator):
@@ -75,8 +76,13 @@ class DualBalancing(Stateful, Aggregator):
 
 
 def balanced_sum(rows: Tensor) -> Tensor:
-    """``Σᵢ (maxⱼ ‖rowⱼ‖ / ‖rowᵢ‖) rowᵢ``, rows of norm 0 left out."""
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    """``Σᵢ (maxⱼ ‖rowⱼ‖ / ‖rowᵢ‖) rowᵢ``, rows of norm 0 left out.
+
+    Only ratios of norms matter, so they are taken after an exact power-of-two rescaling: squares
+    of huge or tiny entries would overflow or underflow the rows' dtype.
+    """
+    scale = power_of_two_scale(rows)
+    norms = torch.linalg.vector_norm(rows / scale, dim=1)
     scales = torch.where(norms > 0, norms.max() / norms, torch.zeros_like(norms))
     result: Tensor = scales @ rows
     return result

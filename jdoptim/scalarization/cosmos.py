@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
@@ -32,7 +33,10 @@ class COSMOS(PreferenceScalarizer):
             raise TypeError("COSMOS needs weights: a preference tensor with one entry per loss.")
         preference = self._matched(self.weights, values, "weights")
         linear = (preference * values).sum()
-        cosine: Tensor = linear / (preference.norm() * values.norm())
+        norms = preference.norm() * values.norm()
+        # All-zero losses have no direction: their cosine term is 0 (and so is its gradient).
+        safe_norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        cosine = torch.where(norms > 0, linear / safe_norms, torch.zeros_like(linear))
         return linear - self.lambda_ * cosine
 
     def _repr_args(self) -> str:

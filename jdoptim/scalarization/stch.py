@@ -32,7 +32,10 @@ class STCH(PreferenceScalarizer):
             weighted = shifted / values.numel()
         else:
             weighted = self._matched(self.weights, values, "weights") * shifted
-        return self.mu * torch.logsumexp(weighted.flatten() / self.mu, dim=0)
+        # μ log Σ exp(x/μ) = max x + μ log Σ exp((x - max x)/μ): x/μ alone overflows for small μ.
+        flat = weighted.flatten()
+        largest = flat.detach().max()
+        return largest + self.mu * torch.logsumexp((flat - largest) / self.mu, dim=0)
 
     def _repr_args(self) -> str:
         return (

@@ -140,3 +140,11 @@ def test_setting_c_on_the_aggregator_reaches_the_weighting_and_is_validated() ->
     with pytest.raises(TypeError, match="c must be a real number"):
         aggregator.c = "big"
     assert aggregator.c == 5.0
+
+
+def test_jacobian_that_requires_grad_is_aggregated_without_a_graph() -> None:
+    """The solver is not differentiable: the result does not require grad (no wrong graph)."""
+    matrix = jacobian_from_seed(0, 3, 5, rank=3).requires_grad_()
+    result = CAGrad(c=0.5)(matrix)
+    assert not result.requires_grad
+    torch.testing.assert_close(result, CAGrad(c=0.5)(matrix.detach()))
