@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
+from jdoptim.scalarization._bases import (
+    PreferenceScalarizer,
+    check_number,
+    numbers_table,
+    short_repr,
+)
 
 
 class COSMOS(PreferenceScalarizer):
@@ -21,6 +26,8 @@ class COSMOS(PreferenceScalarizer):
         lambda_: weight ``λ ≥ 0`` of the cosine term (0: plain linear scalarisation).
         weights: preference ``r`` (non-negative, shape of the losses).
     """
+
+    hyper_parameters = numbers_table(lambda_=False)
 
     def __init__(self, lambda_: float, weights: Tensor) -> None:
         if weights is None:

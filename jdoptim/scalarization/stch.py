@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
+from jdoptim.scalarization._bases import (
+    PreferenceScalarizer,
+    check_number,
+    numbers_table,
+    short_repr,
+)
 
 
 class STCH(PreferenceScalarizer):
@@ -19,6 +24,8 @@ class STCH(PreferenceScalarizer):
         weights: preference ``λ`` (non-negative, shape of the losses); ``None``: uniform ``1/m``.
         reference: ideal point ``z*`` (shape of the losses); ``None``: no shift.
     """
+
+    hyper_parameters = numbers_table(mu=True)
 
     def __init__(
         self, mu: float, weights: Tensor | None = None, reference: Tensor | None = None
