@@ -148,3 +148,23 @@ def test_jacobian_that_requires_grad_is_aggregated_without_a_graph() -> None:
     result = CAGrad(c=0.5)(matrix)
     assert not result.requires_grad
     torch.testing.assert_close(result, CAGrad(c=0.5)(matrix.detach()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [1.0, 2.0, 5.0])
+def test_zero_in_the_hull_gives_no_conflict_for_c_at_least_one(
+    c: float, dtype: torch.dtype
+) -> None:
+    """With 0 strictly inside the rows' hull and rank J = n, only d = 0 has J d ≥ 0, and the ball
+    holds 0 when c ≥ 1: the optimum is d = 0, also when the float32 Gramian rounds to an
+    indefinite matrix."""
+    for seed in range(30):
+        generator = torch.Generator().manual_seed(seed)
+        base = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+        positive = torch.rand(3, generator=generator, dtype=torch.float64) + 0.1
+        jacobian = torch.cat([base, -(positive @ base)[None]])
+        direction = CAGrad(c)(jacobian.to(dtype)).double()
+        scale = float(jacobian.norm(dim=1).max())
+        # CAGrad is exact to about sqrt(reg_eps) of the radius on singular Gramians.
+        assert float((jacobian @ direction).min()) >= -1e-4 * c * scale**2
+        assert float(direction.norm()) <= 1e-4 * c * scale
