@@ -158,7 +158,8 @@ def _positive_semi_definite(matrix: Array, eps: float) -> Array:
     threshold = matrix.shape[0] * eps * max(float(eigenvalues[-1]), 0.0)
     cleaned = np.where(eigenvalues > threshold, eigenvalues, 0.0)
     result: Array = (eigenvectors * cleaned) @ eigenvectors.T
-    return (result + result.T) / 2
+    symmetric: Array = (result + result.T) / 2
+    return symmetric
 
 
 def _without_null_space(weights: Array, matrix: Array, eps: float) -> Array:
