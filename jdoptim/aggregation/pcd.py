@@ -10,7 +10,7 @@ from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
-from jdoptim.linalg import check_finite, check_tensor
+from jdoptim.linalg import check_finite, check_tensor, min_norm_on_simplex
 from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
 
 # Relative ridge that makes the (possibly singular) normalised Gramian definite for quadprog; it
@@ -32,9 +32,14 @@ class PCDWeighting(Stateful, Weighting):
     as possible while each secondary objective keeps a fraction ``τⱼ`` of the first-order progress
     of its own normalised step. The optimum lies in the span of the rows, ``d̃ = Σₖ uₖ g̃ₖ``, so the
     problem is a QP in ``u`` on the Gramian (solved exactly with quadprog, tiny ridge for rank
-    deficient Gramians) and ``w = ‖g₀‖ / ‖d̃‖ · u ⊙ s``. When the constraints are inconsistent
-    (only possible for ``m ≥ 3``) they are dropped and ``w = e₀``; when ``g₀ = 0`` or ``d̃ = 0``
-    the weights are 0.
+    deficient Gramians) and ``w = ‖g₀‖ / ‖d̃‖ · u ⊙ s``. When ``g₀ = 0`` or ``d̃ = 0`` the weights
+    are 0.
+
+    The constraints scale with ``d``, so they can all hold unless 0 lies in the convex hull of the
+    secondary rows (``m ≥ 3``: rows ``g`` and ``−g`` among them, say; then no scaled-down ``τ``
+    helps either). In that case, a stated relaxation, every ``τⱼ`` is set to 0: the constraints
+    read ``g̃ⱼᵀd ≥ 0``, which ``d = 0`` satisfies, so PCD still follows the primary gradient as
+    closely as it can without making any secondary objective worse to first order.
 
     Args:
         tau: ``τ ∈ [0, 1]``, one float for every secondary objective or a ``[m - 1]`` tensor.
@@ -98,9 +103,9 @@ class PCDWeighting(Stateful, Weighting):
         # A row that has always been zero (with eps = 0) stays zero: scale it by 0, not by inf.
         scales = torch.where(second_moments > 0, second_moments.rsqrt(), 0.0)
         normalized = (scales[:, None] * gram * scales[None, :]).numpy()
-        coefficients = _closest_to_primary(normalized, taus)
-        squared_norm = float(coefficients @ normalized @ coefficients)
         rounding = 10 * torch.finfo(gramian.dtype).eps
+        coefficients = _closest_to_primary(normalized, taus, rounding)
+        squared_norm = float(coefficients @ normalized @ coefficients)
         rounding_bound = float(np.abs(coefficients) @ np.abs(normalized) @ np.abs(coefficients))
         if squared_norms[0] <= 0 or squared_norm <= rounding * rounding_bound:
             return gramian.new_zeros(rows)
@@ -123,24 +128,50 @@ class PCDWeighting(Stateful, Weighting):
         return f"tau={tau}, beta={self.beta}, eps={self.eps}"
 
 
-def _closest_to_primary(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
+def _closest_to_primary(gramian: np.ndarray, taus: np.ndarray, rounding: float) -> np.ndarray:
     """``u`` minimising ``½ (u − e₀)ᵀ G (u − e₀)`` s.t. ``(G u)ⱼ ≥ τⱼ Gⱼⱼ`` for ``j ≥ 1``.
 
-    Returns ``e₀`` when the constraints are inconsistent.
+    The constraints scale with ``d``, so they can all hold as soon as some ``d`` has
+    ``g̃ⱼᵀd > 0`` for every ``j`` with ``τⱼ > 0``: exactly when 0 is not in the convex hull of
+    those rows (Gordan). Otherwise they are relaxed to ``τ = 0``, which ``d = 0`` satisfies.
+    ``rounding`` is the relative size below which a squared norm counts as 0.
     """
     size = gramian.shape[0]
     primary = np.zeros(size)
     primary[0] = 1.0
     if size == 1:
         return primary
+    relaxed = np.zeros_like(taus)
+    secondary = gramian[1:, 1:]
+    # A zero row's constraint reads 0 ≥ 0: it always holds and takes no part.
+    binding = (taus > 0) & (np.diagonal(secondary) > rounding * float(np.diagonal(gramian).max()))
+    if not _can_all_gain(secondary, binding, rounding):
+        taus = relaxed
+    try:
+        return _solve_constrained(gramian, taus)
+    except ValueError:
+        return _solve_constrained(gramian, relaxed)
+
+
+def _can_all_gain(secondary: np.ndarray, positive: np.ndarray, rounding: float) -> bool:
+    """Whether some ``d`` has ``g̃ⱼᵀd > 0`` for every secondary row ``j`` marked ``positive``."""
+    if not bool(positive.any()):
+        return True
+    block = secondary[np.ix_(positive, positive)]
+    weights = min_norm_on_simplex(torch.from_numpy(block)).numpy()
+    scale = float(np.diagonal(block).max())
+    return float(weights @ block @ weights) > rounding * scale
+
+
+def _solve_constrained(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    size = gramian.shape[0]
+    primary = np.zeros(size)
+    primary[0] = 1.0
     ridge = _RIDGE * max(float(np.trace(gramian)) / size, 1e-300)
     matrix = gramian + ridge * np.eye(size)
     constraints = gramian[:, 1:]
     bounds = taus * np.diagonal(gramian)[1:]
-    try:
-        return solve_qp(inverse_cholesky_factor(matrix), matrix @ primary, constraints, bounds)
-    except ValueError:
-        return primary
+    return solve_qp(inverse_cholesky_factor(matrix), matrix @ primary, constraints, bounds)
 
 
 class PCD(GramianWeightedAggregator):
