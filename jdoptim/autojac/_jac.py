@@ -9,6 +9,7 @@ from torch import Tensor
 from jdoptim.autojac._graph import (
     as_tensor_list,
     check_chunk_size,
+    check_dense_gradients,
     check_inputs,
     check_outputs,
     check_outputs_depend_on_inputs,
@@ -29,6 +30,7 @@ def resolve_arguments(
     output_list = as_tensor_list(outputs, outputs_name)
     check_outputs(output_list, outputs_name)
     check_chunk_size(parallel_chunk_size)
+    check_dense_gradients(output_list)
     if inputs is None:
         return output_list, reachable_leaves(output_list)
     input_list = as_tensor_list(inputs, "inputs")

@@ -10,6 +10,7 @@ from torch import Tensor
 from jdoptim.autojac._graph import (
     as_tensor_list,
     check_chunk_size,
+    check_dense_gradients,
     check_inputs,
     check_outputs,
     depends_on,
@@ -59,6 +60,7 @@ def mtl_backward(
     feature_list = as_tensor_list(features, "features")
     check_outputs(feature_list, "features")
     check_chunk_size(parallel_chunk_size)
+    check_dense_gradients(feature_list)
     for index, loss in enumerate(loss_list):
         if not depends_on(loss, feature_list):
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from jdoptim.autojac import backward, clear_jac
 from tests.autojac._models import MODELS, jacobian_rows, losses_of, make
@@ -76,3 +77,22 @@ def test_errors() -> None:
         backward(w * 2, [torch.ones(3)])
     with pytest.raises(ValueError, match=r"tensors\[0\].*does not depend"):
         backward(w * 2, [torch.ones(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Embedding(10, 3, sparse=True), nn.EmbeddingBag(10, 3, sparse=True)],
+    ids=["Embedding", "EmbeddingBag"],
+)
+def test_sparse_gradient_modules_are_rejected_before_anything_changes(module: nn.Module) -> None:
+    head = nn.Linear(3, 1)
+    indices = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    embedded = module(indices) if isinstance(module, nn.EmbeddingBag) else module(indices).sum(1)
+    losses = head(embedded).squeeze(-1)
+    with pytest.raises(
+        ValueError, match=r"sparse gradients \(its weight of shape \(10, 3\)\).*sparse=False"
+    ):
+        backward(losses)
+    assert all(
+        not hasattr(p, "jac") and p.grad is None for p in [*module.parameters(), *head.parameters()]
+    )
