@@ -182,3 +182,12 @@ def test_inconsistent_constraints_are_relaxed_together() -> None:
     direction = warmed(jacobian)
     assert torch.isfinite(direction).all()
     assert abs(float(g @ direction)) <= 1e-9 and float(primary @ direction) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_eps_zero_gives_scale_free_directions(dtype: torch.dtype, scale: float) -> None:
+    matrix = jacobian_from_seed(4, 4, 6, rank=4)
+    expected = PCD(tau=0.3, eps=0.0)(matrix)
+    result = PCD(tau=0.3, eps=0.0)((matrix * scale).to(dtype)).double() / scale
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
