@@ -8,7 +8,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
-from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
+from jdoptim.aggregation._hyper import non_negative, real_in, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import check_finite, check_tensor, min_norm_on_simplex
 from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
@@ -16,6 +16,26 @@ from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
 # Relative ridge that makes the (possibly singular) normalised Gramian definite for quadprog; it
 # moves the direction by about 1e-12 divided by the smallest non-zero eigenvalue.
 _RIDGE = 1e-12
+
+
+def _checked_tau(tau: float | Tensor) -> float | Tensor:
+    """A float or a 1-D tensor (one per secondary objective), with values in [0, 1]."""
+    if isinstance(tau, Tensor):
+        check_tensor(tau, "tau")
+        if tau.ndim != 1:
+            raise ValueError(
+                f"tau must be a float or a 1-D tensor (one per secondary objective), got shape "
+                f"{tuple(tau.shape)}."
+            )
+        check_finite(tau, "tau")
+        checked: float | Tensor = tau.detach().clone()
+        in_range = bool(((tau >= 0) & (tau <= 1)).all())
+    else:
+        checked = real_in("tau", 0.0, 1.0)(tau)
+        in_range = True
+    if not in_range:
+        raise ValueError(f"tau must be in [0, 1], got {tau}.")
+    return checked
 
 
 class PCDWeighting(Stateful, Weighting):
@@ -49,38 +69,21 @@ class PCDWeighting(Stateful, Weighting):
     State: the moving average ``v`` and the call count; :meth:`reset` clears both.
     """
 
-    tau: Tensor | None
+    tau: float | Tensor
 
     hyper_parameters = validators(
+        tau=_checked_tau,
         beta=unit_interval("beta", high_open=True),
         eps=non_negative("eps"),
     )
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__()
-        tau_values: Tensor | None = None
-        tau_float: float | None = None
-        if isinstance(tau, Tensor):
-            check_tensor(tau, "tau")
-            if tau.ndim != 1:
-                raise ValueError(
-                    f"tau must be a float or a 1-D tensor (one per secondary objective), got shape "
-                    f"{tuple(tau.shape)}."
-                )
-            check_finite(tau, "tau")
-            tau_values = tau.detach().clone()
-            in_range = bool(((tau_values >= 0) & (tau_values <= 1)).all())
-        else:
-            tau_float = float(tau)
-            in_range = 0 <= tau_float <= 1
-        if not in_range:
-            raise ValueError(f"tau must be in [0, 1], got {tau}.")
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}.")
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps}.")
-        self.register_buffer("tau", tau_values, persistent=False)
-        self.tau_float = tau_float
+        self.tau = tau
         self.beta = beta
         self.eps = eps
 
@@ -114,8 +117,8 @@ class PCDWeighting(Stateful, Weighting):
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
     def _taus(self, rows: int) -> np.ndarray:
-        if self.tau is None:
-            return np.full(rows - 1, self.tau_float, dtype=np.float64)
+        if not isinstance(self.tau, Tensor):
+            return np.full(rows - 1, self.tau, dtype=np.float64)
         if self.tau.shape[0] != rows - 1:
             raise ValueError(
                 f"tau has {self.tau.shape[0]} entries but there are {rows - 1} secondary "
@@ -124,7 +127,7 @@ class PCDWeighting(Stateful, Weighting):
         return np.asarray(self.tau.detach().cpu().double().numpy(), dtype=np.float64)
 
     def _repr_args(self) -> str:
-        tau = self.tau_float if self.tau is None else self.tau.tolist()
+        tau = self.tau.tolist() if isinstance(self.tau, Tensor) else self.tau
         return f"tau={tau}, beta={self.beta}, eps={self.eps}"
 
 
