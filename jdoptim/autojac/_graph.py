@@ -145,7 +145,12 @@ def depends_on(output: Tensor, inputs: Sequence[Tensor]) -> bool:
 
 
 def reached_by(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
-    """For each input, whether the graph of ``outputs`` reaches it (one walk for all of them)."""
+    """For each input, whether the graph of ``outputs`` reaches it (one walk for all of them).
+
+    A structural test, as autograd's own: an unreached input is one whose gradient autograd
+    leaves ``None`` (so its ``.grad`` stays ``None``), whereas a reached one gets a gradient even
+    where it is numerically zero.
+    """
     reached = {id(node) for node, _ in _walk([_node(output) for output in outputs], set())}
     return [id(_node(tensor)) in reached for tensor in inputs]
 
