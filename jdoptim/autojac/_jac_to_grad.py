@@ -39,6 +39,7 @@ def jac_to_grad(
             Jacobians with different numbers of rows or a shape that does not match their param,
             or non-finite entries. Nothing is changed then.
     """
+    _check_aggregator(aggregator)
     param_list = unique(params)
     used, jacobians = _collect_jacobians(param_list)
     weights = aggregate_into_grads(used, jacobians, aggregator) if used else None
@@ -54,11 +55,7 @@ def aggregate_into_grads(
 
     Every check (and the aggregation itself) happens before the first ``.grad`` is touched.
     """
-    if not isinstance(aggregator, Aggregator):
-        raise TypeError(
-            f"aggregator must be a jdoptim.aggregation.Aggregator (such as UPGrad()), got "
-            f"{type(aggregator).__name__}."
-        )
+    _check_aggregator(aggregator)
     for index, jacobian in enumerate(jacobians):
         check_finite(jacobian, f"The Jacobian of params[{index}]")
     blocks = [jacobian.reshape(jacobian.shape[0], -1) for jacobian in jacobians]
@@ -90,6 +87,14 @@ def aggregate_into_grads(
         else:
             param.grad += grad.detach()
     return weights
+
+
+def _check_aggregator(aggregator: object) -> None:
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(
+            f"aggregator must be a jdoptim.aggregation.Aggregator (such as UPGrad()), got "
+            f"{type(aggregator).__name__}."
+        )
 
 
 def _collect_jacobians(params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
