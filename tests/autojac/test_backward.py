@@ -96,3 +96,13 @@ def test_sparse_gradient_modules_are_rejected_before_anything_changes(module: nn
     assert all(
         not hasattr(p, "jac") and p.grad is None for p in [*module.parameters(), *head.parameters()]
     )
+
+
+def test_jac_tensors_left_multiply_the_jacobian() -> None:
+    model, x, y = make("mlp")
+    losses = losses_of(model, x, y)
+    initial = torch.randn(2, *losses.shape, dtype=losses.dtype)
+    backward(losses, jac_tensors=initial)
+    for param, expected in zip(model.parameters(), jacobian_rows(model, x, y), strict=True):
+        want = torch.tensordot(initial, expected, dims=1)
+        torch.testing.assert_close(param.jac, want)  # type: ignore[attr-defined]
