@@ -44,3 +44,20 @@ def test_unused_parameters_get_no_grad_and_do_not_move(method: dict[str, object]
     assert all(p.grad is not None for p in model.used.parameters())
     for param, before in zip(model.idle.parameters(), idle_before, strict=True):
         assert torch.equal(param, before)
+
+
+def test_a_parameter_used_by_one_micro_batch_only_gets_its_gradient() -> None:
+    """Backward-then-step with two micro-batches: a parameter one of them reaches gets a .grad;
+    one that neither reaches keeps None."""
+    torch.manual_seed(0)
+    model = WithIdleLayer()
+    extra = nn.Linear(3, 1)
+    params = [*model.parameters(), *extra.parameters()]
+    optimizer = JDSGD(params, lr=0.1, aggregator=TrimmedMean(trim_number=1), batch_dim=0)
+    x, y = torch.randn(5, 3), torch.randn(5)
+    optimizer.zero_grad()
+    optimizer.backward((model(x) - y).square())
+    optimizer.backward((model(x) + extra(x).squeeze(-1) - y).square())
+    optimizer.step()
+    assert all(p.grad is not None for p in extra.parameters())
+    assert all(p.grad is None for p in model.idle.parameters())
