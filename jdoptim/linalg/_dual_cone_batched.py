@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim.linalg._dual_cone_unit import unit_problem
+
 # Wrong signs must be clear (beyond round-off of the inner solves) before a variable is swapped.
 _SIGN_TOLERANCE = 1e-9
 # Stationarity residual max_j∈F |μ_j| accepted for a row, relative to the unit-scaled problem.
@@ -60,6 +62,7 @@ def solve_dual_cone_batched(
     *,
     max_rounds: int | None = None,
     max_cg_iterations: int | None = None,
+    initial_free: Tensor | None = None,
 ) -> Tensor:
     """Returns the ``[k, m]`` solutions of ``min vᵀ G v`` s.t. ``v ≥ u`` for the rows ``u`` of ``U``.
 
@@ -70,6 +73,8 @@ def solve_dual_cone_batched(
         max_rounds: bound on the rounds (pivoting or refinement; default ``m + 30``).
         max_cg_iterations: bound on conjugate-gradient iterations per round (default
             ``2 m + 100``).
+        initial_free: optional ``[k, m]`` boolean first guess of the free sets (a warm start, such
+            as a previous solution's ``{j : v_j > u_j}``); by default ``{j : (G u)_j < 0}``.
 
     Returns:
         The solutions, on ``matrix``'s device and with its dtype. They are computed in float64.
@@ -82,20 +87,13 @@ def solve_dual_cone_batched(
     size = matrix.shape[0]
     rounds_bound = size + 30 if max_rounds is None else max_rounds
     cg_bound = 2 * size + 100 if max_cg_iterations is None else max_cg_iterations
-    gramian = matrix.to(torch.float64)
+    problem = unit_problem(matrix, lower_bounds)
     bounds = lower_bounds.to(torch.float64)
-
-    diagonal = gramian.diagonal()
-    column_scale = torch.where(diagonal > 0, diagonal.clamp(min=1e-300).rsqrt(), 1.0)
-    unit_gramian = column_scale[:, None] * gramian * column_scale[None, :]
-    unit_bounds = bounds / column_scale
-    row_scale = unit_bounds.abs().amax(dim=1, keepdim=True)
-    row_scale = torch.where(row_scale > 0, row_scale, 1.0)
-    unit_bounds = unit_bounds / row_scale
-
-    slack, unconverged = _solve_lcp(unit_gramian, unit_bounds, rounds_bound, cg_bound)
+    slack, unconverged = _solve_lcp(
+        problem.gramian, problem.bounds, rounds_bound, cg_bound, initial_free
+    )
     # v = u + D s r, so bounds that are active hold exactly and slacks are never negative.
-    solution = (bounds + slack * row_scale * column_scale).to(matrix.dtype)
+    solution = problem.solution(bounds, slack, matrix.dtype)
     if unconverged.numel() > 0:
         raise DualConeConvergenceError(
             f"The batched dual-cone solver did not converge in {rounds_bound} rounds for "
@@ -108,7 +106,7 @@ def solve_dual_cone_batched(
 
 
 def _solve_lcp(
-    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int
+    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int, initial_free: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Slack ``s`` of (LCP) for every row of ``bounds``, on a unit-diagonal float64 ``gramian``.
 
@@ -127,7 +125,7 @@ def _solve_lcp(
 
     inner_gramian = gramian.to(torch.float32)
     q = linear[pending]
-    free = q < 0
+    free = q < 0 if initial_free is None else initial_free.to(q.device)[pending]
     s = torch.zeros_like(q)
     multiplier = q
     best = free.sum(dim=1)
