@@ -1,16 +1,18 @@
-"""UPGrad weights at batch scale: quadprog per row, the batched solver, and TorchJD 0.18's UPGrad.
+"""UPGrad weights at batch scale: quadprog per row, the torch solvers, and TorchJD 0.18's UPGrad.
 
 Side by side in one process, with interleaved repeats (every repeat calls each solver once, in
 turn, so a load change on the shared CPU hits all of them alike), medians and ratios. The Gramians
 are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, and of a rank-deficient ``J`` of rank
 ``m / 8``. A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit``
-seconds is skipped and reported as such.
+seconds is skipped and reported as such. Every jdoptim weighting is reset before each call (a cold
+start) except ``auto-warm``, which keeps its state from the previous call on the same Gramian (the
+best case of a warm start). ``active_set`` is the fixed-budget solver ``"auto"`` picks on CUDA.
 
     python benchmarks/bench_dual_cone.py            # m = 8 ... 1024, float32 and float64
     python benchmarks/bench_dual_cone.py --small    # m = 8, 32, 128: a quick run
     python benchmarks/bench_dual_cone.py --device cuda
     python benchmarks/bench_dual_cone.py --sizes 512 --kinds random --dtypes float64 \
-        --without quadprog auto --limit 1000 --repeats 1     # the peer at m = 512, once
+        --without quadprog auto auto-warm active_set --limit 1000 --repeats 1  # the peer, m = 512
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def synchronized(solver: Solver, device: str) -> Solver:
     return run
 
 
+def cold(weighting: UPGradWeighting) -> Solver:
+    def run(gramian: Tensor) -> Tensor:
+        weighting.reset()
+        return weighting(gramian)
+
+    return run
+
+
 def time_call(solver: Solver, gramian: Tensor) -> tuple[float, Tensor]:
     start = time.perf_counter()
     weights = solver(gramian)
@@ -82,9 +92,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     solvers: dict[str, Solver] = {
-        "quadprog": synchronized(UPGradWeighting(solver="quadprog"), args.device),
-        "batched": synchronized(UPGradWeighting(solver="batched"), args.device),
-        "auto": synchronized(UPGradWeighting(solver="auto"), args.device),
+        "quadprog": synchronized(cold(UPGradWeighting(solver="quadprog")), args.device),
+        "batched": synchronized(cold(UPGradWeighting(solver="batched")), args.device),
+        "active_set": synchronized(cold(UPGradWeighting(solver="active_set")), args.device),
+        "auto": synchronized(cold(UPGradWeighting(solver="auto")), args.device),
+        "auto-warm": synchronized(UPGradWeighting(solver="auto"), args.device),
         "torchjd": synchronized(PeerUPGradWeighting(), args.device),
     }
     for name in args.without:

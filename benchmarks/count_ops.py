@@ -49,10 +49,10 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts[name] for name in SYNC_OPS)
 
 
-def count(call: Callable[..., Any], *args: Any) -> OpCounter:
-    """Runs ``call(*args)`` once under an :class:`OpCounter` and returns the counter."""
+def count(call: Callable[..., Any], *args: Any, **kwargs: Any) -> OpCounter:
+    """Runs ``call(*args, **kwargs)`` once under an :class:`OpCounter` and returns the counter."""
     with OpCounter() as counter:
-        call(*args)
+        call(*args, **kwargs)
     return counter
 
 

@@ -26,13 +26,12 @@ DualConeSolver = Literal["auto", "quadprog", "batched", "active_set"]
 _SOLVERS = ("auto", "quadprog", "batched", "active_set")
 
 # "auto" on the CPU, from benchmarks/bench_dual_cone.py (see docs/performance.md): quadprog up to
-# _CPU_QUADPROG_MAX_SIZE objectives, then the active-set solver up to _CPU_ACTIVE_SET_MAX_SIZE (its
-# padded batched factorisations cost m⁴ and lose to conjugate gradients above), then "batched".
-_CPU_QUADPROG_MAX_SIZE = 8
-_CPU_ACTIVE_SET_MAX_SIZE = 64
-# "auto" on CUDA (reasoned, not measured: see docs/performance.md): quadprog after a host copy while
-# one QP per row costs less than the active-set solver's ~200 kernel launches, and the active-set
-# solver while its padded systems (k m² float64 entries per round) stay within a few GiB.
+# this many objectives, then the batched pivoting solver, whose conjugate-gradient products beat
+# the active-set solver's padded batched factorisations (about m⁴ flops a round) at every m here.
+_CPU_QUADPROG_MAX_SIZE = 24
+# "auto" on CUDA (reasoned, not measured: see docs/performance.md): quadprog after a host copy
+# while one QP per row costs less than the active-set solver's ~150-250 kernel launches, then the
+# active-set solver while its padded systems (k m² float64 entries a round) stay within a few GiB.
 _CUDA_QUADPROG_MAX_SIZE = 8
 _CUDA_ACTIVE_SET_MAX_SIZE = 1024
 
@@ -48,9 +47,9 @@ def prepare_dual_cone_gramian(gramian: Tensor, reg_eps: float) -> Tensor:
     diagonal = symmetric.diagonal()
     largest = diagonal.abs().amax() if diagonal.numel() > 0 else diagonal.new_zeros(())
     usable = (largest > 0) & torch.isfinite(largest)
-    power = torch.exp2(torch.round(torch.log2(torch.where(usable, largest, 1.0))))
-    trace = (diagonal / power).sum()
-    normalised = torch.where(trace > 0, symmetric / power / torch.where(trace > 0, trace, 1.0), 0.0)
+    scaled = symmetric / torch.exp2(torch.round(torch.log2(torch.where(usable, largest, 1.0))))
+    trace = scaled.diagonal().sum()
+    normalised = torch.where(trace > 0, scaled / torch.where(trace > 0, trace, 1.0), 0.0)
     return normalised + reg_eps * torch.eye(
         gramian.shape[0], dtype=gramian.dtype, device=gramian.device
     )
@@ -150,12 +149,10 @@ def choose_dual_cone_solver(
     if reg_eps == 0 or gramian.device.type == "mps":
         return "quadprog"
     if gramian.device.type == "cpu":
-        quadprog_max, active_set_max = _CPU_QUADPROG_MAX_SIZE, _CPU_ACTIVE_SET_MAX_SIZE
-    else:
-        quadprog_max, active_set_max = _CUDA_QUADPROG_MAX_SIZE, _CUDA_ACTIVE_SET_MAX_SIZE
-    if size <= quadprog_max:
+        return "quadprog" if size <= _CPU_QUADPROG_MAX_SIZE else "batched"
+    if size <= _CUDA_QUADPROG_MAX_SIZE:
         return "quadprog"
-    return "active_set" if size <= active_set_max else "batched"
+    return "active_set" if size <= _CUDA_ACTIVE_SET_MAX_SIZE else "batched"
 
 
 def _project_quadprog(matrix: Tensor, lower_bounds: Tensor) -> Tensor:

@@ -139,11 +139,13 @@ def test_iteration_bound_raises(size: int) -> None:
 
 
 def test_auto_dispatch() -> None:
-    small, medium, large = torch.eye(8), torch.eye(40), torch.eye(200)
+    small, large = torch.eye(8), torch.eye(200)
     assert choose_dual_cone_solver(small, 1e-4, "auto") == "quadprog"
-    assert choose_dual_cone_solver(medium, 1e-4, "auto") == "active_set"
+    assert choose_dual_cone_solver(torch.eye(24), 1e-4, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.eye(25), 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 0.0, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 1e-4, "auto") == "quadprog"
     on_accelerator = torch.empty(200, 200, device="meta")
     assert choose_dual_cone_solver(on_accelerator, 1e-4, "auto") == "active_set"
     assert (
