@@ -30,10 +30,11 @@ _SOLVERS = ("auto", "quadprog", "batched", "active_set")
 # the active-set solver's padded batched factorisations (about m⁴ flops a round) at every m here.
 _CPU_QUADPROG_MAX_SIZE = 24
 # "auto" on CUDA (reasoned, not measured: see docs/performance.md): quadprog after a host copy
-# while one QP per row costs less than the active-set solver's ~150-250 kernel launches, then the
-# active-set solver while its padded systems (k m² float64 entries a round) stay within a few GiB.
-_CUDA_QUADPROG_MAX_SIZE = 8
-_CUDA_ACTIVE_SET_MAX_SIZE = 1024
+# (tens of µs) while its CPU time (1.6 ms at m = 32 here) stays below the active-set solver's ~250
+# kernel launches (5-10 µs each), then the active-set solver while its padded systems (k m²
+# float64 entries, 1 GiB at m = 512, about three at once) fit one chunk.
+_CUDA_QUADPROG_MAX_SIZE = 32
+_CUDA_ACTIVE_SET_MAX_SIZE = 512
 
 
 def prepare_dual_cone_gramian(gramian: Tensor, reg_eps: float) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.count_ops import count, make_gramian
+from benchmarks.sweep_dual_cone import kkt_violation, sweep_case
 from jdoptim.linalg import DualConeConvergenceError, prepare_dual_cone_gramian, project_to_dual_cone
 from jdoptim.linalg._dual_cone_active_set import solve_dual_cone_active_set
 from jdoptim.linalg._gramian import normalize_gramian, regularize_gramian
@@ -157,3 +158,16 @@ def test_preparation_and_solve_wait_for_the_device_once() -> None:
     assert count(prepare_dual_cone_gramian, gramian, 1e-4).syncs == 0
     counter = count(project_to_dual_cone, gramian, torch.eye(32) / 32, solver="active_set")
     assert counter.syncs == 1
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_random_sweep(block: int) -> None:
+    """Forty cases of benchmarks/sweep_dual_cone.py (m ≤ 40, reg_eps down to 1e-6, row norms from
+    1e-6 to 1e6, opposite and near-duplicate rows, cond(G) = 1e12): never an unconverged row."""
+    for index in range(10 * block, 10 * block + 10):
+        gramian, bounds, reg_eps = sweep_case(index, max_size=40)
+        solution = project_to_dual_cone(gramian, bounds, reg_eps=reg_eps, solver="active_set")
+        reference = project_to_dual_cone(gramian, bounds, reg_eps=reg_eps, solver="quadprog")
+        assert kkt_violation(gramian, bounds, solution, reg_eps) <= 1e-10
+        error = (solution - reference).abs().max() / reference.abs().max()
+        assert float(error) <= 1e-7

@@ -145,12 +145,10 @@ def test_auto_dispatch() -> None:
     assert choose_dual_cone_solver(torch.eye(25), 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 0.0, "auto") == "quadprog"
-    assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 1e-4, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.empty(32, 32, device="meta"), 1e-4, "auto") == "quadprog"
     on_accelerator = torch.empty(200, 200, device="meta")
     assert choose_dual_cone_solver(on_accelerator, 1e-4, "auto") == "active_set"
-    assert (
-        choose_dual_cone_solver(torch.empty(2000, 2000, device="meta"), 1e-4, "auto") == "batched"
-    )
+    assert choose_dual_cone_solver(torch.empty(600, 600, device="meta"), 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(on_accelerator, 0.0, "auto") == "quadprog"
     assert choose_dual_cone_solver(large, 1e-4, "quadprog") == "quadprog"
     assert choose_dual_cone_solver(small, 1e-4, "batched") == "batched"
