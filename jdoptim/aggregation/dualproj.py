@@ -24,11 +24,11 @@ class DualProjWeighting(Stateful, Weighting):
             fastest measured for the device and ``m``); see
             :func:`jdoptim.linalg.project_to_dual_cone`.
 
-    State (a warm start): the free sets ``{j : v_j > u_j}`` of the last solution, a ``[k, m]``
-    boolean tensor, from which the next call's solver starts; consecutive training steps change
-    few of them. It only decides where the solver starts, not what it accepts (the same KKT
-    tolerance), is kept across ``state_dict()`` round trips, and is dropped when ``m`` changes or on
-    :meth:`reset`.
+    State (a warm start): the last call's projections ``v`` (``[k, m]``), from whose free sets
+    ``{j : v_j > u_j}`` (and slacks) the next call's solver starts; consecutive training steps
+    change few of them. It only decides where the solver starts, not what it accepts (the same KKT
+    tolerance), is kept across ``state_dict()`` round trips, and is replaced when ``m`` changes or
+    dropped by :meth:`reset`.
     """
 
     scale_invariant = True
@@ -55,9 +55,9 @@ class DualProjWeighting(Stateful, Weighting):
             bounds,
             reg_eps=self.reg_eps,
             solver=self.solver,
-            initial_free=self._state.get("free"),
+            warm_start=self._state.get("solutions"),
         )
-        self._state["free"] = solution > bounds
+        self._state["solutions"] = solution
         return solution[0]
 
     def _repr_args(self) -> str:

@@ -62,7 +62,7 @@ def project_to_dual_cone(
     *,
     reg_eps: float = 1e-4,
     solver: DualConeSolver = "auto",
-    initial_free: Tensor | None = None,
+    warm_start: Tensor | None = None,
 ) -> Tensor:
     """Solves problem (1) for every row of ``lower_bounds``.
 
@@ -81,9 +81,10 @@ def project_to_dual_cone(
             three for the device and ``m`` (:func:`choose_dual_cone_solver`); rows a torch solver
             could not finish (very ill-conditioned problems) are then finished by the batched
             solver or quadprog, so ``"auto"`` always returns exact solutions.
-        initial_free: optional ``[k, m]`` boolean guess of the free sets ``{j : v_j > u_j}`` (the
-            previous step's, for a warm start). The torch solvers start from it; the solution
-            accepted is the same (to the solvers' tolerance) with or without it.
+        warm_start: optional ``[k, m]`` guess of the solutions, such as the previous step's (a
+            guess of another shape is ignored). The torch solvers start from its free sets
+            ``{j : v_j > u_j}`` (and the batched solver from its slacks); the solution accepted is
+            the same, to the solvers' tolerance, with or without it.
 
     Returns:
         ``[k, m]`` matrix whose row ``i`` is the solution ``v`` for ``u = lower_bounds[i]``, on the
@@ -99,24 +100,24 @@ def project_to_dual_cone(
     bounds = lower_bounds.detach()
     if bounds.shape[0] == 0:
         return bounds.to(matrix.dtype).clone()
-    if initial_free is not None and initial_free.shape != bounds.shape:
-        initial_free = None
+    if warm_start is not None and warm_start.shape != bounds.shape:
+        warm_start = None
     chosen = choose_dual_cone_solver(gramian, reg_eps, solver)
     if chosen == "quadprog":
         return _project_quadprog(matrix, bounds)
     if chosen == "active_set":
         try:
-            return solve_dual_cone_active_set(matrix, bounds, initial_free=initial_free)
+            return solve_dual_cone_active_set(matrix, bounds, warm_start=warm_start)
         except DualConeConvergenceError as error:
             if solver != "auto":
                 raise
             # "auto" promises a solution: the pivoting solver (Murty's rule terminates) finishes
             # the rows whose active sets cycled.
             solution = error.partial
-            solution[error.rows] = _project_batched_or_quadprog(matrix, bounds[error.rows], None)
+            solution[error.rows] = _project_batched_or_quadprog(matrix, bounds[error.rows])
             return solution
     try:
-        return solve_dual_cone_batched(matrix, bounds, initial_free=initial_free)
+        return solve_dual_cone_batched(matrix, bounds, warm_start=warm_start)
     except DualConeConvergenceError as error:
         if solver != "auto":
             raise
@@ -125,9 +126,9 @@ def project_to_dual_cone(
         return solution
 
 
-def _project_batched_or_quadprog(matrix: Tensor, bounds: Tensor, free: Tensor | None) -> Tensor:
+def _project_batched_or_quadprog(matrix: Tensor, bounds: Tensor) -> Tensor:
     try:
-        return solve_dual_cone_batched(matrix, bounds, initial_free=free)
+        return solve_dual_cone_batched(matrix, bounds)
     except DualConeConvergenceError as error:
         # quadprog finishes the few rows the batched solver could not (very ill-conditioned).
         solution = error.partial

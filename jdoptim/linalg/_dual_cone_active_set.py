@@ -31,18 +31,17 @@ WARM_ROUNDS = 3
 # Signs and the stationarity residual max_j∈F |μ_j| are judged relative to max |G u| (at least 1)
 # of the unit-scaled problem.
 _TOLERANCE = 1e-10
-# Padded systems are factorised in chunks of rows holding at most this many entries (float64; a
-# round holds about three such tensors at once): 512 MiB on the CPU, 2 GiB on accelerators, where
-# every chunk costs its own ~130 kernel launches.
-_CPU_CHUNK_ENTRIES = 2**26
-_ACCELERATOR_CHUNK_ENTRIES = 2**28
+# Padded systems are factorised in chunks of rows holding at most this many entries (2 GiB in
+# float64; a round holds about three such tensors at once). Every chunk costs its own ~130 operations,
+# so m ≤ 512 (UPGrad's k = m rows) runs in one.
+_CHUNK_ENTRIES = 2**28
 
 
 def solve_dual_cone_active_set(
     matrix: Tensor,
     lower_bounds: Tensor,
     *,
-    initial_free: Tensor | None = None,
+    warm_start: Tensor | None = None,
     rounds: int | None = None,
 ) -> Tensor:
     """Returns the ``[k, m]`` solutions of ``min vᵀGv`` s.t. ``v ≥ u`` for the rows ``u`` of ``U``.
@@ -51,9 +50,9 @@ def solve_dual_cone_active_set(
         matrix: ``[m, m]`` symmetric positive-definite ``G`` (see
             :func:`jdoptim.linalg.prepare_dual_cone_gramian`).
         lower_bounds: ``[k, m]`` matrix ``U``.
-        initial_free: optional ``[k, m]`` boolean guess of the free sets ``{j : v_j > u_j}``, such as
-            those of a previous solution (a warm start). It changes which rounds are run, not which
-            solution is accepted.
+        warm_start: optional ``[k, m]`` guess of the solutions (such as the previous step's): the
+            rounds start from its free sets ``{j : v_j > u_j}``. It changes which rounds are run,
+            not which solution is accepted.
         rounds: rounds of the first budget (default ``WARM_ROUNDS`` with a guess, else
             ``COLD_ROUNDS``); the second budget, for the rows that fail the first check, is
             ``COLD_ROUNDS``.
@@ -66,11 +65,14 @@ def solve_dual_cone_active_set(
             active sets cycle, or ``G`` is singular); ``partial`` holds the others.
     """
     problem = unit_problem(matrix, lower_bounds)
-    if initial_free is not None and initial_free.shape != lower_bounds.shape:
-        raise ValueError(
-            f"initial_free must have the shape of lower_bounds {tuple(lower_bounds.shape)}, got "
-            f"{tuple(initial_free.shape)}."
-        )
+    initial_free = None
+    if warm_start is not None:
+        if warm_start.shape != lower_bounds.shape:
+            raise ValueError(
+                f"warm_start must have the shape of lower_bounds {tuple(lower_bounds.shape)}, got "
+                f"{tuple(warm_start.shape)}."
+            )
+        initial_free = warm_start.to(lower_bounds) > lower_bounds
     first_budget = (
         rounds if rounds is not None else (COLD_ROUNDS if initial_free is None else WARM_ROUNDS)
     )
@@ -101,8 +103,7 @@ def _solve_in_chunks(
     gramian: Tensor, bounds: Tensor, initial_free: Tensor | None, rounds: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     size = gramian.shape[0]
-    budget = _CPU_CHUNK_ENTRIES if gramian.device.type == "cpu" else _ACCELERATOR_CHUNK_ENTRIES
-    chunk = max(1, budget // max(size * size, 1))
+    chunk = max(1, _CHUNK_ENTRIES // max(size * size, 1))
     if bounds.shape[0] <= chunk:
         return _active_set_rounds(gramian, bounds, initial_free, rounds)
     parts = [

@@ -62,7 +62,7 @@ def solve_dual_cone_batched(
     *,
     max_rounds: int | None = None,
     max_cg_iterations: int | None = None,
-    initial_free: Tensor | None = None,
+    warm_start: Tensor | None = None,
 ) -> Tensor:
     """Returns the ``[k, m]`` solutions of ``min vᵀ G v`` s.t. ``v ≥ u`` for the rows ``u`` of ``U``.
 
@@ -73,8 +73,9 @@ def solve_dual_cone_batched(
         max_rounds: bound on the rounds (pivoting or refinement; default ``m + 30``).
         max_cg_iterations: bound on conjugate-gradient iterations per round (default
             ``2 m + 100``).
-        initial_free: optional ``[k, m]`` boolean first guess of the free sets (a warm start, such
-            as a previous solution's ``{j : v_j > u_j}``); by default ``{j : (G u)_j < 0}``.
+        warm_start: optional ``[k, m]`` guess of the solutions (such as the previous step's): the
+            pivoting starts from its free sets ``{j : v_j > u_j}`` and slacks instead of
+            ``{j : (G u)_j < 0}`` and zero, which leaves less for the inner solves to do.
 
     Returns:
         The solutions, on ``matrix``'s device and with its dtype. They are computed in float64.
@@ -89,8 +90,12 @@ def solve_dual_cone_batched(
     cg_bound = 2 * size + 100 if max_cg_iterations is None else max_cg_iterations
     problem = unit_problem(matrix, lower_bounds)
     bounds = lower_bounds.to(torch.float64)
+    initial_slack = None
+    if warm_start is not None:
+        guess = (warm_start.to(bounds) - bounds).clamp(min=0.0)
+        initial_slack = guess / (problem.row_scale * problem.column_scale)
     slack, unconverged = _solve_lcp(
-        problem.gramian, problem.bounds, rounds_bound, cg_bound, initial_free
+        problem.gramian, problem.bounds, rounds_bound, cg_bound, initial_slack
     )
     # v = u + D s r, so bounds that are active hold exactly and slacks are never negative.
     solution = problem.solution(bounds, slack, matrix.dtype)
@@ -106,7 +111,7 @@ def solve_dual_cone_batched(
 
 
 def _solve_lcp(
-    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int, initial_free: Tensor | None
+    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int, initial_slack: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Slack ``s`` of (LCP) for every row of ``bounds``, on a unit-diagonal float64 ``gramian``.
 
@@ -125,9 +130,14 @@ def _solve_lcp(
 
     inner_gramian = gramian.to(torch.float32)
     q = linear[pending]
-    free = q < 0 if initial_free is None else initial_free.to(q.device)[pending]
-    s = torch.zeros_like(q)
-    multiplier = q
+    if initial_slack is None:
+        free = q < 0
+        s = torch.zeros_like(q)
+        multiplier = q
+    else:
+        s = initial_slack[pending]
+        free = s > 0
+        multiplier = q + s @ gramian
     best = free.sum(dim=1)
     backups = torch.full_like(best, _BACKUP_EXCHANGES)
     indices = torch.arange(q.shape[1], device=q.device)

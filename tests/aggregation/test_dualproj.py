@@ -90,4 +90,4 @@ def test_warm_start_state_round_trips_and_keeps_results() -> None:
     for gramian_t in inputs:
         expected = DualProjWeighting(solver="quadprog")(gramian_t)
         torch.testing.assert_close(warm(gramian_t), expected, rtol=1e-8, atol=0)
-    assert warm._state["free"].shape == (1, 24)
+    assert warm._state["solutions"].shape == (1, 24)

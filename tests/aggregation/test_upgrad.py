@@ -128,14 +128,14 @@ def test_warm_start_keeps_the_result_of_a_cold_start(solver: str) -> None:
     for gramian_t in drifting(40, 4):
         cold = UPGradWeighting(solver="quadprog")(gramian_t)
         torch.testing.assert_close(warm(gramian_t), cold, rtol=1e-8, atol=0)
-    assert warm._state["free"].shape == (40, 40)
+    assert warm._state["solutions"].shape == (40, 40)
 
 
 def test_state_is_replaced_when_the_number_of_objectives_changes() -> None:
     weighting = UPGradWeighting(solver="active_set")
     weighting(drifting(6, 1)[0])
     result = weighting(drifting(9, 1)[0])
-    assert weighting._state["free"].shape == (9, 9)
+    assert weighting._state["solutions"].shape == (9, 9)
     torch.testing.assert_close(result, UPGradWeighting(solver="quadprog")(drifting(9, 1)[0]))
 
 

@@ -83,16 +83,16 @@ def test_warm_start_from_the_solution_gives_the_same_bits(kind: str) -> None:
     gramian = make_gramian(kind, 48, dtype=torch.float64)
     bounds = torch.eye(48, dtype=torch.float64) / 48
     cold = project_to_dual_cone(gramian, bounds, solver="active_set")
-    warm = project_to_dual_cone(gramian, bounds, solver="active_set", initial_free=cold > bounds)
+    warm = project_to_dual_cone(gramian, bounds, solver="active_set", warm_start=cold)
     assert torch.equal(warm, cold)
 
 
 def test_a_wrong_warm_start_still_converges() -> None:
     gramian = random_gramian(30, 40, seed=8)
     bounds = torch.eye(30, dtype=torch.float64)
-    everything_free = torch.ones(30, 30, dtype=torch.bool)
+    everything_free = bounds + 1.0
     solution = project_to_dual_cone(
-        gramian, bounds, solver="active_set", initial_free=everything_free
+        gramian, bounds, solver="active_set", warm_start=everything_free
     )
     reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
     torch.testing.assert_close(solution, reference, rtol=AGREEMENT, atol=1e-12)
@@ -101,14 +101,14 @@ def test_a_wrong_warm_start_still_converges() -> None:
 def test_warm_start_of_another_shape_is_ignored_by_project_and_rejected_below() -> None:
     gramian = random_gramian(5, 8, seed=1)
     bounds = torch.eye(5, dtype=torch.float64)
-    stale = torch.ones(4, 4, dtype=torch.bool)
+    stale = torch.ones(4, 4, dtype=torch.float64)
     expected = project_to_dual_cone(gramian, bounds, solver="active_set")
     assert torch.equal(
-        project_to_dual_cone(gramian, bounds, solver="active_set", initial_free=stale), expected
+        project_to_dual_cone(gramian, bounds, solver="active_set", warm_start=stale), expected
     )
-    with pytest.raises(ValueError, match="initial_free must have the shape"):
+    with pytest.raises(ValueError, match="warm_start must have the shape"):
         solve_dual_cone_active_set(
-            prepare_dual_cone_gramian(gramian, 1e-4), bounds, initial_free=stale
+            prepare_dual_cone_gramian(gramian, 1e-4), bounds, warm_start=stale
         )
 
 

@@ -169,8 +169,8 @@ def test_single_exchanges_alone_converge(size: int, monkeypatch: pytest.MonkeyPa
 
 
 def test_auto_finishes_unconverged_rows_with_quadprog(monkeypatch: pytest.MonkeyPatch) -> None:
-    def one_round(matrix: Tensor, bounds: Tensor, initial_free: Tensor | None) -> Tensor:
-        return solve_dual_cone_batched(matrix, bounds, max_rounds=1, initial_free=initial_free)
+    def one_round(matrix: Tensor, bounds: Tensor, warm_start: Tensor | None) -> Tensor:
+        return solve_dual_cone_batched(matrix, bounds, max_rounds=1, warm_start=warm_start)
 
     monkeypatch.setattr("jdoptim.linalg._dual_cone.solve_dual_cone_batched", one_round)
     gramian = random_gramian(80, 81, seed=6)
@@ -221,3 +221,19 @@ def test_cuda_matches_cpu() -> None:
     reference = project_to_dual_cone(gramian, bounds, solver="batched")
     torch.testing.assert_close(on_cuda.cpu(), reference, rtol=1e-7, atol=1e-12)
     assert_kkt(gramian, bounds, on_cuda.cpu())
+
+
+@pytest.mark.parametrize("size", [30, 80])
+def test_warm_start_from_a_nearby_solution_converges_to_the_same_point(size: int) -> None:
+    gramian = rank_deficient_gramian(size, rank=size // 8 + 1, seed=size)
+    bounds = torch.eye(size, dtype=torch.float64) / size
+    nearby = gramian + 1e-3 * random_gramian(size, size, seed=1)
+    guess = project_to_dual_cone(nearby, bounds, solver="batched")
+    warm = project_to_dual_cone(gramian, bounds, solver="batched", warm_start=guess)
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(warm, reference, rtol=0, atol=1e-8 * scale)
+    assert_kkt(gramian, bounds, warm)
+    # A poor guess (everything free, far too large) must not matter either.
+    poor = project_to_dual_cone(gramian, bounds, solver="batched", warm_start=bounds + 10.0)
+    torch.testing.assert_close(poor, reference, rtol=0, atol=1e-8 * scale)
