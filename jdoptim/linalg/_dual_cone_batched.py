@@ -233,7 +233,12 @@ def _masked_conjugate_gradient(
             # Dropping rows costs copies; drop them in bulk, and let the few in between iterate on.
             if 4 * (unconverged.numel() - remaining) >= unconverged.numel():
                 result[active[~unconverged]] = x[~unconverged]
-                active, x, r, p = active[unconverged], x[unconverged], r[unconverged], p[unconverged]
+                active, x, r, p = (
+                    active[unconverged],
+                    x[unconverged],
+                    r[unconverged],
+                    p[unconverged],
+                )
                 rr, mask, threshold = rr[unconverged], mask[unconverged], threshold[unconverged]
                 zeros, infinite = zeros[unconverged], infinite[unconverged]
         product = torch.mm(p, gramian).mul_(mask)
