@@ -106,20 +106,30 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[2, 8, 16, 32, 64, 128, 256, 512])
     parser.add_argument("--kinds", nargs="*", default=["random", "low-rank", "near-duplicate"])
     parser.add_argument("--solvers", nargs="*", default=["auto"])
-    parser.add_argument("--warm-steps", type=int, default=3, help="drifting steps after a cold one")
+    parser.add_argument("--steps", type=int, default=4, help="Gramians of the drifting sequence")
     args = parser.parse_args()
+    print("Cold: a fresh UPGradWeighting per Gramian; warm: one instance along the sequence.")
+    print("Each cell: the largest count over the sequence (warm: from its second Gramian on).")
+    print()
     print("| Gramian | m | solver | ops (cold) | syncs (cold) | ops (warm) | syncs (warm) |")
     print("|---|---|---|---|---|---|---|")
     for kind in args.kinds:
         for size in args.sizes:
             for solver in args.solvers:
+                sequence = drifting_gramians(kind, size, args.steps)
+                cold = [count(UPGradWeighting(solver=solver), g) for g in sequence]  # type: ignore[arg-type]
                 weighting = UPGradWeighting(solver=solver)  # type: ignore[arg-type]
-                sequence = drifting_gramians(kind, size, 1 + args.warm_steps)
-                cold = count(weighting, sequence[0])
+                weighting(sequence[0])
                 warm = [count(weighting, gramian) for gramian in sequence[1:]]
-                warm_ops = max((c.operations for c in warm), default=0)
-                warm_syncs = max((c.syncs for c in warm), default=0)
-                row = [kind, size, solver, cold.operations, cold.syncs, warm_ops, warm_syncs]
+                row = [
+                    kind,
+                    size,
+                    solver,
+                    max(c.operations for c in cold),
+                    max(c.syncs for c in cold),
+                    max(c.operations for c in warm),
+                    max(c.syncs for c in warm),
+                ]
                 print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
 
 

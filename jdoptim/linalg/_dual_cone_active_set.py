@@ -27,7 +27,7 @@ from jdoptim.linalg._dual_cone_unit import unit_problem
 
 #: Rounds from a cold start, and from a warm start (the previous solution's free sets).
 COLD_ROUNDS = 8
-WARM_ROUNDS = 3
+WARM_ROUNDS = 4
 # Signs and the stationarity residual max_j∈F |μ_j| are judged relative to max |G u| (at least 1)
 # of the unit-scaled problem.
 _TOLERANCE = 1e-10
