@@ -11,13 +11,13 @@ which is what lets the autogram engine run them without ever forming ``J``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from jdoptim.aggregation._hyper import Validator
+from jdoptim._named import Named as _Named
 from jdoptim.linalg import (
     check_finite,
     check_generalized_gramian,
@@ -34,32 +34,6 @@ InputKind = Literal["gramian", "matrix", "cross_gramian"]
 # Jacobian entries beyond these powers of two are rescaled (exactly) before forming J Jᵀ, so that
 # float32 Gramians of huge or tiny Jacobians neither overflow nor lose digits to underflow.
 _SAFE_LOG2_RANGE = 30
-
-
-class _Named(nn.Module):
-    """``repr`` shows the constructor call, ``str`` the short method name.
-
-    Hyper-parameters listed in :attr:`hyper_parameters` are validated on every assignment.
-    """
-
-    #: Hyper-parameter name → validator returning the value to store (or raising). Assigning one,
-    #: in ``__init__`` or during training, runs its validator.
-    hyper_parameters: ClassVar[Mapping[str, Validator]] = {}
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        validator = type(self).hyper_parameters.get(name)
-        if validator is not None:
-            value = validator(value)
-        super().__setattr__(name, value)
-
-    def _repr_args(self) -> str:
-        return ""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._repr_args()})"
-
-    def __str__(self) -> str:
-        return type(self).__name__.removesuffix("Weighting")
 
 
 class Weighting(_Named, ABC):

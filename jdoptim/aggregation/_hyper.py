@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Any
 
-Validator = Callable[[Any], Any]
+from jdoptim._named import Validator
 
 
 def _real(name: str, value: object, requirement: str) -> float:

@@ -10,8 +10,13 @@ from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import non_negative, positive, validators
-from jdoptim.linalg import normalize_gramian, regularize_gramian
-from jdoptim.linalg._quadprog import Array, inverse_cholesky_factor, solve_qp
+from jdoptim.linalg import (
+    Array,
+    inverse_cholesky_factor,
+    normalize_gramian,
+    regularize_gramian,
+    solve_qp,
+)
 
 # The distance equation is solved to this precision relative to the radius.
 _RELATIVE_TOLERANCE = 1e-12

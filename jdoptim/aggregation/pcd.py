@@ -10,8 +10,13 @@ from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import non_negative, real_in, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
-from jdoptim.linalg import check_finite, check_tensor, min_norm_on_simplex
-from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
+from jdoptim.linalg import (
+    check_finite,
+    check_tensor,
+    inverse_cholesky_factor,
+    min_norm_on_simplex,
+    solve_qp,
+)
 
 # Relative ridge that makes the (possibly singular) normalised Gramian definite for quadprog; it
 # moves the direction by about 1e-12 divided by the smallest non-zero eigenvalue.

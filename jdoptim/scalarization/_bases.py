@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import _Named
+from jdoptim._named import Named as _Named
 from jdoptim.linalg import check_finite, check_tensor
 
 
