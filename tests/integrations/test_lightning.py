@@ -183,17 +183,34 @@ def test_accumulation_of_per_task_losses_equals_the_whole_batch_step() -> None:
     assert max_difference(module.net, whole_batch) <= 1e-6
 
 
-def test_float16_loss_scaling_through_lightning_mixed_precision_plugin() -> None:
+class ScalerAwareRegression(Regression):
+    """Hands the precision plugin's GradScaler to the optimizer (exact Gramian scaling)."""
+
+    def configure_optimizers(self) -> Any:
+        scaler = self.trainer.precision_plugin.scaler
+        return JDSGD(self.net.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler)
+
+
+@pytest.mark.parametrize("scaler_in_optimizer", [False, True], ids=["plain", "grad_scaler="])
+def test_float16_loss_scaling_through_lightning_mixed_precision_plugin(
+    scaler_in_optimizer: bool,
+) -> None:
     # Lightning turns "16-mixed" into "bf16-mixed" on CPU; its MixedPrecision plugin with a CPU
     # GradScaler runs the same scale / backward / unscale_ / clip / scaler.step sequence as on CUDA.
     data = make_data()
     plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    module = Regression(make_net())
+    module = (ScalerAwareRegression if scaler_in_optimizer else Regression)(make_net())
     fit(module, data, plugins=[plugin], gradient_clip_val=0.05)
 
     net = make_net()
-    optimizer = sgd(net, 0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = JDSGD(
+        net.parameters(),
+        lr=0.1,
+        weighting=UPGradWeighting(),
+        batch_dim=0,
+        grad_scaler=scaler if scaler_in_optimizer else None,
+    )
     stream = batches(*data)
     for _ in range(STEPS):
         with torch.autocast("cpu", dtype=torch.float16):
