@@ -39,19 +39,19 @@ class JacobianDescentModule(pl.LightningModule):
     batch. Per-task losses keep the division: their sum over micro-batches is the whole batch's mean.
 
     Manual optimization: ``self.manual_backward(losses)`` (``features=`` in multi-task mode,
-    ``optimizer=`` to choose among several jdoptim optimizers) then ``opt.step(...)``.
+    ``jd_optimizer=`` to choose among several jdoptim optimizers) then ``opt.step(...)``.
     With any other optimizer, ``backward`` is Lightning's.
     """
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         features = kwargs.pop("features", None)
-        optimizer = self._jacobian_descent_optimizer(kwargs.pop("optimizer", None))
+        optimizer = self._jacobian_descent_optimizer(kwargs.pop("jd_optimizer", None))
         if optimizer is None:
             super().backward(loss, *args, **kwargs)
             return
         if args or kwargs:
             raise TypeError(
-                f"backward() with a jdoptim optimizer takes only features= and optimizer=, got "
+                f"backward() with a jdoptim optimizer takes only features= and jd_optimizer=, got "
                 f"{len(args)} positional and {sorted(kwargs)} keyword arguments."
             )
         accumulation = self.trainer.accumulate_grad_batches
@@ -64,7 +64,7 @@ class JacobianDescentModule(pl.LightningModule):
             found = _unwrapped(chosen)
             if not isinstance(found, JacobianDescent):
                 raise TypeError(
-                    f"optimizer= must be a jdoptim optimizer, got {type(chosen).__name__}."
+                    f"jd_optimizer= must be a jdoptim optimizer, got {type(chosen).__name__}."
                 )
             return found
         configured = self.optimizers(use_pl_optimizer=False)
@@ -73,7 +73,7 @@ class JacobianDescentModule(pl.LightningModule):
         if len(ours) > 1:
             raise TypeError(
                 f"configure_optimizers returned {len(ours)} jdoptim optimizers: say which one the "
-                "losses are for with self.manual_backward(losses, optimizer=opt)."
+                "losses are for with self.manual_backward(losses, jd_optimizer=opt)."
             )
         return ours[0] if ours else None
 

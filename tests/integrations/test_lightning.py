@@ -368,3 +368,106 @@ def test_learning_rate_monitor_scheduler_and_logged_losses() -> None:
         scheduler.step()
     assert logged == pytest.approx(expected, abs=1e-6)
     assert max_difference(module.net, net) <= 1e-6
+
+
+class TwoTasks(JacobianDescentModule):
+    """A shared trunk and one head per task; multi-task mode through manual_backward(features=)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.trunk, self.heads = two_task_net()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+
+        def closure() -> Tensor:
+            losses, features = two_task_losses(self.trunk, self.heads, *batch)
+            optimizer.zero_grad()
+            self.manual_backward(losses, features=features)
+            return losses
+
+        optimizer.step(closure)
+
+    def configure_optimizers(self) -> Any:
+        return two_task_optimizer(self.trunk, self.heads)
+
+
+def two_task_net() -> tuple[nn.Module, nn.ModuleList]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.ModuleList(
+        [nn.Linear(4, 1), nn.Linear(4, 1)]
+    )
+
+
+def two_task_losses(
+    trunk: nn.Module, heads: nn.ModuleList, x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
+    features = trunk(x)
+    outputs = torch.cat([head(features) for head in heads], dim=1)
+    return ((outputs - y) ** 2).mean(dim=0), features
+
+
+def two_task_optimizer(trunk: nn.Module, heads: nn.ModuleList) -> JDSGD:
+    params = [*trunk.parameters(), *heads.parameters()]
+    return JDSGD(params, lr=0.1, weighting=UPGradWeighting(), shared_params=trunk.parameters())
+
+
+def test_multi_task_mode_through_manual_backward_features() -> None:
+    data = make_data(outputs=2)
+    module = TwoTasks()
+    fit(module, data)
+
+    trunk, heads = two_task_net()
+    optimizer = two_task_optimizer(trunk, heads)
+    for _, (x, y) in zip(range(STEPS), batches(*data), strict=False):
+
+        def closure() -> Tensor:
+            losses, features = two_task_losses(trunk, heads, x, y)
+            optimizer.zero_grad()
+            optimizer.backward(losses, features=features)
+            return losses
+
+        optimizer.step(closure)
+    assert max_difference(module.trunk, trunk) == 0.0
+    assert max_difference(module.heads, heads) == 0.0
+    assert max_difference(trunk, two_task_net()[0]) > 1e-3
+
+
+class TwoOptimizers(JacobianDescentModule):
+    """Two jdoptim optimizers, one per half of the model (GAN-style manual optimization)."""
+
+    def __init__(self, choose: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.choose = choose
+        self.first, self.second = make_net(), make_net(seed=1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        for optimizer, net in zip(self.optimizers(), (self.first, self.second), strict=True):
+
+            def closure(optimizer: Any = optimizer, net: nn.Module = net) -> Tensor:
+                losses = instance_losses(net, *batch)
+                optimizer.zero_grad()
+                chosen = {"jd_optimizer": optimizer} if self.choose else {}
+                self.manual_backward(losses, **chosen)
+                return losses
+
+            optimizer.step(closure)
+
+    def configure_optimizers(self) -> Any:
+        return sgd(self.first, 0), sgd(self.second, 0)
+
+
+def test_several_jdoptim_optimizers_are_told_apart_by_jd_optimizer() -> None:
+    data = make_data()
+    module = TwoOptimizers(choose=True)
+    fit(module, data, max_steps=2 * STEPS)  # Lightning counts the steps of both optimizers
+    first, second = make_net(), make_net(seed=1)
+    trainer_order_loop(first, data)
+    trainer_order_loop(second, data)
+    assert max_difference(module.first, first) == 0.0
+    assert max_difference(module.second, second) == 0.0
+
+    with pytest.raises(TypeError, match="jd_optimizer=opt"):
+        fit(TwoOptimizers(choose=False), data)
