@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -44,7 +45,9 @@ def backward(
         losses = losses / accelerator.gradient_accumulation_steps
     if accelerator.scaler is not None:
         losses = accelerator.scaler.scale(losses)
-    return jd_optimizer.backward(losses, features=features)
+    # Under accelerator.autocast() the Gramian and weights must still be computed in full precision.
+    with torch.autocast(losses.device.type, enabled=False):
+        return jd_optimizer.backward(losses, features=features)
 
 
 def jacobian_descent_optimizer(optimizer: Optimizer) -> JacobianDescent:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -57,7 +58,10 @@ class JacobianDescentModule(pl.LightningModule):
         accumulation = self.trainer.accumulate_grad_batches
         if self.automatic_optimization and optimizer.batch_dim is not None and accumulation != 1:
             loss = loss * accumulation
-        optimizer.backward(loss, features=features)
+        # A manual training_step runs under the precision plugin's autocast; the Gramian and the
+        # weights must not be computed in half precision (float16 overflows at once when scaled).
+        with torch.autocast(loss.device.type, enabled=False):
+            optimizer.backward(loss, features=features)
 
     def _jacobian_descent_optimizer(self, chosen: Any) -> JacobianDescent | None:
         if chosen is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +54,7 @@ def accelerated_run(
     loss_fn: LossFn = instance_losses,
     batch_dim: int | None = 0,
     scaler: torch.amp.GradScaler | None = None,
+    whole_step_in_autocast: bool = False,
     **accelerator_options: Any,
 ) -> tuple[list[Any], list[StepRecord]]:
     accelerator = accelerate.Accelerator(cpu=True, **accelerator_options)
@@ -61,7 +63,9 @@ def accelerated_run(
     model, optimizer, batches_ = accelerator.prepare(net, sgd(net, batch_dim), loader(*data))
     returned, records = [], []
     for x, y in batches_:
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), contextlib.ExitStack() as stack:
+            if whole_step_in_autocast:
+                stack.enter_context(accelerator.autocast())
             with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
                 losses = loss_fn(model, x, y)
             records.append(backward(accelerator, optimizer, losses))
@@ -113,10 +117,15 @@ def test_accumulate_of_per_task_losses_equals_the_whole_batch_step() -> None:
     assert max_difference(net, whole_batch) <= 1e-6
 
 
-def test_bf16_mixed_precision_trains_on_cpu() -> None:
+@pytest.mark.parametrize("whole_step_in_autocast", [False, True], ids=["forward", "whole step"])
+def test_bf16_mixed_precision_trains_on_cpu(whole_step_in_autocast: bool) -> None:
+    # accelerate runs the prepared model's forward under autocast; accelerator.autocast() may
+    # also enclose backward(), whose Gramian and weights must stay in float32.
     data = make_data()
     net = make_net()
-    accelerated_run(net, data, mixed_precision="bf16")
+    accelerated_run(
+        net, data, mixed_precision="bf16", whole_step_in_autocast=whole_step_in_autocast
+    )
     by_hand = make_net()
     whole_batch_loop(by_hand, data, autocast=torch.bfloat16)
     assert max_difference(net, by_hand) == 0.0

@@ -191,18 +191,20 @@ class ScalerAwareRegression(Regression):
         return JDSGD(self.net.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler)
 
 
-@pytest.mark.parametrize("scaler_in_optimizer", [False, True], ids=["plain", "grad_scaler="])
-def test_float16_loss_scaling_through_lightning_mixed_precision_plugin(
-    scaler_in_optimizer: bool,
-) -> None:
+def fp16_plugin() -> MixedPrecision:
     # Lightning turns "16-mixed" into "bf16-mixed" on CPU; its MixedPrecision plugin with a CPU
     # GradScaler runs the same scale / backward / unscale_ / clip / scaler.step sequence as on CUDA.
-    data = make_data()
-    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    module = (ScalerAwareRegression if scaler_in_optimizer else Regression)(make_net())
-    fit(module, data, plugins=[plugin], gradient_clip_val=0.05)
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))
 
-    net = make_net()
+
+def scaled_loop(
+    net: nn.Module,
+    data: tuple[Tensor, Tensor],
+    *,
+    clip: float | None = None,
+    scaler_in_optimizer: bool = False,
+) -> torch.amp.GradScaler:
+    """Hand-written float16 training with a GradScaler, in the precision plugin's order."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     optimizer = JDSGD(
         net.parameters(),
@@ -218,12 +220,27 @@ def test_float16_loss_scaling_through_lightning_mixed_precision_plugin(
         optimizer.zero_grad()
         optimizer.backward(scaler.scale(losses))
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
+    return scaler
+
+
+@pytest.mark.parametrize("scaler_in_optimizer", [False, True], ids=["plain", "grad_scaler="])
+def test_float16_loss_scaling_through_lightning_mixed_precision_plugin(
+    scaler_in_optimizer: bool,
+) -> None:
+    data = make_data()
+    plugin = fp16_plugin()
+    module = (ScalerAwareRegression if scaler_in_optimizer else Regression)(make_net())
+    fit(module, data, plugins=[plugin], gradient_clip_val=0.05)
+
+    net = make_net()
+    scaler = scaled_loop(net, data, clip=0.05, scaler_in_optimizer=scaler_in_optimizer)
     assert max_difference(module.net, net) == 0.0
-    assert plugin.scaler is not None and plugin.scaler.get_scale() == scaler.get_scale()
-    assert max_difference(net, make_net()) > 1e-3  # the steps were taken, not all skipped
+    assert plugin.scaler is not None and plugin.scaler.get_scale() == scaler.get_scale() == 2.0**10
+    assert max_difference(net, make_net()) > 1e-3  # the steps were taken
 
 
 class ManualRegression(Regression):
@@ -249,14 +266,23 @@ class ManualRegression(Regression):
         self.untoggle_optimizer(optimizer)
 
 
-def test_manual_optimization_equals_the_hand_written_loop() -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_manual_optimization_equals_the_hand_written_loop(precision: str) -> None:
+    # A manual training_step runs whole under the precision plugin's autocast, backward included.
     data = make_data()
     module = ManualRegression(make_net())
-    fit(module, data)
-
     by_hand = make_net()
-    trainer_order_loop(by_hand, data)
+    if precision == "16-mixed":
+        plugin = fp16_plugin()
+        fit(module, data, plugins=[plugin])
+        scaler = scaled_loop(by_hand, data)
+        assert plugin.scaler is not None and plugin.scaler.get_scale() == scaler.get_scale()
+    else:
+        fit(module, data, precision=precision)
+        autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+        trainer_order_loop(by_hand, data, autocast=autocast)
     assert max_difference(module.net, by_hand) == 0.0
+    assert max_difference(by_hand, make_net()) > 1e-3
     assert module.seen == [(0.1, 0, True)] * STEPS
     assert all(p.requires_grad for p in module.net.parameters())
 
