@@ -137,6 +137,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of attention's backward
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_accumulated_micro_batches_equal_the_concatenated_batch(kind: str) -> None:
     factory, shape = MODELS[kind]
