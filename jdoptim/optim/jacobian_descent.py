@@ -626,7 +626,6 @@ def _set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) ->
     optimizer.__dict__[fallback] = value
 
 
-<<<<<<< HEAD
 def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
     """The wrapped torch optimizer, reached through a forwarding wrapper's ``__getattr__``."""
     forward = getattr(type(optimizer), "__getattr__", None)
@@ -637,13 +636,13 @@ def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
     except AttributeError:
         return None
     return inner if isinstance(inner, Optimizer) else None
-=======
+
+
 def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:
     optimizer = ref()
     if optimizer is None:
         raise RuntimeError("The optimizer of this step path was garbage-collected.")
     return optimizer
->>>>>>> main
 
 
 def _values(result: Any) -> Tensor:
