@@ -45,7 +45,7 @@ def backward(
         losses = losses / accelerator.gradient_accumulation_steps
     if accelerator.scaler is not None:
         losses = accelerator.scaler.scale(losses)
-    # Under accelerator.autocast() the Gramian and weights must still be computed in full precision.
+    # Under accelerator.autocast() the Gramian, Jacobian and weights must stay in full precision.
     with torch.autocast(losses.device.type, enabled=False):
         return jd_optimizer.backward(losses, features=features)
 

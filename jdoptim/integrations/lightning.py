@@ -58,8 +58,8 @@ class JacobianDescentModule(pl.LightningModule):
         accumulation = self.trainer.accumulate_grad_batches
         if self.automatic_optimization and optimizer.batch_dim is not None and accumulation != 1:
             loss = loss * accumulation
-        # A manual training_step runs under the precision plugin's autocast; the Gramian and the
-        # weights must not be computed in half precision (float16 overflows at once when scaled).
+        # A manual training_step runs under the precision plugin's autocast; the Gramian, Jacobian
+        # and weights must not be computed in half precision (a scaled float16 Gramian overflows).
         with torch.autocast(loss.device.type, enabled=False):
             optimizer.backward(loss, features=features)
 
