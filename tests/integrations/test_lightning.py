@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdoptim.aggregation import UPGradWeighting
+from jdoptim.aggregation import ConFIG, UPGradWeighting
 from jdoptim.optim import JDSGD, JacobianDescent, JDAdam
 from tests.integrations._problem import (
     BATCH,
@@ -201,6 +201,8 @@ def scaled_loop(
     net: nn.Module,
     data: tuple[Tensor, Tensor],
     *,
+    loss_fn: LossFn = instance_losses,
+    method: dict[str, Any] | None = None,
     clip: float | None = None,
     scaler_in_optimizer: bool = False,
 ) -> torch.amp.GradScaler:
@@ -209,14 +211,13 @@ def scaled_loop(
     optimizer = JDSGD(
         net.parameters(),
         lr=0.1,
-        weighting=UPGradWeighting(),
-        batch_dim=0,
+        **(method or {"weighting": UPGradWeighting(), "batch_dim": 0}),
         grad_scaler=scaler if scaler_in_optimizer else None,
     )
     stream = batches(*data)
     for _ in range(STEPS):
         with torch.autocast("cpu", dtype=torch.float16):
-            losses = instance_losses(net, *next(stream))
+            losses = loss_fn(net, *next(stream))
         optimizer.zero_grad()
         optimizer.backward(scaler.scale(losses))
         scaler.unscale_(optimizer)
@@ -244,8 +245,10 @@ def test_float16_loss_scaling_through_lightning_mixed_precision_plugin(
 
 
 class ManualRegression(Regression):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__(net)
+    def __init__(
+        self, net: nn.Module, loss_fn: LossFn = instance_losses, batch_dim: int | None = 0
+    ) -> None:
+        super().__init__(net, loss_fn, batch_dim)
         self.automatic_optimization = False
         self.seen: list[tuple[float, int, bool]] = []
 
@@ -257,7 +260,7 @@ class ManualRegression(Regression):
         self.seen.append((optimizer.param_groups[0]["lr"], len(optimizer.state), trainable))
 
         def closure() -> Tensor:
-            losses = instance_losses(self.net, *batch)
+            losses = self.loss_fn(self.net, *batch)
             optimizer.zero_grad()
             self.manual_backward(losses)
             return losses
@@ -266,23 +269,45 @@ class ManualRegression(Regression):
         self.untoggle_optimizer(optimizer)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-def test_manual_optimization_equals_the_hand_written_loop(precision: str) -> None:
+MANUAL_CASES = {
+    "32-true": ("32-true", "instance-wise"),
+    "bf16-mixed": ("bf16-mixed", "instance-wise"),
+    "16-mixed": ("16-mixed", "instance-wise"),
+    "16-mixed-per-task": ("16-mixed", "per-task"),
+    "16-mixed-ConFIG": ("16-mixed", "ConFIG"),  # a Jacobian-path method
+}
+
+
+class ManualConFIG(ManualRegression):
+    def configure_optimizers(self) -> Any:
+        return JDSGD(self.net.parameters(), lr=0.1, aggregator=ConFIG())
+
+
+@pytest.mark.parametrize("case", MANUAL_CASES)
+def test_manual_optimization_equals_the_hand_written_loop(case: str) -> None:
     # A manual training_step runs whole under the precision plugin's autocast, backward included.
-    data = make_data()
-    module = ManualRegression(make_net())
-    by_hand = make_net()
+    precision, kind = MANUAL_CASES[case]
+    outputs, loss_fn = (2, task_losses) if kind == "per-task" else (1, instance_losses)
+    method: dict[str, Any] = {
+        "instance-wise": {"weighting": UPGradWeighting(), "batch_dim": 0},
+        "per-task": {"weighting": UPGradWeighting(), "batch_dim": None},
+        "ConFIG": {"aggregator": ConFIG()},
+    }[kind]
+    data = make_data(outputs=outputs)
+    manual_class = ManualConFIG if kind == "ConFIG" else ManualRegression
+    module = manual_class(make_net(outputs), loss_fn, method.get("batch_dim"))
+    by_hand = make_net(outputs)
     if precision == "16-mixed":
         plugin = fp16_plugin()
         fit(module, data, plugins=[plugin])
-        scaler = scaled_loop(by_hand, data)
+        scaler = scaled_loop(by_hand, data, loss_fn=loss_fn, method=method)
         assert plugin.scaler is not None and plugin.scaler.get_scale() == scaler.get_scale()
     else:
         fit(module, data, precision=precision)
         autocast = torch.bfloat16 if precision == "bf16-mixed" else None
         trainer_order_loop(by_hand, data, autocast=autocast)
     assert max_difference(module.net, by_hand) == 0.0
-    assert max_difference(by_hand, make_net()) > 1e-3
+    assert max_difference(by_hand, make_net(outputs)) > 1e-3
     assert module.seen == [(0.1, 0, True)] * STEPS
     assert all(p.requires_grad for p in module.net.parameters())
 
