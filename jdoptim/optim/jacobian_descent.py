@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -228,8 +229,9 @@ class JacobianDescent(Optimizer):
             guard, forward = self._path.guard("the closure"), self._path.forward_context()
             with guard, torch.enable_grad(), forward:
                 result = closure()
-            if self._backward_calls != calls_before:
-                # The closure ran optimizer.backward (a trainer's closure): .grad is ready.
+            if self._backward_calls != calls_before or result is None:
+                # The closure ran optimizer.backward (a trainer's closure), or returned nothing
+                # after backward() filled .grad: update from .grad, as torch optimizers do.
                 self._step_from_grad()
                 return None if self.last_step is None else self.last_step.losses
             self._discard_closure_grads(params, saved_grads)
@@ -268,7 +270,8 @@ class JacobianDescent(Optimizer):
                 )
             scale = self._loss_scale(losses)
         try:
-            return self._path.run(losses, features, scale, next_losses)
+            with _full_precision(losses):
+                return self._path.run(losses, features, scale, next_losses)
         except NonFiniteGramianError:
             if self.grad_scaler is None:
                 raise
@@ -323,16 +326,18 @@ class JacobianDescent(Optimizer):
         scale = self._loss_scale(losses)
         unscaled = losses / scale if scale != 1.0 else losses
         saved_method_state = self._method.module.state_dict()
-        part = self._path.differentiate(unscaled, features, scale)
+        with _full_precision(losses):
+            part = self._path.differentiate(unscaled, features, scale)
         parts = [*window.parts, part]
         for param in params:
             param.grad = None
         try:
-            combined = self._path.combine(parts)
-            try:
-                record = self._path.apply(combined)
-            except NonFiniteGramianError:
-                record = self._skip_step(combined.losses)
+            with _full_precision(losses):
+                combined = self._path.combine(parts)
+                try:
+                    record = self._path.apply(combined)
+                except NonFiniteGramianError:
+                    record = self._skip_step(combined.losses)
         except BaseException:
             self._method.module.load_state_dict(saved_method_state)
             window.restore(params)
@@ -636,6 +641,12 @@ def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
     except AttributeError:
         return None
     return inner if isinstance(inner, Optimizer) else None
+
+
+def _full_precision(like: Tensor) -> AbstractContextManager[Any]:
+    """Autocast off while a step differentiates and weighs (a trainer may call us inside a region:
+    the Gramian, Jacobian and weights must not be computed in float16)."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:
