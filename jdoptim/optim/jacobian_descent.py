@@ -36,10 +36,10 @@ from jdoptim.optim._state import (
     jd_state_of,
     split_legacy_state_dict,
 )
+from jdoptim.optim._window import AccumulationWindow
 from jdoptim.paths import (
     NonFiniteGramianError,
     NonFiniteLossesError,
-    Part,
     StepContext,
     StepRecord,
     check_losses,
@@ -135,7 +135,7 @@ class JacobianDescent(Optimizer):
         self._steps = 0
         self.last_step: StepRecord | None = None
         """What the last step computed: losses, weights, Gramian and a conflict summary."""
-        self._window = _Window()
+        self._window = AccumulationWindow()
         self._backward_calls = 0
         self._warned: set[str] = set()
         # Optimizer.__init__ installs the step hooks and profiling; param_groups, state and defaults
@@ -562,45 +562,6 @@ class JacobianDescent(Optimizer):
     def __repr__(self) -> str:
         options = f"{self._method.kind.value}: {self._method.module!r}, batch_dim={self.batch_dim}"
         return f"{type(self).__name__}({self.optimizer!r}, {options})"
-
-
-class _Window:
-    """The micro-batches given to ``backward`` since the last step, and the ``.grad`` they wrote.
-
-    Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
-    is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
-    (the user zeroed or replaced it), the next ``backward`` opens a new window.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[Part] = []
-        self.base: list[Tensor | None] = []
-        self.written: list[Tensor | None] = []
-        self.finite = True
-
-    def clear(self) -> None:
-        self.parts, self.base, self.written = [], [], []
-        self.finite = True
-
-    def interrupted(self, params: list[Tensor]) -> bool:
-        if not self.parts or len(params) != len(self.written):
-            return True
-        return any(p.grad is not w for p, w in zip(params, self.written, strict=True))
-
-    def open(self, params: list[Tensor]) -> None:
-        self.parts = []
-        self.base = [p.grad for p in params]
-        self.written = list(self.base)
-
-    def restore(self, params: list[Tensor]) -> None:
-        for param, grad in zip(params, self.written, strict=True):
-            param.grad = grad
-
-    def write(self, params: list[Tensor]) -> None:
-        for param, base in zip(params, self.base, strict=True):
-            if base is not None:
-                param.grad = base.clone() if param.grad is None else param.grad + base
-        self.written = [p.grad for p in params]
 
 
 def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
