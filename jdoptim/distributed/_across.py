@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
+from jdoptim.distributed._fsdp import ShardedModel, fsdp_root, watch_fsdp
+from jdoptim.distributed._fsdp_paths import sharded_variant
 from jdoptim.distributed._paths import DistributedPath, distributed_variant
 from jdoptim.paths import Part, Path, StepRecord
 
@@ -38,6 +40,11 @@ def across_ranks(
             "torch.distributed.group.WORLD or ddp_model.process_group), None (found from a DDP "
             f"model) or False (local steps), got {process_group!r}."
         )
+    root = fsdp_root(modules)
+    if root is not None and process_group is None:
+        wrapper = RankAwarePath(path, grad_scaler)
+        wrapper.use_fsdp(root)
+        return wrapper
     group = process_group if process_group is not None else ddp_process_group(modules)
     if group is not None and not dist.is_initialized():
         raise ValueError(
@@ -62,6 +69,7 @@ class RankAwarePath(Path):
         self.distributed: DistributedPath | None = None
         self._watch = ExitStack()
         self._watching = False
+        self._user_watching = False
 
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
@@ -78,7 +86,7 @@ class RankAwarePath(Path):
         return self.local if self.distributed is None else self.distributed
 
     def forward_context(self) -> AbstractContextManager[Any]:
-        return self.local.forward_context()
+        return self.active.forward_context()
 
     def watch_for_ddp(self) -> None:
         """From now on, a DDP model's forward pass hands its group to this path (weakly held)."""
@@ -92,6 +100,7 @@ class RankAwarePath(Path):
                 method(group)
 
         self._watch.enter_context(watch_ddp(on_ddp))
+        self.watch_for_fsdp()
         weakref.finalize(self, self._watch.close)
         self._watching = True
 
@@ -102,10 +111,16 @@ class RankAwarePath(Path):
         return self.active.guard(stage)
 
     def start_watching(self) -> None:
+        self._user_watching = True
         self.local.start_watching()
+        if self.distributed is not None:
+            self.distributed.start_watching()
 
     def stop_watching(self) -> None:
+        self._user_watching = False
         self.local.stop_watching()
+        if self.distributed is not None:
+            self.distributed.stop_watching()
 
     def supports_backward(self) -> bool:
         return self.local.supports_backward()
@@ -126,3 +141,29 @@ class RankAwarePath(Path):
 
     def global_losses(self, losses: Tensor) -> Tensor:
         return self.active.global_losses(losses)
+
+    # --- fully_shard (FSDP2) models ----------------------------------------------------------------
+
+    def use_fsdp(self, root: nn.Module) -> None:
+        """Runs every step across the ranks of the ``fully_shard`` model ``root``."""
+        if self.distributed is not None:
+            return
+        if self.grad_scaler is not None:
+            raise ValueError(
+                "grad_scaler is not supported in distributed steps; train in full precision or "
+                "with bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))."
+            )
+        self.distributed = sharded_variant(self.local, ShardedModel(root))
+        if self._user_watching:
+            self.distributed.start_watching()
+
+    def watch_for_fsdp(self) -> None:
+        """From now on, a ``fully_shard`` model's forward pass hands itself to this path."""
+        use_fsdp = weakref.WeakMethod(self.use_fsdp)
+
+        def on_fsdp(root: nn.Module) -> None:
+            method = use_fsdp()
+            if method is not None:
+                method(root)
+
+        self._watch.enter_context(watch_fsdp(on_fsdp))

@@ -1,0 +1,138 @@
+"""FSDP2 (``fully_shard``) models: finding them, their unsharded parameters, sharded gradients.
+
+Under ``fully_shard`` each parameter the optimizer holds is a sharded ``DTensor`` (dim 0 split
+over the ranks of a 1-D device mesh); for a layer's forward and backward FSDP2 all-gathers it into
+an *unsharded* parameter, a plain tensor object that FSDP2 keeps for the life of the model (only
+its storage is freed). The autograd graph and the engine's hooks see that unsharded parameter, so
+the engine covers the unsharded parameters, and gradients are written to the sharded parameters
+after a reduce-scatter.
+
+FSDP2 keeps no public listing of its parameters; :func:`_fsdp_params` is the one place that reads
+its internal state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def fsdp_root(modules: Iterable[nn.Module] | None) -> nn.Module | None:
+    """The first ``fully_shard`` module among ``modules``, if any."""
+    for module in modules or []:
+        if is_fsdp(module):
+            return module
+    return None
+
+
+@contextmanager
+def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
+    """Context for forward passes: reports the outermost ``fully_shard`` module each one runs."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if is_fsdp(module):
+            on_fsdp(module)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class ShardedModel:
+    """A ``fully_shard`` model as the distributed step sees it.
+
+    ``root`` is the outermost ``fully_shard`` module; every ``fully_shard`` module under it (the
+    usual recipe shards each layer, then the root) belongs to the model.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.modules = [m for m in root.modules() if is_fsdp(m)]
+        sharded = [p for p in root.parameters() if isinstance(p, DTensor)]
+        if not sharded:
+            raise ValueError(f"{type(root).__name__} holds no sharded parameter.")
+        mesh = sharded[0].device_mesh
+        if mesh.ndim != 1:
+            raise ValueError(
+                "Jacobian descent under fully_shard supports a 1-D device mesh (plain FSDP), got a "
+                f"{mesh.ndim}-D mesh (HSDP or tensor parallelism)."
+            )
+        self.group: dist.ProcessGroup = mesh.get_group()
+        self.world_size = dist.get_world_size(self.group)
+
+    def keep_unsharded(self) -> None:
+        """Each layer keeps its gathered parameters from its forward until :meth:`reshard`.
+
+        The engine reads a layer's parameters after the whole forward pass (which parameters it
+        owns, and, for layers without a closed-form rule, their values), as under
+        ``fully_shard(reshard_after_forward=False)``.
+        """
+        for module in self.modules:
+            module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+            module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
+
+    def reshard(self) -> None:
+        """Frees every gathered parameter (the next forward gathers the updated shards)."""
+        for module in self.modules:
+            module.reshard()  # type: ignore[operator]
+
+    def pairs(self) -> list[tuple[Tensor, DTensor]]:
+        """``(unsharded, sharded)`` for every parameter gathered at least once, model order."""
+        return [
+            (fsdp_param._unsharded_param, fsdp_param.sharded_param)
+            for fsdp_param in _fsdp_params(self.modules)
+            if hasattr(fsdp_param, "_unsharded_param")
+        ]
+
+
+def _fsdp_params(modules: list[nn.Module]) -> list[Any]:
+    params = []
+    for module in modules:
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        for group in state._fsdp_param_groups:
+            params.extend(group.fsdp_params)
+    return params
+
+
+def sharded_rows(full: Tensor, sharded: DTensor, group: dist.ProcessGroup) -> Tensor:
+    """This rank's rows (dim 0) of the sum over ranks of ``full`` (one reduce-scatter).
+
+    FSDP2 splits dim 0 into chunks of ``ceil(d0 / R)`` rows, rank order, the last ones possibly
+    shorter or empty; ``full`` is zero-padded to ``R`` whole chunks for the collective.
+    """
+    world = dist.get_world_size(group)
+    rows = full.shape[0]
+    chunk = math.ceil(rows / world)
+    padded = full.new_zeros((chunk * world, *full.shape[1:]))
+    padded[:rows] = full
+    out = full.new_empty((chunk, *full.shape[1:]))
+    dist.reduce_scatter_single(out, padded.contiguous(), group=group)
+    return out[: sharded.to_local().shape[0]]
+
+
+def as_sharded(local: Tensor, sharded: DTensor) -> DTensor:
+    """``local`` (this rank's rows) as a gradient for the sharded parameter ``sharded``."""
+    return DTensor.from_local(
+        local.to(sharded.dtype).contiguous(),
+        sharded.device_mesh,
+        sharded.placements,
+        run_check=False,
+        shape=sharded.shape,
+        stride=sharded.stride(),
+    )
