@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
 from jdoptim.distributed._fsdp import ShardedModel, fsdp_root, watch_fsdp
-from jdoptim.distributed._fsdp_paths import sharded_variant
+from jdoptim.distributed._fsdp_paths import ShardedPath, sharded_variant
 from jdoptim.distributed._paths import DistributedPath, distributed_variant
 from jdoptim.paths import Part, Path, StepRecord
 
@@ -40,11 +40,7 @@ def across_ranks(
             "torch.distributed.group.WORLD or ddp_model.process_group), None (found from a DDP "
             f"model) or False (local steps), got {process_group!r}."
         )
-    root = fsdp_root(modules)
-    if root is not None and process_group is None:
-        wrapper = RankAwarePath(path, grad_scaler)
-        wrapper.use_fsdp(root)
-        return wrapper
+    root = fsdp_root(modules) if process_group is None else None
     group = process_group if process_group is not None else ddp_process_group(modules)
     if group is not None and not dist.is_initialized():
         raise ValueError(
@@ -52,7 +48,9 @@ def across_ranks(
             "torch.distributed.init_process_group(...) first (torchrun sets up its environment)."
         )
     wrapper = RankAwarePath(path, grad_scaler)
-    if group is not None:
+    if root is not None:
+        wrapper.shard_with(root)
+    elif group is not None:
         wrapper.use_group(group)
     if dist.is_available() and dist.is_initialized():
         wrapper.watch_for_ddp()
@@ -69,7 +67,6 @@ class RankAwarePath(Path):
         self.distributed: DistributedPath | None = None
         self._watch = ExitStack()
         self._watching = False
-        self._user_watching = False
 
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
@@ -86,7 +83,7 @@ class RankAwarePath(Path):
         return self.local if self.distributed is None else self.distributed
 
     def forward_context(self) -> AbstractContextManager[Any]:
-        return self.active.forward_context()
+        return self.local.forward_context()
 
     def watch_for_ddp(self) -> None:
         """From now on, a DDP model's forward pass hands its group to this path (weakly held)."""
@@ -111,16 +108,10 @@ class RankAwarePath(Path):
         return self.active.guard(stage)
 
     def start_watching(self) -> None:
-        self._user_watching = True
         self.local.start_watching()
-        if self.distributed is not None:
-            self.distributed.start_watching()
 
     def stop_watching(self) -> None:
-        self._user_watching = False
         self.local.stop_watching()
-        if self.distributed is not None:
-            self.distributed.stop_watching()
 
     def supports_backward(self) -> bool:
         return self.local.supports_backward()
@@ -144,7 +135,7 @@ class RankAwarePath(Path):
 
     # --- fully_shard (FSDP2) models ----------------------------------------------------------------
 
-    def use_fsdp(self, root: nn.Module) -> None:
+    def shard_with(self, root: nn.Module) -> None:
         """Runs every step across the ranks of the ``fully_shard`` model ``root``."""
         if self.distributed is not None:
             return
@@ -154,8 +145,12 @@ class RankAwarePath(Path):
                 "with bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))."
             )
         self.distributed = sharded_variant(self.local, ShardedModel(root))
-        if self._user_watching:
-            self.distributed.start_watching()
+
+    def use_fsdp(self, root: nn.Module) -> None:
+        """A forward pass of the ``fully_shard`` model ``root`` starts."""
+        self.shard_with(root)
+        if isinstance(self.distributed, ShardedPath):
+            self.distributed.before_forward()
 
     def watch_for_fsdp(self) -> None:
         """From now on, a ``fully_shard`` model's forward pass hands itself to this path."""

@@ -87,6 +87,16 @@ class ShardedModel:
             module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
             module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
 
+    def gather(self) -> None:
+        """All-gathers every layer's parameters (creating FSDP2's unsharded parameters).
+
+        Called from the root's forward pre-hook, before FSDP2's own, which then finds them
+        gathered. The root's state is initialised first, as FSDP2's pre-forward does.
+        """
+        self.root._get_fsdp_state()._lazy_init()  # type: ignore[operator]
+        for module in self.modules:
+            module.unshard()  # type: ignore[operator]
+
     def reshard(self) -> None:
         """Frees every gathered parameter (the next forward gathers the updated shards)."""
         for module in self.modules:

@@ -13,8 +13,9 @@ direction is ``wᵀ J_s``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +47,20 @@ from jdoptim.paths import (
 from jdoptim.paths._base import check_same_kind
 
 
-class _Sharded:
+class ShardedPath:
     """What both sharded paths share: the model, the unsharded parameters, scalar losses."""
 
     model: ShardedModel
     communicator: Any
     context: Any
     world_size: int
+
+    def before_forward(self) -> None:
+        """Called when a forward pass of the model starts."""
+
+    def apply(self, part: Part) -> StepRecord:
+        self.model.reshard()  # a rank whose closure failed after its forward still holds them
+        return super().apply(part)  # type: ignore[misc, no-any-return]
 
     def unsharded(self) -> list[Tensor]:
         return [unsharded for unsharded, _ in self.model.pairs()]
@@ -95,7 +103,7 @@ class _Sharded:
         return StepRecord(total / self.world_size)
 
 
-class ShardedGramianPath(_Sharded, DistributedGramianPath):
+class ShardedGramianPath(ShardedPath, DistributedGramianPath):
     """Instance-wise Gramian weightings on a ``fully_shard`` model."""
 
     local: GramianPath
@@ -107,8 +115,6 @@ class ShardedGramianPath(_Sharded, DistributedGramianPath):
         self._engine: Engine | None = None
         self._engine_key: tuple[int, ...] = ()
         self._watch = ExitStack()
-        self._watched: Engine | None = None
-        self._watching = False
 
     def engine(self) -> Engine | None:
         """The engine over the unsharded parameters (``None`` before the first forward pass)."""
@@ -117,33 +123,26 @@ class ShardedGramianPath(_Sharded, DistributedGramianPath):
         if not key:
             return None
         if self._engine is None or key != self._engine_key:
+            watching = self._engine is not None
             if self._engine is not None:
                 self._watch.close()
-                self._watched = None
                 self._engine.remove_hooks()
             self._engine = Engine(batch_dim=self.local.batch_dim, parameters=unsharded)
             self._engine_key = key
+            if watching:
+                self._watch.enter_context(self._engine.capture())
         return self._engine
 
-    def forward_context(self) -> AbstractContextManager[Any]:
+    def before_forward(self) -> None:
+        """Before the first forward pass: gathers every layer once, so that the engine (over the
+        unsharded parameters) exists and watches every forward pass from this one on."""
+        if self._engine is not None:
+            return
+        self.model.gather()
         engine = self.engine()
-        return nullcontext() if engine is None or self._watching else engine.capture()
-
-    def start_watching(self) -> None:
-        self._watching = True
-        self._refresh_watch()
-
-    def stop_watching(self) -> None:
-        self._watching = False
-        self._watch.close()
-        self._watched = None
-
-    def _refresh_watch(self) -> None:
-        engine = self.engine()
-        if self._watching and engine is not None and self._watched is not engine:
-            self._watch.close()
-            self._watch.enter_context(engine.capture())
-            self._watched = engine
+        assert engine is not None
+        self._watch.enter_context(engine.capture())
+        weakref.finalize(self, self._watch.close)
 
     def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
         try:
@@ -164,7 +163,6 @@ class ShardedGramianPath(_Sharded, DistributedGramianPath):
             )
         finally:
             self.model.reshard()
-            self._refresh_watch()
 
     def scalar_step(self, part: Part) -> StepRecord:
         return self.sharded_scalar_step(part)
@@ -192,7 +190,7 @@ class TaskRowsPart(Part):
     rows: list[Tensor | None]
 
 
-class ShardedTaskPath(_Sharded, DistributedPath):
+class ShardedTaskPath(ShardedPath, DistributedPath):
     """Gramian weightings on per-task losses (no ``batch_dim``) on a ``fully_shard`` model."""
 
     local: JacobianPath

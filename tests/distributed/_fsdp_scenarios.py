@@ -7,14 +7,18 @@ with a single-process run on the concatenated batches.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from jdoptim import JDSGD
+from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import UPGradWeighting
 from tests.distributed._scenarios import (
     iwrm_batches,
@@ -24,6 +28,7 @@ from tests.distributed._scenarios import (
     mtl_model,
     slices,
 )
+from tests.optim._models import EMAWeighting
 
 STEPS = 3
 
@@ -166,3 +171,64 @@ def encoder_reference(sizes: list[int]) -> dict[str, Any]:
     model = encoder_model()
     losses = train_encoder(model, encoder_batches(sum(sizes)), slice(None))
     return {"params": full_params(model), "losses": losses}
+
+
+def resume_rank(rank: int, world: int, out_dir: str, how: str) -> dict[str, Any]:
+    """Four steps straight vs two steps, a checkpoint, two steps in fresh objects.
+
+    ``how``: "dcp" (``torch.distributed.checkpoint`` with ``get_state_dict``: every rank writes
+    its shards) or "local" (each rank saves its own ``state_dict()``, sharded state included).
+    """
+    sizes = [3] * world
+    part = slices(sizes)[rank]
+    batches = iwrm_batches(sum(sizes), steps=4, seed=3)
+
+    def build() -> tuple[nn.Module, JDAdam]:
+        model = iwrm_model()
+        model = shard(model, [model[0], model[3]])
+        optimizer = JDAdam(model.parameters(), lr=0.05, weighting=EMAWeighting(), batch_dim=0)
+        return model, optimizer
+
+    def run(model: nn.Module, optimizer: JDAdam, steps: list[tuple[Tensor, Tensor]]) -> None:
+        for x, y in steps:
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                return iwrm_losses(model, x[part], y[part])
+
+            optimizer.step(closure)
+
+    model, optimizer = build()
+    run(model, optimizer, batches)
+    straight = full_params(model)
+
+    model, optimizer = build()
+    run(model, optimizer, batches[:2])
+    directory = Path(out_dir) / f"checkpoint-{how}"
+    if how == "dcp":
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    else:
+        directory.mkdir(exist_ok=True)
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+            directory / f"rank{rank}.pt",
+        )
+    dist.barrier()
+    model, optimizer = build()
+    if how == "dcp":
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+    else:
+        saved = torch.load(directory / f"rank{rank}.pt", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    run(model, optimizer, batches[2:])
+    return {"straight": straight, "resumed": full_params(model)}
