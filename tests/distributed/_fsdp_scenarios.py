@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import UPGradWeighting
+from jdoptim.distributed import checkpoint_state, load_checkpoint_state
 from tests.distributed._scenarios import (
     iwrm_batches,
     iwrm_losses,
@@ -206,8 +206,7 @@ def resume_rank(rank: int, world: int, out_dir: str, how: str) -> dict[str, Any]
     run(model, optimizer, batches[:2])
     directory = Path(out_dir) / f"checkpoint-{how}"
     if how == "dcp":
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+        dcp.save(checkpoint_state(model, optimizer), checkpoint_id=directory)
     else:
         directory.mkdir(exist_ok=True)
         torch.save(
@@ -217,18 +216,142 @@ def resume_rank(rank: int, world: int, out_dir: str, how: str) -> dict[str, Any]
     dist.barrier()
     model, optimizer = build()
     if how == "dcp":
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state = checkpoint_state(model, optimizer)
         dcp.load(state, checkpoint_id=directory)
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-        )
+        load_checkpoint_state(model, optimizer, state)
     else:
         saved = torch.load(directory / f"rank{rank}.pt", weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
     run(model, optimizer, batches[2:])
     return {"straight": straight, "resumed": full_params(model)}
+
+
+def failing_rank(rank: int, world: int, failure: str) -> dict[str, Any]:
+    """Rank 1 fails at the second step (``failure`` says how), after its forward pass; then every
+    rank takes one more step, which must work."""
+    model = iwrm_model()
+    model = shard(model, [model[0], model[3]])
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    batches = iwrm_batches(3 * world, 4)
+    part = slices([3] * world)[rank]
+    outcome: dict[str, Any] = {"error": None, "later_errors": []}
+    for step, (x, y) in enumerate(batches):
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            losses = iwrm_losses(model, x[part], y[part])
+            if step == 1 and rank == 1:
+                if failure == "raise":
+                    raise ValueError("data loader broke on rank 1")
+                if failure == "nan":
+                    return losses * float("nan")
+                if failure == "shape":
+                    return torch.stack([losses, losses], dim=1)
+            return losses
+
+        before = full_params(model)
+        try:
+            optimizer.step(closure)
+        except Exception as error:
+            if step != 1:
+                outcome["later_errors"].append(f"{type(error).__name__}: {error}")
+                continue
+            outcome["error"] = (type(error).__name__, str(error))
+            outcome["unchanged"] = all(
+                torch.equal(a, b) for a, b in zip(before, full_params(model), strict=True)
+            )
+    outcome["params"] = full_params(model)
+    return outcome
+
+
+def train_bfloat16(model: nn.Module, part: slice, world: int) -> list[Tensor]:
+    optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
+    losses = []
+    for x, y in iwrm_batches(8 * world, 4, seed=5):
+        out = model(x[part].float()).squeeze(-1)
+        optimizer.backward((out.float() - y[part].float()) ** 2)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert optimizer.last_step is not None
+        losses.append(optimizer.last_step.losses.mean())
+    return losses
+
+
+def bfloat16_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def mixed_precision_rank(rank: int, world: int) -> dict[str, Any]:
+    """``MixedPrecisionPolicy(param_dtype=bfloat16)`` on a float32 model, backward-then-step."""
+    model = bfloat16_model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    losses = train_bfloat16(model, slices([8] * world)[rank], world)
+    return {"params": full_params(model), "losses": losses, "grad": _grad_kinds(model)}
+
+
+def bfloat16_reference(world: int) -> dict[str, Any]:
+    """The same steps in one process, in float32."""
+    model = bfloat16_model()
+    losses = train_bfloat16(model, slice(None), world)
+    return {"params": full_params(model), "losses": losses}
+
+
+def _grad_kinds(model: nn.Module) -> list[tuple[Any, ...]]:
+    """Type, dtype, local and global shape of each ``.grad`` after one more backward."""
+    optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
+    x, y = iwrm_batches(8, 1, seed=6)[0]
+    optimizer.backward((model(x.float()).squeeze(-1).float() - y.float()) ** 2)
+    return [
+        (type(p.grad).__name__, p.grad.dtype, tuple(p.grad.to_local().shape), tuple(p.grad.shape))
+        for p in model.parameters()
+        if isinstance(p.grad, DTensor)
+    ]
+
+
+def bytes_rank(rank: int, world: int) -> dict[str, int]:
+    """The bytes this rank sent in one UPGrad IWRM step on 4 instances per rank."""
+    model = iwrm_model()
+    model = shard(model, [model[0], model[3]])
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    x, y = iwrm_batches(4 * world)[0]
+    part = slices([4] * world)[rank]
+    optimizer.step(lambda: iwrm_losses(model, x[part], y[part]))
+    assert optimizer.distributed is not None
+    sent: dict[str, int] = optimizer.distributed.bytes_sent
+    return sent
+
+
+# instances per rank, per world size
+IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
+TASK_BATCH = {2: 3, 3: 2}
+ENCODER_SIZES = {2: [3, 2], 3: [2, 3, 2]}
+FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
+
+
+def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Every scenario for this world size, in one process group."""
+    results: dict[str, Any] = {}
+
+    def record(key: str, fn: Any, *args: Any) -> None:
+        try:
+            results[key] = fn(rank, world, *args)
+        except Exception as error:  # reported to the test, which fails on it
+            results[key] = f"{type(error).__name__}: {error}"
+
+    record("iwrm", iwrm_rank, IWRM_SIZES[world])
+    record("tasks", tasks_rank, TASK_BATCH[world])
+    record("encoder", encoder_rank, ENCODER_SIZES[world])
+    record("routes", routes_rank)
+    for failure in FAILURES[world]:
+        record(f"failure-{failure}", failing_rank, failure)
+    if world == 2:
+        record("resume-dcp", resume_rank, out_dir, "dcp")
+        record("resume-local", resume_rank, out_dir, "local")
+        record("bfloat16", mixed_precision_rank)
+        record("bytes", bytes_rank)
+    return results
