@@ -62,9 +62,7 @@ def shapes_of(headers: list[list[int]]) -> list[tuple[int, ...]]:
     """The losses' shapes from every rank's header; the ranks must run the same kind of step."""
     kinds = {h[0] for h in headers}
     if len(kinds) != 1:
-        names = sorted(
-            StepKind(k).name.lower() if k in StepKind._value2member_map_ else "?" for k in kinds
-        )
+        names = sorted(_kind_name(k) for k in kinds)
         raise ValueError(
             f"The ranks run different kinds of steps ({names}): every rank must build its "
             "optimizer with the same method and options."
@@ -100,3 +98,10 @@ def layout_of(shapes: list[tuple[int, ...]], batch_dim: int | None, rank: int) -
     global_shape = list(shapes[0])
     global_shape[dim] = sum(sizes)
     return Layout(tuple(global_shape), dim, sum(sizes[:rank]), sizes[rank])
+
+
+def _kind_name(code: int) -> str:
+    try:
+        return StepKind(code).name.lower()
+    except ValueError:
+        return "?"

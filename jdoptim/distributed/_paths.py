@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from jdoptim.autogram import Term
 from jdoptim.distributed._communicator import Communicator, from_first_rank
 from jdoptim.distributed._layout import (
     Layout,
@@ -44,11 +45,9 @@ from jdoptim.paths import (
     TasksPart,
     TermsPart,
     add_direction,
-    check_gramian_finite,
     placeholder_gramian,
     weights_for,
 )
-from jdoptim.paths._terms import gramian_from_terms, term_factors, with_factors
 
 
 @dataclass
@@ -216,7 +215,7 @@ class DistributedGramianPath(DistributedPath):
         dims: list[int] = []
         if isinstance(part, TermsPart):
             for term in part.terms:
-                for tensor, dim in term_factors(term):
+                for tensor, dim in term.factors():
                     factors.append(tensor)
                     dims.append(dim)
         layouts: list[Layout | None] = []
@@ -235,10 +234,7 @@ class DistributedGramianPath(DistributedPath):
         weights = part.losses.new_zeros(layout.shape, dtype=dtype)
         gramian = weights.new_zeros(())
         with comm.guard("the weighting"):
-            gramian = gramian_from_terms(global_terms, layout.shape, layout.dim, dtype)
-            if part.scale != 1.0:
-                gramian = gramian / part.scale**2
-            check_gramian_finite(gramian, "The Gramian of the global losses")
+            gramian = self.local.gramian(global_terms, layout.shape, part.scale)
             weights = weights_for(self.local.weighting, gramian).to(dtype)
         weights, global_losses = comm.all_reduce_sum(
             [from_first_rank(weights, comm.rank), layout.place(part.losses.to(dtype))],
@@ -460,13 +456,13 @@ def distributed_variant(local: Path, group: dist.ProcessGroup) -> DistributedPat
     )
 
 
-def _rebuild(part: TermsPart, gathered: list[Tensor]) -> list[Any]:
+def _rebuild(part: TermsPart, gathered: list[Tensor]) -> list[Term]:
     """The part's terms around the gathered (global) factors."""
     remaining = iter(gathered)
     terms = []
     for term in part.terms:
-        count = len(term_factors(term))
-        terms.append(with_factors(term, [next(remaining) for _ in range(count)]))
+        count = len(term.factors())
+        terms.append(term.with_factors([next(remaining) for _ in range(count)]))
     return terms
 
 

@@ -14,6 +14,7 @@ The kind of method decides the path (:mod:`jdoptim.paths`), chosen once here;
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepAware, StepInfo
 from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggregator, Weighting
 from jdoptim.autogram import Engine
@@ -35,6 +37,7 @@ from jdoptim.optim._state import (
 )
 from jdoptim.paths import (
     NonFiniteGramianError,
+    NonFiniteLossesError,
     Part,
     StepContext,
     StepRecord,
@@ -140,9 +143,11 @@ class JacobianDescent(Optimizer):
         self.optimizer = optimizer
         if self._modules is not None:
             self._check_modules_cover_params()
+        # Weak references: the path's hooks must not keep a dropped optimizer alive.
+        myself = weakref.ref(self)
         context = StepContext(
-            params=self.params,
-            engine=self._get_engine,
+            params=lambda: _alive(myself).params(),
+            engine=lambda: _alive(myself)._get_engine(),
             batch_dim=batch_dim,
             fuse_backward=fuse_backward,
             parallel_chunk_size=parallel_chunk_size,
@@ -253,7 +258,14 @@ class JacobianDescent(Optimizer):
         features: Any = None
         scale = 1.0
         with self._path.guard("the closure's losses"):
-            losses, features = self._checked(first_result)
+            try:
+                losses, features = self._checked(first_result)
+            except NonFiniteLossesError:
+                if self.grad_scaler is None:
+                    raise
+                return self._skip_step(
+                    check_losses(first_result, self._multi_task, finite=False)[0]
+                )
             scale = self._loss_scale(losses)
         try:
             return self._path.run(losses, features, scale, next_losses)
@@ -292,7 +304,16 @@ class JacobianDescent(Optimizer):
         slower route). With a ``GradScaler``, pass ``scaler.scale(losses)``; an overflowing step
         leaves non-finite ``.grad`` for the scaler to skip. Returns :attr:`last_step`.
         """
-        losses, features = self._checked(losses if features is None else (losses, features))
+        given = losses if features is None else (losses, features)
+        try:
+            losses, features = self._checked(given)
+        except NonFiniteLossesError:
+            # Under a GradScaler this is an overflow to skip: non-finite .grad, and step() refuses.
+            self._window.clear()
+            self._window.finite = False
+            self.last_step = self._skip_step(check_losses(given, self._multi_task, finite=False)[0])
+            self._backward_calls += 1
+            return self.last_step
         self._path.begin()
         self._path.start_watching()
         params = self.params()
@@ -317,6 +338,7 @@ class JacobianDescent(Optimizer):
             window.restore(params)
             raise
         window.parts = parts
+        window.finite = record.finite
         window.write(params)
         self._backward_calls += 1
         self.last_step = record
@@ -324,6 +346,12 @@ class JacobianDescent(Optimizer):
 
     def _step_from_grad(self) -> None:
         window = self._window
+        if not window.finite:
+            raise ValueError(
+                "The last backward() gave non-finite losses, Gramian or .grad (an overflow, or a "
+                "diverging model); the update is refused. Under float16, step through a GradScaler "
+                "(scaler.step(optimizer)), which skips such steps and lowers the scale."
+            )
         if not window.parts:
             if any(p.grad is not None for p in self.params()) and any(
                 g.get("lr", 1) != 0 for g in self.param_groups
@@ -336,12 +364,6 @@ class JacobianDescent(Optimizer):
                 )
             self.optimizer.step()
             return None
-        if self.last_step is not None and not self.last_step.finite:
-            raise ValueError(
-                "The last backward() gave a non-finite Gramian or .grad (an overflow, or a diverging "
-                "model); the update is refused. Under float16, step through a GradScaler "
-                "(scaler.step(optimizer)), which skips such steps and lowers the scale."
-            )
         self.optimizer.step()
         self._steps += 1
         losses = self.last_step.losses if self.last_step is not None else None
@@ -368,7 +390,7 @@ class JacobianDescent(Optimizer):
         """An overflowing step under loss scaling: non-finite ``.grad``, for the scaler to skip."""
         for param in self.params():
             param.grad = torch.full_like(param, float("nan"))
-        return StepRecord(losses, finite=False)
+        return StepRecord(losses.detach(), finite=False)
 
     def _update(self) -> None:
         if self.grad_scaler is None:
@@ -418,7 +440,7 @@ class JacobianDescent(Optimizer):
         if self._engine is None or key != self._engine_key:
             if self._engine is not None:
                 self._path.stop_watching()
-                self._engine.remove_hooks()
+                self._engine.close()
             if self._modules is not None:
                 self._engine = Engine(*self._modules, batch_dim=self.batch_dim)
             else:
@@ -452,18 +474,51 @@ class JacobianDescent(Optimizer):
         method's state and the step count. Everything is checked before anything changes.
         """
         state_dict = split_legacy_state_dict(state_dict)
-        jd_state = jd_state_of(state_dict, type(self).__name__)
-        check_method_type(jd_state, type(self._method.module).__name__)
         self._check_groups_match(state_dict)
-        saved_method_state = self._method.module.state_dict()
-        self._method.module.load_state_dict(jd_state["method"])
+        jd_state = state_dict.get(JD_STATE_KEY)
+        saved_jd_state = self.jd_state_dict()
+        if jd_state is not None:
+            self.load_jd_state_dict(jd_state)
+        elif isinstance(self._method.module, Stateful) or self._steps:
+            self._warn_once(
+                "no-jd-state",
+                "This state dict has no 'jdoptim' entry (torch.distributed.checkpoint keeps only "
+                "'state' and 'param_groups'): the wrapped optimizer is restored, the method's state "
+                "and the step count are not. Save optimizer.jd_state_dict() beside it and restore "
+                "it with optimizer.load_jd_state_dict(...).",
+            )
         try:
-            inner = {k: v for k, v in state_dict.items() if k != JD_STATE_KEY}
-            super().load_state_dict(inner)
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != JD_STATE_KEY})
+        except BaseException:
+            self.load_jd_state_dict(saved_jd_state)
+            raise
+
+    def jd_state_dict(self) -> dict[str, Any]:
+        """jdoptim's own state: the method's state and type, the step count, the ``GradScaler``.
+
+        :meth:`state_dict` holds it under ``"jdoptim"``; save it separately where only torch's
+        ``state`` and ``param_groups`` travel (``torch.distributed.checkpoint``).
+        """
+        jd_state: dict[str, Any] = {
+            "method": self._method.module.state_dict(),
+            "method_type": type(self._method.module).__name__,
+            "steps": self._steps,
+        }
+        if self.grad_scaler is not None:
+            jd_state["grad_scaler"] = self.grad_scaler.state_dict()
+        return jd_state
+
+    def load_jd_state_dict(self, jd_state: dict[str, Any]) -> None:
+        """Restores what :meth:`jd_state_dict` saved; checked first, nothing changes on error."""
+        jd_state = jd_state_of({JD_STATE_KEY: jd_state}, type(self).__name__)
+        check_method_type(jd_state, type(self._method.module).__name__)
+        saved = self._method.module.state_dict()
+        try:
+            self._method.module.load_state_dict(jd_state["method"])
             if self.grad_scaler is not None and "grad_scaler" in jd_state:
                 self.grad_scaler.load_state_dict(jd_state["grad_scaler"])
         except BaseException:
-            self._method.module.load_state_dict(saved_method_state)
+            self._method.module.load_state_dict(saved)
             raise
         self._steps = int(jd_state["steps"])
 
@@ -516,9 +571,11 @@ class _Window:
         self.parts: list[Part] = []
         self.base: list[Tensor | None] = []
         self.written: list[Tensor | None] = []
+        self.finite = True
 
     def clear(self) -> None:
         self.parts, self.base, self.written = [], [], []
+        self.finite = True
 
     def interrupted(self, params: list[Tensor]) -> bool:
         if not self.parts or len(params) != len(self.written):
@@ -543,14 +600,7 @@ class _Window:
 
 def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     assert isinstance(optimizer, JacobianDescent)
-    jd_state: dict[str, Any] = {
-        "method": optimizer._method.module.state_dict(),
-        "method_type": type(optimizer._method.module).__name__,
-        "steps": optimizer._steps,
-    }
-    if optimizer.grad_scaler is not None:
-        jd_state["grad_scaler"] = optimizer.grad_scaler.state_dict()
-    state_dict[JD_STATE_KEY] = jd_state
+    state_dict[JD_STATE_KEY] = optimizer.jd_state_dict()
     return state_dict
 
 
@@ -576,6 +626,13 @@ def _set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) ->
         setattr(wrapped, name, value)
         return
     optimizer.__dict__[fallback] = value
+
+
+def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:
+    optimizer = ref()
+    if optimizer is None:
+        raise RuntimeError("The optimizer of this step path was garbage-collected.")
+    return optimizer
 
 
 def _values(result: Any) -> Tensor:

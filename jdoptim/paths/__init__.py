@@ -19,7 +19,7 @@ from jdoptim.paths._base import (
 from jdoptim.paths._cross_gramian import CrossGramianPath
 from jdoptim.paths._factory import make_path
 from jdoptim.paths._gramian import GramianPath, LossesPart, TermsPart
-from jdoptim.paths._losses import check_losses
+from jdoptim.paths._losses import NonFiniteLossesError, check_losses
 from jdoptim.paths._method import Method, PathKind, needs_gramian, resolve_method
 from jdoptim.paths._multi_task import MultiTaskPath, TasksPart
 from jdoptim.paths._record import StepRecord
@@ -36,6 +36,7 @@ __all__ = [
     "Method",
     "MultiTaskPath",
     "NonFiniteGramianError",
+    "NonFiniteLossesError",
     "Part",
     "Path",
     "PathKind",

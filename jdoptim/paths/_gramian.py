@@ -8,6 +8,7 @@ the Gramian ``Σ_p J_p J_pᵀ`` and the fused ``.grad = Σᵢ wᵢ gᵢ`` are ex
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
@@ -17,12 +18,18 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation import GeneralizedWeighting, Weighting
-from jdoptim.autogram import Engine
-from jdoptim.autogram._rules import Term
+from jdoptim.autogram import (
+    Engine,
+    MaterializedTerm,
+    Term,
+    concat_terms,
+    grad_from_terms,
+    gramian_from_terms,
+    jacobian_scale,
+)
 from jdoptim.paths._base import Part, Path, StepContext, check_same_kind
 from jdoptim.paths._method import Method
 from jdoptim.paths._record import StepRecord
-from jdoptim.paths._terms import concat_terms, grad_from_terms, gramian_from_terms
 from jdoptim.paths._weights import (
     check_gramian_finite,
     placeholder_gramian,
@@ -56,6 +63,8 @@ class GramianPath(Path):
         self.batch_dim: int = context.batch_dim
         self._watch = ExitStack()
         self._watched: Engine | None = None
+        self._finalizer_set = False
+        self._backward_mode = False
 
     @property
     def weighting(self) -> Weighting | GeneralizedWeighting:
@@ -64,27 +73,42 @@ class GramianPath(Path):
         return module
 
     def forward_context(self) -> AbstractContextManager[Any]:
+        if self._watched is not None:
+            self.watch_forward()  # on the current engine (it is rebuilt when params change)
+            return nullcontext()
         if not wants_gramian(self.weighting):
             return nullcontext()
         return self.context.engine().capture()
 
     def start_watching(self) -> None:
-        """Keeps the engine's discovery hook on (the user runs the forward outside any closure)."""
+        """Backward-then-step: forward passes run outside any closure, and micro-batches may
+        accumulate (so even shape-only weightings keep the engine's terms)."""
+        self._backward_mode = True
+        self.watch_forward()
+
+    def watch_forward(self) -> None:
+        """Keeps the engine's discovery hook on, for forward passes run outside any closure.
+
+        Until the optimizer is garbage-collected (or the engine rebuilt), every module call is
+        seen by the engine; engines built on ``modules=`` need no such hook.
+        """
         engine = self.context.engine()
         if self._watched is not engine:
             self._watch.close()
             self._watch.enter_context(engine.capture())
             self._watched = engine
+            if not self._finalizer_set:
+                weakref.finalize(self, self._watch.close)
+                self._finalizer_set = True
 
     def stop_watching(self) -> None:
         self._watch.close()
-        self._watched = None
 
     def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
         if losses.ndim == 0:
             return self.grads_part(losses, losses, scale)
         scaled = losses * scale if scale != 1.0 else losses
-        if not wants_gramian(self.weighting) and self._watched is None:
+        if not wants_gramian(self.weighting) and not self._backward_mode:
             return LossesPart(losses.detach(), scaled, scale=scale)
         engine = self.context.engine()
         pairs = engine.compute_terms(scaled)
@@ -102,12 +126,7 @@ class GramianPath(Path):
             return parts[0]
         first = parts[0]
         if isinstance(first, TermsPart):
-            terms_parts = [p for p in parts if isinstance(p, TermsPart)]
-            if any(p.params != first.params for p in terms_parts):
-                raise ValueError(
-                    "The micro-batches of one step reached different parameters; every backward() "
-                    "of a step must run the same model."
-                )
+            terms_parts = [_aligned(p, first) for p in parts if isinstance(p, TermsPart)]
             losses = _concat_losses([p.losses for p in terms_parts], self.batch_dim)
             terms = concat_terms([p.terms for p in terms_parts])
             return TermsPart(losses, first.params, terms, None, scale=first.scale)
@@ -120,24 +139,33 @@ class GramianPath(Path):
 
     def apply(self, part: Part) -> StepRecord:
         if isinstance(part, TermsPart):
-            gramian = self.gramian(part)
+            gramian = self.gramian(part.terms, tuple(part.losses.shape), part.scale)
             weights = weights_for(self.weighting, gramian)
             self.write_grad(part, weights)
             return StepRecord(part.losses, weights, _gramian=lambda: gramian)
         if isinstance(part, LossesPart):
             weights = weights_for(self.weighting, placeholder_gramian(part.losses))
-            retain = self._watched is not None
+            retain = self._backward_mode
             torch.autograd.backward(part.graph_losses, weights, retain_graph=retain)
             return StepRecord(part.losses, weights)
         assert isinstance(part, type(part))
         return self.apply_grads(part)  # type: ignore[arg-type]
 
-    def gramian(self, part: TermsPart) -> Tensor:
-        """The Gramian of the part's losses, divided by the square of the loss scale."""
-        dtype = torch.promote_types(part.losses.dtype, torch.float32)
-        gramian = gramian_from_terms(part.terms, tuple(part.losses.shape), self.batch_dim, dtype)
-        if part.scale != 1.0:
-            gramian = gramian / part.scale**2
+    def gramian(self, terms: Sequence[Term], shape: tuple[int, ...], loss_scale: float) -> Tensor:
+        """The Gramian of losses of ``shape`` from their ``terms``, as the weighting needs it.
+
+        Scale-invariant weightings get the Gramian of ``J / s`` for an exact power of two ``s``
+        (1 in normal ranges) that keeps tiny or huge Jacobians in float range; the others get
+        the Gramian of the unscaled losses (divided by the ``GradScaler``'s scale squared).
+        """
+        dtype = torch.promote_types(terms[0].factors()[0][0].dtype, torch.float32)
+        if _scale_invariant(self.weighting):
+            scale = jacobian_scale(terms)
+            gramian = gramian_from_terms(terms, shape, self.batch_dim, dtype, scale=scale)
+        else:
+            gramian = gramian_from_terms(terms, shape, self.batch_dim, dtype)
+            if loss_scale != 1.0:
+                gramian = gramian / loss_scale**2
         check_gramian_finite(gramian)
         return gramian
 
@@ -149,6 +177,53 @@ class GramianPath(Path):
             grad_from_terms(
                 list(zip(part.params, part.terms, strict=True)), weights, self.batch_dim
             )
+
+
+def _scale_invariant(weighting: Weighting | GeneralizedWeighting) -> bool:
+    inner = getattr(weighting, "weighting", weighting)
+    return bool(getattr(inner, "scale_invariant", False))
+
+
+def _aligned(part: TermsPart, first: TermsPart) -> TermsPart:
+    """``part`` with its terms in the order of ``first``'s parameters, of the same types.
+
+    The first ``backward`` before the engine watched a forward pass takes the exact route
+    (materialised rows) where later ones take closed forms: such terms are materialised too.
+    """
+    by_param = {id(param): term for param, term in zip(part.params, part.terms, strict=True)}
+    if set(by_param) != {id(param) for param in first.params}:
+        raise ValueError(
+            "The micro-batches of one step reached different parameters; every backward() of a "
+            "step must run the same model."
+        )
+    terms = []
+    for param, reference in zip(first.params, first.terms, strict=True):
+        term = by_param[id(param)]
+        if type(term) is not type(reference):
+            term = materialized(term, reference)
+        terms.append(term)
+    return TermsPart(part.losses, first.params, terms, part.graph_losses, scale=part.scale)
+
+
+def materialized(term: Term, like: Term) -> Term:
+    """``term`` as per-row gradients, like ``like`` (the exact route's form)."""
+    if not isinstance(like, MaterializedTerm) or isinstance(term, MaterializedTerm):
+        raise ValueError(
+            "The micro-batches of one step took different engine routes; give "
+            "optimizer.backward the losses of forward passes of the same model."
+        )
+    return _rows_of(term)
+
+
+def _rows_of(term: Term) -> MaterializedTerm:
+    """Row ``r`` is the weighted gradient for the one-hot weights of row ``r`` (exact)."""
+    factor, dim = term.factors()[0]
+    tasks = factor.shape[0] if dim == 1 else 1
+    batch = factor.shape[dim]
+    eye = torch.eye(batch * tasks, dtype=torch.float64, device=factor.device)
+    rows = [term.weighted_grad(eye[r].reshape(batch, tasks)) for r in range(batch * tasks)]
+    shape = tuple(rows[0].shape)
+    return MaterializedTerm(torch.stack([r.reshape(-1) for r in rows]), shape)
 
 
 def _concat_losses(losses: Sequence[Tensor], batch_dim: int) -> Tensor:

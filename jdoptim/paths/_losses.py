@@ -10,8 +10,11 @@ from torch import Tensor
 from jdoptim.linalg import check_finite
 
 
-def check_losses(result: Any, multi_task: bool) -> tuple[Tensor, Any]:
-    """``(losses, features)`` from a closure's result; raises a clear error on anything else."""
+def check_losses(result: Any, multi_task: bool, finite: bool = True) -> tuple[Tensor, Any]:
+    """``(losses, features)`` from a closure's result; raises a clear error on anything else.
+
+    ``finite=False`` skips the NaN/infinity check (to report the values of a skipped step).
+    """
     features: Any = None
     if multi_task:
         if not (isinstance(result, tuple) and len(result) == 2):
@@ -41,5 +44,14 @@ def check_losses(result: Any, multi_task: bool) -> tuple[Tensor, Any]:
             "The losses do not require grad: the closure must compute them from the "
             "parameters, with gradients enabled."
         )
-    check_finite(result.detach(), "The losses returned by the closure")
+    if not finite:
+        return result, features
+    try:
+        check_finite(result.detach(), "The losses")
+    except ValueError as error:
+        raise NonFiniteLossesError(str(error)) from None
     return result, features
+
+
+class NonFiniteLossesError(ValueError):
+    """The losses hold NaN or infinity: under loss scaling, a step to skip; otherwise an error."""

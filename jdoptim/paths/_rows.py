@@ -22,12 +22,12 @@ from jdoptim.aggregation import (
     WeightedAggregator,
     Weighting,
 )
+from jdoptim.autogram import instance_major_order
 from jdoptim.autojac import jac
 from jdoptim.linalg import check_finite, reshape_gramian
 from jdoptim.paths._base import NonFiniteGramianError, Part, Path, add_direction, check_same_kind
 from jdoptim.paths._method import PathKind
 from jdoptim.paths._record import StepRecord
-from jdoptim.paths._terms import instance_major_order
 from jdoptim.paths._weights import (
     check_gramian_finite,
     output_of,

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from jdoptim.autogram import Engine
-from jdoptim.paths._terms import concat_terms, gramian_from_terms
+from jdoptim.autogram import Engine, concat_terms, gramian_from_terms
 
 
 class SequenceModel(nn.Module):

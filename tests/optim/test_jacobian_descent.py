@@ -371,5 +371,26 @@ def test_bad_arguments_are_rejected() -> None:
         JDSGD(model.parameters(), aggregator=UPGradWeighting())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="modules="):
         JDSGD(model.parameters(), modules=model[0])
-    with pytest.raises(ValueError, match="missing"):
-        JDSGD(model.parameters()).load_state_dict(SGD(model.parameters()).state_dict())
+    with pytest.raises(ValueError, match="lacks"):  # another kind of optimizer's state
+        JDSGD(model.parameters()).load_state_dict(Adam(model.parameters()).state_dict())
+
+
+@pytest.mark.parametrize("modules", [True, False], ids=["modules=", "discovered"])
+def test_freezing_and_unfreezing_does_not_pile_up_engine_hooks(modules: bool) -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    options = {"modules": model} if modules else {}
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, **options)
+
+    def hook_counts() -> list[int]:
+        return [len(m._forward_hooks) for m in model.modules()]
+
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    counts = hook_counts()
+    global_hooks = len(nn.modules.module._global_forward_hooks)
+    for _ in range(10):
+        model[0].weight.requires_grad_(False)
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+        model[0].weight.requires_grad_(True)
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+        assert hook_counts() == counts
+        assert len(nn.modules.module._global_forward_hooks) == global_hooks
