@@ -126,7 +126,7 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
             watching = self._engine is not None
             if self._engine is not None:
                 self._watch.close()
-                self._engine.remove_hooks()
+                self._engine.close()
             self._engine = Engine(batch_dim=self.local.batch_dim, parameters=unsharded)
             self._engine_key = key
             if watching:
