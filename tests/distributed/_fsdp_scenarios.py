@@ -7,6 +7,7 @@ with a single-process run on the concatenated batches.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from jdoptim import JDSGD, JDAdam
-from jdoptim.aggregation import UPGradWeighting
+from jdoptim.aggregation import TrimmedMean, UPGradWeighting
 from jdoptim.distributed import checkpoint_state, load_checkpoint_state
 from tests.distributed._scenarios import (
     iwrm_batches,
@@ -49,30 +50,63 @@ def full_params(model: nn.Module) -> list[Tensor]:
     ]
 
 
-def train_iwrm(model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice) -> Tensor:
-    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+def train_iwrm(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice, how: str = "closure"
+) -> Tensor:
+    """``how``: "closure" (step(closure)), "modules" (modules=model), "backward"
+    (backward-then-step, the forward outside the optimizer) or "scalar" (the mean loss)."""
+    options: dict[str, Any] = {"modules": model} if how == "modules" else {}
+    optimizer = JDSGD(
+        model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0, **options
+    )
     losses = torch.empty(0)
     for x, y in batches:
+        if how == "backward":
+            optimizer.backward(iwrm_losses(model, x[part], y[part]))
+            optimizer.step()
+            optimizer.zero_grad()
+            assert optimizer.last_step is not None
+            losses = optimizer.last_step.losses
+            continue
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            return iwrm_losses(model, x[part], y[part])
+            losses = iwrm_losses(model, x[part], y[part])
+            return losses.mean() if how == "scalar" else losses
 
         losses = optimizer.step(closure)
     return losses
 
 
-def iwrm_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
+def iwrm_rank(rank: int, world: int, sizes: list[int], how: str = "closure") -> dict[str, Any]:
     model = iwrm_model()
     model = shard(model, [model[0], model[3]])
-    losses = train_iwrm(model, iwrm_batches(sum(sizes), STEPS), slices(sizes)[rank])
+    if how == "scalar":
+        warnings.filterwarnings("ignore", "The losses are a scalar")
+    losses = train_iwrm(model, iwrm_batches(sum(sizes), STEPS), slices(sizes)[rank], how)
     return {"params": full_params(model), "losses": losses}
 
 
-def iwrm_reference(sizes: list[int]) -> dict[str, Any]:
+def iwrm_reference(sizes: list[int], how: str = "closure") -> dict[str, Any]:
     model = iwrm_model()
-    losses = train_iwrm(model, iwrm_batches(sum(sizes), STEPS), slice(None))
+    if how == "scalar":
+        warnings.filterwarnings("ignore", "The losses are a scalar")
+    losses = train_iwrm(model, iwrm_batches(sum(sizes), STEPS), slice(None), how)
     return {"params": full_params(model), "losses": losses}
+
+
+def unsupported_rank(rank: int, world: int) -> str | None:
+    """A Jacobian aggregator on a fully_shard model: a clear error at the first forward."""
+    model = iwrm_model()
+    model = shard(model, [model[0], model[3]])
+    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=TrimmedMean(1), batch_dim=0)
+    x, y = iwrm_batches(3 * world, 1)[0]
+    part = slices([3] * world)[rank]
+    try:
+        optimizer.step(lambda: iwrm_losses(model, x[part], y[part]))
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def routes_rank(rank: int, world: int) -> dict[str, Any]:
@@ -328,6 +362,7 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
 
 # instances per rank, per world size
 IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
+IWRM_VARIANTS = {2: ["modules", "backward", "scalar"], 3: ["backward"]}
 TASK_BATCH = {2: 3, 3: 2}
 ENCODER_SIZES = {2: [3, 2], 3: [2, 3, 2]}
 FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
@@ -344,12 +379,16 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
             results[key] = f"{type(error).__name__}: {error}"
 
     record("iwrm", iwrm_rank, IWRM_SIZES[world])
+    for how in IWRM_VARIANTS[world]:
+        sizes = [4] * world if how == "scalar" else IWRM_SIZES[world]
+        record(f"iwrm-{how}", iwrm_rank, sizes, how)
     record("tasks", tasks_rank, TASK_BATCH[world])
     record("encoder", encoder_rank, ENCODER_SIZES[world])
     record("routes", routes_rank)
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:
+        record("unsupported", unsupported_rank)
         record("resume-dcp", resume_rank, out_dir, "dcp")
         record("resume-local", resume_rank, out_dir, "local")
         record("bfloat16", mixed_precision_rank)
