@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
@@ -75,6 +76,15 @@ class ShardedModel:
             )
         self.group: dist.ProcessGroup = mesh.get_group()
         self.world_size = dist.get_world_size(self.group)
+        modules = list(self.modules)
+
+        def reshard_after_evaluation(module: nn.Module, args: Any, output: Any) -> None:
+            # Kept gathered for a step's Gramian pass, but a forward without gradients is no step.
+            if not torch.is_grad_enabled():
+                for fsdp_module in modules:
+                    fsdp_module.reshard()  # type: ignore[operator]
+
+        root.register_forward_hook(reshard_after_evaluation)
 
     def keep_unsharded(self) -> None:
         """Each layer keeps its gathered parameters from its forward until :meth:`reshard`.

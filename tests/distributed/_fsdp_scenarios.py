@@ -114,13 +114,20 @@ def routes_rank(rank: int, world: int) -> dict[str, Any]:
     model = iwrm_model()
     model = shard(model, [model[0], model[3]])
     optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
-    routes = []
+    routes, evaluated = [], []
     for x, y in iwrm_batches(4 * world, STEPS):
         part = slices([4] * world)[rank]
         optimizer.step(lambda x=x, y=y: iwrm_losses(model, x[part], y[part]))
         engine = optimizer.distributed.engine()  # type: ignore[attr-defined]
         routes.append(sorted(set(engine._last_routes.values())))
-    return {"routes": routes, "grad": type(next(model.parameters()).grad).__name__}
+        with torch.no_grad():  # an evaluation between steps leaves every layer sharded
+            model(x[part])
+        evaluated.append(all(isinstance(p, DTensor) for p in model[0]._parameters.values()))
+    return {
+        "routes": routes,
+        "grad": type(next(model.parameters()).grad).__name__,
+        "sharded_after_evaluation": evaluated,
+    }
 
 
 def train_tasks(model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice) -> Tensor:

@@ -86,12 +86,15 @@ def test_a_transformer_encoder_layer_equals_one_process_on_the_global_batch(laun
     _equal_to_reference(ranks, "encoder", scenarios.encoder_reference(sizes))
 
 
-def test_the_engine_watches_the_first_forward_and_grads_are_sharded(launch: Any) -> None:
+def test_the_engine_watches_the_first_forward_grads_are_sharded_evaluation_reshards(
+    launch: Any,
+) -> None:
     _, ranks = launch
     for rank in ranks:
         result = _ok(rank["routes"])
         assert result["routes"] == [["closed_form"]] * scenarios.STEPS
         assert result["grad"] == "DTensor"
+        assert result["sharded_after_evaluation"] == [True] * scenarios.STEPS
 
 
 def test_a_failing_rank_makes_every_rank_raise_with_nothing_changed(launch: Any) -> None:
