@@ -158,6 +158,36 @@ def tasks_reference(world: int, batch: int) -> dict[str, Any]:
     return {"params": full_params(model), "losses": losses}
 
 
+def train_instance_tasks(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice
+) -> Tensor:
+    """Losses ``[B, T]`` (every instance, every task) with ``batch_dim=0``."""
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            outputs, _ = model(x[part])
+            return (outputs - y[part]) ** 2
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+def instance_tasks_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
+    model = mtl_model()
+    model = shard(model, [model.trunk[0], *model.heads])
+    losses = train_instance_tasks(model, mtl_batches(sum(sizes)), slices(sizes)[rank])
+    return {"params": full_params(model), "losses": losses}
+
+
+def instance_tasks_reference(sizes: list[int]) -> dict[str, Any]:
+    model = mtl_model()
+    losses = train_instance_tasks(model, mtl_batches(sum(sizes)), slice(None))
+    return {"params": full_params(model), "losses": losses}
+
+
 class Encoder(nn.Module):
     """A transformer encoder layer and a linear head: one loss per sequence."""
 
@@ -390,6 +420,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         sizes = [4] * world if how == "scalar" else IWRM_SIZES[world]
         record(f"iwrm-{how}", iwrm_rank, sizes, how)
     record("tasks", tasks_rank, TASK_BATCH[world])
+    record("instance-tasks", instance_tasks_rank, IWRM_SIZES[world])
     record("encoder", encoder_rank, ENCODER_SIZES[world])
     record("routes", routes_rank)
     for failure in FAILURES[world]:

@@ -80,6 +80,12 @@ def test_per_task_losses_equal_one_process_on_the_global_batch(launch: Any) -> N
     _equal_to_reference(ranks, "tasks", reference)
 
 
+def test_instance_and_task_losses_equal_one_process_on_the_global_batch(launch: Any) -> None:
+    world, ranks = launch
+    sizes = scenarios.IWRM_SIZES[world]
+    _equal_to_reference(ranks, "instance-tasks", scenarios.instance_tasks_reference(sizes))
+
+
 def test_a_transformer_encoder_layer_equals_one_process_on_the_global_batch(launch: Any) -> None:
     world, ranks = launch
     sizes = scenarios.ENCODER_SIZES[world]
