@@ -7,7 +7,7 @@ its storage is freed). The autograd graph and the engine's hooks see that unshar
 the engine covers the unsharded parameters, and gradients are written to the sharded parameters
 after a reduce-scatter.
 
-FSDP2 keeps no public listing of its parameters; :func:`_fsdp_params` is the one place that reads
+FSDP2 keeps no public listing of its parameters; :func:`_param_groups` is the one place that reads
 its internal state.
 """
 
@@ -114,36 +114,54 @@ class ShardedModel:
 
     def pairs(self) -> list[tuple[Tensor, DTensor]]:
         """``(unsharded, sharded)`` for every parameter gathered at least once, model order."""
+        return [(unsharded, sharded) for unsharded, sharded, _ in self.params()]
+
+    def params(self) -> list[tuple[Tensor, DTensor, int]]:
+        """``(unsharded, sharded, layer)``: ``layer`` numbers FSDP2's parameter groups (one per
+        ``fully_shard`` call), whose gradients travel in one collective."""
         return [
-            (fsdp_param._unsharded_param, fsdp_param.sharded_param)
-            for fsdp_param in _fsdp_params(self.modules)
+            (fsdp_param._unsharded_param, fsdp_param.sharded_param, layer)
+            for layer, group in enumerate(_param_groups(self.modules))
+            for fsdp_param in group.fsdp_params
             if hasattr(fsdp_param, "_unsharded_param")
         ]
 
 
-def _fsdp_params(modules: list[nn.Module]) -> list[Any]:
-    params = []
+def _param_groups(modules: list[nn.Module]) -> list[Any]:
+    groups = []
     for module in modules:
         state = module._get_fsdp_state()  # type: ignore[operator]
-        for group in state._fsdp_param_groups:
-            params.extend(group.fsdp_params)
-    return params
+        groups.extend(state._fsdp_param_groups)
+    return groups
 
 
-def sharded_rows(full: Tensor, sharded: DTensor, group: dist.ProcessGroup) -> Tensor:
-    """This rank's rows (dim 0) of the sum over ranks of ``full`` (one reduce-scatter).
+def sharded_rows(
+    fulls: list[Tensor], shardeds: list[DTensor], group: dist.ProcessGroup
+) -> list[Tensor]:
+    """This rank's rows (dim 0) of the sum over ranks of each of ``fulls``: one reduce-scatter.
 
     FSDP2 splits dim 0 into chunks of ``ceil(d0 / R)`` rows, rank order, the last ones possibly
-    shorter or empty; ``full`` is zero-padded to ``R`` whole chunks for the collective.
+    shorter or empty; each tensor is zero-padded to ``R`` whole chunks, and rank ``r``'s chunks of
+    every tensor travel side by side.
     """
     world = dist.get_world_size(group)
-    rows = full.shape[0]
-    chunk = math.ceil(rows / world)
-    padded = full.new_zeros((chunk * world, *full.shape[1:]))
-    padded[:rows] = full
-    out = full.new_empty((chunk, *full.shape[1:]))
-    dist.reduce_scatter_single(out, padded.contiguous(), group=group)
-    return out[: sharded.to_local().shape[0]]
+    dtype = fulls[0].dtype
+    pieces = []
+    for full in fulls:
+        chunk = math.ceil(full.shape[0] / world)
+        padded = full.new_zeros((chunk * world, *full.shape[1:]), dtype=dtype)
+        padded[: full.shape[0]] = full
+        pieces.append(padded.reshape(world, -1))
+    flat = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+    out = flat.new_empty(flat.shape[1])
+    dist.reduce_scatter_single(out, flat.reshape(-1), group=group)
+    rows = []
+    for full, sharded, piece in zip(
+        fulls, shardeds, torch.split(out, [p.shape[1] for p in pieces]), strict=True
+    ):
+        local = piece.reshape(-1, *full.shape[1:])[: sharded.to_local().shape[0]]
+        rows.append(local.to(full.dtype))
+    return rows
 
 
 def as_sharded(local: Tensor, sharded: DTensor) -> DTensor:

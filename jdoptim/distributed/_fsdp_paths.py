@@ -14,7 +14,7 @@ direction is ``wᵀ J_s``.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -78,26 +78,62 @@ class ShardedPath:
             grad = as_sharded(local, sharded)
             sharded.grad = grad if sharded.grad is None else sharded.grad + grad
 
-    def reduce_scatter(self, full: Tensor, sharded: Any) -> Tensor:
+    def scatter_by_layer(
+        self,
+        items: list[tuple[Tensor, Any, Callable[[], Tensor | None]]],
+        shape_of: Any,
+        stage: str,
+    ) -> list[tuple[Any, Tensor]]:
+        """``(sharded, rows)`` for each ``(unsharded, sharded, full)`` item: this rank's rows of
+        the sum over ranks of ``full()``, one reduce-scatter per ``fully_shard`` layer.
+
+        ``full()`` runs guarded, one layer at a time (so one layer's full tensors exist at once);
+        where it fails or gives ``None``, zeros of ``shape_of(unsharded)`` travel instead.
+        """
         comm = self.communicator
+        layer_of = {id(u): layer for u, _, layer in self.model.params()}
+        layers: dict[int, list[int]] = {}
+        for index, (unsharded, _, _) in enumerate(items):
+            layers.setdefault(layer_of[id(unsharded)], []).append(index)
+        results: dict[int, tuple[Any, Tensor]] = {}
         share = (self.world_size - 1) / self.world_size
-        chunk = -(-full.shape[0] // self.world_size)
-        row_bytes = full[:1].numel() * full.element_size() if full.shape[0] else 0
-        comm._count("reduce_scatter", chunk * self.world_size * row_bytes * share)
-        return sharded_rows(full, sharded, self.model.group)
+        for layer in sorted(layers):
+            members = layers[layer]
+            fulls = []
+            for index in members:
+                unsharded, sharded, make = items[index]
+                full = None
+                with comm.guard(stage):
+                    full = make()
+                if full is None:
+                    full = unsharded.new_zeros(shape_of(unsharded), dtype=sharded.dtype)
+                fulls.append(full)
+            shardeds = [items[index][1] for index in members]
+            padded = sum(
+                -(-f.shape[0] // self.world_size) * self.world_size * f[:1].numel() for f in fulls
+            )
+            comm._count("reduce_scatter", padded * fulls[0].element_size() * share)
+            rows = sharded_rows(fulls, shardeds, self.model.group)
+            for index, sharded, local in zip(members, shardeds, rows, strict=True):
+                results[index] = (sharded, local)
+            del fulls
+        return [results[index] for index in range(len(items))]
 
     def sharded_scalar_step(self, part: Part) -> StepRecord:
         """Scalar losses: each rank's gradient, averaged over the ranks (FSDP2's own convention)."""
         comm = self.communicator
         grads = part.grads if isinstance(part, GradsPart) else []
-        new = []
-        for index, (unsharded, sharded) in enumerate(self.model.pairs()):
-            full = unsharded.new_zeros(unsharded.shape, dtype=sharded.dtype)
-            with comm.guard("the gradient of the scalar loss"):
+
+        def full_grad(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            def make() -> Tensor | None:
                 grad = grads[index] if index < len(grads) else None
-                if grad is not None:
-                    full = grad.to(sharded.dtype)
-            new.append((sharded, self.reduce_scatter(full, sharded) / self.world_size))
+                return None if grad is None else grad.to(dtype)
+
+            return make
+
+        items = [(u, s, full_grad(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
+        scattered = self.scatter_by_layer(items, _shape, "the gradient of the scalar loss")
+        new = [(sharded, local / self.world_size) for sharded, local in scattered]
         (total,) = comm.all_reduce_sum([part.losses.reshape(())], kind="losses")
         self.write(new)
         return StepRecord(total / self.world_size)
@@ -168,19 +204,18 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
         return self.sharded_scalar_step(part)
 
     def write_grads(self, part: TermsPart, local_weights: Tensor) -> None:
-        comm = self.communicator
         sharded_of = {id(unsharded): sharded for unsharded, sharded in self.model.pairs()}
         moved = local_weights.detach().movedim(self.local.batch_dim, 0)
         rows = moved.reshape(moved.shape[0], -1)
-        new = []
-        for param, term in zip(part.params, part.terms, strict=True):
-            sharded = sharded_of[id(param)]
-            full = param.new_zeros(param.shape, dtype=sharded.dtype)
-            with comm.guard("the local gradients"):
-                full = term.weighted_grad(rows).to(sharded.dtype)
-            new.append((sharded, self.reduce_scatter(full, sharded)))
-            del full
-        self.write(new)
+
+        def weighted(term: Any, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            return lambda: term.weighted_grad(rows).to(dtype)
+
+        items = [
+            (param, sharded_of[id(param)], weighted(term, sharded_of[id(param)].dtype))
+            for param, term in zip(part.params, part.terms, strict=True)
+        ]
+        self.write(self.scatter_by_layer(items, _shape, "the local gradients"))
 
 
 @dataclass
@@ -264,16 +299,25 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         tasks = int(torch.tensor(shape).prod())
         dtype = torch.promote_types(part.losses.dtype, torch.float32)
         local_rows = part.rows if isinstance(part, TaskRowsPart) else []
+        pairs = self.model.pairs()
+
+        def task_rows(index: int, unsharded: Tensor) -> Callable[[], Tensor | None]:
+            def make() -> Tensor | None:
+                rows = local_rows[index] if index < len(local_rows) else None
+                if rows is None:
+                    return None
+                return rows.reshape(tasks, *unsharded.shape).to(dtype).movedim(0, 1)
+
+            return make
+
+        items = [(u, s, task_rows(i, u)) for i, (u, s) in enumerate(pairs)]
+        scattered = self.scatter_by_layer(
+            items, lambda u: (u.shape[0], tasks, *u.shape[1:]), "the task Jacobian"
+        )
         shards: list[tuple[Any, Tensor]] = []
         gramian = torch.zeros(tasks, tasks, dtype=dtype)
-        for index, (unsharded, sharded) in enumerate(self.model.pairs()):
-            full = unsharded.new_zeros((tasks, *unsharded.shape), dtype=dtype)
-            with comm.guard("the task Jacobian"):
-                rows = local_rows[index] if index < len(local_rows) else None
-                if rows is not None:
-                    full = rows.reshape(tasks, *unsharded.shape).to(dtype)
-            shard = self.reduce_scatter(full.movedim(0, 1), sharded) / self.world_size
-            shard = shard.movedim(1, 0).reshape(tasks, -1)
+        for sharded, local in scattered:
+            shard = (local / self.world_size).movedim(1, 0).reshape(tasks, -1)
             gramian = gramian.to(shard.device) + shard @ shard.T
             shards.append((sharded, shard))
         values = torch.zeros(shape, dtype=dtype) if losses is None else losses.to(dtype)
@@ -294,6 +338,10 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         self.write(new)
         final = global_gramian
         return StepRecord(mean_losses, weights, _gramian=lambda: final)
+
+
+def _shape(unsharded: Tensor) -> tuple[int, ...]:
+    return tuple(unsharded.shape)
 
 
 def sharded_variant(local: Path, model: ShardedModel) -> DistributedPath:
