@@ -54,13 +54,24 @@ def train_iwrm(
     model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice, how: str = "closure"
 ) -> Tensor:
     """``how``: "closure" (step(closure)), "modules" (modules=model), "backward"
-    (backward-then-step, the forward outside the optimizer) or "scalar" (the mean loss)."""
+    (backward-then-step, the forward outside the optimizer), "accumulate" (backward-then-step on
+    two halves of the batch) or "scalar" (the mean loss)."""
     options: dict[str, Any] = {"modules": model} if how == "modules" else {}
     optimizer = JDSGD(
         model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0, **options
     )
     losses = torch.empty(0)
     for x, y in batches:
+        if how == "accumulate":
+            xs, ys = x[part], y[part]
+            half = len(xs) // 2
+            optimizer.backward(iwrm_losses(model, xs[:half], ys[:half]))
+            optimizer.backward(iwrm_losses(model, xs[half:], ys[half:]))
+            optimizer.step()
+            optimizer.zero_grad()
+            assert optimizer.last_step is not None
+            losses = optimizer.last_step.losses
+            continue
         if how == "backward":
             optimizer.backward(iwrm_losses(model, x[part], y[part]))
             optimizer.step()
@@ -399,7 +410,7 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
 
 # instances per rank, per world size
 IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
-IWRM_VARIANTS = {2: ["modules", "backward", "scalar"], 3: ["backward"]}
+IWRM_VARIANTS = {2: ["modules", "backward", "accumulate", "scalar"], 3: ["backward"]}
 TASK_BATCH = {2: 3, 3: 2}
 ENCODER_SIZES = {2: [3, 2], 3: [2, 3, 2]}
 FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
@@ -417,7 +428,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
 
     record("iwrm", iwrm_rank, IWRM_SIZES[world])
     for how in IWRM_VARIANTS[world]:
-        sizes = [4] * world if how == "scalar" else IWRM_SIZES[world]
+        sizes = [4] * world if how in ("scalar", "accumulate") else IWRM_SIZES[world]
         record(f"iwrm-{how}", iwrm_rank, sizes, how)
     record("tasks", tasks_rank, TASK_BATCH[world])
     record("instance-tasks", instance_tasks_rank, IWRM_SIZES[world])

@@ -60,11 +60,15 @@ def test_instance_wise_upgrad_equals_one_process_on_the_global_batch(launch: Any
     _equal_to_reference(ranks, "iwrm", scenarios.iwrm_reference(sizes))
 
 
-def test_modules_backward_then_step_and_scalar_losses_equal_one_process(launch: Any) -> None:
+def test_modules_backward_then_step_accumulation_and_scalar_losses_equal_one_process(
+    launch: Any,
+) -> None:
     world, ranks = launch
     for how in scenarios.IWRM_VARIANTS[world]:
-        sizes = [4] * world if how == "scalar" else scenarios.IWRM_SIZES[world]
-        _equal_to_reference(ranks, f"iwrm-{how}", scenarios.iwrm_reference(sizes, how))
+        equal = how in ("scalar", "accumulate")
+        sizes = [4] * world if equal else scenarios.IWRM_SIZES[world]
+        reference_how = "closure" if how == "accumulate" else how  # one batch, concatenated
+        _equal_to_reference(ranks, f"iwrm-{how}", scenarios.iwrm_reference(sizes, reference_how))
 
 
 def test_a_jacobian_aggregator_on_a_sharded_model_is_a_clear_error(two_ranks: Any) -> None:
