@@ -315,12 +315,16 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
             items, lambda u: (u.shape[0], tasks, *u.shape[1:]), "the task Jacobian"
         )
         shards: list[tuple[Any, Tensor]] = []
-        gramian = torch.zeros(tasks, tasks, dtype=dtype)
+        gramian = torch.zeros(tasks, tasks, dtype=dtype, device=comm.device)
         for sharded, local in scattered:
             shard = (local / self.world_size).movedim(1, 0).reshape(tasks, -1)
             gramian = gramian.to(shard.device) + shard @ shard.T
             shards.append((sharded, shard))
-        values = torch.zeros(shape, dtype=dtype) if losses is None else losses.to(dtype)
+        values = (
+            torch.zeros(shape, dtype=dtype, device=comm.device)
+            if losses is None
+            else losses.to(dtype)
+        )
         total_gramian, total_losses = comm.all_reduce_sum([gramian, values], kind="gramian")
         mean_losses = (total_losses / self.world_size).to(part.losses.dtype)
         global_gramian = reshape_gramian(total_gramian, tuple(shape))
