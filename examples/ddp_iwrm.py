@@ -4,12 +4,15 @@ Each rank draws its share of every global batch (DistributedSampler); JDSGD with
 the step that one process would take on the whole global batch: the weighting sees the Gramian of
 all per-instance losses of all ranks, and every rank ends each step with the same parameters.
 
-Run (CPU, gloo):   torchrun --nproc_per_node 2 examples/ddp_iwrm.py
+Run (CPU, gloo):   .venv/bin/torchrun --nproc_per_node 2 examples/ddp_iwrm.py
 Several machines:  torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d \
                        --rdzv_endpoint HOST:29500 examples/ddp_iwrm.py   (on every machine)
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from jdoptim import JDSGD
 from jdoptim.aggregation import UPGradWeighting
 
+if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    sys.exit(
+        "This example runs on several processes, started by torchrun (which sets RANK and\n"
+        "WORLD_SIZE). Run, for two processes on this machine:\n"
+        "    torchrun --nproc_per_node 2 examples/ddp_iwrm.py"
+    )
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device(
@@ -38,13 +47,9 @@ torch.manual_seed(0)  # DDP also broadcasts rank 0's initial parameters
 model = DistributedDataParallel(
     nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1)).to(device)
 )
-optimizer = JDSGD(
-    model.parameters(),
-    lr=0.05,
-    weighting=UPGradWeighting(),
-    batch_dim=0,
-    process_group=model.process_group,  # exact on the global batch; DDP's own sync is off
-)
+# No process_group= needed: the DDP model's first forward pass hands its group to the optimizer,
+# every step is exact on the global batch, and DDP's own gradient sync is switched off.
+optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
 
 for epoch in range(epochs):
     sampler.set_epoch(epoch)
@@ -64,4 +69,7 @@ copies = [torch.empty_like(flat) for _ in range(world)]
 dist.all_gather(copies, flat)
 if rank == 0:
     print(f"{world} ranks, identical parameters: {all(torch.equal(c, flat) for c in copies)}")
+# Release the DDP model (and its reducer's hold on the group) before the group itself.
+del optimizer, model
+dist.barrier()
 dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Every aggregation method of issue 2, with the properties the common tests rely on."""
+"""Every core aggregation method, with the properties the common tests rely on."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Behaviour every aggregator of issue 2 shares: shapes, dtypes, devices, edge cases, bad input."""
+"""Behaviour every core aggregator shares: shapes, dtypes, devices, edge cases, bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Behaviour every Gramian weighting of issue 2 shares."""
+"""Behaviour every core Gramian weighting shares."""
 
 from __future__ import annotations
 

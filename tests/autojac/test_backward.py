@@ -75,3 +75,13 @@ def test_errors() -> None:
         backward(w * 2, [torch.ones(3)])
     with pytest.raises(ValueError, match=r"tensors\[0\].*does not depend"):
         backward(w * 2, [torch.ones(3, requires_grad=True)])
+
+
+def test_jac_tensors_left_multiply_the_jacobian() -> None:
+    model, x, y = make("mlp")
+    losses = losses_of(model, x, y)
+    initial = torch.randn(2, *losses.shape, dtype=losses.dtype)
+    backward(losses, jac_tensors=initial)
+    for param, expected in zip(model.parameters(), jacobian_rows(model, x, y), strict=True):
+        want = torch.tensordot(initial, expected, dims=1)
+        torch.testing.assert_close(param.jac, want)  # type: ignore[attr-defined]

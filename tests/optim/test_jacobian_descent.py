@@ -54,7 +54,7 @@ def test_mean_weighting_equals_sgd_on_the_mean_loss() -> None:
 
 @pytest.mark.parametrize("batch_dim", [0, None])
 @pytest.mark.parametrize("fuse_backward", [True, False])
-def test_upgrad_equals_the_engine_loop_of_seed_003(
+def test_upgrad_equals_the_hand_written_engine_loop(
     batch_dim: int | None, fuse_backward: bool
 ) -> None:
     model, inputs, targets = regression_problem(steps=3)
@@ -80,7 +80,7 @@ def test_upgrad_equals_the_engine_loop_of_seed_003(
     assert_same_params(model, reference, atol=1e-10)
 
 
-def test_upgrad_equals_the_autojac_loop_of_seed_001() -> None:
+def test_upgrad_equals_the_hand_written_autojac_loop() -> None:
     model, inputs, targets = regression_problem(steps=3)
     reference = clone_model(model)
     run_jd(
