@@ -31,45 +31,51 @@ if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         "    torchrun --nproc_per_node 2 examples/ddp_iwrm.py"
     )
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-device = torch.device(
-    f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-)
 
-n_batches, local_batch, epochs = (4, 8, 2) if SMALL else (50, 32, 5)
-inputs, targets = regression_batches(n_batches, local_batch * world, n_features=10)
-dataset = TensorDataset(inputs.reshape(-1, 10), targets.reshape(-1))
-sampler = DistributedSampler(dataset, shuffle=True, seed=0, drop_last=True)
-loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler)
-loss_fn = nn.MSELoss(reduction="none")
 
-torch.manual_seed(0)  # DDP also broadcasts rank 0's initial parameters
-model = DistributedDataParallel(
-    nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1)).to(device)
-)
-# No process_group= needed: the DDP model's first forward pass hands its group to the optimizer,
-# every step is exact on the global batch, and DDP's own gradient sync is switched off.
-optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
+def train() -> None:
+    """Trains on this rank's share and checks that every rank ends with the same parameters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(
+        f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    )
 
-for epoch in range(epochs):
-    sampler.set_epoch(epoch)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
+    n_batches, local_batch, epochs = (4, 8, 2) if SMALL else (50, 32, 5)
+    inputs, targets = regression_batches(n_batches, local_batch * world, n_features=10)
+    dataset = TensorDataset(inputs.reshape(-1, 10), targets.reshape(-1))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=0, drop_last=True)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler)
+    loss_fn = nn.MSELoss(reduction="none")
 
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            return loss_fn(model(x).squeeze(-1), y)  # this rank's losses: [local_batch]
+    torch.manual_seed(0)  # DDP also broadcasts rank 0's initial parameters
+    model = DistributedDataParallel(
+        nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1)).to(device)
+    )
+    # No process_group= needed: the DDP model's first forward pass hands its group to the optimizer,
+    # every step is exact on the global batch, and DDP's own gradient sync is switched off.
+    optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
 
-        losses = optimizer.step(closure)  # the global batch's losses: [world * local_batch]
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+
+            def closure() -> torch.Tensor:
+                optimizer.zero_grad()
+                return loss_fn(model(x).squeeze(-1), y)  # this rank's losses: [local_batch]
+
+            losses = optimizer.step(closure)  # the global batch's losses: [world * local_batch]
+        if rank == 0:
+            print(f"epoch {epoch}: mean loss of the last global batch {losses.mean():.4f}")
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    copies = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(copies, flat)
     if rank == 0:
-        print(f"epoch {epoch}: mean loss of the last global batch {losses.mean():.4f}")
+        print(f"{world} ranks, identical parameters: {all(torch.equal(c, flat) for c in copies)}")
 
-flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-copies = [torch.empty_like(flat) for _ in range(world)]
-dist.all_gather(copies, flat)
-if rank == 0:
-    print(f"{world} ranks, identical parameters: {all(torch.equal(c, flat) for c in copies)}")
-# Release the DDP model (and its reducer's hold on the group) before the group itself.
-del optimizer, model
+
+train()
+# The model (and its reducer's hold on the group) is gone before the group itself.
 dist.barrier()
 dist.destroy_process_group()

@@ -9,10 +9,12 @@ from torch import Tensor
 from jdoptim.autojac._graph import (
     as_tensor_list,
     check_chunk_size,
+    check_dense_gradients,
     check_inputs,
     check_outputs,
     check_outputs_depend_on_inputs,
     reachable_leaves,
+    reached_by,
     unique,
 )
 from jdoptim.autojac._vjp import Cotangents, identity_cotangents, vjp_rows
@@ -28,6 +30,7 @@ def resolve_arguments(
     output_list = as_tensor_list(outputs, outputs_name)
     check_outputs(output_list, outputs_name)
     check_chunk_size(parallel_chunk_size)
+    check_dense_gradients(output_list)
     if inputs is None:
         return output_list, reachable_leaves(output_list)
     input_list = as_tensor_list(inputs, "inputs")
@@ -101,20 +104,29 @@ def jacobians_of_inputs(
     retain_graph: bool,
     parallel_chunk_size: int | None,
     jac_tensors: Tensor | Sequence[Tensor] | None = None,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The distinct inputs and their Jacobians, for the ``backward``-style functions."""
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The distinct inputs and their Jacobians, for the ``backward``-style functions.
+
+    An input the tensors do not reach gets ``None`` rather than zero rows, as autograd leaves the
+    ``.grad`` of an unused tensor ``None`` (so that weight decay and momentum leave it alone).
+    """
     output_list, input_list = resolve_arguments(
         tensors, inputs, parallel_chunk_size, outputs_name="tensors"
     )
     input_list = unique(input_list)
-    results = jacobians(
-        output_list,
-        input_list,
-        retain_graph=retain_graph,
-        parallel_chunk_size=parallel_chunk_size,
-        initial=jac_tensors,
-        initial_name="jac_tensors",
+    reached = reached_by(output_list, input_list)
+    used = [tensor for tensor, hit in zip(input_list, reached, strict=True) if hit]
+    used_results = iter(
+        jacobians(
+            output_list,
+            used,
+            retain_graph=retain_graph,
+            parallel_chunk_size=parallel_chunk_size,
+            initial=jac_tensors,
+            initial_name="jac_tensors",
+        )
     )
+    results = [next(used_results) if hit else None for hit in reached]
     return input_list, results
 
 

@@ -10,10 +10,12 @@ from torch import Tensor
 from jdoptim.autojac._graph import (
     as_tensor_list,
     check_chunk_size,
+    check_dense_gradients,
     check_inputs,
     check_outputs,
     depends_on,
     reachable_leaves,
+    reached_by,
     unique,
 )
 from jdoptim.autojac._jac_field import accumulate_jac
@@ -69,6 +71,7 @@ def mtl_backward(
     feature_list = as_tensor_list(features, "features")
     check_outputs(feature_list, "features")
     check_chunk_size(parallel_chunk_size)
+    check_dense_gradients(feature_list)
     for index, loss in enumerate(loss_list):
         if not depends_on(loss, feature_list):
             raise ValueError(
@@ -95,15 +98,22 @@ def mtl_backward(
             feature_grads[index].append(grad if grad is not None else torch.zeros_like(feature))
         head_grads.append(grads[len(feature_list) :])
     cotangents = [torch.stack(grads) for grads in feature_grads]
-    jacobians = vjp_rows(
-        feature_list,
-        shared,
-        len(loss_list),
-        lambda start, stop: [cotangent[start:stop] for cotangent in cotangents],
-        retain_graph=retain_graph,
-        chunk_size=parallel_chunk_size,
+    # Shared params the features do not reach get .jac = None (no .grad later), not zero rows.
+    reached = reached_by(feature_list, shared)
+    used = [param for param, hit in zip(shared, reached, strict=True) if hit]
+    used_jacobians = iter(
+        vjp_rows(
+            feature_list,
+            used,
+            len(loss_list),
+            lambda start, stop: [cotangent[start:stop] for cotangent in cotangents],
+            retain_graph=retain_graph,
+            chunk_size=parallel_chunk_size,
+        )
+        if used
+        else []
     )
-    accumulate_jac(shared, jacobians)
+    accumulate_jac(shared, [next(used_jacobians) if hit else None for hit in reached])
     for head, grads in zip(heads, head_grads, strict=True):
         for param, grad in zip(head, grads, strict=True):
             if grad is None:

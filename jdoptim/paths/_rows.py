@@ -9,7 +9,7 @@ Jacobian of the summed task losses).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,9 +23,16 @@ from jdoptim.aggregation import (
     Weighting,
 )
 from jdoptim.autogram import instance_major_order
-from jdoptim.autojac import jac
+from jdoptim.autojac import jac, reached_by
 from jdoptim.linalg import check_finite, reshape_gramian
-from jdoptim.paths._base import NonFiniteGramianError, Part, Path, add_direction, check_same_kind
+from jdoptim.paths._base import (
+    NonFiniteGramianError,
+    Part,
+    Path,
+    add_to_grad,
+    check_same_kind,
+    split_flat,
+)
 from jdoptim.paths._method import PathKind
 from jdoptim.paths._record import StepRecord
 from jdoptim.paths._weights import (
@@ -39,9 +46,14 @@ from jdoptim.paths._weights import (
 
 @dataclass
 class RowsPart(Part):
-    """The ``[m, n]`` Jacobian of a batch's losses, rows in the losses' flat order."""
+    """The ``[m, n]`` Jacobian of a batch's losses, rows in the losses' flat order.
+
+    ``reached``: for each trainable parameter, whether the losses depend on it (empty: all do).
+    The others keep ``.grad = None``, as autograd leaves it, not a zero gradient.
+    """
 
     rows: Tensor
+    reached: tuple[bool, ...] = field(default=(), kw_only=True)
 
 
 class JacobianPath(Path):
@@ -57,7 +69,9 @@ class JacobianPath(Path):
             part = self.grads_part(losses, (weights.to(losses.dtype) * losses).sum(), scale)
             part.weights = weights
             return part
-        return RowsPart(losses.detach(), self.jacobian(losses, scale), scale=scale)
+        reached = tuple(reached_by([losses], self.context.params()))
+        rows = self.jacobian(losses, scale)
+        return RowsPart(losses.detach(), rows, scale=scale, reached=reached)
 
     def jacobian(self, losses: Tensor, scale: float = 1.0) -> Tensor:
         """The ``[m, n]`` Jacobian of ``losses`` (flat order) w.r.t. the trainable parameters.
@@ -92,6 +106,7 @@ class JacobianPath(Path):
                 sum((p.losses for p in rows_parts[1:]), rows_parts[0].losses),
                 sum((p.rows for p in rows_parts[1:]), rows_parts[0].rows),
                 scale=rows_parts[0].scale,
+                reached=_any_reached(rows_parts),
             )
         return concat_rows(rows_parts, batch_dim)
 
@@ -99,7 +114,13 @@ class JacobianPath(Path):
         if not isinstance(part, RowsPart):
             return self.apply_grads(part)  # type: ignore[arg-type]
         direction, weights = self.direction(part)
-        add_direction(self.context.params(), direction * part.scale)
+        params = self.context.params()
+        pieces = split_flat(direction * part.scale, params)
+        if part.reached:
+            pieces = [
+                piece if hit else None for piece, hit in zip(pieces, part.reached, strict=True)
+            ]
+        add_to_grad(params, pieces)
         rows = part.rows
         shape = tuple(part.losses.shape)
         return StepRecord(
@@ -146,4 +167,11 @@ def concat_rows(parts: Sequence[RowsPart], batch_dim: int) -> RowsPart:
     )
     rows = torch.empty_like(major)
     rows[instance_major_order(tuple(losses.shape), dim).to(major.device)] = major
-    return RowsPart(losses, rows, scale=parts[0].scale)
+    return RowsPart(losses, rows, scale=parts[0].scale, reached=_any_reached(parts))
+
+
+def _any_reached(parts: Sequence[RowsPart]) -> tuple[bool, ...]:
+    """The parameters some micro-batch's losses depend on (empty: all)."""
+    if any(not part.reached for part in parts):
+        return ()
+    return tuple(any(hits) for hits in zip(*(part.reached for part in parts), strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -394,3 +395,52 @@ def test_freezing_and_unfreezing_does_not_pile_up_engine_hooks(modules: bool) ->
         optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
         assert hook_counts() == counts
         assert len(nn.modules.module._global_forward_hooks) == global_hooks
+
+
+def test_after_step_evaluation_runs_without_gradients() -> None:
+    class Watching(EMAWeighting):
+        def after_step(self, info: Any) -> None:
+            self.seen = info.evaluate()
+
+    model, inputs, targets = regression_problem(steps=1)
+    weighting = Watching()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting, batch_dim=0)
+    grad_modes: list[bool] = []
+
+    def closure() -> Tensor:
+        grad_modes.append(torch.is_grad_enabled())
+        return per_instance_losses(model, inputs[0], targets[0])
+
+    optimizer.step(closure)
+    assert grad_modes == [True, False]
+    assert not weighting.seen.requires_grad
+
+
+def test_gramian_weighting_is_an_alias_of_weighting() -> None:
+    model, _, _ = regression_problem()
+    weighting = UPGradWeighting()
+    assert JDSGD(model.parameters(), gramian_weighting=weighting).method is weighting
+    with pytest.raises(ValueError, match="alias"):
+        JDSGD(model.parameters(), weighting=weighting, gramian_weighting=UPGradWeighting())
+
+
+def test_multi_task_errors_say_what_to_do() -> None:
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    optimizer = JDSGD([*trunk.parameters(), *head.parameters()], shared_params=trunk.parameters())
+    x = torch.randn(5, 3)
+
+    def instance_task_losses() -> tuple[Tensor, Tensor]:
+        features = trunk(x)
+        return head(features) ** 2, features  # [B, T]
+
+    with pytest.raises(ValueError, match="batch_dim=0"):
+        optimizer.step(instance_task_losses)
+
+    def listed() -> tuple[list[Tensor], Tensor]:
+        features = trunk(x)
+        outputs = head(features)
+        return [outputs[:, 0].pow(2).mean(), outputs[:, 1].pow(2).mean()], features
+
+    losses = optimizer.step(listed)  # a list of scalar task losses is stacked
+    assert losses.shape == (2,)
