@@ -7,8 +7,8 @@ its storage is freed). The autograd graph and the engine's hooks see that unshar
 the engine covers the unsharded parameters, and gradients are written to the sharded parameters
 after a reduce-scatter.
 
-FSDP2 keeps no public listing of its parameters; :func:`_param_groups` is the one place that reads
-its internal state.
+FSDP2 keeps no public listing of its unsharded parameters: :meth:`ShardedModel.gather` finds them
+with public calls only (``unshard``, then the modules' own parameters, then ``reshard``).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class ShardedModel:
             )
         self.group: dist.ProcessGroup = mesh.get_group()
         self.world_size = dist.get_world_size(self.group)
+        self._params: list[tuple[Tensor, DTensor, int]] = []
         modules = list(self.modules)
 
         def reshard_after_evaluation(module: nn.Module, args: Any, output: Any) -> None:
@@ -98,14 +99,27 @@ class ShardedModel:
             module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
 
     def gather(self) -> None:
-        """All-gathers every layer's parameters (creating FSDP2's unsharded parameters).
+        """Learns FSDP2's unsharded parameters: each layer is gathered once, read, then freed.
 
-        Called from the root's forward pre-hook, before FSDP2's own, which then finds them
-        gathered. The root's state is initialised first, as FSDP2's pre-forward does.
+        While a ``fully_shard`` module is gathered, its modules hold the unsharded parameters,
+        tensor objects FSDP2 keeps for the life of the model (only their storage is freed); the
+        autograd graph and the engine see those. Called before the first forward pass.
         """
-        self.root._get_fsdp_state()._lazy_init()  # type: ignore[operator]
-        for module in self.modules:
+        params: list[tuple[Tensor, DTensor, int]] = []
+        seen: set[int] = set()
+        for layer, module in enumerate(self.modules):
+            owned = [
+                (owner, name, param)
+                for owner in _own_modules(module)
+                for name, param in owner.named_parameters(recurse=False)
+                if isinstance(param, DTensor) and id(param) not in seen
+            ]
             module.unshard()  # type: ignore[operator]
+            for owner, name, sharded in owned:
+                seen.add(id(sharded))
+                params.append((getattr(owner, name), sharded, layer))
+            module.reshard()  # type: ignore[operator]
+        self._params = params
 
     def reshard(self) -> None:
         """Frees every gathered parameter (the next forward gathers the updated shards)."""
@@ -113,26 +127,23 @@ class ShardedModel:
             module.reshard()  # type: ignore[operator]
 
     def pairs(self) -> list[tuple[Tensor, DTensor]]:
-        """``(unsharded, sharded)`` for every parameter gathered at least once, model order."""
-        return [(unsharded, sharded) for unsharded, sharded, _ in self.params()]
+        """``(unsharded, sharded)`` for every parameter, model order (after :meth:`gather`)."""
+        return [(unsharded, sharded) for unsharded, sharded, _ in self._params]
 
     def params(self) -> list[tuple[Tensor, DTensor, int]]:
-        """``(unsharded, sharded, layer)``: ``layer`` numbers FSDP2's parameter groups (one per
-        ``fully_shard`` call), whose gradients travel in one collective."""
-        return [
-            (fsdp_param._unsharded_param, fsdp_param.sharded_param, layer)
-            for layer, group in enumerate(_param_groups(self.modules))
-            for fsdp_param in group.fsdp_params
-            if hasattr(fsdp_param, "_unsharded_param")
-        ]
+        """``(unsharded, sharded, layer)``: ``layer`` numbers the ``fully_shard`` modules, whose
+        parameters' gradients travel in one collective."""
+        return list(self._params)
 
 
-def _param_groups(modules: list[nn.Module]) -> list[Any]:
-    groups = []
-    for module in modules:
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        groups.extend(state._fsdp_param_groups)
-    return groups
+def _own_modules(module: nn.Module) -> list[nn.Module]:
+    """``module`` and its descendants, except those of nested ``fully_shard`` modules."""
+    own, stack = [], [module]
+    while stack:
+        current = stack.pop()
+        own.append(current)
+        stack.extend(reversed([c for c in current.children() if not is_fsdp(c)]))
+    return own
 
 
 def sharded_rows(

@@ -44,7 +44,6 @@ from jdoptim.paths import (
     check_gramian_finite,
     weights_for,
 )
-from jdoptim.paths._base import check_same_kind
 
 
 class ShardedPath:
@@ -56,7 +55,9 @@ class ShardedPath:
     world_size: int
 
     def before_forward(self) -> None:
-        """Called when a forward pass of the model starts."""
+        """Called when a forward pass of the model starts: the first one learns the parameters."""
+        if not self.model.params():
+            self.model.gather()
 
     def apply(self, part: Part) -> StepRecord:
         self.model.reshard()  # a rank whose closure failed after its forward still holds them
@@ -112,7 +113,7 @@ class ShardedPath:
             padded = sum(
                 -(-f.shape[0] // self.world_size) * self.world_size * f[:1].numel() for f in fulls
             )
-            comm._count("reduce_scatter", padded * fulls[0].element_size() * share)
+            comm.count("reduce_scatter", padded * fulls[0].element_size() * share)
             rows = sharded_rows(fulls, shardeds, self.model.group)
             for index, sharded, local in zip(members, shardeds, rows, strict=True):
                 results[index] = (sharded, local)
@@ -174,7 +175,7 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
         unsharded parameters) exists and watches every forward pass from this one on."""
         if self._engine is not None:
             return
-        self.model.gather()
+        super().before_forward()
         engine = self.engine()
         assert engine is not None
         self._watch.enter_context(engine.capture())
@@ -271,7 +272,11 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
     def combine(self, parts: Sequence[Part]) -> Part:
         if any(isinstance(p, FailedPart) for p in parts):
             return FailedPart(parts[-1].losses)
-        check_same_kind(parts)
+        if len({type(p) for p in parts}) > 1:
+            raise ValueError(
+                "The micro-batches of one step gave losses of different kinds (a scalar for some, "
+                "a vector for others); give every backward() losses of the same kind."
+            )
         if len(parts) == 1:
             return parts[0]
         if isinstance(parts[0], GradsPart):
