@@ -605,27 +605,37 @@ def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str,
 
 
 def _inner_or(optimizer: Optimizer, name: str, fallback: str) -> Any:
+    """``name`` of the wrapped optimizer; until it is set, what ``Optimizer.__init__`` stored."""
     inner = optimizer.__dict__.get("optimizer")
     if inner is not None:
         return getattr(inner, name)
     if fallback in optimizer.__dict__:
         return optimizer.__dict__[fallback]
-    wrapped = optimizer.__dict__.get("_optimizer")  # a trainer's wrapper (Lightning) around us
-    if isinstance(wrapped, Optimizer):
-        return getattr(wrapped, name)
+    # A wrapper whose class subclasses ours without running our __init__ (Lightning's
+    # LightningOptimizer): AttributeError makes Python ask the wrapper's __getattr__, which forwards.
     raise AttributeError(name)
 
 
 def _set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) -> None:
     inner = optimizer.__dict__.get("optimizer")
+    if inner is None and fallback not in optimizer.__dict__:
+        inner = _forwarded_inner(optimizer)
     if inner is not None:
         setattr(inner, name, value)
         return
-    wrapped = optimizer.__dict__.get("_optimizer")
-    if isinstance(wrapped, Optimizer) and fallback not in optimizer.__dict__:
-        setattr(wrapped, name, value)
-        return
     optimizer.__dict__[fallback] = value
+
+
+def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
+    """The wrapped torch optimizer, reached through a forwarding wrapper's ``__getattr__``."""
+    forward = getattr(type(optimizer), "__getattr__", None)
+    if forward is None:
+        return None
+    try:
+        inner = forward(optimizer, "optimizer")
+    except AttributeError:
+        return None
+    return inner if isinstance(inner, Optimizer) else None
 
 
 def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:
