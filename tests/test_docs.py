@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 MARKDOWN_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-# ddp_*.py need several processes: tests/distributed launches them with torchrun.
+# ddp_*.py and fsdp_*.py need several processes: tests/distributed launches them with torchrun.
 EXAMPLES = sorted(
-    p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith(("_", "ddp_"))
+    p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith(("_", "ddp_", "fsdp_"))
 )
 
 

@@ -240,14 +240,17 @@ class DistributedGramianPath(DistributedPath):
             [from_first_rank(weights, comm.rank), layout.place(part.losses.to(dtype))],
             kind="weights",
         )
-        params = self.context.params()
-        self.take_grads(params)
-        with comm.guard("the local gradients"):
-            local = layout.local_slice(weights).to(part.losses.dtype)
-            self.local.write_grad(part, local)
-        self.reduce_grads(params)
+        self.write_grads(part, layout.local_slice(weights).to(part.losses.dtype))
         final = gramian
         return StepRecord(global_losses.to(part.losses.dtype), weights, _gramian=lambda: final)
+
+    def write_grads(self, part: TermsPart, local_weights: Tensor) -> None:
+        """Adds the direction to ``.grad``: this rank's weighted terms, summed over the ranks."""
+        params = self.context.params()
+        self.take_grads(params)
+        with self.communicator.guard("the local gradients"):
+            self.local.write_grad(part, local_weights)
+        self.reduce_grads(params)
 
     def _shape_weights(self, part: LossesPart) -> StepRecord:
         """Weightings that ignore the Gramian: the global shape is all they need."""

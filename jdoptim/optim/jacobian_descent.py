@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ from jdoptim.paths import (
 )
 
 Closure = Callable[[], Any]
+_FAILED = object()
 
 
 class JacobianDescent(Optimizer):
@@ -225,7 +226,7 @@ class JacobianDescent(Optimizer):
         calls_before = self._backward_calls
         self._path.begin()
         try:
-            result: Any = None
+            result: Any = _FAILED  # stays so if the guard holds a closure's error (distributed)
             guard, forward = self._path.guard("the closure"), self._path.forward_context()
             with guard, torch.enable_grad(), forward:
                 result = closure()
@@ -260,6 +261,8 @@ class JacobianDescent(Optimizer):
         features: Any = None
         scale = 1.0
         with self._path.guard("the closure's losses"):
+            if first_result is _FAILED:
+                raise RuntimeError("the closure failed")  # never raised: the guard holds its error
             try:
                 losses, features = self._checked(first_result)
             except NonFiniteLossesError:
@@ -604,9 +607,11 @@ def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
     return inner if isinstance(inner, Optimizer) else None
 
 
-def _full_precision(like: Tensor) -> AbstractContextManager[Any]:
+def _full_precision(like: Tensor | None) -> AbstractContextManager[Any]:
     """Autocast off while a step differentiates and weighs (a trainer may call us inside a region:
     the Gramian, Jacobian and weights must not be computed in float16)."""
+    if like is None:  # a failed closure on this rank: nothing runs but the exchanges
+        return nullcontext()
     return torch.autocast(like.device.type, enabled=False)
 
 
