@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -136,3 +137,39 @@ def run_example(script: Path, final_line: str, timeout: int = 120) -> str:
     assert result.returncode == 0 or torn_down, result.stdout[-2000:] + result.stderr[-3000:]
     assert finished, result.stdout
     return result.stdout
+
+
+RankResults = tuple[int, list[Any]]
+
+
+def rank_fixtures(scenarios_rank: Callable[..., Any], prefix: str) -> tuple[Any, Any, Any]:
+    """The ``two_ranks``, ``three_ranks`` (module-scoped) and ``launch`` (both) fixtures.
+
+    Each launch runs every scenario of ``scenarios_rank(rank, world, out_dir)`` once per world
+    size; a test module binds the three to those names.
+    """
+
+    def launched(world: int, factory: pytest.TempPathFactory) -> RankResults:
+        out_dir = factory.mktemp(f"{prefix}{world}")
+        return world, run_ranks(scenarios_rank, world, out_dir, str(out_dir))
+
+    @pytest.fixture(scope="module")
+    def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> RankResults:
+        return launched(2, tmp_path_factory)
+
+    @pytest.fixture(scope="module")
+    def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> RankResults:
+        return launched(3, tmp_path_factory)
+
+    @pytest.fixture(params=["two_ranks", "three_ranks"])
+    def launch(request: pytest.FixtureRequest) -> RankResults:
+        result: RankResults = request.getfixturevalue(request.param)
+        return result
+
+    return two_ranks, three_ranks, launch
+
+
+def ok(result: Any) -> dict[str, Any]:
+    """A rank's scenario result, which must be a dict (an error comes back as a string)."""
+    assert isinstance(result, dict), result
+    return result
