@@ -175,4 +175,7 @@ def _call_with_hooks(aggregator: Aggregator, matrix: Tensor) -> tuple[Tensor, Te
         direction = aggregator(matrix)
     finally:
         del vars(aggregator)["compute_weights"]
-    return direction, captured[-1] if captured else None
+    if captured:
+        return direction, captured[-1]
+    # A forward of its own (Mean averages the rows directly): the weights it stands for.
+    return direction, compute_weights(matrix)

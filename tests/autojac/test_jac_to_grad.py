@@ -218,3 +218,16 @@ def test_forward_hooks_of_the_aggregator_run_as_in_a_direct_call(aggregator: Agg
         assert weights is not None
         torch.testing.assert_close(weights, aggregator.compute_weights(matrix))
     assert "compute_weights" not in vars(aggregator)
+
+
+def test_a_global_forward_hook_does_not_lose_the_weights_of_aggregators_with_their_own_forward() -> (
+    None
+):
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        model, matrix = _model_with_jac()
+        weights = jac_to_grad(model.parameters(), Mean())
+    finally:
+        handle.remove()
+    assert weights is not None
+    torch.testing.assert_close(weights, torch.full((matrix.shape[0],), 1 / matrix.shape[0]))
