@@ -230,4 +230,4 @@ def test_a_global_forward_hook_does_not_lose_the_weights_of_aggregators_with_the
     finally:
         handle.remove()
     assert weights is not None
-    torch.testing.assert_close(weights, torch.full((matrix.shape[0],), 1 / matrix.shape[0]))
+    torch.testing.assert_close(weights, torch.full_like(matrix[:, 0], 1 / matrix.shape[0]))
