@@ -156,9 +156,10 @@ def main() -> None:
                     )
                     difference = f"{error:.1e}"
                 auto = medians["auto"]
-                assert auto is not None
                 ratios = [
-                    f"{medians[name] / auto:.3g}x" if medians.get(name) is not None else "n/a"
+                    f"{earlier / auto:.3g}x"
+                    if auto is not None and (earlier := medians.get(name)) is not None
+                    else "n/a"
                     for name in compared
                 ]
                 cells = [format_seconds(medians[name]) for name in solvers]
