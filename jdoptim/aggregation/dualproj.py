@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, one_of, validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 from jdoptim.linalg import DualConeSolver, project_to_dual_cone
 
@@ -33,6 +36,12 @@ class DualProjWeighting(Stateful, Weighting):
 
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        pref_vector=check_pref_vector,
+        reg_eps=non_negative("reg_eps"),
+        solver=one_of("solver", get_args(DualConeSolver)),
+    )
 
     def __init__(
         self,

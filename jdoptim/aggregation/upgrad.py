@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, one_of, validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 from jdoptim.linalg import DualConeSolver, project_to_dual_cone
 
@@ -38,6 +41,12 @@ class UPGradWeighting(Stateful, Weighting):
 
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        pref_vector=check_pref_vector,
+        reg_eps=non_negative("reg_eps"),
+        solver=one_of("solver", get_args(DualConeSolver)),
+    )
 
     def __init__(
         self,

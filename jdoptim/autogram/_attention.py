@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram._rules import MaterializedTerm, OuterTerm, Term
+from jdoptim.autogram._terms import MaterializedTerm, OuterTerm, Term
 
 _ARGUMENTS = (
     "query",

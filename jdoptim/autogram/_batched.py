@@ -1,8 +1,9 @@
 """The Gramian pass with a batch dim.
 
-One backward pass gives the activation gradients of every recorded call (plus, for call signatures
-not seen before, a probe row that establishes each call's batch dim); then each parameter takes the
-cheapest exact route: a closed form, local per-instance VJPs of one call, or per-row autograd.
+One backward pass gives the activation gradients of every recorded call, plus probe rows that check
+where the instances lie in each call's output and that the losses are independent across them (see
+:mod:`jdoptim.autogram._independence`); then each parameter takes the cheapest exact route: a
+closed form, local per-instance VJPs of one call, or per-row autograd.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from jdoptim.autogram._assembly import instance_major_order
 from jdoptim.autogram._attention import attention_terms
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
-from jdoptim.autogram._jacobian import batched_vjp, exact_terms, row_order
+from jdoptim.autogram._independence import bit_masks, masked_dims, scaled_dims, scaling_weights
+from jdoptim.autogram._jacobian import batched_vjp, exact_terms
 from jdoptim.autogram._records import CallRecord
 from jdoptim.autogram._replay import replay_rows
-from jdoptim.autogram._rules import MaterializedTerm, Term, build_terms, candidate_batch_dims
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 # A call output whose batch dim could not be established: its parameters take an exact path.
 _UNVERIFIED = -1
@@ -33,10 +36,10 @@ class BatchedPass:
         batch_dim: int,
         covered: dict[int, Tensor],
         plan: GraphPlan,
-        verified_dims: dict[tuple[object, ...], int | None],
+        generator: torch.Generator,
     ) -> None:
         self.output = output
-        self.verified_dims = verified_dims
+        self.generator = generator
         self.batch_dim = batch_dim
         self.covered = covered
         self.plan = plan
@@ -50,29 +53,13 @@ class BatchedPass:
         self._check_batch_size(records)
         edges = [edge for record in records for edge in record.reached_outputs]
         shapes = [shape for record in records for shape in record.output_shapes]
-        keys = [self._signature(r, shape) for r in records for shape in r.output_shapes]
-        probe = self.batch > 1 and any(key not in self.verified_dims for key in keys)
-        gradients = self._activation_gradients(edges, shapes, probe) if edges else []
-        probed: dict[tuple[object, ...], int] = {}
-        if probe:
-            for key, record, shape, gradient in zip(
-                keys, _repeat_records(records), shapes, gradients, strict=True
-            ):
-                probed[key] = self._probed_dim(record, shape, gradient[-1])
-                if bool(gradient[-1].any()):  # an all-zero probe proves nothing: ask again later
-                    self.verified_dims[key] = probed[key]
+        gradients, dims = self._verified_gradients(records, edges, shapes)
         by_record: dict[int, list[tuple[Tensor, int | None]]] = {}
         position = 0
         for record in records:
             outputs = []
             for _ in record.output_shapes:
-                key = keys[position]
-                dim = (
-                    probed.get(key, self.verified_dims.get(key, _UNVERIFIED))
-                    if self.batch > 1
-                    else None
-                )
-                outputs.append((gradients[position][: self.tasks], dim))
+                outputs.append((gradients[position], dims[position]))
                 position += 1
             by_record[id(record)] = outputs
         verified = {
@@ -87,59 +74,84 @@ class BatchedPass:
             p for pid, p in self.covered.items() if pid in self.plan.places and pid not in done
         ]
         if leftovers:
-            terms += exact_terms(self.output, leftovers, row_order(self.shape, self.batch_dim))
+            terms += exact_terms(
+                self.output, leftovers, instance_major_order(self.shape, self.batch_dim)
+            )
         return terms
 
+    def _verified_gradients(
+        self,
+        records: list[CallRecord],
+        edges: list[GradientEdge],
+        shapes: list[tuple[int, ...]],
+    ) -> tuple[list[Tensor], list[int | None]]:
+        """Each output's task gradients ``[T, *y.shape]`` and its instance dim, checked this pass.
+
+        The dim is ``None`` for batch size 1 and ``_UNVERIFIED`` where no candidate dim passes the
+        independence checks (see :mod:`jdoptim.autogram._independence`).
+        """
+        if not edges:
+            return [], []
+        tasks = self.tasks
+        if self.batch == 1:
+            rows = self._task_rows()
+            return self._activation_gradients(edges, shapes, rows), [None] * len(edges)
+        candidates = [
+            self._candidates(record, shape)
+            for record, shape in zip(_repeat_records(records), shapes, strict=True)
+        ]
+        half = self.output.dtype == torch.float16 or any(r.half_precision for r in records)
+        weights = scaling_weights(self.batch, half, self.generator)
+        probe = self._probe_rows(weights)
+        gradients = self._activation_gradients(edges, shapes, torch.cat([self._task_rows(), probe]))
+        task_grads = [g[:tasks] for g in gradients]
+        dims = scaled_dims(task_grads, [g[tasks:] for g in gradients], weights, candidates)
+        unsure = [k for k, dim in enumerate(dims) if dim is None and candidates[k]]
+        if unsure:
+            masks = bit_masks(self.batch)
+            rows = masks.to(self.output.dtype)[:, :, None].expand(-1, -1, tasks)
+            masked = self._activation_gradients(
+                [edges[k] for k in unsure], [shapes[k] for k in unsure], rows
+            )
+            for k, dim in zip(
+                unsure, masked_dims(masked, masks, [candidates[k] for k in unsure]), strict=True
+            ):
+                dims[k] = dim
+        return task_grads, [_UNVERIFIED if dim is None else dim for dim in dims]
+
+    def _task_rows(self) -> Tensor:
+        """``[T, B, T]``: row ``t`` is task ``t``'s losses of every instance."""
+        eye = torch.eye(self.tasks, dtype=self.output.dtype)
+        return eye.unsqueeze(1).expand(self.tasks, self.batch, self.tasks)
+
+    def _probe_rows(self, weights: Tensor) -> Tensor:
+        """``[P * T, B, T]``: row ``p * T + t`` is task ``t``'s losses weighted by ``weights[p]``."""
+        eye = torch.eye(self.tasks, dtype=self.output.dtype)
+        rows = weights.to(self.output.dtype)[:, None, :, None] * eye[None, :, None, :]
+        return rows.reshape(-1, self.batch, self.tasks)
+
     def _activation_gradients(
-        self, edges: list[GradientEdge], shapes: list[tuple[int, ...]], probe: bool
+        self, edges: list[GradientEdge], shapes: list[tuple[int, ...]], rows: Tensor
     ) -> list[Tensor]:
-        """``[T (+1 probe), *y.shape]`` per edge: each task's summed losses, then instance 0's."""
-        dtype, device = self.output.dtype, self.output.device
-        tasks = torch.eye(self.tasks, dtype=dtype, device=device)
-        rows = tasks.unsqueeze(1).expand(self.tasks, self.batch, self.tasks)
-        if probe:
-            instance_zero = torch.zeros(1, self.batch, self.tasks, dtype=dtype, device=device)
-            instance_zero[0, 0] = 1
-            rows = torch.cat([rows, instance_zero])
-        grad_outputs = self._from_moved(rows)
+        """``[R, *y.shape]`` per edge, for cotangent rows ``[R, B, T]`` on the losses."""
+        grad_outputs = self._from_moved(rows.to(self.output.device))
         result = batched_vjp([self.output], edges, [grad_outputs])
         return [
             g if g is not None else self.output.new_zeros(rows.shape[0], *shape)
             for g, shape in zip(result, shapes, strict=True)
         ]
 
-    def _signature(self, record: CallRecord, shape: tuple[int, ...]) -> tuple[object, ...]:
-        """What a call's batch dim depends on: the module, its input and output shapes, the batch."""
-        x_shape = tuple(record.x.shape) if record.x is not None else None
-        module = (id(record.module), type(record.module))
-        return (module, record.rule, x_shape, shape, self.shape, self.batch_dim)
-
     def _from_moved(self, rows: Tensor) -> Tensor:
         """``[R, B, T]`` (instance-major) to ``[R, *output.shape]``."""
         moved = [self.batch, *(s for d, s in enumerate(self.shape) if d != self.batch_dim)]
         return rows.reshape(rows.shape[0], *moved).movedim(1, 1 + self.batch_dim)
-
-    def _probed_dim(self, record: CallRecord, shape: tuple[int, ...], probe: Tensor) -> int:
-        """The batch dim of one call output, or ``_UNVERIFIED``, from the probe row.
-
-        The dim must be able to hold instances (:meth:`_candidates`), and instance 0's losses must
-        have an exactly zero gradient on every other slice of it and a nonzero one on slice 0. The
-        result is cached per call signature, so the probe row runs once per model structure.
-        """
-        passing = []
-        for dim in self._candidates(record, shape):
-            if bool(probe.narrow(dim, 1, self.batch - 1).any()):
-                continue
-            if bool(probe.narrow(dim, 0, 1).any()):
-                passing.append(dim)
-        return passing[0] if len(passing) == 1 else _UNVERIFIED
 
     def _candidates(self, record: CallRecord, shape: tuple[int, ...]) -> list[int]:
         """Dims of one call output that may hold the instances (right size, right role)."""
         if record.rule is not None:
             if record.x is None:
                 return []
-            dims = candidate_batch_dims(record.rule, record.module, record.x, shape)
+            dims = record.rule.batch_dims(record.module, shape)
         else:
             dims = list(range(len(shape)))
         return [dim for dim in dims if shape[dim] == self.batch]
@@ -186,9 +198,10 @@ class BatchedPass:
                 for gradient, dim in by_record[id(record)]:
                     assert record.x is not None
                     inputs.append((record.x, gradient, dim))
-            assert calls[0].rule is not None
+            rule = calls[0].rule
+            assert rule is not None
             with torch.autocast(self.output.device.type, enabled=False):
-                built = build_terms(module, calls[0].rule, inputs, self.dtype)
+                built = rule.terms(module, inputs, self.dtype)
             for name, term in built.items():
                 if name in names:
                     terms.append((names[name], term))
@@ -227,7 +240,7 @@ class BatchedPass:
             for param, jacobian in zip(params, jacobians, strict=True):
                 if jacobian is not None:
                     rows = jacobian.reshape(jacobian.shape[0], -1).to(self.dtype)
-                    terms.append((param, MaterializedTerm(rows, tuple(param.shape), "local")))
+                    terms.append((param, MaterializedTerm(rows, tuple(param.shape), Route.LOCAL)))
                 done.add(id(param))
         return terms
 
@@ -255,7 +268,9 @@ class BatchedPass:
             (
                 p,
                 MaterializedTerm(
-                    r.reshape(self.batch * self.tasks, -1).to(self.dtype), tuple(p.shape), "replay"
+                    r.reshape(self.batch * self.tasks, -1).to(self.dtype),
+                    tuple(p.shape),
+                    Route.REPLAY,
                 ),
             )
             for p, r in zip(params, rows, strict=True)

@@ -6,20 +6,27 @@ import math
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim.autogram._assembly import (
+    grad_from_terms,
+    gramian_from_terms,
+    instance_major_order,
+    jacobian_scale,
+)
 from jdoptim.autogram._batched import BatchedPass
 from jdoptim.autogram._graph import GraphPlan, walk_graph
-from jdoptim.autogram._jacobian import exact_terms, row_order
-from jdoptim.autogram._records import closed_form_rule, mixes_instances, record_call
+from jdoptim.autogram._jacobian import exact_terms
+from jdoptim.autogram._records import mixes_instances, record_call
 from jdoptim.autogram._replay import hooks_are_suspended
-from jdoptim.autogram._rules import Term
-from jdoptim.linalg import reshape_gramian
+from jdoptim.autogram._rules import ClosedFormRule, closed_form_rule
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
@@ -51,6 +58,9 @@ class Engine:
     what the rules support are handled by exact per-instance vector-Jacobian products. Without it,
     the Gramian is computed from exact per-row Jacobians, valid for any graph. See
     ``docs/autogram.md``.
+
+    The engine registers forward hooks on the modules; :meth:`close` removes them (or use the
+    engine as a context manager: ``with Engine(model, batch_dim=0) as engine: ...``).
     """
 
     def __init__(
@@ -86,12 +96,17 @@ class Engine:
         self._param_ids = seen
         self._pending: _Pending | None = None
         # How each parameter's part of the last Gramian was computed (diagnostics and tests).
-        self._last_routes: dict[int, str] = {}
-        # Batch dims already checked by a probe row, per call signature (see _BatchedPass).
-        self._verified_dims: dict[tuple[object, ...], int | None] = {}
-        self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str | None]] = (
+        self._last_routes: dict[int, Route] = {}
+        # Draws the probe weights of the independence check (seeded: runs are reproducible).
+        self._probe_generator = torch.Generator().manual_seed(0)
+        self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, ClosedFormRule | None]] = (
             weakref.WeakKeyDictionary()
         )
+        self._closed = False
+        # Tables of nn.Embedding(sparse=True): autograd gives them sparse gradients, so does backward.
+        self._sparse_params = {
+            id(m.weight) for root in self._modules for m in root.modules() if _is_sparse_table(m)
+        }
         self._handles: list[RemovableHandle] = []
         tree = {id(m): m for root in self._modules for m in root.modules()}
         for module in tree.values():
@@ -107,12 +122,33 @@ class Engine:
         """The covered parameters, each once."""
         return list(self._params)
 
-    def remove_hooks(self) -> None:
-        """Detaches the engine from its modules (it cannot compute Gramians afterwards)."""
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Removes every hook of the engine from its modules; it cannot compute Gramians afterwards.
+
+        Call it before building another engine on the same modules (or use the engine as a context
+        manager), so that hooks do not pile up. Closing twice is harmless.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._pending = None
+        self._closed = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -121,6 +157,7 @@ class Engine:
         Needed only for an engine built from ``parameters`` alone; harmless otherwise.
         """
         self._pending = None
+        self._check_open()
         if self._modules:
             yield
             return
@@ -130,6 +167,13 @@ class Engine:
         finally:
             handle.remove()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "This engine was closed (its hooks are removed); build a new Engine to compute "
+                "Gramians again."
+            )
+
     def _owns_covered(self, module: nn.Module) -> bool:
         return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
 
@@ -137,6 +181,8 @@ class Engine:
         if hooks_are_suspended():
             return
         self._pending = None
+        if _is_sparse_table(module):
+            self._sparse_params.add(id(module.weight))
         if self._batch_dim is None:
             return
         known = self._rules.get(module)
@@ -158,9 +204,34 @@ class Engine:
         norm). The graph is retained, so ``output.backward(weights)`` works afterwards; or call
         :meth:`backward` to fill ``.grad`` from what this pass saved.
         """
-        terms = self.compute_terms(output)
+        return self._gramian(output, scaled=False)[0]
+
+    def compute_scaled_gramian(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        """``(G', s)``: the Gramian ``G'`` of ``J / s`` and the power of two ``s``.
+
+        ``s`` is 1 (and ``G'`` is :meth:`compute_gramian`'s result, bit for bit) unless the
+        Jacobian's entries lie beyond ``2^±30``, where the Gramian of ``J`` itself could underflow
+        or overflow (float32 losses scaled by 1e-22 or 1e20). Scale-invariant weightings give the
+        same weights on ``G'``; ``s² G'`` is the Gramian of ``J``. ``s`` is a 0-d float64 tensor;
+        nothing is synchronised with the host. :meth:`backward` works afterwards as usual.
+        """
+        gramian, scale = self._gramian(output, scaled=True)
+        assert scale is not None
+        return gramian, scale
+
+    def _gramian(self, output: Tensor, scaled: bool) -> tuple[Tensor, Tensor | None]:
+        terms = [term for _, term in self.compute_terms(output)]
+        assert self._pending is not None
         try:
-            return self._sum_terms(terms, output)
+            scale = jacobian_scale(terms) if scaled else None
+            gramian = gramian_from_terms(
+                terms,
+                self._pending.shape,
+                self._pending.batch_dim,
+                dtype=torch.promote_types(output.dtype, torch.float32),
+                scale=scale,
+            )
+            return gramian, scale
         except BaseException:
             self._pending = None
             raise
@@ -175,6 +246,7 @@ class Engine:
         :mod:`jdoptim.distributed` does across ranks). :meth:`backward` works afterwards.
         """
         self._pending = None
+        self._check_open()
         try:
             return self._compute_terms(output)
         except RuntimeError as error:
@@ -204,7 +276,7 @@ class Engine:
         covered = {id(p): p for p in self._params if p.requires_grad}
         if batch_dim is None:
             _check_visible(walk_graph(output, covered))
-            terms = exact_terms(output, list(covered.values()), row_order(shape, None))
+            terms = exact_terms(output, list(covered.values()), instance_major_order(shape, None))
         else:
             terms = self._batched_terms(output, batch_dim, covered)
         if not terms:
@@ -213,26 +285,15 @@ class Engine:
                 "computed by the modules given to the Engine (and for Engine(parameters=...), "
                 "inside `with engine.capture():`)."
             )
+        terms = [
+            (p, replace(t, sparse=True))
+            if id(p) in self._sparse_params and isinstance(t, MaterializedTerm)
+            else (p, t)
+            for p, t in terms
+        ]
         self._pending = _Pending(terms, shape, batch_dim)
         self._last_routes = {id(param): term.route for param, term in terms}
         return terms
-
-    def _sum_terms(self, terms: list[tuple[Tensor, Term]], output: Tensor) -> Tensor:
-        shape = tuple(output.shape)
-        rows = math.prod(shape)
-        batch_dim = self._normalized_batch_dim(output)
-        dtype = torch.promote_types(output.dtype, torch.float32)
-        gramian = sum(
-            (term.gramian().to(dtype) for _, term in terms),
-            torch.zeros(rows, rows, dtype=dtype, device=output.device),
-        )
-        gramian = (gramian + gramian.T) / 2
-        order = row_order(shape, batch_dim).to(output.device)
-        natural = torch.empty_like(gramian)
-        natural[order[:, None], order[None, :]] = gramian
-        if not shape:
-            return natural.reshape(())
-        return reshape_gramian(natural, shape)
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -264,7 +325,7 @@ class Engine:
                     "Engine(..., batch_dim=None) (exact, slower), put the layer in eval() mode, or "
                     "replace it by GroupNorm/LayerNorm."
                 )
-            return BatchedPass(output, batch_dim, covered, plan, self._verified_dims).terms()
+            return BatchedPass(output, batch_dim, covered, plan, self._probe_generator).terms()
         finally:
             for record in plan.records:
                 record.reached_outputs = []  # these edges point back at the nodes holding the record
@@ -290,18 +351,7 @@ class Engine:
             raise ValueError(
                 f"weights must be a tensor of the output's shape {pending.shape}, got {got}."
             )
-        weights = weights.detach()
-        if pending.batch_dim is None:
-            rows = weights.reshape(-1, 1)
-        else:
-            moved = weights.movedim(pending.batch_dim, 0)
-            rows = moved.reshape(moved.shape[0], -1)
-        for param, term in pending.terms:
-            grad = term.weighted_grad(rows).to(param.dtype)
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad.add_(grad)
+        grad_from_terms(pending.terms, weights, pending.batch_dim)
 
 
 def _check_visible(plan: GraphPlan) -> None:
@@ -311,6 +361,10 @@ def _check_visible(plan: GraphPlan) -> None:
             "use_reentrant=True), whose backward pass hides the parameters inside it from "
             "autograd.grad. Use checkpoint(..., use_reentrant=False)."
         )
+
+
+def _is_sparse_table(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) and module.sparse
 
 
 def _is_batch_norm(module: nn.Module) -> bool:

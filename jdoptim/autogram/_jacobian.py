@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from jdoptim.autogram._rules import MaterializedTerm, Term
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 
 @contextmanager
@@ -74,6 +73,19 @@ def _vjp_chunk(
     inputs: Sequence[Tensor | GradientEdge],
     grad_outputs: Sequence[Tensor],
 ) -> list[Tensor | None]:
+    return [_dense(g) for g in _vjp_rows(outputs, inputs, grad_outputs)]
+
+
+def _dense(grad: Tensor | None) -> Tensor | None:
+    """Gradients of sparse parameters (``Embedding(sparse=True)``) as dense tensors."""
+    return grad.to_dense() if grad is not None and grad.is_sparse else grad
+
+
+def _vjp_rows(
+    outputs: Sequence[Tensor | GradientEdge],
+    inputs: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor],
+) -> list[Tensor | None]:
     rows = grad_outputs[0].shape[0]
     if rows > 1:
         try:
@@ -108,7 +120,8 @@ def _vjp_chunk(
         if all(part is None for part in parts):
             result.append(None)
         else:
-            result.append(torch.stack([_zeros_if_none(p, parts) for p in parts]))
+            dense = [_dense(p) for p in parts]
+            result.append(torch.stack([_zeros_if_none(p, dense) for p in dense]))
     return result
 
 
@@ -132,15 +145,7 @@ def exact_terms(output: Tensor, params: list[Tensor], order: Tensor) -> list[tup
     jacobians = batched_vjp([output], params, [basis.reshape(rows, *output.shape)])
     dtype = torch.promote_types(output.dtype, torch.float32)
     return [
-        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape), "exact"))
+        (p, MaterializedTerm(j.reshape(rows, -1).to(dtype), tuple(p.shape), Route.EXACT))
         for p, j in zip(params, jacobians, strict=True)
         if j is not None
     ]
-
-
-def row_order(shape: tuple[int, ...], batch_dim: int | None) -> Tensor:
-    """Flat output index of each internal row (instance-major when there is a batch dim)."""
-    index = torch.arange(math.prod(shape)).reshape(shape)
-    if batch_dim is None:
-        return index.reshape(-1)
-    return index.movedim(batch_dim, 0).reshape(-1)

@@ -17,6 +17,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
 from jdoptim.autogram._replay import replay_inputs
+from jdoptim.autogram._rules import ClosedFormRule
 
 METADATA_KEY = "jdoptim.autogram"
 
@@ -25,53 +26,22 @@ METADATA_KEY = "jdoptim.autogram"
 class CallRecord:
     """One forward call of a module that directly owns covered parameters.
 
-    ``rule`` names the closed-form Gramian rule for the module type (``None``: generic module).
+    ``rule`` is the closed form of the module type (``None``: a generic module).
     ``x`` is the detached first input, saved for closed-form rules only. ``input_edges`` are the
     gradient edges of every input tensor that requires grad: where the call's local graph ends.
     ``replay`` holds the detached inputs of a call that can be replayed per instance.
     """
 
     module: nn.Module
-    rule: str | None
+    rule: ClosedFormRule | None
     x: Tensor | None
     x_version: int
     input_edges: list[GradientEdge]
     mixes_instances: bool
+    half_precision: bool = False
     replay: Any = None
     reached_outputs: list[GradientEdge] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
-
-
-def closed_form_rule(module: nn.Module) -> str | None:
-    """The closed-form rule for ``module``, or ``None`` if it needs the generic exact path.
-
-    Only the stock ``forward`` of each type qualifies: a subclass overriding it may use its
-    parameters differently.
-    """
-    forward = type(module).forward
-    if forward is nn.Linear.forward:
-        return "linear"
-    if forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
-        assert isinstance(module, nn.modules.conv._ConvNd)
-        plain_3d = not isinstance(module, nn.Conv3d) or tuple(module.dilation) == (1, 1, 1)
-        if (
-            module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-            and module.groups == 1
-            and plain_3d
-        ):
-            return "conv"
-        return None
-    if forward is nn.Embedding.forward:
-        assert isinstance(module, nn.Embedding)
-        if module.max_norm is None and not module.scale_grad_by_freq and not module.sparse:
-            return "embedding"
-        return None
-    if forward is nn.LayerNorm.forward:
-        return "layer_norm"
-    if forward is nn.GroupNorm.forward:
-        return "group_norm"
-    return None
 
 
 def mixes_instances(module: nn.Module) -> bool:
@@ -81,7 +51,9 @@ def mixes_instances(module: nn.Module) -> bool:
     return False
 
 
-def record_call(module: nn.Module, rule: str | None, args: Any, kwargs: Any, output: Any) -> None:
+def record_call(
+    module: nn.Module, rule: ClosedFormRule | None, args: Any, kwargs: Any, output: Any
+) -> None:
     """Attaches a :class:`CallRecord` of this call to the nodes that produced its outputs."""
     if not torch.is_grad_enabled():
         return
@@ -100,6 +72,7 @@ def record_call(module: nn.Module, rule: str | None, args: Any, kwargs: Any, out
         x_version=first._version if keep_x and first is not None else 0,
         input_edges=input_edges,
         mixes_instances=mixes_instances(module),
+        half_precision=any(t.dtype == torch.float16 for t in outputs),
         replay=replay_inputs(module, args, kwargs, output) if rule is None else None,
     )
     own_inputs = {(id(e.node), e.output_nr) for e in input_edges}

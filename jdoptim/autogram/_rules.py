@@ -5,122 +5,46 @@ With instances independent, one backward pass gives, at each layer output ``Y``,
 layer whose parameters act linearly on a known feature map then has per-instance gradients in
 closed form, e.g. ``gᵢ = Σₛ dYᵢₛᵀ Xᵢₛ`` for ``Linear`` (Algorithm 3 of Quinton & Rey, *Jacobian
 Descent for Multi-Objective Optimization*, 2024, generalised to any layer of this form). Each
-rule returns one :class:`Term` per parameter: its contribution ``Jₚ Jₚᵀ`` to the Gramian and its
-weighted gradient ``wᵀ Jₚ`` for the fused ``.grad`` path.
+rule returns one :class:`~jdoptim.autogram.Term` per parameter.
 
-Rows are indexed ``(i, t)``, instance-major: ``a`` tensors are ``[T, B, S, k]`` (tasks, instances,
-positions inside an instance, features) and weights ``w`` are ``[B, T]``.
+:data:`CLOSED_FORMS` maps each supported module type to its rule; :func:`closed_form_rule` picks
+the rule of a module (only for the type's stock ``forward``).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Largest [rows * positions]² kernel the pairwise form may build (elements).
-_MAX_PAIRWISE_ELEMENTS = 2**26
+# Re-exported under their old home until jdoptim.distributed imports the public names.
+from jdoptim.autogram._terms import EmbeddingTerm as EmbeddingTerm
+from jdoptim.autogram._terms import MaterializedTerm as MaterializedTerm
+from jdoptim.autogram._terms import OuterTerm as OuterTerm
+from jdoptim.autogram._terms import Term as Term
+
+#: One call of a layer: its saved input ``x``, the task gradients ``dY`` ``[T, *y.shape]`` and
+#: the verified batch dim of ``y`` (``None`` for batch size 1).
+Call = tuple[Tensor, Tensor, int | None]
 
 
-class Term(ABC):
-    """The part of the Jacobian that belongs to one parameter, in whatever form is cheapest.
+class ClosedFormRule(ABC):
+    """The closed form of one layer type: where its instances lie, and its parameters' terms."""
 
-    ``route`` says how it was obtained: ``"closed_form"`` (a layer rule), ``"local"`` (exact
-    per-instance VJPs of one module call) or ``"exact"`` (per-row autograd on the whole graph).
-    """
-
-    route: str = "closed_form"
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether this instance's configuration is covered (e.g. zero padding for convolutions)."""
+        return True
 
     @abstractmethod
-    def gramian(self) -> Tensor:
-        """``Jₚ Jₚᵀ``, ``[M, M]`` with ``M = B * T``."""
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        """Dims of the call's output that may hold the instances, from the layer's semantics."""
 
     @abstractmethod
-    def weighted_grad(self, weights: Tensor) -> Tensor:
-        """``Σᵢₜ wᵢₜ gᵢₜ`` in the parameter's shape, for weights ``[B, T]``."""
-
-
-@dataclass
-class MaterializedTerm(Term):
-    """Per-row gradients stored as ``[M, n]`` (rows instance-major)."""
-
-    rows: Tensor
-    shape: tuple[int, ...]
-    route: str = "closed_form"
-
-    def gramian(self) -> Tensor:
-        return self.rows @ self.rows.T
-
-    def weighted_grad(self, weights: Tensor) -> Tensor:
-        return (weights.reshape(-1).to(self.rows.dtype) @ self.rows).reshape(self.shape)
-
-
-@dataclass
-class OuterTerm(Term):
-    """Per-row gradients ``g[i, t] = Σₛ a[t, i, s] ⊗ b[i, s]`` kept in factored form."""
-
-    a: Tensor  # [T, B, S, k]
-    b: Tensor  # [B, S, d]
-    shape: tuple[int, ...]
-
-    def gramian(self) -> Tensor:
-        tasks, batch, positions, k = self.a.shape
-        d = self.b.shape[-1]
-        rows = batch * tasks
-        pairwise_cost = (batch * positions) ** 2 * d + (rows * positions) ** 2 * k
-        materialized_cost = rows * positions * k * d + rows * rows * k * d
-        if (rows * positions) ** 2 <= _MAX_PAIRWISE_ELEMENTS and pairwise_cost <= materialized_cost:
-            return _pairwise_gramian(self.a, self.b.reshape(batch * positions, d).mT)
-        per_row = torch.einsum("tbsk,bsd->btkd", self.a, self.b).reshape(rows, k * d)
-        return per_row @ per_row.T
-
-    def weighted_grad(self, weights: Tensor) -> Tensor:
-        weighted = torch.einsum("tbsk,bt->bsk", self.a, weights.to(self.a.dtype))
-        k, d = weighted.shape[-1], self.b.shape[-1]
-        return (weighted.reshape(-1, k).T @ self.b.reshape(-1, d)).reshape(self.shape)
-
-
-@dataclass
-class EmbeddingTerm(Term):
-    """``g[i, t] = Σₛ onehot(idx[i, s]) ⊗ a[t, i, s]``: rows of an embedding table."""
-
-    a: Tensor  # [T, B, S, k], zero where idx is the padding index
-    idx: Tensor  # [B, S]
-    shape: tuple[int, ...]
-
-    def gramian(self) -> Tensor:
-        flat = self.idx.reshape(-1)
-        same_row = (flat[:, None] == flat[None, :]).to(self.a.dtype)
-        return _pairwise_kernel_gramian(self.a, same_row)
-
-    def weighted_grad(self, weights: Tensor) -> Tensor:
-        weighted = torch.einsum("tbsk,bt->bsk", self.a, weights.to(self.a.dtype))
-        table = weighted.new_zeros(self.shape)
-        return table.index_add_(0, self.idx.reshape(-1), weighted.reshape(-1, self.shape[-1]))
-
-
-def _pairwise_gramian(a: Tensor, b_t: Tensor) -> Tensor:
-    """``G[(i,t),(j,u)] = Σₛᵣ (bᵢₛ·bⱼᵣ)(a[t,i,s]·a[u,j,r])``, never forming per-row gradients."""
-    return _pairwise_kernel_gramian(a, b_t.T @ b_t)
-
-
-def _pairwise_kernel_gramian(a: Tensor, kernel: Tensor) -> Tensor:
-    tasks, batch, positions, k = a.shape
-    if tasks == 1 and positions == 1:  # one row per instance: a Hadamard product of two Gramians
-        rows = a.reshape(batch, k)
-        return (rows @ rows.T) * kernel
-    a_rows = a.permute(1, 0, 2, 3).reshape(batch * tasks * positions, k)
-    products = (a_rows @ a_rows.T).view(batch, tasks, positions, batch, tasks, positions)
-    products = products * kernel.view(batch, 1, positions, batch, 1, positions)
-    return products.sum(dim=(2, 5)).reshape(batch * tasks, batch * tasks)
-
-
-def _cat(parts: list[Tensor], dim: int) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        """Terms of ``module``'s direct parameters, keyed by parameter name."""
 
 
 def to_instances(tensor: Tensor, batch_dim: int | None, offset: int = 0) -> Tensor:
@@ -133,55 +57,8 @@ def to_instances(tensor: Tensor, batch_dim: int | None, offset: int = 0) -> Tens
     return tensor.movedim(offset + batch_dim, offset)
 
 
-def candidate_batch_dims(
-    rule: str, module: nn.Module, x: Tensor, y_shape: tuple[int, ...]
-) -> list[int]:
-    """Dims of the call's output that may hold the instances, from the layer's semantics.
-
-    Convolutions and GroupNorm process instances along dim 0 only; Linear, Embedding and
-    LayerNorm along any leading dim (the trailing ones are features).
-    """
-    if rule in ("conv", "group_norm"):
-        spatial = len(y_shape) - 2
-        if rule == "conv":
-            assert isinstance(module, nn.modules.conv._ConvNd)
-            spatial = len(module.kernel_size)
-        return [0] if len(y_shape) == spatial + 2 else []
-    if rule == "layer_norm":
-        assert isinstance(module, nn.LayerNorm)
-        lead = len(y_shape) - len(module.normalized_shape)
-    elif rule == "linear":
-        lead = len(y_shape) - 1
-    else:  # embedding
-        lead = len(y_shape) - 1
-    return list(range(lead))
-
-
-def build_terms(
-    module: nn.Module,
-    rule: str,
-    calls: list[tuple[Tensor, Tensor, int | None]],
-    dtype: torch.dtype,
-) -> dict[str, Term]:
-    """Terms of ``module``'s direct parameters, keyed by parameter name.
-
-    ``calls`` holds, per call, the saved input ``x``, the task gradients ``dY`` ``[T, *y.shape]``
-    and the verified batch dim of ``y`` (``None`` for batch size 1).
-    """
-    if rule == "linear":
-        assert isinstance(module, nn.Linear)
-        return _linear_terms(module, calls, dtype)
-    if rule == "conv":
-        assert isinstance(module, nn.modules.conv._ConvNd)
-        return _conv_terms(module, calls, dtype)
-    if rule == "embedding":
-        assert isinstance(module, nn.Embedding)
-        return _embedding_terms(module, calls, dtype)
-    if rule == "layer_norm":
-        assert isinstance(module, nn.LayerNorm)
-        return _layer_norm_terms(module, calls, dtype)
-    assert isinstance(module, nn.GroupNorm)
-    return _group_norm_terms(module, calls, dtype)
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _instance_rows(
@@ -198,17 +75,62 @@ def _bias_term(a: Tensor, shape: tuple[int, ...]) -> MaterializedTerm:
     return MaterializedTerm(sums.transpose(0, 1).reshape(-1, sums.shape[-1]), shape)
 
 
-def _linear_terms(
-    module: nn.Linear, calls: list[tuple[Tensor, Tensor, int | None]], dtype: torch.dtype
-) -> dict[str, Term]:
-    k, d = module.out_features, module.in_features
-    parts = [_instance_rows(x.to(dtype), dy.to(dtype), bd, k, d) for x, dy, bd in calls]
-    a = _cat([p[0] for p in parts], dim=2)
-    b = _cat([p[1] for p in parts], dim=1)
-    terms: dict[str, Term] = {"weight": OuterTerm(a, b, (k, d))}
-    if module.bias is not None:
-        terms["bias"] = _bias_term(a, (k,))
-    return terms
+class LinearRule(ClosedFormRule):
+    """``nn.Linear`` on any leading dims: ``gᵢ = Σₛ dYᵢₛ ⊗ Xᵢₛ``."""
+
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        return list(range(len(y_shape) - 1))
+
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        assert isinstance(module, nn.Linear)
+        k, d = module.out_features, module.in_features
+        parts = [_instance_rows(x.to(dtype), dy.to(dtype), bd, k, d) for x, dy, bd in calls]
+        a = _cat([p[0] for p in parts], dim=2)
+        b = _cat([p[1] for p in parts], dim=1)
+        terms: dict[str, Term] = {"weight": OuterTerm(a, b, (k, d))}
+        if module.bias is not None:
+            terms["bias"] = _bias_term(a, (k,))
+        return terms
+
+
+class ConvRule(ClosedFormRule):
+    """``Conv1d/2d/3d`` with zero padding and ``groups=1``: a linear layer on unfolded patches."""
+
+    def accepts(self, module: nn.Module) -> bool:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        plain_3d = not isinstance(module, nn.Conv3d) or tuple(module.dilation) == (1, 1, 1)
+        return (
+            module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+            and module.groups == 1
+            and plain_3d
+        )
+
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        return [0] if len(y_shape) == len(module.kernel_size) + 2 else []
+
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        k = module.out_channels
+        a_parts, b_parts = [], []
+        spatial = len(module.kernel_size)
+        for x, dy, bd in calls:
+            x, dy = x.to(dtype), dy.to(dtype)
+            if bd is None and x.ndim == spatial + 1:  # one unbatched instance
+                x, dy, bd = x.unsqueeze(0), dy.unsqueeze(1), 0
+            patches = _patches(module, x)  # [N, L, d]
+            grads = dy.reshape(*dy.shape[:3], -1).transpose(2, 3)  # [T, N, L, k]
+            if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
+                patches = patches.reshape(1, -1, patches.shape[-1])
+                grads = grads.reshape(grads.shape[0], 1, -1, k)
+            a_parts.append(grads)
+            b_parts.append(patches)
+        a, b = _cat(a_parts, dim=2), _cat(b_parts, dim=1)
+        terms: dict[str, Term] = {"weight": OuterTerm(a, b, tuple(module.weight.shape))}
+        if module.bias is not None:
+            terms["bias"] = _bias_term(a, (k,))
+        return terms
 
 
 def _patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -236,48 +158,32 @@ def _patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return cols.transpose(1, 2)
 
 
-def _conv_terms(
-    module: nn.modules.conv._ConvNd,
-    calls: list[tuple[Tensor, Tensor, int | None]],
-    dtype: torch.dtype,
-) -> dict[str, Term]:
-    k = module.out_channels
-    a_parts, b_parts = [], []
-    spatial = len(module.kernel_size)
-    for x, dy, bd in calls:
-        x, dy = x.to(dtype), dy.to(dtype)
-        if bd is None and x.ndim == spatial + 1:  # one unbatched instance
-            x, dy, bd = x.unsqueeze(0), dy.unsqueeze(1), 0
-        patches = _patches(module, x)  # [N, L, d]
-        grads = dy.reshape(*dy.shape[:3], -1).transpose(2, 3)  # [T, N, L, k]
-        if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
-            patches = patches.reshape(1, -1, patches.shape[-1])
-            grads = grads.reshape(grads.shape[0], 1, -1, k)
-        a_parts.append(grads)
-        b_parts.append(patches)
-    a, b = _cat(a_parts, dim=2), _cat(b_parts, dim=1)
-    terms: dict[str, Term] = {"weight": OuterTerm(a, b, tuple(module.weight.shape))}
-    if module.bias is not None:
-        terms["bias"] = _bias_term(a, (k,))
-    return terms
+class EmbeddingRule(ClosedFormRule):
+    """``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): rows of the table."""
 
+    def accepts(self, module: nn.Module) -> bool:
+        assert isinstance(module, nn.Embedding)
+        return module.max_norm is None and not module.scale_grad_by_freq
 
-def _embedding_terms(
-    module: nn.Embedding, calls: list[tuple[Tensor, Tensor, int | None]], dtype: torch.dtype
-) -> dict[str, Term]:
-    k = module.embedding_dim
-    a_parts, idx_parts = [], []
-    for x, dy, bd in calls:
-        idx = to_instances(x, bd)
-        idx = idx.reshape(idx.shape[0], -1)
-        a = to_instances(dy.to(dtype), bd, offset=1)
-        a = a.reshape(a.shape[0], a.shape[1], -1, k)
-        if module.padding_idx is not None:
-            a = a * (idx != module.padding_idx).unsqueeze(-1).to(dtype)
-        a_parts.append(a)
-        idx_parts.append(idx)
-    shape = (module.num_embeddings, k)
-    return {"weight": EmbeddingTerm(_cat(a_parts, 2), _cat(idx_parts, 1), shape)}
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        return list(range(len(y_shape) - 1))
+
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        assert isinstance(module, nn.Embedding)
+        k = module.embedding_dim
+        a_parts, idx_parts = [], []
+        for x, dy, bd in calls:
+            idx = to_instances(x, bd)
+            idx = idx.reshape(idx.shape[0], -1)
+            a = to_instances(dy.to(dtype), bd, offset=1)
+            a = a.reshape(a.shape[0], a.shape[1], -1, k)
+            if module.padding_idx is not None:
+                a = a * (idx != module.padding_idx).unsqueeze(-1).to(dtype)
+            a_parts.append(a)
+            idx_parts.append(idx)
+        shape = (module.num_embeddings, k)
+        term = EmbeddingTerm(_cat(a_parts, 2), _cat(idx_parts, 1), shape, sparse=module.sparse)
+        return {"weight": term}
 
 
 def _affine_terms(
@@ -298,43 +204,80 @@ def _affine_terms(
     return terms
 
 
-def _layer_norm_terms(
-    module: nn.LayerNorm, calls: list[tuple[Tensor, Tensor, int | None]], dtype: torch.dtype
-) -> dict[str, Term]:
-    shape = tuple(module.normalized_shape)
-    n = math.prod(shape)
-    products, grads = [], []
-    for x, dy, bd in calls:
-        normalized = F.layer_norm(x.to(dtype), shape, None, None, module.eps)
-        xhat = to_instances(normalized, bd)
-        xhat = xhat.reshape(xhat.shape[0], -1, n)
-        a = to_instances(dy.to(dtype), bd, offset=1)
-        a = a.reshape(a.shape[0], a.shape[1], -1, n)
-        products.append((a * xhat).sum(dim=2))
-        grads.append(a.sum(dim=2))
-    if module.weight is None:
-        return (
-            {"bias": _affine_terms(grads, grads, shape, False)["weight"]}
-            if module.bias is not None
-            else {}
-        )
-    return _affine_terms(products, grads, shape, module.bias is not None)
+class LayerNormRule(ClosedFormRule):
+    """``nn.LayerNorm``: an elementwise affine map of the normalised input."""
+
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        assert isinstance(module, nn.LayerNorm)
+        return list(range(len(y_shape) - len(module.normalized_shape)))
+
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        assert isinstance(module, nn.LayerNorm)
+        shape = tuple(module.normalized_shape)
+        n = math.prod(shape)
+        products, grads = [], []
+        for x, dy, bd in calls:
+            normalized = F.layer_norm(x.to(dtype), shape, None, None, module.eps)
+            xhat = to_instances(normalized, bd)
+            xhat = xhat.reshape(xhat.shape[0], -1, n)
+            a = to_instances(dy.to(dtype), bd, offset=1)
+            a = a.reshape(a.shape[0], a.shape[1], -1, n)
+            products.append((a * xhat).sum(dim=2))
+            grads.append(a.sum(dim=2))
+        if module.weight is None:
+            if module.bias is None:
+                return {}
+            return {"bias": _affine_terms(grads, grads, shape, False)["weight"]}
+        return _affine_terms(products, grads, shape, module.bias is not None)
 
 
-def _group_norm_terms(
-    module: nn.GroupNorm, calls: list[tuple[Tensor, Tensor, int | None]], dtype: torch.dtype
-) -> dict[str, Term]:
-    channels = module.num_channels
-    products, grads = [], []
-    for x, dy, bd in calls:
-        normalized = F.group_norm(x.to(dtype), module.num_groups, None, None, module.eps)
-        xhat = normalized.reshape(normalized.shape[0], channels, -1)  # [N, C, positions]
-        a = dy.to(dtype).reshape(dy.shape[0], dy.shape[1], channels, -1)
-        if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
-            xhat = xhat.transpose(0, 1).reshape(1, channels, -1)
-            a = a.transpose(1, 2).reshape(a.shape[0], 1, channels, -1)
-        products.append((a * xhat).sum(dim=-1))
-        grads.append(a.sum(dim=-1))
-    if not module.affine:
-        return {}
-    return _affine_terms(products, grads, (channels,), True)
+class GroupNormRule(ClosedFormRule):
+    """``nn.GroupNorm``: an elementwise affine map per channel of the normalised input."""
+
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        return [0] if len(y_shape) >= 2 else []
+
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        assert isinstance(module, nn.GroupNorm)
+        channels = module.num_channels
+        products, grads = [], []
+        for x, dy, bd in calls:
+            normalized = F.group_norm(x.to(dtype), module.num_groups, None, None, module.eps)
+            xhat = normalized.reshape(normalized.shape[0], channels, -1)  # [N, C, positions]
+            a = dy.to(dtype).reshape(dy.shape[0], dy.shape[1], channels, -1)
+            if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
+                xhat = xhat.transpose(0, 1).reshape(1, channels, -1)
+                a = a.transpose(1, 2).reshape(a.shape[0], 1, channels, -1)
+            products.append((a * xhat).sum(dim=-1))
+            grads.append(a.sum(dim=-1))
+        if not module.affine:
+            return {}
+        return _affine_terms(products, grads, (channels,), True)
+
+
+_CONV = ConvRule()
+
+#: The closed form of each supported module type (applies to subclasses that keep its forward).
+CLOSED_FORMS: dict[type[nn.Module], ClosedFormRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.Embedding: EmbeddingRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+}
+
+
+def closed_form_rule(module: nn.Module) -> ClosedFormRule | None:
+    """The closed form for ``module``, or ``None`` if it needs a generic exact route.
+
+    Only the stock ``forward`` of each type qualifies: a subclass overriding it may use its
+    parameters differently.
+    """
+    for cls in type(module).__mro__:
+        rule = CLOSED_FORMS.get(cls)
+        if rule is not None:
+            stock = type(module).forward is getattr(cls, "forward", None)
+            return rule if stock and rule.accepts(module) else None
+    return None

@@ -52,11 +52,11 @@ class Communicator:
     def _count(self, kind: str, nbytes: float) -> None:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
 
-    # --- failures ------------------------------------------------------------------------------
+    def count(self, kind: str, nbytes: float) -> None:
+        """Counts ``nbytes`` this rank sent in a collective run outside this class."""
+        self._count(kind, nbytes)
 
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
+    # --- failures ------------------------------------------------------------------------------
 
     @contextmanager
     def guard(self, stage: str) -> Iterator[None]:

@@ -111,6 +111,22 @@ def test_repr() -> None:
     assert str(UPGrad()) == "UPGrad" and str(UPGradWeighting()) == "UPGrad"
 
 
+def test_setting_pref_vector_on_the_aggregator_reaches_the_weighting_and_is_validated() -> None:
+    matrix = torch.tensor([[1.0, 0.0], [-0.5, 1.0], [0.2, 0.3]], dtype=torch.float64)
+    aggregator = UPGrad()
+    preference = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    aggregator.pref_vector = preference
+    assert torch.equal(aggregator.weighting.pref_vector, preference)  # type: ignore[arg-type]
+    torch.testing.assert_close(aggregator(matrix), UPGrad(pref_vector=preference)(matrix))
+    with pytest.raises(ValueError, match="non-negative"):
+        aggregator.pref_vector = torch.tensor([-1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="reg_eps must be non-negative"):
+        aggregator.reg_eps = -1e-3
+    with pytest.raises(ValueError, match="solver must be one of"):
+        aggregator.solver = "cvxpy"
+    assert torch.equal(aggregator.pref_vector, preference)
+
+
 def drifting(size: int, steps: int) -> list[Tensor]:
     return drifting_gramians("random", size, steps, dtype=torch.float64)
 

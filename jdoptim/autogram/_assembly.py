@@ -1,0 +1,214 @@
+"""From per-parameter terms to the Gramian of the losses and to ``.grad``.
+
+Both run with autocast disabled and from factors of at least float32, so that a Gramian computed
+inside an fp16 autocast region, or of losses scaled by a ``GradScaler``, does not overflow in
+half-precision intermediates. Before a term's Gramian is formed, each floating factor is divided by
+a power of two that brings its largest entry near 1 (exact in floating point), and the powers are
+put back on the term's Gramian at the end: intermediates never underflow or overflow, and in normal
+ranges the result is bit for bit what the factors would give directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from jdoptim.autogram._terms import Term
+from jdoptim.linalg import reshape_gramian
+
+
+def instance_major_order(shape: tuple[int, ...], batch_dim: int | None) -> Tensor:
+    """Flat index, in a tensor of ``shape``, of each instance-major row.
+
+    Row ``r`` of a term is entry ``order[r]`` of the flattened losses: the instance along
+    ``batch_dim`` first, then the other dims in order (``batch_dim=None``: the flat order).
+    """
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    if batch_dim is None:
+        return index.reshape(-1)
+    return index.movedim(batch_dim, 0).reshape(-1)
+
+
+# Jacobians whose largest entry (bound) lies within 2^±_SAFE_EXPONENT are not rescaled.
+_SAFE_EXPONENT = 30
+
+
+def jacobian_scale(terms: Sequence[Term]) -> Tensor:
+    """A power of two ``s`` to divide the Jacobian by so that its Gramian stays in range.
+
+    ``s`` is 1 unless the largest entry of the terms' per-row gradients (bounded by the product of
+    each term's largest factor entries) lies beyond ``2^±30``; then it is that entry's power of
+    two. A 0-d float64 tensor on the terms' device (no host synchronisation). Pass it to
+    :func:`gramian_from_terms` as ``scale`` to get the Gramian of ``J / s``: the same weights for
+    every scale-invariant weighting, and ``s²`` times it is the Gramian of ``J``.
+    """
+    if not terms:
+        raise ValueError("jacobian_scale needs at least one term.")
+    largest = _Exponents([_upcast(term) for term in terms]).per_term.amax()
+    safe = largest.abs() <= _SAFE_EXPONENT
+    return _exact_power_of_two(torch.where(safe, torch.zeros_like(largest), largest))
+
+
+def gramian_from_terms(
+    terms: Sequence[Term],
+    shape: tuple[int, ...],
+    batch_dim: int | None,
+    dtype: torch.dtype | None = None,
+    *,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """The generalized Gramian ``[*shape, *reversed(shape)]`` of losses of ``shape``.
+
+    Sums the terms' Gramians (in ``dtype``; default: the terms' dtype, at least float32),
+    symmetrises the sum, and moves its instance-major rows (instance along ``batch_dim``) to the
+    losses' own layout. A 0-d ``shape`` gives a 0-d Gramian. With ``scale`` (a power of two, such
+    as :func:`jacobian_scale`'s), the Gramian of ``J / scale``: in range where the Gramian of
+    ``J`` itself would underflow or overflow.
+    """
+    if not terms:
+        raise ValueError("gramian_from_terms needs at least one term.")
+    batch_dim = _normalized(batch_dim, shape)
+    rows = math.prod(shape)
+    shift = None if scale is None else torch.frexp(scale.detach().double()).exponent - 1
+    with _full_precision(terms):
+        terms = [_upcast(term) for term in terms]
+        exponents = _Exponents(terms)
+        per_term = exponents.per_term
+        if shift is not None:
+            per_term = per_term - shift.to(per_term.device)
+        gramians = [term.gramian() for term in exponents.normalized(terms)]
+        for term, gramian in zip(terms, gramians, strict=True):
+            if tuple(gramian.shape) != (rows, rows):
+                raise ValueError(
+                    f"A {type(term).__name__} has {gramian.shape[0]} rows, but losses of shape "
+                    f"{shape} have {rows}: the terms do not belong to these losses."
+                )
+        if dtype is None:
+            dtype = torch.promote_types(gramians[0].dtype, torch.float32)
+        # A term's Gramian is 2^(2e) times its normalised one: 2^e twice, each in float range.
+        factors = _exact_power_of_two(per_term).to(dtype)
+        gramians = [
+            gramian.to(dtype) * factor * factor
+            for gramian, factor in zip(gramians, factors.unbind(), strict=True)
+        ]
+    assert dtype is not None
+    device = gramians[0].device
+    total = sum(gramians, torch.zeros(rows, rows, dtype=dtype, device=device))
+    total = (total + total.T) / 2
+    order = instance_major_order(shape, batch_dim).to(device)
+    natural = torch.empty_like(total)
+    natural[order[:, None], order[None, :]] = total
+    if not shape:
+        return natural.reshape(())
+    return reshape_gramian(natural, shape)
+
+
+def grad_from_terms(
+    pairs: Sequence[tuple[Tensor, Term]], weights: Tensor, batch_dim: int | None
+) -> None:
+    """Adds ``Σᵢ wᵢ ∂lossᵢ/∂θ`` to ``θ.grad`` for each ``(θ, term)``.
+
+    ``weights`` has the losses' shape, with instances along ``batch_dim``.
+    """
+    shape = tuple(weights.shape)
+    batch_dim = _normalized(batch_dim, shape)
+    weights = weights.detach()
+    if batch_dim is None:
+        rows = weights.reshape(-1, 1)
+    else:
+        moved = weights.movedim(batch_dim, 0)
+        rows = moved.reshape(moved.shape[0], -1)
+    with _full_precision([term for _, term in pairs]):
+        for param, term in pairs:
+            grad = _upcast(term).weighted_grad(rows).to(param.dtype)
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+
+
+def _normalized(batch_dim: int | None, shape: tuple[int, ...]) -> int | None:
+    if batch_dim is None:
+        return None
+    if not -len(shape) <= batch_dim < len(shape):
+        raise ValueError(f"batch_dim={batch_dim} is out of range for losses of shape {shape}.")
+    return batch_dim % len(shape)
+
+
+@contextmanager
+def _full_precision(terms: Sequence[Term]) -> Iterator[None]:
+    """Autocast off on the terms' device (a caller's fp16 region must not reach the Gramian)."""
+    device = next((t.device for term in terms for t, _ in term.factors()), torch.device("cpu"))
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def _upcast(term: Term) -> Term:
+    """The term with half-precision floating factors in float32."""
+    factors = [tensor for tensor, _ in term.factors()]
+    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in factors):
+        return term
+    return term.with_factors(
+        [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in factors]
+    )
+
+
+class _Exponents:
+    """Per floating factor of some terms, ``e`` with ``max |factor| = m 2^e``, ``m ∈ [0.5, 1)``.
+
+    ``per_term`` sums each term's factor exponents: the exponent of a bound on its per-row
+    gradient entries. Computed for all factors at once (a handful of operations, no host sync).
+    """
+
+    def __init__(self, terms: Sequence[Term]) -> None:
+        self.owners: list[list[int | None]] = []
+        floats: list[Tensor] = []
+        term_of: list[int] = []
+        for index, term in enumerate(terms):
+            positions: list[int | None] = []
+            for tensor, _ in term.factors():
+                if tensor.is_floating_point() and tensor.numel() > 0:
+                    positions.append(len(floats))
+                    floats.append(tensor.detach())
+                    term_of.append(index)
+                else:
+                    positions.append(None)
+            self.owners.append(positions)
+        device = next((t.device for t in floats), torch.device("cpu"))
+        if floats:
+            largest = torch.stack(torch._foreach_norm(floats, float("inf"))).double()
+            self.per_factor = torch.frexp(largest).exponent.to(torch.int64)
+        else:
+            self.per_factor = torch.zeros(0, dtype=torch.int64, device=device)
+        owner = torch.tensor(term_of, dtype=torch.int64).to(device, non_blocking=True)
+        self.per_term = self.per_factor.new_zeros(len(terms)).index_add_(0, owner, self.per_factor)
+
+    def normalized(self, terms: Sequence[Term]) -> list[Term]:
+        """The terms with each floating factor divided by ``2^e`` (exact)."""
+        if not self.per_factor.numel():
+            return list(terms)
+        powers = _exact_power_of_two(-self.per_factor)
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        result = []
+        for term, positions in zip(terms, self.owners, strict=True):
+            tensors = []
+            for (tensor, _), position in zip(term.factors(), positions, strict=True):
+                if position is None:
+                    tensors.append(tensor)
+                    continue
+                if tensor.dtype not in by_dtype:
+                    by_dtype[tensor.dtype] = list(powers.to(tensor.dtype).unbind())
+                tensors.append(tensor * by_dtype[tensor.dtype][position])
+            result.append(term.with_factors(tensors))
+        return result
+
+
+def _exact_power_of_two(exponent: Tensor) -> Tensor:
+    """``2^exponent`` as a float64 0-d tensor, built from its bits (exact; clamped to float64's
+    normal range, far beyond float32's)."""
+    biased = (exponent.to(torch.int64) + 1023).clamp(1, 2046)
+    return (biased << 52).view(torch.float64)

@@ -1,0 +1,137 @@
+"""Terms: factors, rebuilding around new factors, and exact concatenation of batches.
+
+Ground truth: ``J Jᵀ`` of the concatenated batch, with ``J`` from ``torch.func.jacrev`` of each
+batch (instances are independent, so the rows of the concatenated batch are the batches' rows).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+from jdoptim.autogram import Engine, Term, concat_terms, grad_from_terms, gramian_from_terms
+from jdoptim.autogram._terms import EmbeddingTerm, MaterializedTerm, OuterTerm
+
+
+class SequenceModel(nn.Module):
+    """Embedding, Linear at every position, LayerNorm, mean over positions."""
+
+    def __init__(self, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4, padding_idx=padding_idx)
+        self.linear = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.norm(self.linear(self.embedding(tokens))).tanh().mean(dim=(1, 2))
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x).pow(2).mean(dim=(1, 2))
+
+
+class ConvModel(nn.Module):
+    """Convolution and GroupNorm over a variable length, one loss per instance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x)).sin().mean(dim=(1, 2))
+
+
+def _batches(kind: str) -> tuple[nn.Module, list[Tensor]]:
+    """A model and two batches of different sizes and sequence lengths."""
+    torch.manual_seed(0)
+    if kind.startswith("embedding"):
+        # Padded positions get index 0, a real token too: their zero output gradients add nothing.
+        model = SequenceModel(padding_idx=3 if kind == "embedding_padding_idx" else None)
+        return model.double(), [torch.randint(7, (3, 5)), torch.randint(7, (2, 4))]
+    if kind == "conv":
+        shapes = [(3, 2, 6), (2, 2, 4)]
+        return ConvModel().double(), [torch.randn(s, dtype=torch.float64) for s in shapes]
+    shapes = [(3, 5, 8), (2, 4, 8)]
+    return Encoder().double(), [torch.randn(s, dtype=torch.float64) for s in shapes]
+
+
+def _jacobian(model: nn.Module, inputs: Tensor) -> Tensor:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jacobian = jacrev(lambda p: functional_call(model, p, (inputs,)))(params)
+    return torch.cat([j.reshape(inputs.shape[0], -1) for j in jacobian.values()], dim=1)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # jacrev through attention
+@pytest.mark.parametrize("kind", ["embedding", "embedding_padding_idx", "conv", "transformer"])
+def test_concatenated_terms_give_the_gramian_and_grad_of_the_concatenated_batch(kind: str) -> None:
+    model, batches = _batches(kind)
+    engine = Engine(model, batch_dim=0)
+    pairs = [engine.compute_terms(model(inputs)) for inputs in batches]
+    assert {term.route for p in pairs for _, term in p} == {"closed_form"}
+    joined = concat_terms([[term for _, term in p] for p in pairs])
+    gramian = gramian_from_terms(joined, (5,), 0)
+
+    full = torch.cat([_jacobian(model, inputs) for inputs in batches])
+    torch.testing.assert_close(gramian, full @ full.T, atol=1e-12, rtol=0.0)
+
+    weights = torch.randn(5, dtype=torch.float64)
+    params = [param for param, _ in pairs[0]]
+    grad_from_terms(list(zip(params, joined, strict=True)), weights, 0)
+    fused = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    assert sorted(order[id(p)] for p in params) == list(range(len(order)))
+    expected = weights @ full  # columns in model.parameters() order
+    sizes = [p.numel() for p in model.parameters()]
+    blocks = dict(zip(order.values(), expected.split(sizes), strict=True))
+    torch.testing.assert_close(fused, torch.cat([blocks[order[id(p)]] for p in params]))
+
+
+def test_one_batch_is_unchanged() -> None:
+    term = MaterializedTerm(torch.randn(4, 3), (3,))
+    (joined,) = concat_terms([[term]])
+    assert torch.equal(joined.gramian(), term.gramian())
+
+
+def _terms_of_each_type() -> list[Term]:
+    torch.manual_seed(0)
+    return [
+        MaterializedTerm(torch.randn(6, 4), (2, 2)),
+        OuterTerm(torch.randn(2, 3, 4, 5), torch.randn(3, 4, 6), (5, 6)),
+        EmbeddingTerm(torch.randn(2, 3, 4, 5), torch.randint(7, (3, 4)), (7, 5)),
+    ]
+
+
+@pytest.mark.parametrize("term", _terms_of_each_type(), ids=lambda t: type(t).__name__)
+def test_with_factors_rebuilds_the_same_term(term: Term) -> None:
+    tensors = [tensor.clone() for tensor, _ in term.factors()]
+    rebuilt = term.with_factors(tensors)
+    assert type(rebuilt) is type(term)
+    assert torch.equal(rebuilt.gramian(), term.gramian())
+    assert all(new is old for (new, _), old in zip(rebuilt.factors(), tensors, strict=True))
+    with pytest.raises(ValueError, match="factors"):
+        term.with_factors(tensors[:-1] if len(tensors) > 1 else [])
+
+
+@pytest.mark.parametrize("term", _terms_of_each_type(), ids=lambda t: type(t).__name__)
+def test_instance_dim_of_each_factor_indexes_the_rows(term: Term) -> None:
+    """Keeping the first instance of every factor keeps the first instance's rows of the Gramian."""
+    first = term.with_factors([t.narrow(dim, 0, 1) for t, dim in term.factors()])
+    rows = first.gramian().shape[0]
+    torch.testing.assert_close(first.gramian(), term.gramian()[:rows, :rows])
+
+
+def test_terms_of_different_types_are_rejected() -> None:
+    a = MaterializedTerm(torch.randn(2, 6), (6,))
+    b = OuterTerm(torch.randn(1, 2, 1, 2), torch.randn(2, 1, 3), (2, 3))
+    with pytest.raises(ValueError, match="different types"):
+        concat_terms([[a], [b]])
+    with pytest.raises(ValueError, match="one term per parameter"):
+        concat_terms([[a], [a, a]])
