@@ -26,12 +26,9 @@ from jdoptim.aggregation import Weighting
 from jdoptim.autogram import Engine
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._fsdp import ShardedModel, as_sharded, sharded_rows
+from jdoptim.distributed._gramian import DistributedGramianPath
 from jdoptim.distributed._layout import StepKind, same_shapes, shapes_of
-from jdoptim.distributed._paths import (
-    DistributedGramianPath,
-    DistributedPath,
-    FailedPart,
-)
+from jdoptim.distributed._path_base import DistributedPath, FailedPart
 from jdoptim.linalg import reshape_gramian
 from jdoptim.paths import (
     GradsPart,

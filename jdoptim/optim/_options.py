@@ -31,7 +31,8 @@ class JDOptions(TypedDict, total=False):
     fuse_backward: bool
     parallel_chunk_size: int | None
     grad_scaler: torch.amp.GradScaler | None
-    process_group: dist.ProcessGroup | None
+    process_group: dist.ProcessGroup | bool | None
+    gramian_weighting: Weighting | GeneralizedWeighting | None
 
 
 __all__ = ["JDOptions", "Unpack"]

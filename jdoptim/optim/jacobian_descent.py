@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -244,12 +244,26 @@ class JacobianDescent(Optimizer):
             clear_jac(params)
             raise
         self.last_step = record
-        self._update()
-        self._window.clear()
-        if record.finite:
-            self._steps += 1
-            self._notify_after_step(record.losses, closure)
+        with self._method_state_restored_on_error(saved_method_state):
+            self._update()
+            self._window.clear()
+            if record.finite:
+                self._steps += 1
+                self._notify_after_step(record.losses, closure)
         return record.losses
+
+    @contextmanager
+    def _method_state_restored_on_error(self, saved: dict[str, Any]) -> Iterator[None]:
+        """The update and ``after_step``: if either raises, the method's state and the step count
+        go back to before the step. Parameters and the wrapped optimizer's state changed by its
+        ``step()`` stay changed (a torch optimizer's update cannot be undone)."""
+        steps = self._steps
+        try:
+            yield
+        except BaseException:
+            self._method.module.load_state_dict(saved)
+            self._steps = steps
+            raise
 
     def _run(self, first_result: Any, closure: Closure) -> StepRecord:
         def next_losses() -> Tensor:
@@ -372,12 +386,14 @@ class JacobianDescent(Optimizer):
                 )
             self.optimizer.step()
             return None
-        self.optimizer.step()
-        self._steps += 1
-        losses = self.last_step.losses if self.last_step is not None else None
-        window.clear()
-        if losses is not None:
-            self._notify_after_step(losses, None)
+        saved_method_state = self._method.module.state_dict()
+        with self._method_state_restored_on_error(saved_method_state):
+            self.optimizer.step()
+            self._steps += 1
+            losses = self.last_step.losses if self.last_step is not None else None
+            window.clear()
+            if losses is not None:
+                self._notify_after_step(losses, None)
         return None
 
     # --- pieces of the step --------------------------------------------------------------------

@@ -128,7 +128,7 @@ class GramianPath(Path):
         if isinstance(first, TermsPart):
             terms_parts = [_aligned(p, first) for p in parts if isinstance(p, TermsPart)]
             losses = _concat_losses([p.losses for p in terms_parts], self.batch_dim)
-            terms = concat_terms([p.terms for p in terms_parts])
+            terms = concat_terms(_same_forms(terms_parts))
             return TermsPart(losses, first.params, terms, None, scale=first.scale)
         if isinstance(first, LossesPart):
             graphs = [p.graph_losses for p in parts if isinstance(p, LossesPart)]
@@ -185,38 +185,32 @@ def _scale_invariant(weighting: Weighting | GeneralizedWeighting) -> bool:
 
 
 def _aligned(part: TermsPart, first: TermsPart) -> TermsPart:
-    """``part`` with its terms in the order of ``first``'s parameters, of the same types.
-
-    The first ``backward`` before the engine watched a forward pass takes the exact route
-    (materialised rows) where later ones take closed forms: such terms are materialised too.
-    """
+    """``part`` with its terms in the order of ``first``'s parameters."""
     by_param = {id(param): term for param, term in zip(part.params, part.terms, strict=True)}
     if set(by_param) != {id(param) for param in first.params}:
         raise ValueError(
             "The micro-batches of one step reached different parameters; every backward() of a "
             "step must run the same model."
         )
-    terms = []
-    for param, reference in zip(first.params, first.terms, strict=True):
-        term = by_param[id(param)]
-        if type(term) is not type(reference):
-            term = materialized(term, reference)
-        terms.append(term)
+    terms = [by_param[id(param)] for param in first.params]
     return TermsPart(part.losses, first.params, terms, part.graph_losses, scale=part.scale)
 
 
-def materialized(term: Term, like: Term) -> Term:
-    """``term`` as per-row gradients, like ``like`` (the exact route's form)."""
-    if not isinstance(like, MaterializedTerm) or isinstance(term, MaterializedTerm):
-        raise ValueError(
-            "The micro-batches of one step took different engine routes; give "
-            "optimizer.backward the losses of forward passes of the same model."
-        )
-    return _rows_of(term)
+def _same_forms(parts: Sequence[TermsPart]) -> list[list[Term]]:
+    """Each part's terms, with a parameter's terms as per-row gradients wherever the parts hold
+    different forms of it (the first ``backward`` before the engine watched a forward pass takes
+    the exact route; a micro-batch of one instance may take another closed form)."""
+    columns = list(zip(*(p.terms for p in parts), strict=True))
+    for index, column in enumerate(columns):
+        if len({type(term) for term in column}) > 1:
+            columns[index] = tuple(_rows_of(term) for term in column)
+    return [list(terms) for terms in zip(*columns, strict=True)]
 
 
 def _rows_of(term: Term) -> MaterializedTerm:
     """Row ``r`` is the weighted gradient for the one-hot weights of row ``r`` (exact)."""
+    if isinstance(term, MaterializedTerm):
+        return term
     factor, dim = term.factors()[0]
     tasks = factor.shape[0] if dim == 1 else 1
     batch = factor.shape[dim]

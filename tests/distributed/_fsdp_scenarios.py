@@ -22,6 +22,7 @@ from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import TrimmedMean, UPGradWeighting
 from jdoptim.distributed import checkpoint_state, load_checkpoint_state
 from tests.distributed._scenarios import (
+    broken_on_rank_1,
     iwrm_batches,
     iwrm_losses,
     iwrm_model,
@@ -322,15 +323,7 @@ def failing_rank(rank: int, world: int, failure: str) -> dict[str, Any]:
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            losses = iwrm_losses(model, x[part], y[part])
-            if step == 1 and rank == 1:
-                if failure == "raise":
-                    raise ValueError("data loader broke on rank 1")
-                if failure == "nan":
-                    return losses * float("nan")
-                if failure == "shape":
-                    return torch.stack([losses, losses], dim=1)
-            return losses
+            return broken_on_rank_1(iwrm_losses(model, x[part], y[part]), step, rank, failure)
 
         before = full_params(model)
         try:

@@ -12,40 +12,17 @@ import pytest
 import torch
 
 from tests.distributed import _fsdp_scenarios as scenarios
-from tests.distributed._launch import run_ranks
+from tests.distributed._launch import ok, rank_fixtures
 
 TOLERANCE = 1e-10
 
 
-def _launch(world: int, factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
-    out_dir = factory.mktemp(f"fsdp{world}")
-    return world, run_ranks(scenarios.all_scenarios_rank, world, out_dir, str(out_dir))
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
-    return _launch(2, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
-    return _launch(3, tmp_path_factory)
-
-
-@pytest.fixture(params=["two_ranks", "three_ranks"])
-def launch(request: pytest.FixtureRequest) -> tuple[int, list[Any]]:
-    result: tuple[int, list[Any]] = request.getfixturevalue(request.param)
-    return result
-
-
-def _ok(result: Any) -> dict[str, Any]:
-    assert isinstance(result, dict), result
-    return result
+two_ranks, three_ranks, launch = rank_fixtures(scenarios.all_scenarios_rank, "fsdp")
 
 
 def _equal_to_reference(ranks: list[Any], key: str, reference: dict[str, Any]) -> None:
     for rank in ranks:
-        result = _ok(rank[key])
+        result = ok(rank[key])
         for actual, expected in zip(result["params"], reference["params"], strict=True):
             torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0.0)
         torch.testing.assert_close(result["losses"], reference["losses"], atol=TOLERANCE, rtol=0)
@@ -101,7 +78,7 @@ def test_the_engine_watches_the_first_forward_grads_are_sharded_evaluation_resha
 ) -> None:
     _, ranks = launch
     for rank in ranks:
-        result = _ok(rank["routes"])
+        result = ok(rank["routes"])
         assert result["routes"] == [["closed_form"]] * scenarios.STEPS
         assert result["grad"] == "DTensor"
         assert result["sharded_after_evaluation"] == [True] * scenarios.STEPS
@@ -111,7 +88,7 @@ def test_a_failing_rank_makes_every_rank_raise_with_nothing_changed(launch: Any)
     world, ranks = launch
     for failure in scenarios.FAILURES[world]:
         key = f"failure-{failure}"
-        outcomes = [_ok(rank[key]) for rank in ranks]
+        outcomes = [ok(rank[key]) for rank in ranks]
         for rank, outcome in enumerate(outcomes):
             assert outcome["error"] is not None, (failure, rank)
             assert outcome["unchanged"], (failure, rank)
@@ -134,7 +111,7 @@ def test_a_failing_rank_makes_every_rank_raise_with_nothing_changed(launch: Any)
 def test_a_checkpoint_resumes_bit_identically(two_ranks: Any, how: str) -> None:
     _, ranks = two_ranks
     for rank in ranks:
-        result = _ok(rank[f"resume-{how}"])
+        result = ok(rank[f"resume-{how}"])
         for straight, resumed in zip(result["straight"], result["resumed"], strict=True):
             assert torch.equal(straight, resumed)
 
@@ -145,7 +122,7 @@ def test_bfloat16_parameters_train_close_to_float32_with_float32_sharded_grads(
     _, ranks = two_ranks
     reference = scenarios.bfloat16_reference(2)
     for rank in ranks:
-        result = _ok(rank["bfloat16"])
+        result = ok(rank["bfloat16"])
         for actual, expected in zip(result["params"], reference["params"], strict=True):
             torch.testing.assert_close(actual, expected, atol=2e-3, rtol=0.0)
         assert {kind[:2] for kind in result["grad"]} == {("DTensor", torch.float32)}
@@ -155,7 +132,7 @@ def test_bfloat16_parameters_train_close_to_float32_with_float32_sharded_grads(
 
 def test_bytes_per_step_follow_the_documented_formula(two_ranks: Any) -> None:
     _, ranks = two_ranks
-    sent = _ok(ranks[0]["bytes"])
+    sent = ok(ranks[0]["bytes"])
     # 4 float64 parameters' worth of rows per layer, reduce-scattered: (R - 1) / R of each
     # padded tensor. Layers 5->6 (weight 6x5, bias 6), LayerNorm 6 (weight, bias), 6->1 (1x6, 1).
     padded = [6 * 5, 6, 6, 6, 2 * 6, 2]  # dim 0 padded to a multiple of R = 2
