@@ -6,14 +6,14 @@ from typing import get_args
 
 from torch import Tensor
 
-from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import non_negative, one_of, validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.aggregation._warm_start import WarmStarted
 from jdoptim.linalg import DualConeSolver, project_to_dual_cone
 
 
-class DualProjWeighting(Stateful, Weighting):
+class DualProjWeighting(WarmStarted, Weighting):
     """Weights of DualProj: ``w = argmin_{v ≥ p} vᵀ G v``.
 
     The combination ``pᵀJ`` (the mean gradient by default) is projected onto the dual cone of the
@@ -64,9 +64,9 @@ class DualProjWeighting(Stateful, Weighting):
             bounds,
             reg_eps=self.reg_eps,
             solver=self.solver,
-            warm_start=self._state.get("solutions"),
+            warm_start=self._warm_start(),
         )
-        self._state["solutions"] = solution
+        self._remember(solution)
         return solution[0]
 
     def _repr_args(self) -> str:

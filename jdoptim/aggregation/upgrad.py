@@ -7,14 +7,14 @@ from typing import get_args
 import torch
 from torch import Tensor
 
-from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import non_negative, one_of, validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.aggregation._warm_start import WarmStarted
 from jdoptim.linalg import DualConeSolver, project_to_dual_cone
 
 
-class UPGradWeighting(Stateful, Weighting):
+class UPGradWeighting(WarmStarted, Weighting):
     r"""Weights of UPGrad (Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024).
 
     Each row ``gᵢ`` of ``J``, scaled by its preference ``pᵢ``, is projected onto the dual cone of the
@@ -70,9 +70,9 @@ class UPGradWeighting(Stateful, Weighting):
             bounds,
             reg_eps=self.reg_eps,
             solver=self.solver,
-            warm_start=self._state.get("solutions"),
+            warm_start=self._warm_start(),
         )
-        self._state["solutions"] = solutions
+        self._remember(solutions)
         return solutions.sum(dim=0)
 
     def _repr_args(self) -> str:

@@ -47,10 +47,10 @@ def prepare_dual_cone_gramian(gramian: Tensor, reg_eps: float) -> Tensor:
     symmetric = (gramian + gramian.T) / 2
     diagonal = symmetric.diagonal()
     largest = diagonal.abs().amax() if diagonal.numel() > 0 else diagonal.new_zeros(())
-    usable = (largest > 0) & torch.isfinite(largest)
-    scaled = symmetric / torch.exp2(torch.round(torch.log2(torch.where(usable, largest, 1.0))))
+    # Any power of two scales exactly; frexp's needs no host read (the input is finite).
+    scaled = torch.ldexp(symmetric, -torch.frexp(largest).exponent)
     trace = scaled.diagonal().sum()
-    normalised = torch.where(trace > 0, scaled / torch.where(trace > 0, trace, 1.0), 0.0)
+    normalised = torch.where(trace > 0, scaled / trace, 0.0)
     return normalised + reg_eps * torch.eye(
         gramian.shape[0], dtype=gramian.dtype, device=gramian.device
     )

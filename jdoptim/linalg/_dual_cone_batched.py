@@ -41,8 +41,11 @@ _BACKUP_EXCHANGES = 3
 _DIRECT_MAX_SIZE = 64
 # Residual reduction of one inner solve (one refinement step).
 _INNER_REDUCTION = 1e-3
-# Conjugate-gradient iterations between two reads of the rows' progress on the host.
-_CHECK_EVERY = 4
+# Conjugate-gradient iterations between two reads of the rows' progress on the host: every
+# iteration on the CPU, where a read is cheap and extra iterations are not; every few elsewhere,
+# where each read waits for the device.
+_CPU_CHECK_EVERY = 1
+_ACCELERATOR_CHECK_EVERY = 4
 
 
 class DualConeConvergenceError(RuntimeError):
@@ -210,7 +213,7 @@ def _masked_conjugate_gradient(
     """Approximately solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row, from zero.
 
     A row is done once its residual has fallen by ``_INNER_REDUCTION``. Progress is read on the host
-    every ``_CHECK_EVERY`` iterations only, and each iteration is a dozen whole-batch operations
+    every iteration on the CPU, every ``_ACCELERATOR_CHECK_EVERY`` elsewhere, and each iteration is a dozen whole-batch operations
     (on the CPU their count, not the product, dominates up to m of a few hundred). Rows that are
     done are dropped from the batch in bulk, so the products shrink with them.
     """
@@ -224,8 +227,9 @@ def _masked_conjugate_gradient(
     infinite = torch.full_like(rr, torch.inf)
     active = torch.arange(r.shape[0], device=r.device)
     result = torch.zeros_like(r)
+    check_every = _CPU_CHECK_EVERY if r.device.type == "cpu" else _ACCELERATOR_CHECK_EVERY
     for iteration in range(max_iterations):
-        if iteration % _CHECK_EVERY == 0:
+        if iteration % check_every == 0:
             unconverged = (rr > threshold).squeeze(1)
             remaining = int(unconverged.sum())
             if remaining == 0:

@@ -91,3 +91,10 @@ def test_warm_start_state_round_trips_and_keeps_results() -> None:
         expected = DualProjWeighting(solver="quadprog")(gramian_t)
         torch.testing.assert_close(warm(gramian_t), expected, rtol=1e-8, atol=0)
     assert warm._state["solutions"].shape == (1, 24)
+
+
+def test_checkpoint_without_state_loads_as_a_cold_start() -> None:
+    restored = DualProjWeighting()
+    restored(drifting_gramians("random", 4, 1, dtype=torch.float64)[0])
+    restored.load_state_dict({})
+    assert not restored._state

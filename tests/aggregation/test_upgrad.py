@@ -168,3 +168,13 @@ def test_active_set_solver_operation_counts(kind: str, size: int) -> None:
     for gramian_t in following:
         warm = count(weighting, gramian_t)
         assert warm.operations < cold.operations and warm.syncs <= cold.syncs
+
+
+def test_checkpoint_without_state_loads_as_a_cold_start() -> None:
+    """Checkpoints saved before the weighting kept a warm start have no ``_extra_state``."""
+    for weighting in (UPGradWeighting(), UPGrad()):
+        weighting.load_state_dict({})
+    restored = UPGradWeighting()
+    restored(drifting(5, 1)[0])
+    restored.load_state_dict({})
+    assert not restored._state

@@ -239,3 +239,13 @@ def test_warm_start_from_a_nearby_solution_converges_to_the_same_point(size: int
     poor = project_to_dual_cone(gramian, bounds, solver="batched", warm_start=bounds + 10.0)
     torch.testing.assert_close(poor, reference, rtol=0, atol=1e-6 * scale)
     assert_kkt(gramian, bounds, poor)
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_progress_read_interval_does_not_change_the_accepted_solution(
+    check_every: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Accelerators read the conjugate-gradient progress every 4 iterations; test that path here.
+    monkeypatch.setattr("jdoptim.linalg._dual_cone_batched._CPU_CHECK_EVERY", check_every)
+    gramian = rank_deficient_gramian(90, rank=12, seed=4)
+    assert_agrees_with_quadprog(gramian, torch.eye(90, dtype=torch.float64))
