@@ -7,7 +7,9 @@ are counted with dynamo's counters, never timed.
 
 from __future__ import annotations
 
+import gc
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +18,16 @@ from torch._dynamo.utils import counters
 
 from jdoptim.autogram import Engine
 from tests.autogram._reference import relative_error, routes
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Compiled code and its caches do not outlive a test (later tests count live tensors)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 
 class Block(nn.Module):
@@ -35,8 +47,6 @@ def test_compiled_model_runs_compiled_graphs_with_the_exact_gramian() -> None:
     torch.manual_seed(0)
     model = Block()
     x = torch.randn(6, 5)
-    torch._dynamo.reset()
-    counters.clear()
     compiled = torch.compile(model)
     engine = Engine(model, batch_dim=0)
     with warnings.catch_warnings(record=True) as caught:
@@ -108,8 +118,6 @@ def test_discovery_mode_compiles_after_the_first_pass() -> None:
     torch.manual_seed(0)
     model = Block()
     x = torch.randn(6, 5)
-    torch._dynamo.reset()
-    counters.clear()
     compiled = torch.compile(model)
     engine = Engine(batch_dim=0, parameters=model.parameters())
     for step in range(2):
