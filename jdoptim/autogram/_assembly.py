@@ -82,7 +82,7 @@ def gramian_from_terms(
             per_term = per_term - shift.to(per_term.device)
         # One host synchronisation: in normal ranges the factors are used as they are.
         extreme = exponents.per_factor.abs() > _SAFE_EXPONENT
-        rescale = bool(extreme.any()) or bool((per_term != exponents.per_term).any())
+        rescale = bool(extreme.any() | (per_term != exponents.per_term).any())
         used = exponents.normalized(terms) if rescale else terms
         gramians = [term.gramian() for term in used]
         for term, gramian in zip(terms, gramians, strict=True):
