@@ -10,7 +10,7 @@ on the mean loss. Methods:
 * ``gramian``: the forward pass and jdoptim's ``compute_gramian``, nothing else (compare with
   ``sgd``, which is a forward pass, a backward pass and an update).
 * ``peer-autogram``: TorchJD 0.18's ``Engine(model, batch_dim=0)``, its ``UPGradWeighting``,
-  ``losses.backward(weights)`` (the seeds' loop).
+  ``losses.backward(weights)`` (TorchJD's engine loop).
 * ``peer-autojac``: TorchJD 0.18's ``autojac.backward`` + ``jac_to_grad`` with ``UPGrad``.
 * ``func``: hand-written ``torch.func`` per-sample gradients (``vmap(grad(...))``), averaged.
 * ``func-upgrad``: the same per-sample gradients as the rows of ``J``, ``UPGradWeighting`` on

@@ -1,22 +1,28 @@
-"""UPGrad weights at batch scale: quadprog per row, the batched solver, and TorchJD 0.18's UPGrad.
+"""UPGrad weights at batch scale: quadprog per row, the torch solvers, and TorchJD 0.18's UPGrad.
 
 Side by side in one process, with interleaved repeats (every repeat calls each solver once, in
 turn, so a load change on the shared CPU hits all of them alike), medians and ratios. The Gramians
 are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, and of a rank-deficient ``J`` of rank
 ``m / 8``. A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit``
-seconds is skipped and reported as such.
+seconds is skipped and reported as such. Every jdoptim weighting is reset before each call (a cold
+start) except ``auto-warm``, which keeps its state from the previous call on the same Gramian (the
+best case of a warm start). ``active_set`` is the fixed-budget solver ``"auto"`` picks on CUDA.
 
     python benchmarks/bench_dual_cone.py            # m = 8 ... 1024, float32 and float64
     python benchmarks/bench_dual_cone.py --small    # m = 8, 32, 128: a quick run
     python benchmarks/bench_dual_cone.py --device cuda
+    python benchmarks/bench_dual_cone.py --before /tmp/bp    # against an earlier version (see
+                                                             # docs/performance.md)
     python benchmarks/bench_dual_cone.py --sizes 512 --kinds random --dtypes float64 \
-        --without quadprog auto --limit 1000 --repeats 1     # the peer at m = 512, once
+        --without quadprog auto auto-warm active_set --limit 1000 --repeats 1  # the peer, m = 512
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -51,6 +57,14 @@ def synchronized(solver: Solver, device: str) -> Solver:
     return run
 
 
+def cold(weighting: UPGradWeighting) -> Solver:
+    def run(gramian: Tensor) -> Tensor:
+        weighting.reset()
+        return weighting(gramian)
+
+    return run
+
+
 def time_call(solver: Solver, gramian: Tensor) -> tuple[float, Tensor]:
     start = time.perf_counter()
     weights = solver(gramian)
@@ -76,22 +90,33 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="*", default=["random", "rank-deficient"])
     parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     parser.add_argument("--without", nargs="*", default=[], help="solvers to leave out")
+    parser.add_argument(
+        "--before",
+        help="folder holding an earlier jdoptim renamed jdoptim_before: adds its default UPGrad",
+    )
     args = parser.parse_args()
     sizes = [8, 32, 128] if args.small else args.sizes
     repeats = 3 if args.small else args.repeats
     torch.set_num_threads(args.threads)
 
     solvers: dict[str, Solver] = {
-        "quadprog": synchronized(UPGradWeighting(solver="quadprog"), args.device),
-        "batched": synchronized(UPGradWeighting(solver="batched"), args.device),
-        "auto": synchronized(UPGradWeighting(solver="auto"), args.device),
+        "quadprog": synchronized(cold(UPGradWeighting(solver="quadprog")), args.device),
+        "batched": synchronized(cold(UPGradWeighting(solver="batched")), args.device),
+        "active_set": synchronized(cold(UPGradWeighting(solver="active_set")), args.device),
+        "auto": synchronized(cold(UPGradWeighting(solver="auto")), args.device),
+        "auto-warm": synchronized(UPGradWeighting(solver="auto"), args.device),
         "torchjd": synchronized(PeerUPGradWeighting(), args.device),
     }
+    if args.before:
+        sys.path.insert(0, args.before)
+        earlier = importlib.import_module("jdoptim_before.aggregation").UPGradWeighting
+        solvers["before"] = synchronized(earlier(), args.device)
     for name in args.without:
         del solvers[name]
     print(f"device {args.device}, torch threads {args.threads}, {repeats} interleaved repeats")
-    header = "| Gramian | dtype | m | " + " | ".join(solvers) + " | torchjd / batched |"
-    header += " quadprog / batched | max rel. diff |"
+    compared = [name for name in ("before", "torchjd", "quadprog") if name in solvers]
+    header = "| Gramian | dtype | m | " + " | ".join(solvers) + " | "
+    header += "".join(f"{name} / auto | " for name in compared) + "max rel. diff |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind in args.kinds:
@@ -99,7 +124,7 @@ def main() -> None:
             last: dict[str, tuple[int, float]] = {}
             for size in sizes:
                 gramian = make_gramian(kind, size, dtype, args.device)
-                solvers["batched"](gramian)  # warm-up: first-call allocations and dispatch
+                solvers["auto"](gramian)  # warm-up: first-call allocations and dispatch
                 times: dict[str, list[float]] = {name: [] for name in solvers}
                 weights: dict[str, Tensor] = {}
                 skipped = set()
@@ -121,16 +146,20 @@ def main() -> None:
                 for name, median in medians.items():
                     if median is not None:
                         last[name] = (size, median)
-                reference = weights.get("quadprog", weights.get("torchjd"))
+                reference = weights.get("quadprog", weights.get("before"))
                 difference = "n/a"
                 if reference is not None:
-                    error = (weights["batched"] - reference).abs().max() / reference.abs().max()
-                    difference = f"{float(error):.1e}"
-                batched = medians["batched"]
-                assert batched is not None
+                    error = max(
+                        float((weights[name] - reference).abs().max() / reference.abs().max())
+                        for name in weights
+                        if name != "torchjd"
+                    )
+                    difference = f"{error:.1e}"
+                auto = medians["auto"]
+                assert auto is not None
                 ratios = [
-                    f"{medians[name] / batched:.3g}x" if medians.get(name) is not None else "n/a"
-                    for name in ("torchjd", "quadprog")
+                    f"{medians[name] / auto:.3g}x" if medians.get(name) is not None else "n/a"
+                    for name in compared
                 ]
                 cells = [format_seconds(medians[name]) for name in solvers]
                 dtype_name = str(dtype).removeprefix("torch.")

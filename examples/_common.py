@@ -1,13 +1,16 @@
-"""Shared bits of the examples: sizes (small under JDOPTIM_SMALL=1) and synthetic data."""
+"""Shared bits of the examples: sizes (small under JDOPTIM_SMALL=1), synthetic data, progress."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 SMALL = os.environ.get("JDOPTIM_SMALL") == "1"
+T = TypeVar("T")
 
 
 def regression_batches(
@@ -21,3 +24,13 @@ def regression_batches(
     targets = torch.tanh(inputs @ hidden) @ readout
     targets = targets + 0.1 * torch.randn(targets.shape, generator=generator)
     return inputs, targets.squeeze(-1) if n_outputs == 1 else targets
+
+
+def progress(iterable: Iterable[T], total: int, description: str) -> Iterator[T]:
+    """A tqdm progress bar when tqdm is installed (``pip install tqdm``), else the plain iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield from iterable
+        return
+    yield from tqdm(iterable, total=total, desc=description, leave=False, disable=SMALL)

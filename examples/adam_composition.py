@@ -1,6 +1,6 @@
 """Adam-style Jacobian descent by composition: JDAdam, or JacobianDescent around any optimizer.
 
-Run: python examples/adam_composition.py
+Run: .venv/bin/python examples/adam_composition.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ for make in (
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     optimizer = make(model.parameters())
+    with torch.no_grad():
+        before = float(loss_fn(model(inputs).squeeze(-1), targets).mean())
     for x, y in zip(inputs, targets, strict=True):
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
             return loss_fn(model(x).squeeze(-1), y)
 
-        losses = optimizer.step(closure)
+        optimizer.step(closure)
+    with torch.no_grad():
+        after = float(loss_fn(model(inputs).squeeze(-1), targets).mean())
     print(
-        f"{optimizer.optimizer.__class__.__name__:>8} + {optimizer.method}: last mean loss {losses.mean():.4f}"
+        f"{optimizer.optimizer.__class__.__name__:>8} + {optimizer.method}: mean loss over all "
+        f"data before {before:.4f}, after {after:.4f} ({n_batches} steps)"
     )

@@ -3,7 +3,7 @@
 The optimizer's state_dict holds the wrapped optimizer's state (Adam's moments), the weighting's
 state, and the step count, so a resumed run equals the uninterrupted one exactly.
 
-Run: python examples/checkpoint_resume.py
+Run: .venv/bin/python examples/checkpoint_resume.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 The engine returns the generalized Gramian [B, T, T, B]; ``Flattening(UPGradWeighting())`` treats
 the B·T losses as the objectives and returns weights of shape [B, T].
 
-Run: python examples/iwmtl.py
+Run: .venv/bin/python examples/iwmtl.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations
 
 import torch
-from _common import SMALL, regression_batches
+from _common import SMALL, progress, regression_batches
 from torch import nn
 
 from jdoptim import JDSGD
@@ -23,7 +23,15 @@ model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
 loss_fn = nn.MSELoss(reduction="none")
 optimizer = JDSGD(model.parameters(), lr=0.05, weighting=Flattening(UPGradWeighting()), batch_dim=0)
 
-for x, y in zip(inputs, targets, strict=True):
+
+def per_task_mean_loss() -> list[float]:
+    """Each task's mean loss over all instances of all batches."""
+    with torch.no_grad():
+        return [round(v, 4) for v in loss_fn(model(inputs), targets).mean((0, 1)).tolist()]
+
+
+before = per_task_mean_loss()
+for x, y in progress(zip(inputs, targets, strict=True), n_batches, "training"):
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -31,4 +39,5 @@ for x, y in zip(inputs, targets, strict=True):
 
     losses = optimizer.step(closure)
 
-print(f"losses shape {tuple(losses.shape)}, final mean per task: {losses.mean(0).tolist()}")
+print(f"each step weighed losses of shape {tuple(losses.shape)} (instances x tasks)")
+print(f"mean loss per task over all data: before {before}, after {per_task_mean_loss()}")

@@ -4,7 +4,7 @@ Each step is taken on a batch of per-instance losses. After the step we re-evalu
 and count how many of its losses went up. SGD follows the mean gradient, which may increase some
 losses; JDSGD with UPGrad follows a direction that conflicts with none of them.
 
-Run: python examples/iwrm.py
+Run: .venv/bin/python examples/iwrm.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from _common import SMALL, regression_batches
+from _common import SMALL, progress, regression_batches
 from torch import nn
 
 from jdoptim import JDSGD
@@ -32,9 +32,16 @@ optimizers = {
     ),
 }
 increased = dict.fromkeys(models, 0)
-final_loss = dict.fromkeys(models, 0.0)
 
-for x, y in zip(inputs, targets, strict=True):
+
+def mean_loss(net: nn.Module) -> float:
+    """Mean per-instance loss over all batches."""
+    with torch.no_grad():
+        return float(loss_fn(net(inputs).squeeze(-1), targets).mean())
+
+
+initial_loss = mean_loss(model)
+for x, y in progress(zip(inputs, targets, strict=True), n_batches, "training"):
     for name, net in models.items():
         optimizer = optimizers[name]
 
@@ -54,11 +61,16 @@ for x, y in zip(inputs, targets, strict=True):
         with torch.no_grad():
             after = loss_fn(net(x).squeeze(-1), y)
         increased[name] += int((after > before).sum())
-        final_loss[name] = float(after.mean())
 
 total = n_batches * batch_size
-for name in models:
+print(
+    f"{n_batches} steps on batches of {batch_size}; mean loss over all data before {initial_loss:.4f}"
+)
+for name, net in models.items():
     print(
-        f"{name:>14}: {increased[name]:5d} of {total} per-instance losses increased by their own "
-        f"step; last batch mean loss {final_loss[name]:.4f}"
+        f"{name:>14}: mean loss after {mean_loss(net):.4f}; {increased[name]:5d} of {total} "
+        f"({increased[name] / total:.0%}) per-instance losses increased by their own step"
     )
+print(
+    "UPGrad's direction decreases every loss of its batch to first order (more: examples/demo.py)."
+)

@@ -4,13 +4,13 @@ In multi-task mode the closure returns ``(losses, features)``: the ``[T]`` task 
 trunk's output. The trunk's parameters get the UPGrad combination of the task gradients; each head
 gets its own task's gradient. No hand-written mtl_backward loop.
 
-Run: python examples/mtl.py
+Run: .venv/bin/python examples/mtl.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations
 
 import torch
-from _common import SMALL, regression_batches
+from _common import SMALL, progress, regression_batches
 from torch import nn
 
 from jdoptim import JDSGD
@@ -32,7 +32,19 @@ optimizer = JDSGD(
     tasks_params=[head.parameters() for head in heads],
 )
 
-for x, y in zip(inputs, targets, strict=True):
+
+def task_losses() -> list[float]:
+    """Each task's loss over all batches."""
+    with torch.no_grad():
+        features = trunk(inputs)
+        return [
+            round(float(loss_fn(head(features).squeeze(-1), targets[..., t])), 4)
+            for t, head in enumerate(heads)
+        ]
+
+
+before = task_losses()
+for x, y in progress(zip(inputs, targets, strict=True), n_batches, "training"):
 
     def closure() -> tuple[torch.Tensor, torch.Tensor]:
         optimizer.zero_grad()
@@ -44,4 +56,4 @@ for x, y in zip(inputs, targets, strict=True):
 
     losses = optimizer.step(closure)
 
-print(f"final task losses: {[round(v, 4) for v in losses.tolist()]}")
+print(f"task losses over all data: before {before}, after {task_losses()} ({n_batches} steps)")

@@ -4,13 +4,13 @@ SDMGrad's weighting needs ``A = J₁ J₂ᵀ`` from two independent batches and 
 With a cross-Gramian weighting the optimizer calls the closure three times per step; the closure
 draws the next batch at each call.
 
-Run: python examples/sdmgrad.py
+Run: .venv/bin/python examples/sdmgrad.py   (.venv: made by the quick start)
 """
 
 from __future__ import annotations
 
 import torch
-from _common import SMALL, regression_batches
+from _common import SMALL, progress, regression_batches
 from torch import nn
 
 from jdoptim import JDSGD
@@ -32,7 +32,14 @@ def closure() -> torch.Tensor:
     return criterion(model(x).squeeze(-1), y)
 
 
-for _ in range(n_steps):
+def mean_loss() -> float:
+    """Mean per-instance loss over all batches."""
+    with torch.no_grad():
+        return float(criterion(model(inputs).squeeze(-1), targets).mean())
+
+
+before = mean_loss()
+for _ in progress(range(n_steps), n_steps, "training"):
     losses = optimizer.step(closure)  # consumes three batches
 
-print(f"last step's losses (third batch): mean {losses.mean():.4f}")
+print(f"mean loss over all data: before {before:.4f}, after {mean_loss():.4f} ({n_steps} steps)")

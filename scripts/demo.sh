@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up the virtualenv and runs the main demo.
+# Sets up the virtualenv with what the demo needs (jdoptim, torch, and the optional progress bar and
+# plot), then runs the demo: SGD vs JDSGD(UPGrad) on per-instance losses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/_setup_venv.sh
-"${JDOPTIM_VENV:-.venv}/bin/python" examples/iwrm.py
+bash scripts/_setup_venv.sh plot,progress
+"${JDOPTIM_VENV:-.venv}/bin/python" examples/demo.py

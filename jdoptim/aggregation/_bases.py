@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from jdoptim._named import Named as _Named
 from jdoptim.linalg import (
     check_finite,
     check_generalized_gramian,
@@ -35,19 +36,6 @@ InputKind = Literal["gramian", "matrix", "cross_gramian"]
 _SAFE_LOG2_RANGE = 30
 
 
-class _Named(nn.Module):
-    """``repr`` shows the constructor call, ``str`` the short method name."""
-
-    def _repr_args(self) -> str:
-        return ""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._repr_args()})"
-
-    def __str__(self) -> str:
-        return type(self).__name__.removesuffix("Weighting")
-
-
 class Weighting(_Named, ABC):
     """Extracts a weight vector ``w ∈ R^m`` from an ``[m, m]`` Gramian or an ``[m, k]`` matrix.
 
@@ -64,6 +52,10 @@ class Weighting(_Named, ABC):
     requires_values: ClassVar[bool] = True
     #: ``True`` when multiplying the input by a positive scalar leaves the weights unchanged.
     scale_invariant: ClassVar[bool] = False
+    #: ``True`` when autograd through the weights gives their true derivative. Otherwise (solvers,
+    #: state, numpy) the weights are computed under ``torch.no_grad()`` and never require grad,
+    #: rather than carrying a graph that treats them as constants.
+    differentiable: ClassVar[bool] = False
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
         if self.input_kind == "gramian":
@@ -72,7 +64,8 @@ class Weighting(_Named, ABC):
             check_square(matrix)
         else:
             check_matrix(matrix)
-        weights: Tensor = super().__call__(matrix)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
+            weights: Tensor = super().__call__(matrix)
         if weights.shape != (matrix.shape[0],):
             raise RuntimeError(
                 f"{self!r} returned weights of shape {tuple(weights.shape)} for an input with "
@@ -138,9 +131,15 @@ class Flattening(GeneralizedWeighting):
 class Aggregator(_Named, ABC):
     """Maps a Jacobian ``[m, n]`` (one row per objective) to one update direction ``[n]``."""
 
+    #: ``True`` when autograd through the direction gives its true derivative w.r.t. ``J``.
+    #: Otherwise the aggregation runs under ``torch.no_grad()`` and its result never requires grad.
+    #: A :class:`WeightedAggregator` is differentiable when its weighting is.
+    differentiable: bool = False
+
     def __call__(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix, "The Jacobian matrix")
-        result: Tensor = super().__call__(matrix)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
+            result: Tensor = super().__call__(matrix)
         if result.shape != (matrix.shape[1],):
             raise RuntimeError(
                 f"{self!r} returned a vector of shape {tuple(result.shape)} for a Jacobian of shape "
@@ -165,6 +164,25 @@ class WeightedAggregator(Aggregator):
             raise TypeError(f"weighting must be a Weighting, got {type(weighting).__name__}.")
         self._check_weighting(weighting)
         self.weighting = weighting
+        self.differentiable = weighting.differentiable
+
+    def __getattr__(self, name: str) -> Any:
+        weighting = self.__dict__.get("_modules", {}).get("weighting")
+        if weighting is not None and name in type(weighting).hyper_parameters:
+            return getattr(weighting, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The weighting's hyper-parameters live on the weighting: writing them here must reach it.
+        weighting = self.__dict__.get("_modules", {}).get("weighting")
+        if (
+            weighting is not None
+            and name in type(weighting).hyper_parameters
+            and name not in type(self).hyper_parameters
+        ):
+            setattr(weighting, name, value)
+            return
+        super().__setattr__(name, value)
 
     def _check_weighting(self, weighting: Weighting) -> None:
         if weighting.input_kind != "matrix":
@@ -209,7 +227,18 @@ class GramianWeightedAggregator(WeightedAggregator):
         rows = blocks[0].shape[0]
         if not weighting.requires_values:
             return weighting(blocks[0].new_zeros(()).expand(rows, rows))
-        scale = _extreme_entries_scale(blocks) if weighting.scale_invariant else None
+        scale = _extreme_entries_scale(blocks)
+        if scale is not None and not weighting.scale_invariant:
+            # Weights that depend on the scale need the true Gramian: float64 holds it where the
+            # blocks' own dtype would overflow or underflow.
+            dtype = blocks[0].dtype
+            weights = self._weights_of_blocks([block.to(torch.float64) for block in blocks], None)
+            return weights.to(dtype)
+        return self._weights_of_blocks(blocks, scale)
+
+    def _weights_of_blocks(self, blocks: Sequence[Tensor], scale: Tensor | None) -> Tensor:
+        weighting = self.weighting
+        rows = blocks[0].shape[0]
         if len(blocks) == 1:
             matrix = blocks[0] if scale is None else blocks[0] / scale
             return weighting(gramian_from_jacobian(matrix))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import one_of, validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 
 ScaleMode = Literal["min", "median", "rmse"]
@@ -30,8 +31,15 @@ class AlignedMTLWeighting(Weighting):
         scale_mode: which eigenvalue sets the common norm of the aligned gradients.
     """
 
+    differentiable = True
+
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        pref_vector=check_pref_vector,
+        scale_mode=one_of("scale_mode", _SCALE_MODES),
+    )
 
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
         super().__init__()

@@ -9,8 +9,14 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
-from jdoptim.linalg import normalize_gramian, regularize_gramian
-from jdoptim.linalg._quadprog import Array, inverse_cholesky_factor, solve_qp
+from jdoptim.aggregation._hyper import non_negative, positive, validators
+from jdoptim.linalg import (
+    Array,
+    inverse_cholesky_factor,
+    normalize_gramian,
+    regularize_gramian,
+    solve_qp,
+)
 
 # The distance equation is solved to this precision relative to the radius.
 _RELATIVE_TOLERANCE = 1e-12
@@ -38,6 +44,11 @@ class CAGradWeighting(Weighting):
     the ball. Away from degenerate cases ``λ = (c‖g₀‖ / ‖g_w‖) w``, the paper's formula; when the
     rows' convex hull contains 0 (where that formula divides 0 by 0) this still returns a maximiser
     (to the same precision).
+    Eigenvalues of the normalised Gramian below its dtype's rounding (``m · eps · λ_max``) are
+    set to 0 first, so that a float32 Gramian rounded to a slightly indefinite matrix still gives
+    a non-conflicting ``d`` (``c ≥ 1`` with 0 in the rows' hull: ``d = 0``); below float64 the
+    weights are also projected onto the range of ``G`` (same ``d``, least norm), which keeps
+    ``wᵀJ`` from rounding to a conflicting direction.
     The authors' code optionally divides ``d`` by ``1 + c²``; this follows the paper and does not
     (scale the learning rate to match).
 
@@ -50,6 +61,12 @@ class CAGradWeighting(Weighting):
     """
 
     scale_invariant = True
+
+    hyper_parameters = validators(
+        c=non_negative("c"),
+        norm_eps=positive("norm_eps"),
+        reg_eps=non_negative("reg_eps"),
+    )
 
     def __init__(self, c: float, norm_eps: float = 1e-4, *, reg_eps: float = 1e-10) -> None:
         super().__init__()
@@ -65,13 +82,18 @@ class CAGradWeighting(Weighting):
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         size = gramian.shape[0]
-        matrix = normalize_gramian(gramian.to(torch.float64)).cpu().numpy()
+        eps = torch.finfo(gramian.dtype).eps
+        matrix = _positive_semi_definite(
+            normalize_gramian(gramian.detach().to(torch.float64)).cpu().numpy(), eps
+        )
         mean = np.full(size, 1.0 / size)
         alignment = matrix @ mean  # gᵢᵀg₀
         radius = self.c * math.sqrt(max(float(mean @ alignment), 0.0))
         weights = mean
         if radius > 0:
             weights = mean + self._multipliers(matrix, alignment, radius)
+            if gramian.dtype != torch.float64:
+                weights = _without_null_space(weights, matrix, eps)
         return torch.from_numpy(weights).to(dtype=gramian.dtype, device=gramian.device)
 
     def _multipliers(self, matrix: Array, alignment: Array, radius: float) -> Array:
@@ -128,6 +150,37 @@ class CAGradWeighting(Weighting):
 
     def _repr_args(self) -> str:
         return f"c={self.c}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}"
+
+
+def _positive_semi_definite(matrix: Array, eps: float) -> Array:
+    """``G`` with its eigenvalues below ``m · eps · λ_max`` set to 0.
+
+    A Gramian rounded to the rows' dtype can have slightly negative eigenvalues (``-8e-9`` for a
+    float32 one whose rows have 0 in their convex hull); the solver would exploit them and return
+    a direction that conflicts with the rows. They are rounding noise of a singular ``G``.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    threshold = matrix.shape[0] * eps * max(float(eigenvalues[-1]), 0.0)
+    cleaned = np.where(eigenvalues > threshold, eigenvalues, 0.0)
+    result: Array = (eigenvectors * cleaned) @ eigenvectors.T
+    symmetric: Array = (result + result.T) / 2
+    return symmetric
+
+
+def _without_null_space(weights: Array, matrix: Array, eps: float) -> Array:
+    """The least-norm weights of the same direction: ``w`` projected onto the range of ``G``.
+
+    ``Jᵀw`` ignores any component of ``w`` in the null space of ``G``, but the solver may leave a
+    large one there (when 0 is in the rows' convex hull the dual optimum is not unique); in a
+    dtype below float64, ``wᵀJ`` would then round to a conflicting direction. (In float64 the
+    rounding is negligible and the weights keep their dual form ``1/m + λ``, ``λ ≥ 0``.) Eigenvalues below
+    ``m · eps · λ_max`` (``eps`` of the Gramian's dtype) count as null: rounding noise of ``G``.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    threshold = matrix.shape[0] * eps * max(float(eigenvalues[-1]), 0.0)
+    kept = eigenvectors[:, eigenvalues > threshold]
+    projected: Array = kept @ (kept.T @ weights)
+    return projected
 
 
 class CAGrad(GramianWeightedAggregator):

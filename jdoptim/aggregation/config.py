@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 
 
@@ -26,8 +27,14 @@ class ConFIGWeighting(Weighting):
         pref_vector: relative cosines ``p`` (positive); ``None`` means equal cosines.
     """
 
+    differentiable = True
+
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        pref_vector=check_pref_vector,
+    )
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()
@@ -68,6 +75,8 @@ class ConFIG(GramianWeightedAggregator):
         assert isinstance(weighting, ConFIGWeighting)
         pref = pref_weights(weighting.pref_vector, matrix).to(torch.float64)
         jacobian = matrix.to(torch.float64)
+        if jacobian.shape[1] == 0:
+            return matrix.new_zeros(matrix.shape[0])  # no parameters: every row is zero
         inverse_norms = _inverse_norms(jacobian.norm(dim=1))
         left, singular, _ = torch.linalg.svd(inverse_norms[:, None] * jacobian, full_matrices=False)
         # Singular values below this are rounding noise of the Jacobian's own precision.

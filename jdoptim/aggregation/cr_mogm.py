@@ -9,8 +9,22 @@ from torch import Tensor
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepAware, StepInfo
 from jdoptim.aggregation._bases import Weighting
+from jdoptim.aggregation._hyper import boolean, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import check_finite, check_tensor
+
+
+def _checked_initial_weights(initial_weights: Tensor | None) -> Tensor | None:
+    if initial_weights is None:
+        return None
+    check_tensor(initial_weights, "initial_weights")
+    if initial_weights.ndim != 1:
+        raise ValueError(
+            f"initial_weights must be a 1-D tensor (one weight per objective), got shape "
+            f"{tuple(initial_weights.shape)}."
+        )
+    check_finite(initial_weights, "initial_weights")
+    return initial_weights.detach().clone()
 
 
 class CRMOGMWeighting(Stateful, Weighting):
@@ -45,6 +59,12 @@ class CRMOGMWeighting(Stateful, Weighting):
 
     initial_weights: Tensor | None
 
+    hyper_parameters = validators(
+        alpha=unit_interval("alpha"),
+        follow_lr=boolean("follow_lr"),
+        initial_weights=_checked_initial_weights,
+    )
+
     def __init__(
         self,
         weighting: Weighting,
@@ -61,25 +81,19 @@ class CRMOGMWeighting(Stateful, Weighting):
             )
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
-        if initial_weights is not None:
-            check_tensor(initial_weights, "initial_weights")
-            if initial_weights.ndim != 1:
-                raise ValueError(
-                    f"initial_weights must be a 1-D tensor (one weight per objective), got shape "
-                    f"{tuple(initial_weights.shape)}."
-                )
-            check_finite(initial_weights, "initial_weights")
-            initial_weights = initial_weights.detach().clone()
         self.weighting = weighting
         self.alpha = alpha
         self.follow_lr = follow_lr
-        self.register_buffer("initial_weights", initial_weights, persistent=False)
+        self.register_buffer(
+            "initial_weights", _checked_initial_weights(initial_weights), persistent=False
+        )
         # Why: the wrapper accepts whatever its inner weighting accepts, so these class-level
         # facts become per-instance ones.
         vars(self).update(
             input_kind=weighting.input_kind,
             requires_values=weighting.requires_values,
             scale_invariant=weighting.scale_invariant,
+            differentiable=weighting.differentiable,
         )
 
     @property

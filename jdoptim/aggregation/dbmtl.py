@@ -9,7 +9,9 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_shape
+from jdoptim.linalg import power_of_two_scale
 
 
 class DualBalancing(Stateful, Aggregator):
@@ -38,6 +40,11 @@ class DualBalancing(Stateful, Aggregator):
 
     State: ``Ĝ`` (``[m, n]``, as large as ``J``) and ``k``; :meth:`reset` clears them.
     """
+
+    hyper_parameters = validators(
+        beta=unit_interval("beta", high_open=True),
+        beta_sigma=non_negative("beta_sigma"),
+    )
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0) -> None:
         super().__init__()
@@ -69,8 +76,13 @@ class DualBalancing(Stateful, Aggregator):
 
 
 def balanced_sum(rows: Tensor) -> Tensor:
-    """``Σᵢ (maxⱼ ‖rowⱼ‖ / ‖rowᵢ‖) rowᵢ``, rows of norm 0 left out."""
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    """``Σᵢ (maxⱼ ‖rowⱼ‖ / ‖rowᵢ‖) rowᵢ``, rows of norm 0 left out.
+
+    Only ratios of norms matter, so they are taken after an exact power-of-two rescaling: squares
+    of huge or tiny entries would overflow or underflow the rows' dtype.
+    """
+    scale = power_of_two_scale(rows)
+    norms = torch.linalg.vector_norm(rows / scale, dim=1)
     scales = torch.where(norms > 0, norms.max() / norms, torch.zeros_like(norms))
     result: Tensor = scales @ rows
     return result

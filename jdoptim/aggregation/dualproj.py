@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor
 
+from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, one_of, validators
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 from jdoptim.linalg import DualConeSolver, project_to_dual_cone
 
 
-class DualProjWeighting(Weighting):
+class DualProjWeighting(Stateful, Weighting):
     """Weights of DualProj: ``w = argmin_{v ≥ p} vᵀ G v``.
 
     The combination ``pᵀJ`` (the mean gradient by default) is projected onto the dual cone of the
@@ -18,13 +22,26 @@ class DualProjWeighting(Weighting):
     Args:
         pref_vector: preference ``p``; ``None`` means uniform ``1/m``.
         reg_eps: multiple of the identity added to the trace-normalised Gramian.
-        solver: dual-cone solver: ``"quadprog"`` (one QP per row, CPU), ``"batched"`` (all rows
-            at once in torch, on the Gramian's device) or ``"auto"`` (quadprog for small ``m`` on
-            the CPU, batched otherwise); see :func:`jdoptim.linalg.project_to_dual_cone`.
+        solver: dual-cone solver: ``"quadprog"`` (one QP per row, CPU), ``"active_set"`` or
+            ``"batched"`` (all rows at once in torch, on the Gramian's device) or ``"auto"`` (the
+            fastest measured for the device and ``m``); see
+            :func:`jdoptim.linalg.project_to_dual_cone`.
+
+    State (a warm start): the last call's projections ``v`` (``[k, m]``), from whose free sets
+    ``{j : v_j > u_j}`` (and slacks) the next call's solver starts; consecutive training steps
+    change few of them. It only decides where the solver starts, not what it accepts (the same KKT
+    tolerance), is kept across ``state_dict()`` round trips, and is replaced when ``m`` changes or
+    dropped by :meth:`reset`.
     """
 
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        pref_vector=check_pref_vector,
+        reg_eps=non_negative("reg_eps"),
+        solver=one_of("solver", get_args(DualConeSolver)),
+    )
 
     def __init__(
         self,
@@ -41,10 +58,16 @@ class DualProjWeighting(Weighting):
         self.solver: DualConeSolver = solver
 
     def forward(self, gramian: Tensor, /) -> Tensor:
-        pref = pref_weights(self.pref_vector, gramian)
-        return project_to_dual_cone(
-            gramian, pref.unsqueeze(0), reg_eps=self.reg_eps, solver=self.solver
-        )[0]
+        bounds = pref_weights(self.pref_vector, gramian).unsqueeze(0)
+        solution = project_to_dual_cone(
+            gramian,
+            bounds,
+            reg_eps=self.reg_eps,
+            solver=self.solver,
+            warm_start=self._state.get("solutions"),
+        )
+        self._state["solutions"] = solution
+        return solution[0]
 
     def _repr_args(self) -> str:
         return f"pref_vector={pref_repr(self.pref_vector)}, reg_eps={self.reg_eps}, solver={self.solver!r}"

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import WeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import integer_at_least, positive, validators
 from jdoptim.aggregation._state_rows import check_state_shape
 
 # Keeps the AdaGrad-style curvature estimate invertible for coordinates never seen non-zero.
@@ -41,6 +42,11 @@ class ExcessMTLWeighting(Stateful, Weighting):
     """
 
     input_kind = "matrix"
+
+    hyper_parameters = validators(
+        robust_step_size=positive("robust_step_size"),
+        n_warmup_steps=integer_at_least("n_warmup_steps", 0),
+    )
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__()
@@ -95,3 +101,9 @@ class ExcessMTL(WeightedAggregator):
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+
+    def reset(self) -> None:
+        """Forgets the weighting's state: the curvature estimates, the weights, the baseline and the call count."""
+        weighting = self.weighting
+        assert isinstance(weighting, ExcessMTLWeighting)
+        weighting.reset()

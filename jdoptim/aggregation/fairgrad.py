@@ -9,6 +9,13 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import (
+    integer_at_least,
+    non_negative,
+    optional,
+    positive,
+    validators,
+)
 from jdoptim.linalg import solve_alpha_fair
 
 # Backward error above which the weights are reported as inaccurate.
@@ -34,6 +41,12 @@ class FairGradWeighting(Weighting):
         reg_eps: ridge added to ``G``, relative to its mean diagonal, so that a solution exists
             when some gradient is zero.
     """
+
+    hyper_parameters = validators(
+        alpha=positive("alpha"),
+        max_iters=optional(integer_at_least("max_iters", 1)),
+        reg_eps=non_negative("reg_eps"),
+    )
 
     def __init__(
         self, alpha: float, max_iters: int | None = None, *, reg_eps: float = 1e-10

@@ -8,11 +8,32 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import validators
 from jdoptim.linalg import check_finite, check_tensor
 
 
 def _identity(purity: Tensor) -> Tensor:
     return purity
+
+
+def _checked_f(f: object) -> Callable[[Tensor], Tensor]:
+    if not callable(f):
+        raise TypeError(f"f must be a callable on tensors, got {type(f).__name__}.")
+    return f
+
+
+def _checked_leak(leak: Tensor | None) -> Tensor | None:
+    if leak is None:
+        return None
+    check_tensor(leak, "leak")
+    if leak.ndim != 1:
+        raise ValueError(
+            f"leak must be a 1-D tensor (one value per row), got shape {tuple(leak.shape)}."
+        )
+    check_finite(leak, "leak")
+    if bool((leak < 0).any()) or bool((leak > 1).any()):
+        raise ValueError("leak values must lie in [0, 1].")
+    return leak.detach().clone()
 
 
 class GradDrop(Aggregator):
@@ -32,26 +53,21 @@ class GradDrop(Aggregator):
         leak: ``[m]`` values in ``[0, 1]``: how much of each row passes unmasked; ``None`` means 0.
     """
 
+    differentiable = True
+
     leak: Tensor | None
+
+    hyper_parameters = validators(
+        f=_checked_f,
+        leak=_checked_leak,
+    )
 
     def __init__(
         self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None
     ) -> None:
         super().__init__()
-        if not callable(f):
-            raise TypeError(f"f must be a callable on tensors, got {type(f).__name__}.")
-        if leak is not None:
-            check_tensor(leak, "leak")
-            if leak.ndim != 1:
-                raise ValueError(
-                    f"leak must be a 1-D tensor (one value per row), got shape {tuple(leak.shape)}."
-                )
-            check_finite(leak, "leak")
-            if bool((leak < 0).any()) or bool((leak > 1).any()):
-                raise ValueError("leak values must lie in [0, 1].")
-            leak = leak.detach().clone()
         self.f = f
-        self.register_buffer("leak", leak, persistent=False)
+        self.register_buffer("leak", _checked_leak(leak), persistent=False)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         magnitude = matrix.abs().sum(dim=0)

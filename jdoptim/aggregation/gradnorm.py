@@ -10,6 +10,7 @@ from torch import Tensor
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepInfo
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, positive, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import check_finite, check_tensor
 
@@ -60,6 +61,13 @@ class GradNormWeighting(Stateful, Weighting):
 
     State: ``w``, ``L(0)`` and ``L(t)``; :meth:`reset` clears them.
     """
+
+    differentiable = True
+
+    hyper_parameters = validators(
+        alpha=non_negative("alpha"),
+        lr=positive("lr"),
+    )
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 
 
@@ -32,6 +33,11 @@ class GradVacWeighting(Stateful, Weighting):
 
     State: the ``[m, m]`` targets ``φ̂``; :meth:`reset` sets them back to 0.
     """
+
+    hyper_parameters = validators(
+        beta=unit_interval("beta"),
+        eps=non_negative("eps"),
+    )
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
@@ -102,3 +108,9 @@ class GradVac(GramianWeightedAggregator):
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__(GradVacWeighting(beta, eps))
+
+    def reset(self) -> None:
+        """Forgets the weighting's state: the cosine targets (back to 0)."""
+        weighting = self.weighting
+        assert isinstance(weighting, GradVacWeighting)
+        weighting.reset()

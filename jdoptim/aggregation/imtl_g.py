@@ -25,6 +25,8 @@ class IMTLGWeighting(Weighting):
     ``Σ wᵢ = 1`` is enforced even when ``Σ vᵢ < 0``; then the common projection is negative.
     """
 
+    differentiable = True
+
     scale_invariant = True
 
     def forward(self, gramian: Tensor, /) -> Tensor:

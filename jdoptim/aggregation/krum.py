@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import integer_at_least, validators
 from jdoptim.linalg import normalize_gramian
 
 
@@ -30,7 +31,14 @@ class KrumWeighting(Weighting):
         n_selected: how many rows to average (multi-Krum); at most ``m``.
     """
 
+    differentiable = True
+
     scale_invariant = True
+
+    hyper_parameters = validators(
+        n_byzantine=integer_at_least("n_byzantine", 0),
+        n_selected=integer_at_least("n_selected", 1),
+    )
 
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__()

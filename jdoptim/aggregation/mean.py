@@ -11,6 +11,8 @@ from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 class MeanWeighting(Weighting):
     """``w = [1/m, ..., 1/m]``: Jacobian descent with this weighting is plain gradient descent."""
 
+    differentiable = True
+
     requires_values = False
     scale_invariant = True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, validators
 from jdoptim.linalg import min_norm_on_simplex
 
 
@@ -21,6 +22,10 @@ class MGDAWeighting(Weighting):
     """
 
     scale_invariant = True
+
+    hyper_parameters = validators(
+        reg_eps=non_negative("reg_eps"),
+    )
 
     def __init__(self, reg_eps: float = 1e-10) -> None:
         super().__init__()

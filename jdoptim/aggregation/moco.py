@@ -7,8 +7,9 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import non_negative, positive, real_in, validators
 from jdoptim.aggregation._state_rows import check_state_shape
-from jdoptim.linalg import project_onto_simplex
+from jdoptim.linalg import power_of_two_scale, project_onto_simplex
 
 
 class MoCo(Stateful, Aggregator):
@@ -34,6 +35,14 @@ class MoCo(Stateful, Aggregator):
 
     State: ``Y`` (``[m, n]``, as large as ``J``), ``λ`` and ``k``; :meth:`reset` clears them.
     """
+
+    hyper_parameters = validators(
+        beta=real_in("beta", 0.0, 1.0, low_open=True),
+        beta_sigma=non_negative("beta_sigma"),
+        gamma=positive("gamma"),
+        gamma_sigma=non_negative("gamma_sigma"),
+        rho=non_negative("rho"),
+    )
 
     def __init__(
         self,
@@ -72,8 +81,9 @@ class MoCo(Stateful, Aggregator):
             calls = int(self._state["calls"])
         calls += 1
         tracked = tracked - self.beta / calls**self.beta_sigma * (tracked - jacobian)
-        gradient = tracked @ (tracked.T @ weights) + self.rho * weights
-        weights = project_onto_simplex(weights - self.gamma / calls**self.gamma_sigma * gradient)
+        gradient = _gramian_times(tracked, weights) + self.rho * weights.to(torch.float64)
+        step = self.gamma / calls**self.gamma_sigma
+        weights = project_onto_simplex(weights.to(torch.float64) - step * gradient).to(weights)
         self._state.update(tracked=tracked, weights=weights, calls=calls)
         direction: Tensor = weights @ tracked
         return direction
@@ -83,3 +93,15 @@ class MoCo(Stateful, Aggregator):
             f"beta={self.beta}, beta_sigma={self.beta_sigma}, gamma={self.gamma}, "
             f"gamma_sigma={self.gamma_sigma}, rho={self.rho}"
         )
+
+
+def _gramian_times(rows: Tensor, weights: Tensor) -> Tensor:
+    """``(Y Yᵀ) λ`` in float64, without forming ``Y Yᵀ`` nor overflowing ``Y``'s dtype.
+
+    ``Y (Yᵀλ / s) s`` with ``s`` a power of two near ``‖Yᵀλ‖∞``: the product in ``Y``'s dtype
+    stays at the size of ``Y``'s entries, and only the ``[m]`` result meets ``s`` (in float64).
+    """
+    combination = rows.T @ weights
+    scale = power_of_two_scale(combination)
+    product: Tensor = rows @ (combination / scale)
+    return product.to(torch.float64) * scale.to(torch.float64)

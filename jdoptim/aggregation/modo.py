@@ -7,6 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Weighting
+from jdoptim.aggregation._hyper import non_negative, positive, validators
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import project_onto_simplex
 
@@ -33,6 +34,11 @@ class MoDoWeighting(Stateful, Weighting):
     """
 
     input_kind = "cross_gramian"
+
+    hyper_parameters = validators(
+        gamma=positive("gamma"),
+        rho=non_negative("rho"),
+    )
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()

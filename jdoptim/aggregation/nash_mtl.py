@@ -10,6 +10,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import integer_at_least, non_negative, optional, validators
 from jdoptim.linalg import solve_alpha_fair
 
 # Backward error above which the weights are reported as inaccurate.
@@ -42,6 +43,14 @@ class NashMTLWeighting(Stateful, Weighting):
         reg_eps: multiple of the identity added to ``Ĝ``, so that a solution exists when some
             gradient is zero.
     """
+
+    hyper_parameters = validators(
+        n_tasks=optional(integer_at_least("n_tasks", 1)),
+        max_norm=non_negative("max_norm"),
+        update_weights_every=integer_at_least("update_weights_every", 1),
+        max_iters=integer_at_least("max_iters", 1),
+        reg_eps=non_negative("reg_eps"),
+    )
 
     def __init__(
         self,

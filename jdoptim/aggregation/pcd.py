@@ -8,13 +8,39 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import non_negative, real_in, unit_interval, validators
 from jdoptim.aggregation._state_rows import check_state_rows
-from jdoptim.linalg import check_finite, check_tensor
-from jdoptim.linalg._quadprog import inverse_cholesky_factor, solve_qp
+from jdoptim.linalg import (
+    check_finite,
+    check_tensor,
+    inverse_cholesky_factor,
+    min_norm_on_simplex,
+    solve_qp,
+)
 
 # Relative ridge that makes the (possibly singular) normalised Gramian definite for quadprog; it
 # moves the direction by about 1e-12 divided by the smallest non-zero eigenvalue.
 _RIDGE = 1e-12
+
+
+def _checked_tau(tau: float | Tensor) -> float | Tensor:
+    """A float or a 1-D tensor (one per secondary objective), with values in [0, 1]."""
+    if isinstance(tau, Tensor):
+        check_tensor(tau, "tau")
+        if tau.ndim != 1:
+            raise ValueError(
+                f"tau must be a float or a 1-D tensor (one per secondary objective), got shape "
+                f"{tuple(tau.shape)}."
+            )
+        check_finite(tau, "tau")
+        checked: float | Tensor = tau.detach().clone()
+        in_range = bool(((tau >= 0) & (tau <= 1)).all())
+    else:
+        checked = real_in("tau", 0.0, 1.0)(tau)
+        in_range = True
+    if not in_range:
+        raise ValueError(f"tau must be in [0, 1], got {tau}.")
+    return checked
 
 
 class PCDWeighting(Stateful, Weighting):
@@ -31,9 +57,14 @@ class PCDWeighting(Stateful, Weighting):
     as possible while each secondary objective keeps a fraction ``τⱼ`` of the first-order progress
     of its own normalised step. The optimum lies in the span of the rows, ``d̃ = Σₖ uₖ g̃ₖ``, so the
     problem is a QP in ``u`` on the Gramian (solved exactly with quadprog, tiny ridge for rank
-    deficient Gramians) and ``w = ‖g₀‖ / ‖d̃‖ · u ⊙ s``. When the constraints are inconsistent
-    (only possible for ``m ≥ 3``) they are dropped and ``w = e₀``; when ``g₀ = 0`` or ``d̃ = 0``
-    the weights are 0.
+    deficient Gramians) and ``w = ‖g₀‖ / ‖d̃‖ · u ⊙ s``. When ``g₀ = 0`` or ``d̃ = 0`` the weights
+    are 0.
+
+    The constraints scale with ``d``, so they can all hold unless 0 lies in the convex hull of the
+    secondary rows (``m ≥ 3``: rows ``g`` and ``−g`` among them, say; then no scaled-down ``τ``
+    helps either). In that case, a stated relaxation, every ``τⱼ`` is set to 0: the constraints
+    read ``g̃ⱼᵀd ≥ 0``, which ``d = 0`` satisfies, so PCD still follows the primary gradient as
+    closely as it can without making any secondary objective worse to first order.
 
     Args:
         tau: ``τ ∈ [0, 1]``, one float for every secondary objective or a ``[m - 1]`` tensor.
@@ -43,33 +74,21 @@ class PCDWeighting(Stateful, Weighting):
     State: the moving average ``v`` and the call count; :meth:`reset` clears both.
     """
 
-    tau: Tensor | None
+    tau: float | Tensor
+
+    hyper_parameters = validators(
+        tau=_checked_tau,
+        beta=unit_interval("beta", high_open=True),
+        eps=non_negative("eps"),
+    )
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__()
-        tau_values: Tensor | None = None
-        tau_float: float | None = None
-        if isinstance(tau, Tensor):
-            check_tensor(tau, "tau")
-            if tau.ndim != 1:
-                raise ValueError(
-                    f"tau must be a float or a 1-D tensor (one per secondary objective), got shape "
-                    f"{tuple(tau.shape)}."
-                )
-            check_finite(tau, "tau")
-            tau_values = tau.detach().clone()
-            in_range = bool(((tau_values >= 0) & (tau_values <= 1)).all())
-        else:
-            tau_float = float(tau)
-            in_range = 0 <= tau_float <= 1
-        if not in_range:
-            raise ValueError(f"tau must be in [0, 1], got {tau}.")
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}.")
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps}.")
-        self.register_buffer("tau", tau_values, persistent=False)
-        self.tau_float = tau_float
+        self.tau = tau
         self.beta = beta
         self.eps = eps
 
@@ -92,9 +111,9 @@ class PCDWeighting(Stateful, Weighting):
         # A row that has always been zero (with eps = 0) stays zero: scale it by 0, not by inf.
         scales = torch.where(second_moments > 0, second_moments.rsqrt(), 0.0)
         normalized = (scales[:, None] * gram * scales[None, :]).numpy()
-        coefficients = _closest_to_primary(normalized, taus)
-        squared_norm = float(coefficients @ normalized @ coefficients)
         rounding = 10 * torch.finfo(gramian.dtype).eps
+        coefficients = _closest_to_primary(normalized, taus, rounding)
+        squared_norm = float(coefficients @ normalized @ coefficients)
         rounding_bound = float(np.abs(coefficients) @ np.abs(normalized) @ np.abs(coefficients))
         if squared_norms[0] <= 0 or squared_norm <= rounding * rounding_bound:
             return gramian.new_zeros(rows)
@@ -103,8 +122,8 @@ class PCDWeighting(Stateful, Weighting):
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
     def _taus(self, rows: int) -> np.ndarray:
-        if self.tau is None:
-            return np.full(rows - 1, self.tau_float, dtype=np.float64)
+        if not isinstance(self.tau, Tensor):
+            return np.full(rows - 1, self.tau, dtype=np.float64)
         if self.tau.shape[0] != rows - 1:
             raise ValueError(
                 f"tau has {self.tau.shape[0]} entries but there are {rows - 1} secondary "
@@ -113,28 +132,54 @@ class PCDWeighting(Stateful, Weighting):
         return np.asarray(self.tau.detach().cpu().double().numpy(), dtype=np.float64)
 
     def _repr_args(self) -> str:
-        tau = self.tau_float if self.tau is None else self.tau.tolist()
+        tau = self.tau.tolist() if isinstance(self.tau, Tensor) else self.tau
         return f"tau={tau}, beta={self.beta}, eps={self.eps}"
 
 
-def _closest_to_primary(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
+def _closest_to_primary(gramian: np.ndarray, taus: np.ndarray, rounding: float) -> np.ndarray:
     """``u`` minimising ``½ (u − e₀)ᵀ G (u − e₀)`` s.t. ``(G u)ⱼ ≥ τⱼ Gⱼⱼ`` for ``j ≥ 1``.
 
-    Returns ``e₀`` when the constraints are inconsistent.
+    The constraints scale with ``d``, so they can all hold as soon as some ``d`` has
+    ``g̃ⱼᵀd > 0`` for every ``j`` with ``τⱼ > 0``: exactly when 0 is not in the convex hull of
+    those rows (Gordan). Otherwise they are relaxed to ``τ = 0``, which ``d = 0`` satisfies.
+    ``rounding`` is the relative size below which a squared norm counts as 0.
     """
     size = gramian.shape[0]
     primary = np.zeros(size)
     primary[0] = 1.0
     if size == 1:
         return primary
+    relaxed = np.zeros_like(taus)
+    secondary = gramian[1:, 1:]
+    # A zero row's constraint reads 0 ≥ 0: it always holds and takes no part.
+    binding = (taus > 0) & (np.diagonal(secondary) > rounding * float(np.diagonal(gramian).max()))
+    if not _can_all_gain(secondary, binding, rounding):
+        taus = relaxed
+    try:
+        return _solve_constrained(gramian, taus)
+    except ValueError:
+        return _solve_constrained(gramian, relaxed)
+
+
+def _can_all_gain(secondary: np.ndarray, positive: np.ndarray, rounding: float) -> bool:
+    """Whether some ``d`` has ``g̃ⱼᵀd > 0`` for every secondary row ``j`` marked ``positive``."""
+    if not bool(positive.any()):
+        return True
+    block = secondary[np.ix_(positive, positive)]
+    weights = min_norm_on_simplex(torch.from_numpy(block)).numpy()
+    scale = float(np.diagonal(block).max())
+    return float(weights @ block @ weights) > rounding * scale
+
+
+def _solve_constrained(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    size = gramian.shape[0]
+    primary = np.zeros(size)
+    primary[0] = 1.0
     ridge = _RIDGE * max(float(np.trace(gramian)) / size, 1e-300)
     matrix = gramian + ridge * np.eye(size)
     constraints = gramian[:, 1:]
     bounds = taus * np.diagonal(gramian)[1:]
-    try:
-        return solve_qp(inverse_cholesky_factor(matrix), matrix @ primary, constraints, bounds)
-    except ValueError:
-        return primary
+    return solve_qp(inverse_cholesky_factor(matrix), matrix @ primary, constraints, bounds)
 
 
 class PCD(GramianWeightedAggregator):
@@ -142,3 +187,9 @@ class PCD(GramianWeightedAggregator):
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(PCDWeighting(tau, beta, eps))
+
+    def reset(self) -> None:
+        """Forgets the weighting's state: the moving average of the squared norms and the call count."""
+        weighting = self.weighting
+        assert isinstance(weighting, PCDWeighting)
+        weighting.reset()

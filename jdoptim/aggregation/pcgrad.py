@@ -23,6 +23,8 @@ class PCGradWeighting(Weighting):
     gradients conflict with nothing and are left alone.
     """
 
+    differentiable = True
+
     scale_invariant = True
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -40,7 +42,8 @@ class PCGradWeighting(Weighting):
             inner_products = (coefficients * matrix[others]).sum(dim=1)
             conflicts = (inner_products < 0) & nonzero[others]
             steps = torch.where(conflicts, inner_products / safe_squared_norms[others], 0.0)
-            coefficients[own, others] -= steps
+            # Out of place, so that autograd can differentiate through the projections.
+            coefficients = coefficients.index_put((own, others), -steps, accumulate=True)
         return coefficients.sum(dim=0)
 
 

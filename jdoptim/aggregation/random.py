@@ -16,6 +16,8 @@ class RandomWeighting(Weighting):
     reproducible.
     """
 
+    differentiable = True
+
     requires_values = False
     scale_invariant = True
 

@@ -7,6 +7,13 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Weighting
+from jdoptim.aggregation._hyper import (
+    integer_at_least,
+    non_negative,
+    positive,
+    unit_interval,
+    validators,
+)
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import project_onto_simplex
@@ -41,6 +48,14 @@ class SDMGradWeighting(Stateful, Weighting):
     input_kind = "cross_gramian"
     scale_invariant = True
     pref_vector: Tensor | None
+
+    hyper_parameters = validators(
+        lr=positive("lr"),
+        momentum=unit_interval("momentum", high_open=True),
+        n_iter=integer_at_least("n_iter", 1),
+        lambda_=non_negative("lambda_"),
+        pref_vector=check_pref_vector,
+    )
 
     def __init__(
         self,

@@ -11,6 +11,8 @@ from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 class SumWeighting(Weighting):
     """``w = [1, ..., 1]``."""
 
+    differentiable = True
+
     requires_values = False
     scale_invariant = True
 

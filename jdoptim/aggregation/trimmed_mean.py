@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import integer_at_least, validators
 
 
 class TrimmedMean(Aggregator):
@@ -19,6 +20,12 @@ class TrimmedMean(Aggregator):
         trim_number: how many values to discard at each end; the Jacobian needs more than
             ``2·trim_number`` rows.
     """
+
+    differentiable = True
+
+    hyper_parameters = validators(
+        trim_number=integer_at_least("trim_number", 0),
+    )
 
     def __init__(self, trim_number: int) -> None:
         super().__init__()

@@ -13,10 +13,11 @@ from jdoptim.autogram._assembly import (
     jacobian_scale,
 )
 from jdoptim.autogram._engine import Engine
-from jdoptim.autogram._terms import Route, Term, concat_terms
+from jdoptim.autogram._terms import MaterializedTerm, Route, Term, concat_terms
 
 __all__ = [
     "Engine",
+    "MaterializedTerm",
     "Route",
     "Term",
     "concat_terms",

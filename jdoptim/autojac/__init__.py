@@ -5,16 +5,26 @@
 * :func:`jac_to_grad`: aggregates the ``.jac`` fields into ``.grad`` with an aggregator.
 * :func:`mtl_backward`: multi-task learning, with task heads' gradients and the shared trunk's
   Jacobian.
+* :func:`reached_by`: which inputs the outputs' graph reaches (the others get no ``.grad``).
 
 Jacobian rows are batched backward passes (vmap), with a row-by-row fallback announced by a
 :class:`VmapFallbackWarning`. The one-call form is :func:`jdoptim.backward`.
 """
 
 from jdoptim.autojac._backward import backward
+from jdoptim.autojac._graph import reached_by
 from jdoptim.autojac._jac import jac
 from jdoptim.autojac._jac_field import clear_jac
 from jdoptim.autojac._jac_to_grad import jac_to_grad
 from jdoptim.autojac._mtl_backward import mtl_backward
 from jdoptim.autojac._vjp import VmapFallbackWarning
 
-__all__ = ["VmapFallbackWarning", "backward", "clear_jac", "jac", "jac_to_grad", "mtl_backward"]
+__all__ = [
+    "VmapFallbackWarning",
+    "backward",
+    "clear_jac",
+    "jac",
+    "jac_to_grad",
+    "mtl_backward",
+    "reached_by",
+]

@@ -39,4 +39,10 @@ def backward(
     input_list, results = jacobians_of_inputs(
         tensors, inputs, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
     )
-    return aggregate_into_grads(input_list, results, aggregator)
+    # Inputs the tensors do not reach keep their .grad, as with torch.autograd.backward.
+    used = [
+        (tensor, jacobian)
+        for tensor, jacobian in zip(input_list, results, strict=True)
+        if jacobian is not None
+    ]
+    return aggregate_into_grads([t for t, _ in used], [j for _, j in used], aggregator)

@@ -14,6 +14,7 @@ def backward(
     tensors: Tensor | Sequence[Tensor],
     inputs: Tensor | Iterable[Tensor] | None = None,
     *,
+    jac_tensors: Tensor | Sequence[Tensor] | None = None,
     retain_graph: bool = False,
     parallel_chunk_size: int | None = None,
 ) -> None:
@@ -23,8 +24,15 @@ def backward(
     receives ``x.jac`` of shape ``[m, *x.shape]`` (summed with any ``.jac`` already there, like
     ``.grad``). Aggregate it into ``.grad`` with :func:`jac_to_grad`. Arguments and errors are those
     of :func:`jac`; ``inputs=None`` means every leaf requiring grad that ``tensors`` depend on.
+    ``jac_tensors`` is the analogue of ``grad_tensors`` in :func:`torch.autograd.backward`: one
+    ``[k, *tensor.shape]`` initial Jacobian per tensor (see ``jac_outputs`` of :func:`jac`), giving
+    ``k`` rows instead of one per element.
     """
     input_list, results = jacobians_of_inputs(
-        tensors, inputs, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size
+        tensors,
+        inputs,
+        retain_graph=retain_graph,
+        parallel_chunk_size=parallel_chunk_size,
+        jac_tensors=jac_tensors,
     )
     accumulate_jac(input_list, results)

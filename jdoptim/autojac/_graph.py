@@ -144,6 +144,40 @@ def depends_on(output: Tensor, inputs: Sequence[Tensor]) -> bool:
     return any(id(node) in reached for node in input_nodes)
 
 
+def reached_by(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
+    """For each input, whether the graph of ``outputs`` reaches it (one walk for all of them).
+
+    A structural test, as autograd's own: an unreached input is one whose gradient autograd
+    leaves ``None`` (so its ``.grad`` stays ``None``), whereas a reached one gets a gradient even
+    where it is numerically zero.
+    """
+    reached = {id(node) for node, _ in _walk([_node(output) for output in outputs], set())}
+    return [id(_node(tensor)) in reached for tensor in inputs]
+
+
+def check_dense_gradients(outputs: Sequence[Tensor]) -> None:
+    """Raises ``ValueError`` if the graph gives some tensor a sparse gradient.
+
+    ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)`` backpropagate sparse
+    gradients, which a Jacobian (one dense row per output element) cannot hold. Checked before
+    any backward pass, so nothing has changed when it raises.
+    """
+    for node, _ in _walk([_node(output) for output in outputs], set()):
+        if getattr(node, "_saved_sparse", False) is True:
+            shapes = [
+                tuple(child.variable.shape)
+                for child, _ in node.next_functions
+                if child is not None and hasattr(child, "variable")
+            ]
+            weight = f" of shape {shapes[0]}" if shapes else ""
+            raise ValueError(
+                f"The graph has a {node.name().removesuffix('Backward0')} with sparse gradients "
+                f"(its weight{weight}), from nn.Embedding(sparse=True) or "
+                "nn.EmbeddingBag(sparse=True). Jacobian descent needs dense gradients: build that "
+                "module with sparse=False."
+            )
+
+
 def check_outputs_depend_on_inputs(
     outputs: Sequence[Tensor], inputs: Sequence[Tensor], name: str
 ) -> None:

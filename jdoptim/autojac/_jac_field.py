@@ -17,11 +17,21 @@ def get_jac(tensor: Tensor) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def accumulate_jac(tensors: Sequence[Tensor], jacobians: Sequence[Tensor]) -> None:
-    """Adds each Jacobian to its tensor's ``.jac`` (sets it when absent), checking shapes first."""
+def has_jac_field(tensor: Tensor) -> bool:
+    """Whether a backward pass has set ``tensor.jac`` (to a Jacobian, or to ``None`` when the
+    differentiated outputs did not reach the tensor)."""
+    return hasattr(tensor, _FIELD)
+
+
+def accumulate_jac(tensors: Sequence[Tensor], jacobians: Sequence[Tensor | None]) -> None:
+    """Adds each Jacobian to its tensor's ``.jac`` (sets it when absent), checking shapes first.
+
+    ``None`` (a tensor the outputs do not reach) leaves an existing ``.jac`` as it is and otherwise
+    sets ``.jac = None``: like a ``.grad`` of ``None``, no Jacobian, which is not a zero one.
+    """
     for index, (tensor, jacobian) in enumerate(zip(tensors, jacobians, strict=True)):
         existing = get_jac(tensor)
-        if existing is not None and existing.shape != jacobian.shape:
+        if existing is not None and jacobian is not None and existing.shape != jacobian.shape:
             raise ValueError(
                 f"inputs[{index}] already has a .jac of shape {tuple(existing.shape)}, which cannot "
                 f"be summed with the new Jacobian of shape {tuple(jacobian.shape)} (a different "
@@ -30,7 +40,10 @@ def accumulate_jac(tensors: Sequence[Tensor], jacobians: Sequence[Tensor]) -> No
             )
     for tensor, jacobian in zip(tensors, jacobians, strict=True):
         existing = get_jac(tensor)
-        setattr(tensor, _FIELD, jacobian if existing is None else existing + jacobian)
+        if jacobian is None:
+            setattr(tensor, _FIELD, existing)
+        else:
+            setattr(tensor, _FIELD, jacobian if existing is None else existing + jacobian)
 
 
 def clear_jac(tensors: Tensor | Iterable[Tensor]) -> None:

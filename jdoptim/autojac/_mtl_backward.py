@@ -10,10 +10,12 @@ from torch import Tensor
 from jdoptim.autojac._graph import (
     as_tensor_list,
     check_chunk_size,
+    check_dense_gradients,
     check_inputs,
     check_outputs,
     depends_on,
     reachable_leaves,
+    reached_by,
     unique,
 )
 from jdoptim.autojac._jac_field import accumulate_jac
@@ -24,6 +26,7 @@ def mtl_backward(
     losses: Tensor | Sequence[Tensor],
     features: Tensor | Sequence[Tensor],
     *,
+    grad_tensors: Sequence[Tensor] | None = None,
     tasks_params: Sequence[Iterable[Tensor]] | None = None,
     shared_params: Iterable[Tensor] | None = None,
     retain_graph: bool = False,
@@ -42,6 +45,10 @@ def mtl_backward(
     Args:
         losses: one scalar loss per task (a sequence, or a 1-D tensor of ``T`` losses).
         features: the last shared representation (a tensor or several), that every loss depends on.
+        grad_tensors: optional initial gradients, the analogue of ``grad_tensors`` in
+            :func:`torch.autograd.backward`: one per task, shaped like that task's tensor. With
+            them, ``losses`` may hold non-scalar task tensors, and task ``t``'s row is the gradient
+            of ``(losses[t] * grad_tensors[t]).sum()``. ``None``: the losses must be scalars.
         tasks_params: for each task, its head's parameters. ``None``: the leaves requiring grad
             that each loss depends on without going through the features.
         shared_params: the trunk's parameters. ``None``: every leaf requiring grad the features
@@ -50,14 +57,21 @@ def mtl_backward(
         parallel_chunk_size: tasks per batched backward pass through the trunk (see :func:`jac`).
 
     Raises:
-        ValueError: a loss is not a scalar or does not depend on the features, a feature or param
-            does not require grad, a param is both shared and task-specific, or ``tasks_params``
-            does not have one entry per loss.
+        ValueError: a loss is not a scalar (without ``grad_tensors``) or does not depend on the
+            features, a feature or param does not require grad, a param is both shared and
+            task-specific, ``tasks_params`` does not have one entry per loss, or ``grad_tensors``
+            does not have one tensor of the right shape per loss.
     """
-    loss_list = _scalar_losses(losses)
+    if grad_tensors is None:
+        loss_list = _scalar_losses(losses)
+        initial_grads: list[Tensor | None] = [None] * len(loss_list)
+    else:
+        loss_list = _task_tensors(losses)
+        initial_grads = list(_initial_gradients(loss_list, grad_tensors))
     feature_list = as_tensor_list(features, "features")
     check_outputs(feature_list, "features")
     check_chunk_size(parallel_chunk_size)
+    check_dense_gradients(feature_list)
     for index, loss in enumerate(loss_list):
         if not depends_on(loss, feature_list):
             raise ValueError(
@@ -75,6 +89,7 @@ def mtl_backward(
         grads = torch.autograd.grad(
             loss,
             [*feature_list, *head],
+            grad_outputs=initial_grads[task],
             retain_graph=retain_graph or task < len(loss_list) - 1,
             allow_unused=True,
         )
@@ -83,15 +98,22 @@ def mtl_backward(
             feature_grads[index].append(grad if grad is not None else torch.zeros_like(feature))
         head_grads.append(grads[len(feature_list) :])
     cotangents = [torch.stack(grads) for grads in feature_grads]
-    jacobians = vjp_rows(
-        feature_list,
-        shared,
-        len(loss_list),
-        lambda start, stop: [cotangent[start:stop] for cotangent in cotangents],
-        retain_graph=retain_graph,
-        chunk_size=parallel_chunk_size,
+    # Shared params the features do not reach get .jac = None (no .grad later), not zero rows.
+    reached = reached_by(feature_list, shared)
+    used = [param for param, hit in zip(shared, reached, strict=True) if hit]
+    used_jacobians = iter(
+        vjp_rows(
+            feature_list,
+            used,
+            len(loss_list),
+            lambda start, stop: [cotangent[start:stop] for cotangent in cotangents],
+            retain_graph=retain_graph,
+            chunk_size=parallel_chunk_size,
+        )
+        if used
+        else []
     )
-    accumulate_jac(shared, jacobians)
+    accumulate_jac(shared, [next(used_jacobians) if hit else None for hit in reached])
     for head, grads in zip(heads, head_grads, strict=True):
         for param, grad in zip(head, grads, strict=True):
             if grad is None:
@@ -103,11 +125,7 @@ def mtl_backward(
 
 
 def _scalar_losses(losses: Tensor | Sequence[Tensor]) -> list[Tensor]:
-    if isinstance(losses, Tensor) and losses.ndim == 1:
-        loss_list = list(losses.unbind())
-    else:
-        loss_list = as_tensor_list(losses, "losses")
-    check_outputs(loss_list, "losses")
+    loss_list = _task_tensors(losses)
     for index, loss in enumerate(loss_list):
         if loss.ndim != 0:
             raise ValueError(
@@ -115,6 +133,30 @@ def _scalar_losses(losses: Tensor | Sequence[Tensor]) -> list[Tensor]:
                 f"{tuple(loss.shape)}. Reduce each task's loss to a scalar first."
             )
     return loss_list
+
+
+def _task_tensors(losses: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(losses, Tensor) and losses.ndim == 1:
+        loss_list = list(losses.unbind())
+    else:
+        loss_list = as_tensor_list(losses, "losses")
+    check_outputs(loss_list, "losses")
+    return loss_list
+
+
+def _initial_gradients(losses: list[Tensor], grad_tensors: Sequence[Tensor]) -> list[Tensor]:
+    grads = as_tensor_list(grad_tensors, "grad_tensors")
+    if len(grads) != len(losses):
+        raise ValueError(
+            f"grad_tensors must hold one tensor per task ({len(losses)}), got {len(grads)}."
+        )
+    for index, (grad, loss) in enumerate(zip(grads, losses, strict=True)):
+        if grad.shape != loss.shape:
+            raise ValueError(
+                f"grad_tensors[{index}] must have the shape of losses[{index}], "
+                f"{tuple(loss.shape)}, got {tuple(grad.shape)}."
+            )
+    return grads
 
 
 def _shared_params(params: Iterable[Tensor] | None, features: list[Tensor]) -> list[Tensor]:

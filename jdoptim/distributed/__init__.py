@@ -1,20 +1,20 @@
 """Distributed Jacobian descent on ``torch.distributed``, exact on the global batch.
 
-Pass ``process_group=`` to an optimizer (``JDSGD(..., process_group=dist.group.WORLD)``, or
-``modules=ddp_model``): each step then sees the losses of every rank, cross-rank Gramian blocks
-included, and every rank ends the step with the same parameters. See ``docs/distributed.md``.
+An optimizer whose forward pass runs a ``DistributedDataParallel`` model (or that is given
+``process_group=``) takes steps that see the losses of every rank, cross-rank Gramian blocks
+included, and every rank ends the step with the same parameters. :func:`across_ranks` wraps a
+local path (:mod:`jdoptim.paths`) into its distributed variant. See ``docs/distributed.md``.
 """
 
+from jdoptim.distributed._across import RankAwarePath, across_ranks
 from jdoptim.distributed._communicator import Communicator, DistributedStepError
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
-from jdoptim.distributed._setup import distributed_step_for
-from jdoptim.distributed._step import DistributedStep
 
 __all__ = [
     "Communicator",
-    "DistributedStep",
     "DistributedStepError",
+    "RankAwarePath",
+    "across_ranks",
     "ddp_process_group",
-    "distributed_step_for",
     "watch_ddp",
 ]

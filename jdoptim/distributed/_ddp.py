@@ -7,20 +7,13 @@ only while ``torch.distributed`` is initialised).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-_UNDECLARED_DDP = (
-    "The closure ran a DistributedDataParallel model, but the optimizer has no process group: "
-    "its Jacobian-descent step would only see this rank's losses and DDP would average "
-    "per-rank directions. Pass process_group=model.process_group (or "
-    "torch.distributed.group.WORLD) to the optimizer for a step that is exact on the global batch."
-)
 
 
 def ddp_process_group(modules: Iterable[nn.Module] | None) -> dist.ProcessGroup | None:
@@ -33,13 +26,12 @@ def ddp_process_group(modules: Iterable[nn.Module] | None) -> dist.ProcessGroup 
 
 
 @contextmanager
-def watch_ddp(distributed: bool) -> Iterator[None]:
-    """Context for the closure's forward pass.
+def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True) -> Iterator[None]:
+    """Context for a forward pass: reports each ``DistributedDataParallel`` model it runs.
 
-    ``distributed=True``: every DDP wrapper called inside runs without gradient synchronisation,
-    as under ``no_sync()``: the distributed step reduces the gradients itself, once.
-    ``distributed=False``: a DDP wrapper called inside is an error (the step would be silently
-    local), raised before its forward runs.
+    ``on_ddp(process_group)`` is called before the model's forward; the model then runs without
+    its own gradient synchronisation, as under ``no_sync()``: the distributed step reduces the
+    gradients itself, once. Does nothing unless ``torch.distributed`` is initialised.
     """
     if not (dist.is_available() and dist.is_initialized()):
         yield
@@ -49,9 +41,8 @@ def watch_ddp(distributed: bool) -> Iterator[None]:
     def hook(module: nn.Module, args: Any) -> None:
         if not isinstance(module, DistributedDataParallel):
             return
-        if not distributed:
-            raise ValueError(_UNDECLARED_DDP)
-        if id(module) not in silenced:
+        on_ddp(module.process_group)
+        if silence and id(module) not in silenced:
             silenced[id(module)] = (module, module.require_backward_grad_sync)
             module.require_backward_grad_sync = False
 

@@ -23,9 +23,11 @@ from jdoptim.linalg._gramian import (
     regularize_gramian,
     reshape_gramian,
 )
+from jdoptim.linalg._quadprog import Array, inverse_cholesky_factor, solve_qp
 from jdoptim.linalg._simplex import min_norm_on_simplex, project_onto_simplex
 
 __all__ = [
+    "Array",
     "DualConeConvergenceError",
     "DualConeSolver",
     "check_finite",
@@ -36,6 +38,7 @@ __all__ = [
     "check_tensor",
     "flatten_generalized_gramian",
     "gramian_from_jacobian",
+    "inverse_cholesky_factor",
     "min_norm_on_simplex",
     "normalize_gramian",
     "power_of_two_scale",
@@ -45,4 +48,5 @@ __all__ = [
     "regularize_gramian",
     "reshape_gramian",
     "solve_alpha_fair",
+    "solve_qp",
 ]

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim.linalg._dual_cone_unit import unit_problem
+
 # Wrong signs must be clear (beyond round-off of the inner solves) before a variable is swapped.
 _SIGN_TOLERANCE = 1e-9
 # Stationarity residual max_j∈F |μ_j| accepted for a row, relative to the unit-scaled problem.
@@ -39,6 +41,8 @@ _BACKUP_EXCHANGES = 3
 _DIRECT_MAX_SIZE = 64
 # Residual reduction of one inner solve (one refinement step).
 _INNER_REDUCTION = 1e-3
+# Conjugate-gradient iterations between two reads of the rows' progress on the host.
+_CHECK_EVERY = 4
 
 
 class DualConeConvergenceError(RuntimeError):
@@ -60,6 +64,7 @@ def solve_dual_cone_batched(
     *,
     max_rounds: int | None = None,
     max_cg_iterations: int | None = None,
+    warm_start: Tensor | None = None,
 ) -> Tensor:
     """Returns the ``[k, m]`` solutions of ``min vᵀ G v`` s.t. ``v ≥ u`` for the rows ``u`` of ``U``.
 
@@ -70,6 +75,9 @@ def solve_dual_cone_batched(
         max_rounds: bound on the rounds (pivoting or refinement; default ``m + 30``).
         max_cg_iterations: bound on conjugate-gradient iterations per round (default
             ``2 m + 100``).
+        warm_start: optional ``[k, m]`` guess of the solutions (such as the previous step's): the
+            pivoting starts from its free sets ``{j : v_j > u_j}`` and slacks instead of
+            ``{j : (G u)_j < 0}`` and zero, which leaves less for the inner solves to do.
 
     Returns:
         The solutions, on ``matrix``'s device and with its dtype. They are computed in float64.
@@ -82,20 +90,17 @@ def solve_dual_cone_batched(
     size = matrix.shape[0]
     rounds_bound = size + 30 if max_rounds is None else max_rounds
     cg_bound = 2 * size + 100 if max_cg_iterations is None else max_cg_iterations
-    gramian = matrix.to(torch.float64)
+    problem = unit_problem(matrix, lower_bounds)
     bounds = lower_bounds.to(torch.float64)
-
-    diagonal = gramian.diagonal()
-    column_scale = torch.where(diagonal > 0, diagonal.clamp(min=1e-300).rsqrt(), 1.0)
-    unit_gramian = column_scale[:, None] * gramian * column_scale[None, :]
-    unit_bounds = bounds / column_scale
-    row_scale = unit_bounds.abs().amax(dim=1, keepdim=True)
-    row_scale = torch.where(row_scale > 0, row_scale, 1.0)
-    unit_bounds = unit_bounds / row_scale
-
-    slack, unconverged = _solve_lcp(unit_gramian, unit_bounds, rounds_bound, cg_bound)
+    initial_slack = None
+    if warm_start is not None:
+        guess = (warm_start.to(bounds) - bounds).clamp(min=0.0)
+        initial_slack = guess / (problem.row_scale * problem.column_scale)
+    slack, unconverged = _solve_lcp(
+        problem.gramian, problem.bounds, rounds_bound, cg_bound, initial_slack
+    )
     # v = u + D s r, so bounds that are active hold exactly and slacks are never negative.
-    solution = (bounds + slack * row_scale * column_scale).to(matrix.dtype)
+    solution = problem.solution(bounds, slack, matrix.dtype)
     if unconverged.numel() > 0:
         raise DualConeConvergenceError(
             f"The batched dual-cone solver did not converge in {rounds_bound} rounds for "
@@ -108,7 +113,7 @@ def solve_dual_cone_batched(
 
 
 def _solve_lcp(
-    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int
+    gramian: Tensor, bounds: Tensor, max_rounds: int, max_cg: int, initial_slack: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Slack ``s`` of (LCP) for every row of ``bounds``, on a unit-diagonal float64 ``gramian``.
 
@@ -127,9 +132,14 @@ def _solve_lcp(
 
     inner_gramian = gramian.to(torch.float32)
     q = linear[pending]
-    free = q < 0
-    s = torch.zeros_like(q)
-    multiplier = q
+    if initial_slack is None:
+        free = q < 0
+        s = torch.zeros_like(q)
+        multiplier = q
+    else:
+        s = initial_slack[pending]
+        free = s > 0
+        multiplier = q + s @ gramian
     best = free.sum(dim=1)
     backups = torch.full_like(best, _BACKUP_EXCHANGES)
     indices = torch.arange(q.shape[1], device=q.device)
@@ -199,38 +209,48 @@ def _masked_conjugate_gradient(
 ) -> Tensor:
     """Approximately solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row, from zero.
 
-    Stops a row once its residual has fallen by ``_INNER_REDUCTION``; rows are dropped from the
-    batch as they converge, so the matrix products shrink with them.
+    A row is done once its residual has fallen by ``_INNER_REDUCTION``. Progress is read on the host
+    every ``_CHECK_EVERY`` iterations only, and each iteration is a dozen whole-batch operations
+    (on the CPU their count, not the product, dominates up to m of a few hundred). Rows that are
+    done are dropped from the batch in bulk, so the products shrink with them.
     """
     mask = free.to(gramian.dtype)
     r = rhs.to(gramian.dtype) * mask
-    rr = (r * r).sum(dim=1)
+    rr = (r * r).sum(dim=1, keepdim=True)
     threshold = rr * _INNER_REDUCTION**2
     x = torch.zeros_like(r)
-    p = r
+    p = r.clone()
+    zeros = torch.zeros_like(rr)
+    infinite = torch.full_like(rr, torch.inf)
     active = torch.arange(r.shape[0], device=r.device)
     result = torch.zeros_like(r)
-    for _ in range(max_iterations):
-        unconverged = (rr > threshold) & (rr > 0)
-        finished = int(unconverged.numel() - unconverged.sum())
-        # Dropping rows costs copies; drop them in bulk, and freeze the few in between.
-        if finished > 0 and 4 * finished >= unconverged.numel():
-            result[active[~unconverged]] = x[~unconverged]
-            active, x, r, p = active[unconverged], x[unconverged], r[unconverged], p[unconverged]
-            rr, mask, threshold = rr[unconverged], mask[unconverged], threshold[unconverged]
-            unconverged = unconverged[unconverged]
-            if active.numel() == 0:
-                return result
-        product = (p @ gramian) * mask
-        curvature = (p * product).sum(dim=1)
+    for iteration in range(max_iterations):
+        if iteration % _CHECK_EVERY == 0:
+            unconverged = (rr > threshold).squeeze(1)
+            remaining = int(unconverged.sum())
+            if remaining == 0:
+                break
+            # Dropping rows costs copies; drop them in bulk, and let the few in between iterate on.
+            if 4 * (unconverged.numel() - remaining) >= unconverged.numel():
+                result[active[~unconverged]] = x[~unconverged]
+                active, x, r, p = (
+                    active[unconverged],
+                    x[unconverged],
+                    r[unconverged],
+                    p[unconverged],
+                )
+                rr, mask, threshold = rr[unconverged], mask[unconverged], threshold[unconverged]
+                zeros, infinite = zeros[unconverged], infinite[unconverged]
+        product = torch.mm(p, gramian).mul_(mask)
+        curvature = (p * product).sum(dim=1, keepdim=True)
         # A singular G_FF (only without regularisation) stalls the row instead of making NaNs.
-        moving = unconverged & (curvature > 0)
-        threshold = torch.where(curvature > 0, threshold, torch.inf)
-        step = torch.where(moving, rr / curvature.clamp(min=1e-300), 0.0)
-        x = x + step[:, None] * p
-        r = r - step[:, None] * product
-        rr_next = (r * r).sum(dim=1)
-        p = r + torch.where(moving, rr_next / rr.clamp(min=1e-300), 0.0)[:, None] * p
+        positive = curvature > 0
+        step = torch.where(positive, rr / curvature, zeros)
+        threshold = torch.where(positive, threshold, infinite)
+        x.addcmul_(step, p)
+        r.addcmul_(step, product, value=-1)
+        rr_next = (r * r).sum(dim=1, keepdim=True)
+        p = torch.addcmul(r, torch.where(rr > 0, rr_next / rr, zeros), p)
         rr = rr_next
     result[active] = x
     return result

@@ -34,8 +34,15 @@ def project_onto_simplex(vectors: Tensor) -> Tensor:
     """Euclidean projection of each vector (along the last dim) onto the simplex ``Δ``.
 
     Sort-based algorithm of Held, Wolfe & Crowder (1974) / Duchi et al. (2008), ``O(m log m)``.
+    The projection commutes with adding a constant to every entry, so each vector is first
+    shifted to a maximum of 0: the running sums then stay small and keep the ``- 1`` of the
+    constraint ``Σ w = 1``, whatever the vectors' magnitude (beyond ``1/eps`` of the dtype they
+    would round it away and return weights summing to far more than 1).
     """
     size = vectors.shape[-1]
+    if size == 0:
+        return vectors.clone()
+    vectors = vectors - vectors.max(dim=-1, keepdim=True).values
     sorted_desc = torch.sort(vectors, dim=-1, descending=True).values
     cumulative = sorted_desc.cumsum(dim=-1) - 1
     ranks = torch.arange(1, size + 1, dtype=vectors.dtype, device=vectors.device)

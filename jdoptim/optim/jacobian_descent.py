@@ -1,12 +1,20 @@
 """``JacobianDescent``: Jacobian descent around any ``torch.optim.Optimizer``, as an optimizer.
 
-``step(closure)`` reads top to bottom as the data path: call the closure for the losses, get the
-Gramian (autogram engine) or the Jacobian (autojac), turn it into weights or a direction, fill
-``.grad``, and let the wrapped optimizer make the update.
+Two ways to drive it, as with any torch optimizer:
+
+* ``step(closure)``: the closure returns the losses; the step computes the Gramian (or Jacobian),
+  the weights and ``.grad``, then lets the wrapped optimizer update.
+* backward-then-step: ``optimizer.backward(losses)`` fills ``.grad`` from losses of the user's own
+  forward pass (several calls accumulate micro-batches exactly), then ``optimizer.step()``.
+
+The kind of method decides the path (:mod:`jdoptim.paths`), chosen once here;
+:mod:`jdoptim.distributed` wraps it when the forward runs on several ranks.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -15,21 +23,28 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepAware, StepInfo
-from jdoptim.aggregation import (
-    Aggregator,
-    Flattening,
-    GeneralizedWeighting,
-    GramianWeightedAggregator,
-    WeightedAggregator,
-    Weighting,
-)
+from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggregator, Weighting
 from jdoptim.autogram import Engine
-from jdoptim.autojac import backward as jac_backward
-from jdoptim.autojac import clear_jac, jac, jac_to_grad, mtl_backward
-from jdoptim.distributed import DistributedStep, distributed_step_for, watch_ddp
-from jdoptim.linalg import check_finite
-from jdoptim.optim._method import Method, resolve_method
+from jdoptim.autojac import clear_jac
+from jdoptim.distributed import across_ranks
+from jdoptim.optim._state import (
+    JD_STATE_KEY,
+    check_method_type,
+    jd_state_of,
+    split_legacy_state_dict,
+)
+from jdoptim.paths import (
+    NonFiniteGramianError,
+    NonFiniteLossesError,
+    Part,
+    StepContext,
+    StepRecord,
+    check_losses,
+    make_path,
+    resolve_method,
+)
 
 Closure = Callable[[], Any]
 
@@ -37,37 +52,43 @@ Closure = Callable[[], Any]
 class JacobianDescent(Optimizer):
     """Wraps ``optimizer`` so that each step follows a Jacobian-descent direction.
 
-    The closure returns the losses (``[B]`` per instance, ``[T]`` per task, ``[B, T]`` for both, or a
-    scalar for a plain step); ``step(closure)`` fills ``.grad`` with the combination of the losses'
-    gradients chosen by the method, then calls the wrapped optimizer's ``step()``. The two share
-    ``param_groups`` and ``state``, so LR schedulers, ``add_param_group`` and hooks work as usual.
+    The losses are ``[B]`` per instance, ``[T]`` per task, ``[B, T]`` for both (a scalar loss gives
+    a plain gradient step, with a warning). ``step(closure)`` or ``backward(losses)`` fills
+    ``.grad`` with the combination of the losses' gradients chosen by the method; the wrapped
+    optimizer updates from it. The two share ``param_groups`` and ``state``, so LR schedulers,
+    ``add_param_group``, hooks and ``state_dict`` work as usual.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` instance; it makes the update from ``.grad``.
         weighting: a :class:`~jdoptim.aggregation.Weighting` (or generalized weighting). Gramian
-            weightings run on the autogram engine; matrix weightings on autojac; cross-Gramian
-            weightings (SDMGrad, MoDo) call the closure three times per step. Default: UPGrad.
+            weightings run on the autogram engine with ``batch_dim``; matrix weightings on
+            autojac; cross-Gramian weightings (SDMGrad, MoDo) call the closure three times per
+            step. Default: UPGrad. ``gramian_weighting=`` is accepted as an alias.
         aggregator: alternatively, an :class:`~jdoptim.aggregation.Aggregator`. Gramian-weighted
             aggregators use the engine with their weighting; the others get the full Jacobian.
         scalarizer: alternatively, a scalarizer from :mod:`jdoptim.scalarization`.
         batch_dim: the losses' instance dimension, when loss ``i`` depends on instance ``i`` only
-            (no BatchNorm in train mode): enables the engine's fast instance-wise path. ``None``
-            (default) is exact for any model, at a higher cost.
+            (no BatchNorm in train mode): enables the engine's fast instance-wise path, and makes
+            micro-batches (and ranks) concatenate along it. ``None`` (default): the losses are per
+            task, exact for any model, and micro-batches add up.
         modules: modules whose parameters the engine covers; by default the engine finds the modules
-            owning the optimizer's parameters while the closure runs.
-        shared_params: multi-task mode. The closure returns ``(losses, features)``: per-task losses
-            and the shared trunk's output; shared parameters get the combined direction, each task's
-            parameters its own loss's gradient (see :func:`jdoptim.autojac.mtl_backward`).
+            owning the optimizer's parameters while the forward pass runs. Also the way to name a
+            ``DistributedDataParallel`` model up front.
+        shared_params: multi-task mode. The losses come with the shared trunk's output
+            (``(losses, features)`` from the closure, or ``backward(losses, features=...)``): shared
+            parameters get the combined direction, each task's parameters its own loss's gradient.
         tasks_params: in multi-task mode, one iterable of parameters per task (default: inferred).
         fuse_backward: build ``.grad`` from what the engine's Gramian pass saved (no second
             backward). ``False`` backpropagates the weighted losses instead; both are exact.
         parallel_chunk_size: rows per batched backward on the autojac paths (``None``: all).
-        grad_scaler: a ``torch.amp.GradScaler`` for mixed precision: the losses are scaled before
-            differentiation and the update goes through ``grad_scaler.step`` and ``update``.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16: ``step(closure)`` scales the losses,
+            forms the Gramian from unscaled values, and updates through ``grad_scaler.step`` and
+            ``update`` (an overflowing step is skipped and the scale backed off). With
+            ``backward(losses)``, pass the scaled losses and call the scaler yourself.
         process_group: distributed mode (:mod:`jdoptim.distributed`): each step is exact on the
-            losses of every rank of this ``torch.distributed`` group (e.g. ``dist.group.WORLD``):
-            concatenated along ``batch_dim``, or, without it, per-task means over the ranks. Also
-            enabled by ``modules=ddp_model``. ``step`` then returns the global losses.
+            losses of every rank of this group. Found automatically from a
+            ``DistributedDataParallel`` model run in the forward pass; ``process_group=False``
+            turns that off (each rank then steps on its own losses).
     """
 
     def __init__(
@@ -84,7 +105,8 @@ class JacobianDescent(Optimizer):
         fuse_backward: bool = True,
         parallel_chunk_size: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
-        process_group: dist.ProcessGroup | None = None,
+        process_group: dist.ProcessGroup | bool | None = None,
+        gramian_weighting: Weighting | GeneralizedWeighting | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -93,25 +115,16 @@ class JacobianDescent(Optimizer):
             )
         if isinstance(optimizer, JacobianDescent):
             raise TypeError("optimizer is already a JacobianDescent; wrap the inner optimizer.")
-        self._method: Method = resolve_method(weighting, aggregator, scalarizer)
-        self._shared_params = None if shared_params is None else list(shared_params)
-        self._tasks_params = (
-            None if tasks_params is None else [list(params) for params in tasks_params]
-        )
-        if self._shared_params is not None and self._method.path == "cross_gramian":
-            raise ValueError(
-                "Multi-task mode (shared_params=) does not support cross-Gramian weightings such as "
-                "SDMGrad; use them on per-task losses without shared_params."
-            )
-        if grad_scaler is not None and self._method.path in ("jacobian", "cross_gramian"):
-            raise ValueError(
-                "grad_scaler is supported with Gramian weightings and scalarizers; the full-Jacobian "
-                f"path used by {self._method.module!r} does not support loss scaling."
-            )
+        if gramian_weighting is not None:
+            if weighting is not None:
+                raise ValueError("gramian_weighting= is an alias of weighting=; give only one.")
+            weighting = gramian_weighting
+        if batch_dim is not None and (
+            isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
+        ):
+            raise TypeError(f"batch_dim must be an int or None, got {type(batch_dim).__name__}.")
+        self._method = resolve_method(weighting, aggregator, scalarizer)
         self._modules = None if modules is None else _as_module_list(modules)
-        self.distributed: DistributedStep | None = distributed_step_for(
-            process_group, self._modules, self._method.path, grad_scaler
-        )
         self.batch_dim = batch_dim
         self.fuse_backward = fuse_backward
         self.parallel_chunk_size = parallel_chunk_size
@@ -119,172 +132,265 @@ class JacobianDescent(Optimizer):
         self._engine: Engine | None = None
         self._engine_key: tuple[int, ...] = ()
         self._steps = 0
+        self.last_step: StepRecord | None = None
+        """What the last step computed: losses, weights, Gramian and a conflict summary."""
+        self._window = _Window()
+        self._backward_calls = 0
+        self._warned: set[str] = set()
         # Optimizer.__init__ installs the step hooks and profiling; param_groups, state and defaults
         # are properties delegating to the wrapped optimizer once it is set below.
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         if self._modules is not None:
             self._check_modules_cover_params()
+        # Weak references: the path's hooks must not keep a dropped optimizer alive.
+        myself = weakref.ref(self)
+        context = StepContext(
+            params=lambda: _alive(myself).params(),
+            engine=lambda: _alive(myself)._get_engine(),
+            batch_dim=batch_dim,
+            fuse_backward=fuse_backward,
+            parallel_chunk_size=parallel_chunk_size,
+            shared_params=None if shared_params is None else list(shared_params),
+            tasks_params=(
+                None if tasks_params is None else [list(params) for params in tasks_params]
+            ),
+        )
+        path = make_path(self._method, context)
+        if grad_scaler is not None and not path.supports_backward():
+            raise ValueError(
+                "grad_scaler is not supported with cross-Gramian weightings (SDMGrad, MoDo)."
+            )
+        self._path = across_ranks(path, process_group, self._modules, grad_scaler)
+        self._multi_task = shared_params is not None
+        self.register_state_dict_post_hook(_add_jd_state)
 
     # --- sharing the wrapped optimizer's bookkeeping -------------------------------------------
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        inner = self.__dict__.get("optimizer")
-        groups: list[dict[str, Any]] = (
-            inner.param_groups if inner is not None else self.__dict__["_init_groups"]
-        )
+        groups: list[dict[str, Any]] = _inner_or(self, "param_groups", "_init_groups")
         return groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        inner = self.__dict__.get("optimizer")
-        if inner is None:
-            self.__dict__["_init_groups"] = value
-        else:
-            inner.param_groups = value
+        _set_inner_or(self, "param_groups", "_init_groups", value)
 
     @property
     def state(self) -> Any:
-        inner = self.__dict__.get("optimizer")
-        return inner.state if inner is not None else self.__dict__["_init_state"]
+        return _inner_or(self, "state", "_init_state")
 
     @state.setter
     def state(self, value: Any) -> None:
-        inner = self.__dict__.get("optimizer")
-        if inner is None:
-            self.__dict__["_init_state"] = value
-        else:
-            inner.state = value
+        _set_inner_or(self, "state", "_init_state", value)
 
     @property
     def method(self) -> nn.Module:
         """The weighting, aggregator or scalarizer that combines the losses."""
         return self._method.module
 
+    @property
+    def distributed(self) -> Any:
+        """The distributed step (``bytes_sent`` of the last step), or ``None`` when local."""
+        return getattr(self._path, "distributed", None)
+
     def params(self) -> list[Tensor]:
         """Every parameter of every group that requires a gradient, in group order."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    # --- the step ------------------------------------------------------------------------------
+    # --- step(closure) -------------------------------------------------------------------------
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """Calls the closure, fills ``.grad`` by Jacobian descent, updates, and returns the losses.
+    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
+        """Updates the parameters; with a closure, computes ``.grad`` by Jacobian descent first.
 
-        The closure is required and is called under ``torch.enable_grad()``. It should zero the
-        gradients and return the loss tensor (``(losses, features)`` in multi-task mode). With a
-        cross-Gramian weighting it is called three times per step, once per independent batch: it
-        must draw the next batch at each call. Nothing changes if the step raises.
+        ``step(closure)``: the closure returns the losses (``(losses, features)`` in multi-task
+        mode) and is called under ``torch.enable_grad()``. The ``.grad`` the update uses is the
+        direction of these losses only: whatever the closure left in ``.grad`` (a forgotten
+        ``zero_grad``, its own ``backward``) is discarded. With a cross-Gramian weighting the
+        closure is called three times per step and must draw the next batch at each call. A
+        closure that calls :meth:`backward` itself (as trainers do) is honoured as it is. Returns
+        the losses. Nothing changes if the step raises.
+
+        ``step()``: updates from ``.grad`` as filled by :meth:`backward`, like any torch optimizer.
         """
-        if closure is None or not callable(closure):
-            raise TypeError(
-                f"{type(self).__name__}.step needs a closure that zeroes the gradients and returns "
-                "the losses, e.g. optimizer.step(lambda: loss_fn(model(x), y)) with "
-                "reduction='none'."
-            )
+        if closure is None:
+            self._step_from_grad()
+            return None
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
         saved_method_state = self._method.module.state_dict()
+        params = self.params()
+        saved_grads = [p.grad for p in params]
+        calls_before = self._backward_calls
+        self._path.begin()
         try:
-            losses = self._fill_grad(closure)
+            result: Any = None
+            guard, forward = self._path.guard("the closure"), self._path.forward_context()
+            with guard, torch.enable_grad(), forward:
+                result = closure()
+            if self._backward_calls != calls_before:
+                # The closure ran optimizer.backward (a trainer's closure): .grad is ready.
+                self._step_from_grad()
+                return None if self.last_step is None else self.last_step.losses
+            self._discard_closure_grads(params, saved_grads)
+            record = self._run(result, closure)
         except BaseException:
             self._method.module.load_state_dict(saved_method_state)
-            clear_jac(self.params())
+            for param, grad in zip(params, saved_grads, strict=True):
+                param.grad = grad
+            clear_jac(params)
             raise
+        self.last_step = record
         self._update()
-        self._steps += 1
-        self._notify_after_step(losses, closure)
-        return losses
+        self._window.clear()
+        if record.finite:
+            self._steps += 1
+            self._notify_after_step(record.losses, closure)
+        return record.losses
 
-    def _fill_grad(self, closure: Closure) -> Tensor:
-        if self.distributed is not None:
-            return self.distributed.fill_grad(self, closure)
-        path = self._method.path
-        if path == "scalarizer":
-            losses, _ = self._call_closure(closure)
-            loss = self._method.module(losses)
-            torch.autograd.backward(self._scaled(loss))
-            return losses.detach()
-        if path == "cross_gramian":
-            return self._fill_grad_cross_gramian(closure)
-        if self._shared_params is not None:
-            return self._fill_grad_multi_task(closure)
-        if path == "jacobian":
-            losses, _ = self._call_closure(closure)
-            if losses.ndim == 0:
-                torch.autograd.backward(losses)
-            else:
-                self._fill_grad_from_jacobian(losses)
-            return losses.detach()
-        return self._fill_grad_from_gramian(closure)
+    def _run(self, first_result: Any, closure: Closure) -> StepRecord:
+        def next_losses() -> Tensor:
+            with torch.enable_grad(), self._path.forward_context():
+                losses, _ = self._checked(closure())
+            return losses
 
-    def _fill_grad_from_gramian(self, closure: Closure) -> Tensor:
-        weighting = self._gramian_weighting
-        if not _needs_gramian(weighting):
-            losses, _ = self._call_closure(closure)
-            if losses.ndim > 0:
-                placeholder = losses.new_zeros(()).expand(*losses.shape, *losses.shape[::-1])
-                torch.autograd.backward(self._scaled(losses), _weights(weighting, placeholder))
-            else:
-                torch.autograd.backward(self._scaled(losses))
-            return losses.detach()
-        engine = self._get_engine()
-        with engine.capture():
-            losses, _ = self._call_closure(closure)
-        if losses.ndim == 0:
-            torch.autograd.backward(self._scaled(losses))
-            return losses.detach()
-        scaled = self._scaled(losses)
-        gramian = engine.compute_gramian(scaled)
-        if scaled is not losses:
-            gramian = gramian / self._loss_scale() ** 2
-        check_finite(gramian, "The Gramian of the losses")
-        weights = _weights(weighting, gramian)
-        if self.fuse_backward:
-            engine.backward(weights)
-        else:
-            torch.autograd.backward(scaled, weights)
-        return losses.detach()
+        losses: Any = None
+        features: Any = None
+        scale = 1.0
+        with self._path.guard("the closure's losses"):
+            try:
+                losses, features = self._checked(first_result)
+            except NonFiniteLossesError:
+                if self.grad_scaler is None:
+                    raise
+                return self._skip_step(
+                    check_losses(first_result, self._multi_task, finite=False)[0]
+                )
+            scale = self._loss_scale(losses)
+        try:
+            return self._path.run(losses, features, scale, next_losses)
+        except NonFiniteGramianError:
+            if self.grad_scaler is None:
+                raise
+            return self._skip_step(losses)
 
-    def _fill_grad_from_jacobian(self, losses: Tensor) -> None:
-        params = self.params()
-        jac_backward(losses, inputs=params, parallel_chunk_size=self.parallel_chunk_size)
-        jac_to_grad(params, self._jacobian_aggregator)
-
-    def _fill_grad_multi_task(self, closure: Closure) -> Tensor:
-        losses, features = self._call_closure(closure, expect_features=True)
-        shared = [p for p in self._shared_params or [] if p.requires_grad]
-        mtl_backward(
-            losses,
-            features,
-            tasks_params=self._tasks_params,
-            shared_params=shared,
-            parallel_chunk_size=self.parallel_chunk_size,
+    def _discard_closure_grads(self, params: list[Tensor], before: list[Tensor | None]) -> None:
+        changed = any(
+            p.grad is not None and p.grad is not g for p, g in zip(params, before, strict=True)
         )
-        aggregator = (
-            self._jacobian_aggregator
-            if self._method.path == "jacobian"
-            else _gramian_aggregator(self._gramian_weighting)
-        )
-        jac_to_grad(shared, aggregator)
-        return losses.detach()
-
-    def _fill_grad_cross_gramian(self, closure: Closure) -> Tensor:
-        params = self.params()
-        jacobians = []
-        for _ in range(2):
-            losses, _ = self._call_closure(closure)
-            rows = jac(losses.reshape(-1), params, parallel_chunk_size=self.parallel_chunk_size)
-            jacobians.append(torch.cat([j.flatten(1) for j in rows], dim=1))
-        cross_gramian = jacobians[0] @ jacobians[1].T
-        weights = self._method.module(cross_gramian)
-        losses, _ = self._call_closure(closure)
-        if losses.shape != weights.shape:
-            raise ValueError(
-                f"The closure returned losses of shape {tuple(losses.shape)} for the third batch but "
-                f"{tuple(weights.shape)} for the first two; every batch of a step must give the same "
-                "number of losses."
+        if changed:
+            self._warn_once(
+                "closure-backward",
+                "The closure computed gradients itself (it called backward()); step(closure) "
+                "fills .grad by Jacobian descent and discards them. Return the losses without "
+                "calling backward, or use optimizer.backward(losses) then optimizer.step().",
             )
-        torch.autograd.backward(losses, weights)
-        return losses.detach()
+        for param in params:
+            param.grad = None
+
+    # --- backward-then-step --------------------------------------------------------------------
+
+    def backward(self, losses: Any, *, features: Any = None) -> StepRecord:
+        """Fills ``.grad`` by Jacobian descent from losses of a forward pass you ran yourself.
+
+        ``.grad`` then holds the direction for every loss passed to ``backward`` since the last
+        :meth:`step` or :meth:`zero_grad` (the concatenation of the micro-batches along
+        ``batch_dim``, or, per task, their sum), plus whatever ``.grad`` held before the first of
+        them: calling it on ``k`` micro-batches and stepping once is exactly the step on the whole
+        batch. Clip, unscale or inspect ``.grad`` between this and :meth:`step`.
+
+        The engine must see the forward pass: with ``modules=`` it always does; otherwise it starts
+        watching module calls at the first ``backward`` (that first step takes an exact but
+        slower route). With a ``GradScaler``, pass ``scaler.scale(losses)``; an overflowing step
+        leaves non-finite ``.grad`` for the scaler to skip. Returns :attr:`last_step`.
+        """
+        given = losses if features is None else (losses, features)
+        try:
+            losses, features = self._checked(given)
+        except NonFiniteLossesError:
+            # Under a GradScaler this is an overflow to skip: non-finite .grad, and step() refuses.
+            self._window.clear()
+            self._window.finite = False
+            self.last_step = self._skip_step(check_losses(given, self._multi_task, finite=False)[0])
+            self._backward_calls += 1
+            return self.last_step
+        self._path.begin()
+        self._path.start_watching()
+        params = self.params()
+        window = self._window
+        if window.interrupted(params):
+            window.open(params)
+        scale = self._loss_scale(losses)
+        unscaled = losses / scale if scale != 1.0 else losses
+        saved_method_state = self._method.module.state_dict()
+        part = self._path.differentiate(unscaled, features, scale)
+        parts = [*window.parts, part]
+        for param in params:
+            param.grad = None
+        try:
+            combined = self._path.combine(parts)
+            try:
+                record = self._path.apply(combined)
+            except NonFiniteGramianError:
+                record = self._skip_step(combined.losses)
+        except BaseException:
+            self._method.module.load_state_dict(saved_method_state)
+            window.restore(params)
+            raise
+        window.parts = parts
+        window.finite = record.finite
+        window.write(params)
+        self._backward_calls += 1
+        self.last_step = record
+        return record
+
+    def _step_from_grad(self) -> None:
+        window = self._window
+        if not window.finite:
+            raise ValueError(
+                "The last backward() gave non-finite losses, Gramian or .grad (an overflow, or a "
+                "diverging model); the update is refused. Under float16, step through a GradScaler "
+                "(scaler.step(optimizer)), which skips such steps and lowers the scale."
+            )
+        if not window.parts:
+            if any(p.grad is not None for p in self.params()) and any(
+                g.get("lr", 1) != 0 for g in self.param_groups
+            ):
+                self._warn_once(
+                    "no-backward",
+                    "step() without a closure updates from .grad, but no optimizer.backward(losses) "
+                    "filled it since the last step: this is a plain gradient step, not Jacobian "
+                    "descent. Call optimizer.backward(losses) first (or step(closure)).",
+                )
+            self.optimizer.step()
+            return None
+        self.optimizer.step()
+        self._steps += 1
+        losses = self.last_step.losses if self.last_step is not None else None
+        window.clear()
+        if losses is not None:
+            self._notify_after_step(losses, None)
+        return None
+
+    # --- pieces of the step --------------------------------------------------------------------
+
+    def _checked(self, result: Any) -> tuple[Tensor, Any]:
+        losses, features = check_losses(result, self._multi_task)
+        if losses.ndim == 0 and self._method.needs_several_losses:
+            self._warn_once(
+                "scalar-loss",
+                f"The losses are a scalar, so {self._method.module!r} has nothing to combine and "
+                "the step is a plain gradient step. Return one loss per instance (reduction='none') "
+                "or per task; silence this with warnings.filterwarnings('ignore', 'The losses are a "
+                "scalar').",
+            )
+        return losses, features
+
+    def _skip_step(self, losses: Tensor) -> StepRecord:
+        """An overflowing step under loss scaling: non-finite ``.grad``, for the scaler to skip."""
+        for param in self.params():
+            param.grad = torch.full_like(param, float("nan"))
+        return StepRecord(losses.detach(), finite=False)
 
     def _update(self) -> None:
         if self.grad_scaler is None:
@@ -293,7 +399,13 @@ class JacobianDescent(Optimizer):
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
 
-    def _notify_after_step(self, losses: Tensor, closure: Closure) -> None:
+    def _loss_scale(self, like: Tensor) -> float:
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return 1.0
+        # scale() also sets the scaler up on the losses' device, as its step() expects.
+        return float(self.grad_scaler.scale(torch.ones((), device=like.device)))
+
+    def _notify_after_step(self, losses: Tensor, closure: Closure | None) -> None:
         listeners = [m for m in _method_parts(self._method.module) if isinstance(m, StepAware)]
         if not listeners:
             return
@@ -307,70 +419,28 @@ class JacobianDescent(Optimizer):
         for listener in listeners:
             listener.after_step(info)
 
-    def _evaluate(self, closure: Closure) -> Tensor:
-        with torch.no_grad():
-            losses, _ = self._call_closure(closure)
-        if self.distributed is not None:
-            return self.distributed.global_losses(losses, self)
-        return losses.detach()
-
-    # --- helpers -------------------------------------------------------------------------------
-
-    def _call_closure(self, closure: Closure, expect_features: bool = False) -> tuple[Tensor, Any]:
-        with torch.enable_grad(), watch_ddp(self.distributed is not None):
-            result = closure()
-        features: Any = None
-        if expect_features:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise TypeError(
-                    "In multi-task mode (shared_params=), the closure must return a pair "
-                    f"(losses, features), got {type(result).__name__}."
-                )
-            result, features = result
-        if not isinstance(result, Tensor):
+    def _evaluate(self, closure: Closure | None) -> Tensor:
+        if closure is None:
             raise TypeError(
-                f"The closure must return the loss tensor, got {type(result).__name__}. Use "
-                "reduction='none' in the loss function to get one loss per instance."
+                f"{self._method.module!r} re-evaluates the losses after the update, which needs "
+                "the closure: use optimizer.step(closure) with this method."
             )
-        if not result.is_floating_point():
-            raise TypeError(f"The losses must be floating-point, got dtype {result.dtype}.")
-        if result.numel() == 0:
-            raise ValueError(f"The closure returned no loss (shape {tuple(result.shape)}).")
-        if not result.requires_grad:
-            raise ValueError(
-                "The losses do not require grad: the closure must compute them from the "
-                "parameters, with gradients enabled."
-            )
-        check_finite(result.detach(), "The losses returned by the closure")
-        return result, features
+        with torch.no_grad():
+            losses = _values(closure())
+        return self._path.global_losses(losses)
 
-    @property
-    def _gramian_weighting(self) -> Weighting | GeneralizedWeighting:
-        module = self._method.module
-        assert isinstance(module, Weighting | GeneralizedWeighting)
-        return module
-
-    @property
-    def _jacobian_aggregator(self) -> Aggregator:
-        module = self._method.module
-        if isinstance(module, Aggregator):
-            return module
-        assert isinstance(module, Weighting)
-        return WeightedAggregator(module)
-
-    def _scaled(self, losses: Tensor) -> Tensor:
-        if self.grad_scaler is None:
-            return losses
-        return self.grad_scaler.scale(losses)
-
-    def _loss_scale(self) -> float:
-        assert self.grad_scaler is not None
-        return float(self.grad_scaler.get_scale())
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def _get_engine(self) -> Engine:
         params = self.params()
         key = tuple(id(p) for p in params)
         if self._engine is None or key != self._engine_key:
+            if self._engine is not None:
+                self._path.stop_watching()
+                self._engine.close()
             if self._modules is not None:
                 self._engine = Engine(*self._modules, batch_dim=self.batch_dim)
             else:
@@ -392,39 +462,194 @@ class JacobianDescent(Optimizer):
     # --- torch.optim citizenship ---------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clears ``.grad`` like torch.optim and the ``.jac`` fields autojac may have left."""
+        """Clears ``.grad`` like torch.optim, and starts a new accumulation window."""
         super().zero_grad(set_to_none)
         clear_jac(self.params())
+        self._window.clear()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state, the method's state and the step count."""
-        state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved (into a fresh optimizer and method, too).
+
+        The layout is torch's (``state``, ``param_groups``) plus a ``"jdoptim"`` entry with the
+        method's state and the step count. Everything is checked before anything changes.
+        """
+        state_dict = split_legacy_state_dict(state_dict)
+        self._check_groups_match(state_dict)
+        jd_state = state_dict.get(JD_STATE_KEY)
+        saved_jd_state = self.jd_state_dict()
+        if jd_state is not None:
+            self.load_jd_state_dict(jd_state)
+        elif isinstance(self._method.module, Stateful) or self._steps:
+            self._warn_once(
+                "no-jd-state",
+                "This state dict has no 'jdoptim' entry (torch.distributed.checkpoint keeps only "
+                "'state' and 'param_groups'): the wrapped optimizer is restored, the method's state "
+                "and the step count are not. Save optimizer.jd_state_dict() beside it and restore "
+                "it with optimizer.load_jd_state_dict(...).",
+            )
+        try:
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != JD_STATE_KEY})
+        except BaseException:
+            self.load_jd_state_dict(saved_jd_state)
+            raise
+
+    def jd_state_dict(self) -> dict[str, Any]:
+        """jdoptim's own state: the method's state and type, the step count, the ``GradScaler``.
+
+        :meth:`state_dict` holds it under ``"jdoptim"``; save it separately where only torch's
+        ``state`` and ``param_groups`` travel (``torch.distributed.checkpoint``).
+        """
+        jd_state: dict[str, Any] = {
             "method": self._method.module.state_dict(),
+            "method_type": type(self._method.module).__name__,
             "steps": self._steps,
         }
         if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
-        return state
+            jd_state["grad_scaler"] = self.grad_scaler.state_dict()
+        return jd_state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` saved (into a fresh optimizer and method, too)."""
-        missing = {"optimizer", "method", "steps"} - set(state_dict)
-        if missing:
+    def load_jd_state_dict(self, jd_state: dict[str, Any]) -> None:
+        """Restores what :meth:`jd_state_dict` saved; checked first, nothing changes on error."""
+        jd_state = jd_state_of({JD_STATE_KEY: jd_state}, type(self).__name__)
+        check_method_type(jd_state, type(self._method.module).__name__)
+        saved = self._method.module.state_dict()
+        try:
+            self._method.module.load_state_dict(jd_state["method"])
+            if self.grad_scaler is not None and "grad_scaler" in jd_state:
+                self.grad_scaler.load_state_dict(jd_state["grad_scaler"])
+        except BaseException:
+            self._method.module.load_state_dict(saved)
+            raise
+        self._steps = int(jd_state["steps"])
+
+    def _check_groups_match(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or "state" not in state_dict:
             raise ValueError(
-                f"Not a {type(self).__name__} state dict: missing {sorted(missing)}. A plain "
-                "torch optimizer's state dict goes to the wrapped optimizer: "
-                "jd.optimizer.load_state_dict(...)."
+                "Not an optimizer state dict: it needs 'state' and 'param_groups' (as saved by "
+                "state_dict())."
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._method.module.load_state_dict(state_dict["method"])
-        self._steps = int(state_dict["steps"])
-        if self.grad_scaler is not None and "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"The state dict has {len(groups)} parameter groups, this optimizer "
+                f"{len(self.param_groups)}."
+            )
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            missing = sorted(set(self.optimizer.defaults) - set(saved))
+            if missing:
+                raise ValueError(
+                    f"param_groups[{index}] of the state dict lacks {missing}: it was saved by "
+                    f"another kind of optimizer than {type(self.optimizer).__name__}."
+                )
+            if len(saved.get("params", [])) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{index}] of the state dict has {len(saved.get('params', []))} "
+                    f"parameters, this optimizer's {len(group['params'])}."
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is not None and {"state", "param_groups"} <= set(state):
+            inner.__setstate__({"state": state["state"], "param_groups": state["param_groups"]})
+            state = {k: v for k, v in state.items() if k not in ("state", "param_groups")}
+        super().__setstate__(state)
 
     def __repr__(self) -> str:
-        options = f"{self._method.path}: {self._method.module!r}, batch_dim={self.batch_dim}"
+        options = f"{self._method.kind.value}: {self._method.module!r}, batch_dim={self.batch_dim}"
         return f"{type(self).__name__}({self.optimizer!r}, {options})"
+
+
+class _Window:
+    """The micro-batches given to ``backward`` since the last step, and the ``.grad`` they wrote.
+
+    Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
+    is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
+    (the user zeroed or replaced it), the next ``backward`` opens a new window.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self.base: list[Tensor | None] = []
+        self.written: list[Tensor | None] = []
+        self.finite = True
+
+    def clear(self) -> None:
+        self.parts, self.base, self.written = [], [], []
+        self.finite = True
+
+    def interrupted(self, params: list[Tensor]) -> bool:
+        if not self.parts or len(params) != len(self.written):
+            return True
+        return any(p.grad is not w for p, w in zip(params, self.written, strict=True))
+
+    def open(self, params: list[Tensor]) -> None:
+        self.parts = []
+        self.base = [p.grad for p in params]
+        self.written = list(self.base)
+
+    def restore(self, params: list[Tensor]) -> None:
+        for param, grad in zip(params, self.written, strict=True):
+            param.grad = grad
+
+    def write(self, params: list[Tensor]) -> None:
+        for param, base in zip(params, self.base, strict=True):
+            if base is not None:
+                param.grad = base.clone() if param.grad is None else param.grad + base
+        self.written = [p.grad for p in params]
+
+
+def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    assert isinstance(optimizer, JacobianDescent)
+    state_dict[JD_STATE_KEY] = optimizer.jd_state_dict()
+    return state_dict
+
+
+def _inner_or(optimizer: Optimizer, name: str, fallback: str) -> Any:
+    """``name`` of the wrapped optimizer; until it is set, what ``Optimizer.__init__`` stored."""
+    inner = optimizer.__dict__.get("optimizer")
+    if inner is not None:
+        return getattr(inner, name)
+    if fallback in optimizer.__dict__:
+        return optimizer.__dict__[fallback]
+    # A wrapper whose class subclasses ours without running our __init__ (Lightning's
+    # LightningOptimizer): AttributeError makes Python ask the wrapper's __getattr__, which forwards.
+    raise AttributeError(name)
+
+
+def _set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) -> None:
+    inner = optimizer.__dict__.get("optimizer")
+    if inner is None and fallback not in optimizer.__dict__:
+        inner = _forwarded_inner(optimizer)
+    if inner is not None:
+        setattr(inner, name, value)
+        return
+    optimizer.__dict__[fallback] = value
+
+
+def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
+    """The wrapped torch optimizer, reached through a forwarding wrapper's ``__getattr__``."""
+    forward = getattr(type(optimizer), "__getattr__", None)
+    if forward is None:
+        return None
+    try:
+        inner = forward(optimizer, "optimizer")
+    except AttributeError:
+        return None
+    return inner if isinstance(inner, Optimizer) else None
+
+
+def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:
+    optimizer = ref()
+    if optimizer is None:
+        raise RuntimeError("The optimizer of this step path was garbage-collected.")
+    return optimizer
+
+
+def _values(result: Any) -> Tensor:
+    losses = result[0] if isinstance(result, tuple) else result
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"The closure must return the loss tensor, got {type(losses).__name__}.")
+    return losses.detach()
 
 
 def _as_module_list(modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
@@ -432,32 +657,6 @@ def _as_module_list(modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]
     if not result or not all(isinstance(m, nn.Module) for m in result):
         raise TypeError("modules must be a Module or a non-empty iterable of Modules.")
     return result
-
-
-def _needs_gramian(weighting: Weighting | GeneralizedWeighting) -> bool:
-    if isinstance(weighting, Flattening):
-        return weighting.weighting.requires_values
-    if isinstance(weighting, Weighting):
-        return weighting.requires_values
-    return True
-
-
-def _weights(weighting: Weighting | GeneralizedWeighting, gramian: Tensor) -> Tensor:
-    """Weights for a (generalized) Gramian; a plain weighting is flattened for ndim > 2."""
-    if isinstance(weighting, Weighting) and gramian.ndim != 2:
-        if gramian.ndim == 0:
-            raise ValueError("A scalar loss needs no weighting.")
-        return Flattening(weighting)(gramian)
-    return weighting(gramian)
-
-
-def _gramian_aggregator(weighting: Weighting | GeneralizedWeighting) -> Aggregator:
-    if not isinstance(weighting, Weighting):
-        raise TypeError(
-            f"Multi-task mode needs a Weighting of [T, T] Gramians, got {weighting!r}; generalized "
-            "weightings apply to instance-wise multi-task losses without shared_params."
-        )
-    return GramianWeightedAggregator(weighting)
 
 
 def _method_parts(module: nn.Module) -> list[nn.Module]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import _Named
+from jdoptim._named import Named as _Named
 from jdoptim.linalg import check_finite, check_tensor
 
 
@@ -88,6 +89,16 @@ def check_number(value: object, name: str, *, positive: bool) -> float:
         bound = "strictly positive" if positive else "non-negative"
         raise ValueError(f"{name} must be {bound}, got {value}.")
     return float(value)
+
+
+def numbers_table(**positive_by_name: bool) -> Mapping[str, Callable[[object], float]]:
+    """A ``hyper_parameters`` table of real hyper-parameters checked by :func:`check_number`
+    (``True``: strictly positive, ``False``: non-negative) on every assignment."""
+
+    def validator(name: str, strictly: bool) -> Callable[[object], float]:
+        return lambda value: check_number(value, name, positive=strictly)
+
+    return MappingProxyType({n: validator(n, p) for n, p in positive_by_name.items()})
 
 
 def short_repr(tensor: Tensor | None) -> str:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
+from jdoptim.scalarization._bases import (
+    PreferenceScalarizer,
+    check_number,
+    numbers_table,
+    short_repr,
+)
 
 
 class COSMOS(PreferenceScalarizer):
@@ -21,6 +27,8 @@ class COSMOS(PreferenceScalarizer):
         weights: preference ``r`` (non-negative, shape of the losses).
     """
 
+    hyper_parameters = numbers_table(lambda_=False)
+
     def __init__(self, lambda_: float, weights: Tensor) -> None:
         if weights is None:
             raise TypeError("COSMOS needs weights: a preference tensor with one entry per loss.")
@@ -32,7 +40,10 @@ class COSMOS(PreferenceScalarizer):
             raise TypeError("COSMOS needs weights: a preference tensor with one entry per loss.")
         preference = self._matched(self.weights, values, "weights")
         linear = (preference * values).sum()
-        cosine: Tensor = linear / (preference.norm() * values.norm())
+        norms = preference.norm() * values.norm()
+        # All-zero losses have no direction: their cosine term is 0 (and so is its gradient).
+        safe_norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        cosine = torch.where(norms > 0, linear / safe_norms, torch.zeros_like(linear))
         return linear - self.lambda_ * cosine
 
     def _repr_args(self) -> str:

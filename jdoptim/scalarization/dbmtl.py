@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from jdoptim.scalarization._bases import Scalarizer, check_number
+from jdoptim.scalarization._bases import Scalarizer, check_number, numbers_table
 
 
 class DBMTL(Scalarizer):
@@ -24,6 +24,8 @@ class DBMTL(Scalarizer):
         eps: added to each loss before the logarithm (the reference code uses ``1e-8``).
     """
 
+    hyper_parameters = numbers_table(eps=False)
+
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
         self.eps = check_number(eps, "eps", positive=False)
@@ -33,7 +35,7 @@ class DBMTL(Scalarizer):
         if bool((shifted <= 0).any()):
             raise ValueError(
                 "DBMTL takes log(loss + eps): every loss must be greater than -eps, but the "
-                f"smallest is {float(values.min()):.3g}."
+                f"smallest is {float(values.detach().min()):.3g}."
             )
         return shifted.log().sum()
 

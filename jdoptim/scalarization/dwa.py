@@ -7,7 +7,7 @@ from torch import Tensor
 
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepInfo
-from jdoptim.scalarization._bases import Scalarizer, check_number, check_value_shape
+from jdoptim.scalarization._bases import Scalarizer, check_number, check_value_shape, numbers_table
 
 
 class DWA(Stateful, Scalarizer):
@@ -30,6 +30,8 @@ class DWA(Stateful, Scalarizer):
         temperature: ``T > 0`` (the paper uses 2).
         steps_per_epoch: number of :meth:`after_step` calls per epoch; ``None``: call :meth:`step`.
     """
+
+    hyper_parameters = numbers_table(temperature=True)
 
     def __init__(self, temperature: float = 2.0, steps_per_epoch: int | None = None) -> None:
         super().__init__()

@@ -17,6 +17,7 @@ from jdoptim.scalarization._bases import (
     check_loss_like,
     check_number,
     check_value_shape,
+    numbers_table,
     short_repr,
 )
 
@@ -48,6 +49,8 @@ class FAMO(Stateful, Scalarizer):
         lr: Adam's learning rate for the logits (the paper uses 0.025).
         weight_decay: L2 regularisation of the logits (the paper's ``γ``).
     """
+
+    hyper_parameters = numbers_table(lr=False, weight_decay=False)
 
     min_losses: Tensor
 
@@ -145,7 +148,7 @@ class FAMO(Stateful, Scalarizer):
         if bool((shifted < 0).any()):
             raise ValueError(
                 "FAMO takes log(loss - min_loss): every loss must be at least its min_losses entry "
-                f"(zero by default), but the smallest gap is {float(shifted.min()):.3g}."
+                f"(zero by default), but the smallest gap is {float(shifted.detach().min()):.3g}."
             )
         return shifted + _LOG_EPS
 

@@ -19,6 +19,6 @@ class GeometricMean(Scalarizer):
         if bool((values <= 0).any()):
             raise ValueError(
                 "GeometricMean needs strictly positive losses (it takes their logarithm); got a "
-                f"minimum of {float(values.min()):.3g}. Shift the losses or use another scalarizer."
+                f"minimum of {float(values.detach().min()):.3g}. Shift the losses or use another scalarizer."
             )
         return values.log().mean().exp()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
+from jdoptim.linalg import power_of_two_scale
+from jdoptim.scalarization._bases import (
+    PreferenceScalarizer,
+    check_number,
+    numbers_table,
+    short_repr,
+)
 
 # Added under the square root of d₂ so that its gradient stays finite when the losses lie exactly
 # on the preference direction (d₂ = 0); it shifts the result by at most 1e-6 there.
@@ -24,6 +30,8 @@ class PBI(PreferenceScalarizer):
         reference: ideal point ``z*`` (a lower bound of the losses); ``None``: the origin.
     """
 
+    hyper_parameters = numbers_table(theta=False)
+
     def __init__(self, theta: float, weights: Tensor, reference: Tensor | None = None) -> None:
         if weights is None:
             raise TypeError("PBI needs weights: a preference tensor with one entry per loss.")
@@ -37,7 +45,13 @@ class PBI(PreferenceScalarizer):
         direction = direction / direction.norm()
         shifted = self._shifted(values).flatten()
         d1: Tensor = shifted @ direction
-        d2: Tensor = ((shifted - d1 * direction).square().sum() + _D2_EPS).sqrt()
+        residual = shifted - d1 * direction
+        # √(‖r‖² + ε) = s √(‖r/s‖² + ε/s²) with s an exact power of two near max |r|: squares of
+        # huge or tiny losses would overflow or underflow.
+        scale = power_of_two_scale(residual)
+        d2: Tensor = (
+            scale * ((residual / scale).square().sum() + (_D2_EPS**0.5 / scale) ** 2).sqrt()
+        )
         return d1 + self.theta * d2
 
     def _repr_args(self) -> str:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.scalarization._bases import PreferenceScalarizer, check_number, short_repr
+from jdoptim.scalarization._bases import (
+    PreferenceScalarizer,
+    check_number,
+    numbers_table,
+    short_repr,
+)
 
 
 class STCH(PreferenceScalarizer):
@@ -20,6 +25,8 @@ class STCH(PreferenceScalarizer):
         reference: ideal point ``z*`` (shape of the losses); ``None``: no shift.
     """
 
+    hyper_parameters = numbers_table(mu=True)
+
     def __init__(
         self, mu: float, weights: Tensor | None = None, reference: Tensor | None = None
     ) -> None:
@@ -32,7 +39,10 @@ class STCH(PreferenceScalarizer):
             weighted = shifted / values.numel()
         else:
             weighted = self._matched(self.weights, values, "weights") * shifted
-        return self.mu * torch.logsumexp(weighted.flatten() / self.mu, dim=0)
+        # μ log Σ exp(x/μ) = max x + μ log Σ exp((x - max x)/μ): x/μ alone overflows for small μ.
+        flat = weighted.flatten()
+        largest = flat.detach().max()
+        return largest + self.mu * torch.logsumexp((flat - largest) / self.mu, dim=0)
 
     def _repr_args(self) -> str:
         return (

@@ -125,3 +125,46 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="square"):
         CAGradWeighting(c=0.5)(torch.ones(2, 3))
     assert repr(CAGrad(0.5)) == "CAGrad(c=0.5, norm_eps=0.0001, reg_eps=1e-10)"
+
+
+def test_setting_c_on_the_aggregator_reaches_the_weighting_and_is_validated() -> None:
+    matrix = jacobian_from_seed(0, 3, 5, rank=3)
+    aggregator = CAGrad(c=0.1)
+    aggregator.c = 5.0
+    assert aggregator.weighting.c == 5.0 and aggregator.c == 5.0  # type: ignore[attr-defined]
+    torch.testing.assert_close(aggregator(matrix), CAGrad(c=5.0)(matrix))
+    with pytest.raises(ValueError, match="c must be non-negative"):
+        aggregator.c = -1.0
+    with pytest.raises(ValueError, match="c must be non-negative"):
+        aggregator.weighting.c = -1.0  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="c must be a real number"):
+        aggregator.c = "big"
+    assert aggregator.c == 5.0
+
+
+def test_jacobian_that_requires_grad_is_aggregated_without_a_graph() -> None:
+    """The solver is not differentiable: the result does not require grad (no wrong graph)."""
+    matrix = jacobian_from_seed(0, 3, 5, rank=3).requires_grad_()
+    result = CAGrad(c=0.5)(matrix)
+    assert not result.requires_grad
+    torch.testing.assert_close(result, CAGrad(c=0.5)(matrix.detach()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [1.0, 2.0, 5.0])
+def test_zero_in_the_hull_gives_no_conflict_for_c_at_least_one(
+    c: float, dtype: torch.dtype
+) -> None:
+    """With 0 strictly inside the rows' hull and rank J = n, only d = 0 has J d ≥ 0, and the ball
+    holds 0 when c ≥ 1: the optimum is d = 0, also when the float32 Gramian rounds to an
+    indefinite matrix."""
+    for seed in range(30):
+        generator = torch.Generator().manual_seed(seed)
+        base = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+        positive = torch.rand(3, generator=generator, dtype=torch.float64) + 0.1
+        jacobian = torch.cat([base, -(positive @ base)[None]])
+        direction = CAGrad(c)(jacobian.to(dtype)).double()
+        scale = float(jacobian.norm(dim=1).max())
+        # CAGrad is exact to about sqrt(reg_eps) of the radius on singular Gramians.
+        assert float((jacobian @ direction).min()) >= -1e-4 * c * scale**2
+        assert float(direction.norm()) <= 1e-4 * c * scale

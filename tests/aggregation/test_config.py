@@ -93,3 +93,7 @@ def test_weighting_form_equals_the_jacobian_form(rows: int, cols: int, rank: int
     from_gramian = ConFIGWeighting(pref)(jacobian @ jacobian.T) @ jacobian
     from_jacobian = ConFIG(pref)(jacobian)
     torch.testing.assert_close(from_gramian, from_jacobian, rtol=1e-8, atol=1e-10)
+
+
+def test_no_parameters_give_an_empty_direction() -> None:
+    assert ConFIG()(torch.zeros(3, 0)).shape == (0,)

@@ -167,3 +167,17 @@ def test_the_optimizer_drives_alpha_through_after_step() -> None:
         scheduler.step()
     # Steps were taken at lr 0.1, 0.05, 0.025.
     assert alphas == pytest.approx([0.0, 0.5, 0.75])
+
+
+def test_setting_alpha_during_training_is_used_and_validated() -> None:
+    weighting = CRMOGMWeighting(MGDAWeighting(), alpha=0.9)
+    first = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    second = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    weighting(first)
+    weighting.alpha = 0.0  # no averaging from now on
+    torch.testing.assert_close(weighting(second), MGDAWeighting()(second))
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        weighting.alpha = 1.5
+    aggregator = GramianWeightedAggregator(CRMOGMWeighting(MGDAWeighting()))
+    aggregator.alpha = 0.25
+    assert aggregator.weighting.alpha == 0.25  # type: ignore[attr-defined]

@@ -98,3 +98,12 @@ def test_bad_arguments_and_inputs() -> None:
         method(torch.ones(2, 4))
     with pytest.raises(ValueError):
         method(torch.ones(3))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_float32_jacobians_of_extreme_scale_give_finite_directions(scale: float) -> None:
+    matrix = jacobian_sequence(1)[0]
+    expected = DualBalancing()(matrix) * scale
+    result = DualBalancing()((matrix * scale).float())
+    assert torch.isfinite(result).all()
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=0.0)

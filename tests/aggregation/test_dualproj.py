@@ -8,8 +8,14 @@ import torchjd.aggregation as peer
 from hypothesis import given, settings
 from torch import Tensor
 
+from benchmarks.count_ops import drifting_gramians
 from jdoptim.aggregation import DualProj, DualProjWeighting
 from tests.aggregation._jacobians import gramian, jacobians, non_conflicting_jacobians
+from tests.aggregation._stateful_checks import (
+    assert_reset_restarts,
+    assert_resumes_identically,
+    assert_state_follows_dtype,
+)
 
 
 def test_hand_computed() -> None:
@@ -73,3 +79,15 @@ def test_bad_reg_eps() -> None:
 def test_repr() -> None:
     assert repr(DualProj()) == "DualProj(pref_vector=None, reg_eps=0.0001, solver='auto')"
     assert str(DualProj()) == "DualProj" and str(DualProjWeighting()) == "DualProj"
+
+
+def test_warm_start_state_round_trips_and_keeps_results() -> None:
+    inputs = drifting_gramians("low-rank", 24, 5, dtype=torch.float64)
+    assert_resumes_identically(lambda: DualProjWeighting(solver="active_set"), inputs, split=2)
+    assert_reset_restarts(DualProjWeighting, inputs)
+    assert_state_follows_dtype(DualProjWeighting, inputs)
+    warm = DualProjWeighting(solver="active_set")
+    for gramian_t in inputs:
+        expected = DualProjWeighting(solver="quadprog")(gramian_t)
+        torch.testing.assert_close(warm(gramian_t), expected, rtol=1e-8, atol=0)
+    assert warm._state["solutions"].shape == (1, 24)

@@ -89,3 +89,14 @@ def test_bad_arguments_and_inputs() -> None:
     weighting(torch.eye(3))
     with pytest.raises(ValueError, match="call reset"):
         weighting(torch.eye(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_eps_zero_gives_scale_free_directions(dtype: torch.dtype, scale: float) -> None:
+    matrix = jacobian_from_seed(4, 4, 6, rank=4)
+    torch.manual_seed(0)
+    expected = GradVac(eps=0.0)(matrix)
+    torch.manual_seed(0)
+    result = GradVac(eps=0.0)((matrix * scale).to(dtype)).double() / scale
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

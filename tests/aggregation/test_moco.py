@@ -81,3 +81,26 @@ def test_bad_arguments_and_inputs() -> None:
         moco(torch.ones(3, 3))
     with pytest.raises(ValueError, match="shape"):
         moco(torch.ones(2, 4))
+
+
+def test_float32_jacobian_of_large_gradients_keeps_weights_on_the_simplex() -> None:
+    """Gradients around 1e5 in float32: the step is a convex combination of the tracked rows."""
+    jacobian = (jacobian_from_seed(0, 3, 4, rank=3) * 1e5).float()
+    moco = MoCo()
+    direction = moco(jacobian)
+    weights = moco._state["weights"]
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    assert float(direction.norm()) <= float(jacobian.norm(dim=1).max())
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_float32_jacobians_of_extreme_scale_give_finite_directions(scale: float) -> None:
+    matrix = jacobian_from_seed(1, 3, 5, rank=3)
+    moco = MoCo()
+    result = moco((matrix * scale).float())
+    assert torch.isfinite(result).all()
+    weights = moco._state["weights"]
+    assert bool((weights >= 0).all())
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    # The first tracked rows are J / 2: the direction is a convex combination of them.
+    torch.testing.assert_close(result, weights @ (matrix * scale).float() / 2)

@@ -66,3 +66,11 @@ def test_bad_arguments_and_inputs() -> None:
     weighting(torch.eye(2))
     with pytest.raises(ValueError, match="call reset"):
         weighting(torch.eye(3))
+
+
+def test_float32_cross_gramian_of_large_gradients_keeps_weights_on_the_simplex() -> None:
+    """Gradients around 1e5 (entries ~1e10, beyond 1/eps of float32): weights still sum to 1."""
+    matrix = (torch.tensor([[4.0, -1.0, 0.5], [-1.0, 2.0, 0.0], [0.5, 0.0, 3.0]]) * 1e10).float()
+    weights = MoDoWeighting()(matrix)
+    assert bool((weights >= 0).all())
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))

@@ -163,3 +163,31 @@ def test_zero_secondary_rows_with_eps_zero_stay_finite() -> None:
     two_rows = jacobian[[0, 2]]
     expected = PCDWeighting(tau=0.5, beta=0.0, eps=0.0)(two_rows @ two_rows.T) @ two_rows
     torch.testing.assert_close(weights @ jacobian, expected)
+
+
+def test_inconsistent_constraints_are_relaxed_together() -> None:
+    """Secondaries g and -g cannot both gain: the guarantees are relaxed to g̃ⱼᵀd ≥ 0, so d is the
+    primary gradient projected onto g's orthogonal complement, rescaled to its norm; earlier
+    calls do not change that (no NaN)."""
+    g = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    primary = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    jacobian = torch.stack([primary, g, -g])
+    projected = primary - (primary @ g) / (g @ g) * g
+    expected = projected * primary.norm() / projected.norm()
+    torch.testing.assert_close(PCD()(jacobian), expected)
+    warmed = PCD()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        warmed(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    direction = warmed(jacobian)
+    assert torch.isfinite(direction).all()
+    assert abs(float(g @ direction)) <= 1e-9 and float(primary @ direction) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_eps_zero_gives_scale_free_directions(dtype: torch.dtype, scale: float) -> None:
+    matrix = jacobian_from_seed(4, 4, 6, rank=4)
+    expected = PCD(tau=0.3, eps=0.0)(matrix)
+    result = PCD(tau=0.3, eps=0.0)((matrix * scale).to(dtype)).double() / scale
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -10,19 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from jdoptim import JDSGD, Stateful
-from jdoptim.aggregation import (
-    PCD,
-    CRMOGMWeighting,
-    DualBalancing,
-    ExcessMTL,
-    GradNormWeighting,
-    GradVac,
-    MGDAWeighting,
-    MoCo,
-    MoDoWeighting,
-    SDMGradWeighting,
-)
 from tests.aggregation._jacobians import jacobian_from_seed
+from tests.aggregation._methods import METHODS, Method
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
@@ -31,25 +20,19 @@ def jacobian(seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return jacobian_from_seed(seed, 3, 5, rank=3, dtype=dtype)
 
 
-def cross(seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    return jacobian(seed, dtype) @ jacobian(seed + 50, dtype).T
+def input_maker(method: Method) -> Callable[[int, torch.dtype], Tensor]:
+    """Call ``k``'s input: the Jacobian of seed ``k`` in the form the method takes."""
+    return lambda k, dtype: method.input_of(jacobian(k, dtype), jacobian(k + 50, dtype))
 
 
-# (name, factory, input for call k)
+def maker(method: Method) -> Callable[[], nn.Module]:
+    return lambda: method.make(3)
+
+
+STATEFUL = [method for method in METHODS if method.traits.stateful]
+# (name, factory, input for call k), every stateful method of the traits table
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[int, torch.dtype], Tensor]]] = [
-    ("SDMGrad", lambda: SDMGradWeighting(lr=0.5), cross),
-    ("MoDo", MoDoWeighting, cross),
-    ("GradVac", GradVac, jacobian),
-    ("PCD", lambda: PCD(tau=0.3), jacobian),
-    ("ExcessMTL", ExcessMTL, jacobian),
-    (
-        "CRMOGM",
-        lambda: CRMOGMWeighting(MGDAWeighting(), alpha=0.5),
-        lambda k, d: jacobian(k, d) @ jacobian(k, d).T,
-    ),
-    ("MoCo", MoCo, jacobian),
-    ("GradNorm", GradNormWeighting, lambda k, d: jacobian(k, d) @ jacobian(k, d).T),
-    ("DualBalancing", DualBalancing, jacobian),
+    (method.name, maker(method), input_maker(method)) for method in STATEFUL
 ]
 cases = pytest.mark.parametrize(("name", "make", "data"), CASES, ids=[c[0] for c in CASES])
 
@@ -114,15 +97,14 @@ def test_instances_do_not_share_state_and_repr_names_the_method(
     assert repr(first).startswith(type(first).__name__ + "(")
 
 
+def optimizer_arguments(method: Method) -> Callable[[], dict[str, nn.Module]]:
+    key = "aggregator" if method.is_aggregator else "weighting"
+    return lambda: {key: method.make(6)}
+
+
 # Methods as the optimizers take them: (name, keyword arguments of JDSGD, batches per step).
 OPTIMIZER_CASES: list[tuple[str, Callable[[], dict[str, nn.Module]], int]] = [
-    ("SDMGrad", lambda: {"weighting": SDMGradWeighting(lr=0.5)}, 3),
-    ("MoDo", lambda: {"weighting": MoDoWeighting()}, 3),
-    ("GradVac", lambda: {"aggregator": GradVac()}, 1),
-    ("PCD", lambda: {"aggregator": PCD()}, 1),
-    ("ExcessMTL", lambda: {"aggregator": ExcessMTL()}, 1),
-    ("CRMOGM", lambda: {"weighting": CRMOGMWeighting(MGDAWeighting(), alpha=0.5)}, 1),
-    ("MoCo", lambda: {"aggregator": MoCo()}, 1),
+    (m.name, optimizer_arguments(m), 3 if m.input_kind == "cross_gramian" else 1) for m in STATEFUL
 ]
 
 

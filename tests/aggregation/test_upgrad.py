@@ -8,12 +8,18 @@ import torchjd.aggregation as peer
 from hypothesis import given, settings
 from torch import Tensor
 
+from benchmarks.count_ops import count, drifting_gramians
 from jdoptim.aggregation import UPGrad, UPGradWeighting
 from tests.aggregation._jacobians import (
     gramian,
     jacobian_from_seed,
     jacobians,
     non_conflicting_jacobians,
+)
+from tests.aggregation._stateful_checks import (
+    assert_reset_restarts,
+    assert_resumes_identically,
+    assert_state_follows_dtype,
 )
 
 
@@ -103,3 +109,62 @@ def test_repr() -> None:
         "UPGradWeighting(pref_vector=tensor([1, 2]), reg_eps=0.0, solver='auto')"
     )
     assert str(UPGrad()) == "UPGrad" and str(UPGradWeighting()) == "UPGrad"
+
+
+def test_setting_pref_vector_on_the_aggregator_reaches_the_weighting_and_is_validated() -> None:
+    matrix = torch.tensor([[1.0, 0.0], [-0.5, 1.0], [0.2, 0.3]], dtype=torch.float64)
+    aggregator = UPGrad()
+    preference = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    aggregator.pref_vector = preference
+    assert torch.equal(aggregator.weighting.pref_vector, preference)  # type: ignore[arg-type]
+    torch.testing.assert_close(aggregator(matrix), UPGrad(pref_vector=preference)(matrix))
+    with pytest.raises(ValueError, match="non-negative"):
+        aggregator.pref_vector = torch.tensor([-1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="reg_eps must be non-negative"):
+        aggregator.reg_eps = -1e-3
+    with pytest.raises(ValueError, match="solver must be one of"):
+        aggregator.solver = "cvxpy"
+    assert torch.equal(aggregator.pref_vector, preference)
+
+
+def drifting(size: int, steps: int) -> list[Tensor]:
+    return drifting_gramians("random", size, steps, dtype=torch.float64)
+
+
+def test_checkpoint_resumes_bit_identically_and_reset_restarts() -> None:
+    inputs = drifting(12, 5)
+    assert_resumes_identically(lambda: UPGradWeighting(solver="active_set"), inputs, split=2)
+    assert_reset_restarts(lambda: UPGradWeighting(solver="active_set"), inputs)
+    assert_state_follows_dtype(UPGradWeighting, inputs)
+
+
+@pytest.mark.parametrize("solver", ["auto", "active_set", "batched"])
+def test_warm_start_keeps_the_result_of_a_cold_start(solver: str) -> None:
+    warm = UPGradWeighting(solver=solver)  # type: ignore[arg-type]
+    for gramian_t in drifting(40, 4):
+        cold = UPGradWeighting(solver="quadprog")(gramian_t)
+        torch.testing.assert_close(warm(gramian_t), cold, rtol=1e-8, atol=0)
+    assert warm._state["solutions"].shape == (40, 40)
+
+
+def test_state_is_replaced_when_the_number_of_objectives_changes() -> None:
+    weighting = UPGradWeighting(solver="active_set")
+    weighting(drifting(6, 1)[0])
+    result = weighting(drifting(9, 1)[0])
+    assert weighting._state["solutions"].shape == (9, 9)
+    torch.testing.assert_close(result, UPGradWeighting(solver="quadprog")(drifting(9, 1)[0]))
+
+
+@pytest.mark.parametrize("kind", ["random", "low-rank", "near-duplicate"])
+@pytest.mark.parametrize("size", [2, 16, 64])
+def test_active_set_solver_operation_counts(kind: str, size: int) -> None:
+    """At most 300 aten ops per call and one host sync in the solver (the weighting's input and
+    output checks add their own), cold; fewer ops from a warm start on a drifting sequence."""
+    weighting = UPGradWeighting(solver="active_set")
+    first, *following = drifting_gramians(kind, size, 3)
+    cold = count(weighting, first)
+    assert cold.operations <= 300
+    assert count(UPGradWeighting(solver="active_set").forward, first).syncs == 1
+    for gramian_t in following:
+        warm = count(weighting, gramian_t)
+        assert warm.operations < cold.operations and warm.syncs <= cold.syncs

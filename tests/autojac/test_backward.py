@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from jdoptim.autojac import backward, clear_jac
 from tests.autojac._models import MODELS, jacobian_rows, losses_of, make
@@ -51,7 +52,8 @@ def test_non_leaf_input_and_unreached_input() -> None:
     other = torch.ones(3, dtype=torch.float64, requires_grad=True)
     backward(hidden.sin(), [hidden, other])
     torch.testing.assert_close(hidden.jac, torch.diag(hidden.detach().cos()))  # type: ignore[attr-defined]
-    assert torch.equal(other.jac, torch.zeros(2, 3, dtype=torch.float64))  # type: ignore[attr-defined]
+    # Like .grad, an unreached input gets no Jacobian (None), not a zero one.
+    assert other.jac is None  # type: ignore[attr-defined]
     assert x.grad is None and not hasattr(x, "jac")
 
 
@@ -75,3 +77,32 @@ def test_errors() -> None:
         backward(w * 2, [torch.ones(3)])
     with pytest.raises(ValueError, match=r"tensors\[0\].*does not depend"):
         backward(w * 2, [torch.ones(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Embedding(10, 3, sparse=True), nn.EmbeddingBag(10, 3, sparse=True)],
+    ids=["Embedding", "EmbeddingBag"],
+)
+def test_sparse_gradient_modules_are_rejected_before_anything_changes(module: nn.Module) -> None:
+    head = nn.Linear(3, 1)
+    indices = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    embedded = module(indices) if isinstance(module, nn.EmbeddingBag) else module(indices).sum(1)
+    losses = head(embedded).squeeze(-1)
+    with pytest.raises(
+        ValueError, match=r"sparse gradients \(its weight of shape \(10, 3\)\).*sparse=False"
+    ):
+        backward(losses)
+    assert all(
+        not hasattr(p, "jac") and p.grad is None for p in [*module.parameters(), *head.parameters()]
+    )
+
+
+def test_jac_tensors_left_multiply_the_jacobian() -> None:
+    model, x, y = make("mlp")
+    losses = losses_of(model, x, y)
+    initial = torch.randn(2, *losses.shape, dtype=losses.dtype)
+    backward(losses, jac_tensors=initial)
+    for param, expected in zip(model.parameters(), jacobian_rows(model, x, y), strict=True):
+        want = torch.tensordot(initial, expected, dims=1)
+        torch.testing.assert_close(param.jac, want)  # type: ignore[attr-defined]

@@ -40,3 +40,13 @@ def test_leaves_used_by_one_node_come_in_argument_order() -> None:
     b = torch.ones(2, requires_grad=True)
     assert [id(t) for t in reachable_leaves([a * b])] == [id(a), id(b)]
     assert [id(t) for t in reachable_leaves([b * a])] == [id(b), id(a)]
+
+
+def test_reached_by_is_structural() -> None:
+    from jdoptim.autojac import reached_by
+
+    used = torch.ones(2, requires_grad=True)
+    zero_derivative = torch.ones(2, requires_grad=True)
+    unused = torch.ones(2, requires_grad=True)
+    output = used.sum() + (zero_derivative * 0).sum()
+    assert reached_by([output], [used, zero_derivative, unused]) == [True, True, False]

@@ -31,7 +31,7 @@ def test_inputs_none_are_the_leaves_in_parameter_order() -> None:
         torch.testing.assert_close(got, want)
 
 
-def test_seed_002_concatenation_gives_the_jacobian_matrix() -> None:
+def test_concatenated_jacobians_give_the_jacobian_matrix() -> None:
     model, x, y = make("mlp")
     params = list(model.parameters())
     jacs = jac(losses_of(model, x, y), params)
@@ -148,3 +148,29 @@ def test_empty_and_invalid_arguments() -> None:
         jac([w.sum(), 3.0], w)  # type: ignore[list-item]
     with pytest.raises(TypeError, match="floating-point"):
         jac(w * 2, torch.ones(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+def test_jac_outputs_left_multiply_the_jacobian(chunk: int | None) -> None:
+    model, x, y = make("mlp")
+    params = list(model.parameters())
+    losses = losses_of(model, x, y)
+    initial = torch.randn(3, *losses.shape, dtype=losses.dtype)
+    result = jac(losses, params, jac_outputs=initial, parallel_chunk_size=chunk)
+    matrix = jacobian_matrix(jacobian_rows(model, x, y))
+    got = torch.cat([j.flatten(1) for j in result], dim=1)
+    torch.testing.assert_close(got, initial @ matrix)
+
+
+def test_jac_outputs_over_several_outputs_and_their_errors() -> None:
+    w = torch.randn(3, requires_grad=True)
+    a, b = w * 2, (w**2).sum()
+    initial = [torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0.0, 1.0])]
+    (rows,) = jac([a, b], w, jac_outputs=initial, retain_graph=True)
+    torch.testing.assert_close(rows, torch.stack([torch.tensor([2.0, 0.0, 0.0]), 2 * w.detach()]))
+    with pytest.raises(ValueError, match="one tensor per output"):
+        jac([a, b], w, jac_outputs=initial[:1], retain_graph=True)
+    with pytest.raises(ValueError, match=r"must have shape \[k, \*\(3,\)\]"):
+        jac([a, b], w, jac_outputs=[torch.ones(2, 4), torch.ones(2)], retain_graph=True)
+    with pytest.raises(ValueError, match="same number of rows"):
+        jac([a, b], w, jac_outputs=[torch.ones(2, 3), torch.ones(3)], retain_graph=True)

@@ -159,3 +159,62 @@ def test_missing_jac_mismatched_rows_and_wrong_shapes() -> None:
     with pytest.raises(TypeError, match="Aggregator"):
         jac_to_grad([a], UPGradWeighting())  # type: ignore[arg-type]
     assert a.grad is None and b.grad is None
+
+
+def test_unused_params_keep_no_grad() -> None:
+    """As torch does, a param the losses do not depend on gets no .grad (not a zero one)."""
+    used = torch.tensor([1.0, -2.0], requires_grad=True)
+    unused = torch.ones(3, requires_grad=True)
+    losses = torch.stack([used.square().sum(), (used * 3).sum()])
+    backward(losses, inputs=[used, unused])
+    jac_to_grad([used, unused], UPGrad())
+    assert used.grad is not None and unused.grad is None
+    assert not hasattr(unused, "jac")
+
+
+def test_unused_params_keep_no_grad_with_jdoptim_backward_and_mtl_backward() -> None:
+    from jdoptim import backward as aggregated_backward
+    from jdoptim.autojac import mtl_backward
+
+    used = torch.tensor([1.0, -2.0], requires_grad=True)
+    unused = torch.ones(3, requires_grad=True)
+    aggregated_backward(torch.stack([used.sum(), used.square().sum()]), Mean(), [used, unused])
+    assert used.grad is not None and unused.grad is None
+
+    trunk = torch.tensor([0.5, 1.5], requires_grad=True)
+    idle = torch.ones(2, requires_grad=True)
+    features = trunk * 2
+    mtl_backward([features.sum(), features.square().sum()], features, shared_params=[trunk, idle])
+    assert idle.jac is None  # type: ignore[attr-defined]
+    jac_to_grad([trunk, idle], UPGrad())
+    assert trunk.grad is not None and idle.grad is None
+
+
+def test_param_without_requires_grad_is_rejected() -> None:
+    frozen = torch.zeros(2)
+    frozen.jac = torch.ones(3, 2)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(2,\)\) has requires_grad=False"):
+        jac_to_grad([frozen], Mean())
+    assert frozen.grad is None
+
+
+@pytest.mark.parametrize(
+    "aggregator", [UPGrad(), WeightedAggregator(RowNormWeighting()), ColumnMax()], ids=str
+)
+def test_forward_hooks_of_the_aggregator_run_as_in_a_direct_call(aggregator: Aggregator) -> None:
+    model, matrix = _model_with_jac()
+    seen: list[Tensor] = []
+    pre = aggregator.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    post = aggregator.register_forward_hook(lambda module, args, output: output * 2)
+    try:
+        weights = jac_to_grad(model.parameters(), aggregator)
+    finally:
+        pre.remove()
+        post.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], matrix)
+    torch.testing.assert_close(_grad_vector(model), 2 * aggregator(matrix))
+    if isinstance(aggregator, WeightedAggregator):
+        assert weights is not None
+        torch.testing.assert_close(weights, aggregator.compute_weights(matrix))
+    assert "compute_weights" not in vars(aggregator)

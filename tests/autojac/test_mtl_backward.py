@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdoptim.autojac import mtl_backward
+from jdoptim.autojac import clear_jac, mtl_backward
 
 
 class TwoTaskModel(nn.Module):
@@ -129,3 +129,35 @@ def test_graph_is_freed_unless_retained() -> None:
     mtl_backward(losses, features, parallel_chunk_size=1)
     with pytest.raises(RuntimeError, match="second time"):
         mtl_backward(losses, features, parallel_chunk_size=1)
+
+
+def test_grad_tensors_equal_the_scalar_losses_they_weigh() -> None:
+    torch.manual_seed(0)
+    trunk, head_a, head_b = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+    x = torch.randn(6, 4)
+    grads = [torch.randn(6, 3), torch.randn(6, 2)]
+
+    features = trunk(x)
+    mtl_backward([head_a(features), head_b(features)], features, grad_tensors=grads)
+    got_jac = [p.jac.clone() for p in trunk.parameters()]  # type: ignore[attr-defined]
+    got_grads = [p.grad.clone() for p in [*head_a.parameters(), *head_b.parameters()]]  # type: ignore[union-attr]
+    clear_jac(trunk.parameters())
+    for p in [*head_a.parameters(), *head_b.parameters()]:
+        p.grad = None
+
+    features = trunk(x)
+    scalar = [(head_a(features) * grads[0]).sum(), (head_b(features) * grads[1]).sum()]
+    mtl_backward(scalar, features)
+    for got, p in zip(got_jac, trunk.parameters(), strict=True):
+        torch.testing.assert_close(got, p.jac)  # type: ignore[attr-defined]
+    for got, p in zip(got_grads, [*head_a.parameters(), *head_b.parameters()], strict=True):
+        torch.testing.assert_close(got, p.grad)
+
+
+def test_grad_tensors_must_match_the_tasks() -> None:
+    trunk, head = nn.Linear(4, 5), nn.Linear(5, 3)
+    features = trunk(torch.randn(6, 4))
+    with pytest.raises(ValueError, match="one tensor per task"):
+        mtl_backward([head(features)], features, grad_tensors=[])
+    with pytest.raises(ValueError, match=r"must have the shape of losses\[0\]"):
+        mtl_backward([head(features)], features, grad_tensors=[torch.ones(6, 2)])

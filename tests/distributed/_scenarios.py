@@ -6,6 +6,7 @@ single process can replay the same steps on the concatenated batches.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,12 @@ def train_iwrm(
     batches: list[tuple[Tensor, Tensor]],
     part: slice,
     batch_dim: int | None = 0,
+    backward_then_step: bool = False,
     **options: Any,
 ) -> Tensor:
     scalar = method == "scalar"  # the closure returns the mean loss: a plain gradient step
+    if scalar:
+        warnings.filterwarnings("ignore", "The losses are a scalar")
     optimizer = JDSGD(
         model.parameters(),
         lr=0.1,
@@ -80,6 +84,13 @@ def train_iwrm(
     )
     losses = torch.empty(0)
     for x, y in batches:
+        if backward_then_step:  # the forward runs outside the optimizer, as in a torch loop
+            optimizer.backward(iwrm_losses(model, x[part], y[part]))
+            optimizer.step()
+            optimizer.zero_grad()
+            assert optimizer.last_step is not None
+            losses = optimizer.last_step.losses
+            continue
 
         def closure() -> Tensor:
             optimizer.zero_grad()
@@ -100,7 +111,9 @@ def params_of(model: nn.Module) -> list[Tensor]:
 def iwrm_rank(
     rank: int, world: int, method: str, sizes: list[int], ddp: str, batch_dim: int | None
 ) -> Any:
-    """``ddp``: "no" (a plain model), "group" (DDP, process_group=) or "modules" (modules=DDP)."""
+    """``ddp``: "no" (a plain model, process_group=), "group" (DDP, process_group=), "modules"
+    (modules=DDP), "plain" (DDP and nothing else: the group is found from the forward pass) or
+    "backward" (DDP, nothing else, backward-then-step)."""
     model = iwrm_model()
     batches = iwrm_batches(sum(sizes))
     part = slices(sizes)[rank]
@@ -108,6 +121,11 @@ def iwrm_rank(
         wrapped = DistributedDataParallel(model)
         losses = train_iwrm(
             wrapped, method, batches, part, batch_dim, process_group=wrapped.process_group
+        )
+    elif ddp in ("plain", "backward"):  # a plain swap of an SGD + DDP loop
+        wrapped = DistributedDataParallel(model)
+        losses = train_iwrm(
+            wrapped, method, batches, part, batch_dim, backward_then_step=ddp == "backward"
         )
     elif ddp == "modules":  # the optimizer finds the process group in the DDP wrapper
         wrapped = DistributedDataParallel(model)
@@ -364,18 +382,6 @@ def mismatched_methods_rank(rank: int, world: int) -> Any:
     return None
 
 
-def undeclared_ddp_rank(rank: int, world: int) -> Any:
-    """A DDP model with an optimizer that was not told about the process group."""
-    model = DistributedDataParallel(iwrm_model())
-    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
-    x, y = iwrm_batches(2 * world)[0]
-    try:
-        optimizer.step(lambda: iwrm_losses(model, x, y))
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 # --- bytes ---------------------------------------------------------------------------------
 
 
@@ -408,10 +414,14 @@ IWRM_CASES: dict[int, list[tuple[str, list[int], str, int | None]]] = {
         ("trimmed_mean", [3, 3], "no", 0),
         ("geometric_mean", [3, 3], "no", 0),
         ("scalar", [3, 3], "group", 0),
+        ("upgrad", [4, 3], "plain", 0),
+        ("upgrad", [4, 4], "backward", 0),
+        ("trimmed_mean", [3, 3], "backward", 0),
     ],
     3: [
         ("upgrad", [3, 2, 4], "no", 0),
         ("mean", [2, 3, 2], "group", 0),
+        ("upgrad", [2, 3, 2], "plain", 0),
     ],
 }
 MTL_BATCH = {2: 3, 3: 2}
@@ -437,7 +447,6 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:
         record("resume", resume_rank, out_dir)
-        record("undeclared-ddp", undeclared_ddp_rank)
         record("bytes", bytes_rank)
         record("failure-mtl", failing_mtl_rank)
         record("mismatched-methods", mismatched_methods_rank)

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from tests.distributed._launch import free_port
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "ddp_iwrm.py"
+ROOT = Path(__file__).parents[2]
+EXAMPLE = ROOT / "examples" / "ddp_iwrm.py"
 
 
 def test_the_ddp_example_runs_on_two_processes_and_ends_with_identical_parameters() -> None:
-    env = {**os.environ, "JDOPTIM_SMALL": "1", "OMP_NUM_THREADS": "1"}
+    # This checkout's jdoptim first on the path, whatever copy the interpreter has installed.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "JDOPTIM_SMALL": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [
         sys.executable,
         "-m",

@@ -12,9 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from jdoptim.autogram import Engine
-from jdoptim.distributed._communicator import _pad_to
-from jdoptim.distributed._terms import global_gramian, term_factors, with_factors
+from jdoptim.autogram import Engine, concat_terms, gramian_from_terms
 
 
 class SequenceModel(nn.Module):
@@ -47,20 +45,6 @@ def _rank_terms(model: nn.Module, inputs: Tensor) -> list:
     return [term for _, term in terms]
 
 
-def _concat_padded(per_rank: list[list[Tensor]], dims: list[int]) -> list[Tensor]:
-    result = []
-    for index, dim in enumerate(dims):
-        tensors = [factors[index] for factors in per_rank]
-        maximum = [max(t.shape[d] for t in tensors) for d in range(tensors[0].ndim)]
-        padded = []
-        for tensor in tensors:
-            shape = list(maximum)
-            shape[dim] = tensor.shape[dim]
-            padded.append(_pad_to(tensor, tuple(shape)))
-        result.append(torch.cat(padded, dim))
-    return result
-
-
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # jacrev through attention
 @pytest.mark.parametrize("kind", ["embedding", "transformer"])
 def test_gathered_terms_give_the_gramian_of_the_concatenated_batch(kind: str) -> None:
@@ -77,13 +61,8 @@ def test_gathered_terms_give_the_gramian_of_the_concatenated_batch(kind: str) ->
             torch.randn(2, 4, 8, dtype=torch.float64),
         ]
     per_rank_terms = [_rank_terms(model, tokens) for tokens in slices]
-    per_rank_factors = []
-    dims: list[int] = []
-    for terms in per_rank_terms:
-        factors, dims = term_factors(terms)
-        per_rank_factors.append(factors)
-    gathered = with_factors(per_rank_terms[0], _concat_padded(per_rank_factors, dims))
-    gramian = global_gramian(gathered, (5,), 0, torch.float64, torch.device("cpu"))
+    gathered = concat_terms(per_rank_terms)
+    gramian = gramian_from_terms(gathered, (5,), 0, torch.float64)
 
     params = dict(model.named_parameters())
     rows = []
@@ -102,5 +81,5 @@ def test_instance_major_rows_are_put_back_in_the_losses_layout() -> None:
     engine = Engine(model, batch_dim=1)
     expected = engine.compute_gramian(losses)
     terms = [term for _, term in engine.compute_terms(losses)]
-    gramian = global_gramian(terms, (2, 4), 1, torch.float64, torch.device("cpu"))
+    gramian = gramian_from_terms(terms, (2, 4), 1, torch.float64)
     torch.testing.assert_close(gramian, expected, atol=1e-12, rtol=0.0)

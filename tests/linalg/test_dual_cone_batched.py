@@ -139,13 +139,17 @@ def test_iteration_bound_raises(size: int) -> None:
 
 
 def test_auto_dispatch() -> None:
-    small = torch.eye(8)
-    large = torch.eye(200)
+    small, large = torch.eye(8), torch.eye(200)
     assert choose_dual_cone_solver(small, 1e-4, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.eye(24), 1e-4, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.eye(25), 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 0.0, "auto") == "quadprog"
-    assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 1e-4, "auto") == "batched"
-    assert choose_dual_cone_solver(torch.empty(8, 8, device="meta"), 0.0, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.empty(32, 32, device="meta"), 1e-4, "auto") == "quadprog"
+    on_accelerator = torch.empty(200, 200, device="meta")
+    assert choose_dual_cone_solver(on_accelerator, 1e-4, "auto") == "active_set"
+    assert choose_dual_cone_solver(torch.empty(600, 600, device="meta"), 1e-4, "auto") == "batched"
+    assert choose_dual_cone_solver(on_accelerator, 0.0, "auto") == "quadprog"
     assert choose_dual_cone_solver(large, 1e-4, "quadprog") == "quadprog"
     assert choose_dual_cone_solver(small, 1e-4, "batched") == "batched"
 
@@ -165,18 +169,18 @@ def test_single_exchanges_alone_converge(size: int, monkeypatch: pytest.MonkeyPa
 
 
 def test_auto_finishes_unconverged_rows_with_quadprog(monkeypatch: pytest.MonkeyPatch) -> None:
-    def one_round(matrix: Tensor, bounds: Tensor) -> Tensor:
-        return solve_dual_cone_batched(matrix, bounds, max_rounds=1)
+    def one_round(matrix: Tensor, bounds: Tensor, warm_start: Tensor | None) -> Tensor:
+        return solve_dual_cone_batched(matrix, bounds, max_rounds=1, warm_start=warm_start)
 
     monkeypatch.setattr("jdoptim.linalg._dual_cone.solve_dual_cone_batched", one_round)
-    gramian = random_gramian(40, 41, seed=6)
+    gramian = random_gramian(80, 81, seed=6)
     # Rows that need no projection (zero bounds) are done at once; the others need more rounds.
     bounds = torch.cat(
-        [torch.eye(40, dtype=torch.float64), torch.zeros(5, 40, dtype=torch.float64)]
+        [torch.eye(80, dtype=torch.float64), torch.zeros(5, 80, dtype=torch.float64)]
     )
     with pytest.raises(DualConeConvergenceError) as caught:
         project_to_dual_cone(gramian, bounds, solver="batched")
-    assert caught.value.rows.tolist() == list(range(40))
+    assert caught.value.rows.tolist() == list(range(80))
     solution = project_to_dual_cone(gramian, bounds, solver="auto")
     reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
     torch.testing.assert_close(solution, reference, rtol=AGREEMENT_TOLERANCE, atol=1e-12)
@@ -196,7 +200,7 @@ def test_no_rows() -> None:
 
 
 def test_unknown_solver_is_rejected() -> None:
-    with pytest.raises(ValueError, match="'auto', 'quadprog' or 'batched'"):
+    with pytest.raises(ValueError, match="'auto', 'quadprog', 'batched' or 'active_set'"):
         project_to_dual_cone(torch.eye(3), torch.eye(3), solver="cvxpy")  # type: ignore[arg-type]
 
 
@@ -217,3 +221,21 @@ def test_cuda_matches_cpu() -> None:
     reference = project_to_dual_cone(gramian, bounds, solver="batched")
     torch.testing.assert_close(on_cuda.cpu(), reference, rtol=1e-7, atol=1e-12)
     assert_kkt(gramian, bounds, on_cuda.cpu())
+
+
+@pytest.mark.parametrize("size", [30, 80])
+def test_warm_start_from_a_nearby_solution_converges_to_the_same_point(size: int) -> None:
+    gramian = rank_deficient_gramian(size, rank=size // 8 + 1, seed=size)
+    bounds = torch.eye(size, dtype=torch.float64) / size
+    nearby = gramian + 1e-3 * random_gramian(size, size, seed=1)
+    guess = project_to_dual_cone(nearby, bounds, solver="batched")
+    warm = project_to_dual_cone(gramian, bounds, solver="batched", warm_start=guess)
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    scale = float(reference.abs().max())
+    # Rank-deficient (cond about 1e4 after regularisation): the KKT tolerance allows ~1e-7 here.
+    torch.testing.assert_close(warm, reference, rtol=0, atol=1e-6 * scale)
+    assert_kkt(gramian, bounds, warm)
+    # A poor guess (everything free, far too large) must not matter either.
+    poor = project_to_dual_cone(gramian, bounds, solver="batched", warm_start=bounds + 10.0)
+    torch.testing.assert_close(poor, reference, rtol=0, atol=1e-6 * scale)
+    assert_kkt(gramian, bounds, poor)

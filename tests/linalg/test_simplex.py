@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -84,3 +85,18 @@ def test_min_norm_keeps_dtype_and_sums_to_one() -> None:
     weights = min_norm_on_simplex(torch.eye(3, dtype=torch.float32))
     assert weights.dtype == torch.float32
     assert torch.allclose(weights, torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("magnitude", [1e5, 1e8, 1e17, 1e30])
+def test_projection_of_huge_vectors_sums_to_one(dtype: torch.dtype, magnitude: float) -> None:
+    """Far beyond 1/eps, the projection is still a point of the simplex (the nearest vertex or edge)."""
+    vectors = torch.tensor([[1.0, 0.5, -1.0, 3e-30], [1.0, 1.0, -2.0, 0.25]]) * magnitude
+    projected = project_onto_simplex(vectors.to(dtype))
+    torch.testing.assert_close(projected.sum(dim=-1), torch.ones(2, dtype=dtype))
+    expected = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]], dtype=dtype)
+    torch.testing.assert_close(projected, expected)
+
+
+def test_projection_of_an_empty_vector_is_empty() -> None:
+    assert project_onto_simplex(torch.zeros(3, 0)).shape == (3, 0)

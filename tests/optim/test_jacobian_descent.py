@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_mean_weighting_equals_sgd_on_the_mean_loss() -> None:
 
 @pytest.mark.parametrize("batch_dim", [0, None])
 @pytest.mark.parametrize("fuse_backward", [True, False])
-def test_upgrad_equals_the_engine_loop_of_seed_003(
+def test_upgrad_equals_the_hand_written_engine_loop(
     batch_dim: int | None, fuse_backward: bool
 ) -> None:
     model, inputs, targets = regression_problem(steps=3)
@@ -80,7 +81,7 @@ def test_upgrad_equals_the_engine_loop_of_seed_003(
     assert_same_params(model, reference, atol=1e-10)
 
 
-def test_upgrad_equals_the_autojac_loop_of_seed_001() -> None:
+def test_upgrad_equals_the_hand_written_autojac_loop() -> None:
     model, inputs, targets = regression_problem(steps=3)
     reference = clone_model(model)
     run_jd(
@@ -135,9 +136,11 @@ def test_scalar_losses_give_a_plain_gradient_step() -> None:
     model, inputs, targets = regression_problem(steps=2)
     reference = clone_model(model)
     optimizer = JDSGD(model.parameters(), lr=0.1)
-    for x, y in zip(inputs, targets, strict=True):
-        optimizer.zero_grad()
-        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y).mean())
+    with pytest.warns(UserWarning, match="The losses are a scalar") as caught:
+        for x, y in zip(inputs, targets, strict=True):
+            optimizer.zero_grad()
+            optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y).mean())
+    assert len([w for w in caught if "scalar" in str(w.message)]) == 1  # once per optimizer
     sgd = SGD(reference.parameters(), lr=0.1)
     for x, y in zip(inputs, targets, strict=True):
         sgd.zero_grad()
@@ -359,8 +362,8 @@ def test_a_failing_weighting_restores_the_method_state() -> None:
 
 def test_bad_arguments_are_rejected() -> None:
     model, _, _ = regression_problem()
-    with pytest.raises(TypeError, match="closure"):
-        JDSGD(model.parameters()).step()
+    with pytest.raises(TypeError, match="callable"):
+        JDSGD(model.parameters()).step(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at most one"):
         JDSGD(model.parameters(), weighting=UPGradWeighting(), aggregator=Mean())
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
@@ -369,5 +372,75 @@ def test_bad_arguments_are_rejected() -> None:
         JDSGD(model.parameters(), aggregator=UPGradWeighting())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="modules="):
         JDSGD(model.parameters(), modules=model[0])
-    with pytest.raises(ValueError, match="missing"):
-        JDSGD(model.parameters()).load_state_dict(SGD(model.parameters()).state_dict())
+    with pytest.raises(ValueError, match="lacks"):  # another kind of optimizer's state
+        JDSGD(model.parameters()).load_state_dict(Adam(model.parameters()).state_dict())
+
+
+@pytest.mark.parametrize("modules", [True, False], ids=["modules=", "discovered"])
+def test_freezing_and_unfreezing_does_not_pile_up_engine_hooks(modules: bool) -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    options = {"modules": model} if modules else {}
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, **options)
+
+    def hook_counts() -> list[int]:
+        return [len(m._forward_hooks) for m in model.modules()]
+
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    counts = hook_counts()
+    global_hooks = len(nn.modules.module._global_forward_hooks)
+    for _ in range(10):
+        model[0].weight.requires_grad_(False)
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+        model[0].weight.requires_grad_(True)
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+        assert hook_counts() == counts
+        assert len(nn.modules.module._global_forward_hooks) == global_hooks
+
+
+def test_after_step_evaluation_runs_without_gradients() -> None:
+    class Watching(EMAWeighting):
+        def after_step(self, info: Any) -> None:
+            self.seen = info.evaluate()
+
+    model, inputs, targets = regression_problem(steps=1)
+    weighting = Watching()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting, batch_dim=0)
+    grad_modes: list[bool] = []
+
+    def closure() -> Tensor:
+        grad_modes.append(torch.is_grad_enabled())
+        return per_instance_losses(model, inputs[0], targets[0])
+
+    optimizer.step(closure)
+    assert grad_modes == [True, False]
+    assert not weighting.seen.requires_grad
+
+
+def test_gramian_weighting_is_an_alias_of_weighting() -> None:
+    model, _, _ = regression_problem()
+    weighting = UPGradWeighting()
+    assert JDSGD(model.parameters(), gramian_weighting=weighting).method is weighting
+    with pytest.raises(ValueError, match="alias"):
+        JDSGD(model.parameters(), weighting=weighting, gramian_weighting=UPGradWeighting())
+
+
+def test_multi_task_errors_say_what_to_do() -> None:
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    optimizer = JDSGD([*trunk.parameters(), *head.parameters()], shared_params=trunk.parameters())
+    x = torch.randn(5, 3)
+
+    def instance_task_losses() -> tuple[Tensor, Tensor]:
+        features = trunk(x)
+        return head(features) ** 2, features  # [B, T]
+
+    with pytest.raises(ValueError, match="batch_dim=0"):
+        optimizer.step(instance_task_losses)
+
+    def listed() -> tuple[list[Tensor], Tensor]:
+        features = trunk(x)
+        outputs = head(features)
+        return [outputs[:, 0].pow(2).mean(), outputs[:, 1].pow(2).mean()], features
+
+    losses = optimizer.step(listed)  # a list of scalar task losses is stacked
+    assert losses.shape == (2,)

@@ -1,4 +1,4 @@
-"""Each seed's training loop, rewritten with a jdoptim optimizer, gives the seed loop's parameters."""
+"""Each reference training loop (hand-written, TorchJD style), rewritten with a jdoptim optimizer, gives the same parameters."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from jdoptim.autojac import backward, jac, jac_to_grad
 from tests.optim._models import assert_same_params, clone_model
 
 
-def _seed_model() -> nn.Module:
+def _reference_model() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1)).double()
 
 
-def test_seed_000_iwrm_with_ssjd() -> None:
+def test_iwrm_loop_with_ssjd() -> None:
     torch.manual_seed(0)
     X = torch.randn(4, 16, 10, dtype=torch.float64)
     Y = torch.randn(4, 16, 1, dtype=torch.float64)
-    model = _seed_model()
+    model = _reference_model()
     reference = clone_model(model)
     loss_fn = nn.MSELoss(reduction="none")
 
@@ -41,7 +41,7 @@ def test_seed_000_iwrm_with_ssjd() -> None:
     assert_same_params(model, reference, atol=1e-10)
 
 
-def test_seed_002_sdmgrad_three_batches_per_step() -> None:
+def test_sdmgrad_loop_with_three_batches_per_step() -> None:
     torch.manual_seed(0)
     inputs = torch.randn(9, 16, 5, dtype=torch.float64)
     targets = torch.randn(9, 16, dtype=torch.float64)
@@ -116,7 +116,7 @@ def test_full_jacobian_aggregator_equals_autojac_loop() -> None:
     torch.manual_seed(3)
     x = torch.randn(9, 10, dtype=torch.float64)
     y = torch.randn(9, 1, dtype=torch.float64)
-    model = _seed_model()
+    model = _reference_model()
     reference = clone_model(model)
     loss_fn = nn.MSELoss(reduction="none")
     JDSGD(model.parameters(), lr=0.1, aggregator=TrimmedMean(2)).step(

@@ -46,3 +46,11 @@ def test_rejects_bad_hyperparameters() -> None:
         COSMOS(-0.1, torch.ones(2))
     with pytest.raises(TypeError, match="needs weights"):
         COSMOS(1.0, None)  # type: ignore[arg-type]
+
+
+def test_all_zero_losses_give_zero_and_a_finite_gradient() -> None:
+    losses = torch.zeros(3, requires_grad=True)
+    result = COSMOS(0.5, torch.tensor([1.0, 2.0, 3.0]))(losses)
+    result.backward()
+    assert float(result.detach()) == 0.0
+    assert losses.grad is not None and torch.isfinite(losses.grad).all()

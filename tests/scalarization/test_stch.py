@@ -53,3 +53,14 @@ def test_matches_the_peer_values_and_gradients(dtype: torch.dtype) -> None:
 def test_rejects_bad_mu() -> None:
     with pytest.raises(ValueError, match="strictly positive"):
         STCH(0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tiny_mu_on_huge_losses_does_not_overflow(dtype: torch.dtype) -> None:
+    """μ log Σ exp(x/μ) is within μ log m of max x, even when x/μ is beyond the dtype's range."""
+    losses = torch.tensor([1e30, 5e29, -1e30], dtype=dtype, requires_grad=True)
+    result = STCH(1e-10)(losses)
+    torch.testing.assert_close(result.detach(), torch.tensor(1e30 / 3, dtype=dtype))
+    result.backward()
+    assert losses.grad is not None
+    torch.testing.assert_close(losses.grad, torch.tensor([1 / 3, 0.0, 0.0], dtype=dtype))

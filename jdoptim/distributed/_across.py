@@ -1,0 +1,131 @@
+"""Choosing, once, whether a path runs locally or across ranks, and switching when DDP shows up."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
+from jdoptim.distributed._paths import DistributedPath, distributed_variant
+from jdoptim.paths import Part, Path, StepRecord
+
+
+def across_ranks(
+    path: Path,
+    process_group: dist.ProcessGroup | bool | None,
+    modules: Sequence[nn.Module] | None,
+    grad_scaler: torch.amp.GradScaler | None,
+) -> Path:
+    """``path``, or a wrapper that runs it across the ranks of a process group.
+
+    The group is ``process_group``, or the group of a ``DistributedDataParallel`` model in
+    ``modules``, or, when ``torch.distributed`` is in use, that of the first DDP model the forward
+    pass runs. ``process_group=False`` keeps every step local.
+    """
+    if process_group is False:
+        return path
+    if process_group is True or (
+        process_group is not None and not isinstance(process_group, dist.ProcessGroup)
+    ):
+        raise TypeError(
+            "process_group must be a torch.distributed ProcessGroup (such as "
+            "torch.distributed.group.WORLD or ddp_model.process_group), None (found from a DDP "
+            f"model) or False (local steps), got {process_group!r}."
+        )
+    group = process_group if process_group is not None else ddp_process_group(modules)
+    if group is not None and not dist.is_initialized():
+        raise ValueError(
+            "process_group= was given but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up its environment)."
+        )
+    wrapper = RankAwarePath(path, grad_scaler)
+    if group is not None:
+        wrapper.use_group(group)
+    if dist.is_available() and dist.is_initialized():
+        wrapper.watch_for_ddp()
+    return wrapper
+
+
+class RankAwarePath(Path):
+    """Runs ``local`` on this rank's losses until a process group is known, then across ranks."""
+
+    def __init__(self, local: Path, grad_scaler: torch.amp.GradScaler | None) -> None:
+        super().__init__(local.method, local.context)
+        self.local = local
+        self.grad_scaler = grad_scaler
+        self.distributed: DistributedPath | None = None
+        self._watch = ExitStack()
+        self._watching = False
+
+    def use_group(self, group: dist.ProcessGroup) -> None:
+        if self.distributed is not None:
+            return
+        if self.grad_scaler is not None:
+            raise ValueError(
+                "grad_scaler is not supported in distributed steps; train in full precision or "
+                "with bfloat16 autocast, which needs no loss scaling."
+            )
+        self.distributed = distributed_variant(self.local, group)
+
+    @property
+    def active(self) -> Path:
+        return self.local if self.distributed is None else self.distributed
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        return self.local.forward_context()
+
+    def watch_for_ddp(self) -> None:
+        """From now on, a DDP model's forward pass hands its group to this path (weakly held)."""
+        if self._watching:
+            return
+        use_group = weakref.WeakMethod(self.use_group)
+
+        def on_ddp(group: dist.ProcessGroup) -> None:
+            method = use_group()
+            if method is not None:
+                method(group)
+
+        self._watch.enter_context(watch_ddp(on_ddp))
+        weakref.finalize(self, self._watch.close)
+        self._watching = True
+
+    def begin(self) -> None:
+        self.active.begin()
+
+    def guard(self, stage: str) -> AbstractContextManager[Any]:
+        return self.active.guard(stage)
+
+    def start_watching(self) -> None:
+        self.local.start_watching()
+
+    def watch_forward(self) -> None:
+        self.local.watch_forward()
+
+    def stop_watching(self) -> None:
+        self.local.stop_watching()
+
+    def supports_backward(self) -> bool:
+        return self.local.supports_backward()
+
+    def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
+        return self.active.differentiate(losses, features, scale)
+
+    def combine(self, parts: Sequence[Part]) -> Part:
+        return self.active.combine(parts)
+
+    def apply(self, part: Part) -> StepRecord:
+        return self.active.apply(part)
+
+    def run(
+        self, losses: Tensor, features: Any, scale: float, next_losses: Callable[[], Tensor]
+    ) -> StepRecord:
+        return self.active.run(losses, features, scale, next_losses)
+
+    def global_losses(self, losses: Tensor) -> Tensor:
+        return self.active.global_losses(losses)

@@ -1,0 +1,87 @@
+"""PyTorch Lightning: ``JacobianDescentModule`` trains on a vector of losses with any jdoptim optimizer.
+
+Subclass it instead of ``LightningModule``, return the losses (``[B]``, ``[T]`` or ``[B, T]``) from
+``training_step`` and a jdoptim optimizer from ``configure_optimizers``; the rest is Lightning's
+own loop. Its ``backward`` hook, which Lightning calls where a scalar loss would be backpropagated,
+hands the losses to ``optimizer.backward``, so everything Lightning does around backward and step
+keeps its place: the precision plugin scales the losses (``16-mixed``) and unscales ``.grad``,
+``gradient_clip_val`` clips the Jacobian-descent direction, ``accumulate_grad_batches`` accumulates
+micro-batches exactly, and schedulers, ``LearningRateMonitor``, logging and checkpoints see a torch
+optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "jdoptim.integrations.lightning needs PyTorch Lightning: pip install jdoptim[lightning]"
+    ) from error
+
+from jdoptim.optim import JacobianDescent
+
+__all__ = ["JacobianDescentModule"]
+
+
+class JacobianDescentModule(pl.LightningModule):
+    """A ``LightningModule`` whose ``backward`` runs Jacobian descent on the losses it is given.
+
+    Automatic optimization: ``training_step`` returns the losses (or ``{"loss": losses, ...}``).
+    Lightning divides them by ``accumulate_grad_batches``, right for a mean loss; per-instance
+    losses (the optimizer's ``batch_dim`` set) are multiplied back, because the optimizer's
+    accumulation concatenates micro-batches, so the accumulated step equals the step on the whole
+    batch. Per-task losses keep the division: their sum over micro-batches is the whole batch's mean.
+
+    Manual optimization: ``self.manual_backward(losses)`` (``features=`` in multi-task mode,
+    ``jd_optimizer=`` to choose among several jdoptim optimizers) then ``opt.step(...)``.
+    With any other optimizer, ``backward`` is Lightning's.
+    """
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        features = kwargs.pop("features", None)
+        optimizer = self._jacobian_descent_optimizer(kwargs.pop("jd_optimizer", None))
+        if optimizer is None:
+            super().backward(loss, *args, **kwargs)
+            return
+        if args or kwargs:
+            raise TypeError(
+                f"backward() with a jdoptim optimizer takes only features= and jd_optimizer=, got "
+                f"{len(args)} positional and {sorted(kwargs)} keyword arguments."
+            )
+        accumulation = self.trainer.accumulate_grad_batches
+        if self.automatic_optimization and optimizer.batch_dim is not None and accumulation != 1:
+            loss = loss * accumulation
+        # A manual training_step runs under the precision plugin's autocast; the Gramian, Jacobian
+        # and weights must not be computed in half precision (a scaled float16 Gramian overflows).
+        with torch.autocast(loss.device.type, enabled=False):
+            optimizer.backward(loss, features=features)
+
+    def _jacobian_descent_optimizer(self, chosen: Any) -> JacobianDescent | None:
+        if chosen is not None:
+            found = _unwrapped(chosen)
+            if not isinstance(found, JacobianDescent):
+                raise TypeError(
+                    f"jd_optimizer= must be a jdoptim optimizer, got {type(chosen).__name__}."
+                )
+            return found
+        configured = self.optimizers(use_pl_optimizer=False)
+        optimizers = configured if isinstance(configured, list) else [configured]
+        ours = [o for o in optimizers if isinstance(o, JacobianDescent)]
+        if len(ours) > 1:
+            raise TypeError(
+                f"configure_optimizers returned {len(ours)} jdoptim optimizers: say which one the "
+                "losses are for with self.manual_backward(losses, jd_optimizer=opt)."
+            )
+        return ours[0] if ours else None
+
+
+def _unwrapped(optimizer: Any) -> Optimizer | None:
+    inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+    return inner if isinstance(inner, Optimizer) else None

@@ -1,0 +1,49 @@
+"""The optimizers' state-dict layout: torch's ``state`` and ``param_groups`` plus one jdoptim key.
+
+Keeping torch's layout lets everything built on it work unchanged (``torch.distributed.checkpoint``,
+FSDP's optimizer-state utilities, trainers' checkpointing). jdoptim's own state — the method's
+state, its type, the step count and the ``GradScaler`` — travels under :data:`JD_STATE_KEY`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+JD_STATE_KEY = "jdoptim"
+
+_LEGACY_KEYS = {"optimizer", "method", "steps"}
+
+
+def split_legacy_state_dict(state_dict: Any) -> dict[str, Any]:
+    """A state dict in the current layout; converts the earlier ``{"optimizer", "method", "steps"}``."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}.")
+    if set(state_dict) >= _LEGACY_KEYS and "state" not in state_dict:
+        inner = state_dict["optimizer"]
+        jd_state = {"method": state_dict["method"], "steps": state_dict["steps"]}
+        if "grad_scaler" in state_dict:
+            jd_state["grad_scaler"] = state_dict["grad_scaler"]
+        return {**inner, JD_STATE_KEY: jd_state}
+    return state_dict
+
+
+def jd_state_of(state_dict: dict[str, Any], owner: str) -> dict[str, Any]:
+    """The jdoptim entry of ``state_dict``, checked; a clear error for a plain torch state dict."""
+    jd_state = state_dict.get(JD_STATE_KEY)
+    if not isinstance(jd_state, dict) or not {"method", "steps"} <= set(jd_state):
+        raise ValueError(
+            f"Not a {owner} state dict: the '{JD_STATE_KEY}' entry with the method's state is "
+            "missing. A plain torch optimizer's state dict goes to the wrapped optimizer: "
+            "optimizer.optimizer.load_state_dict(...)."
+        )
+    return jd_state
+
+
+def check_method_type(jd_state: dict[str, Any], method_type: str) -> None:
+    """Refuses the state of another method (it would load and fail later, or silently differ)."""
+    saved = jd_state.get("method_type")
+    if saved is not None and saved != method_type:
+        raise ValueError(
+            f"The state dict holds the state of {saved}, but this optimizer's method is "
+            f"{method_type}; load a checkpoint saved with the same method."
+        )

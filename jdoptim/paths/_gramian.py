@@ -1,0 +1,231 @@
+"""The Gramian path: losses with a ``batch_dim`` → engine terms → Gramian → weights → ``.grad``.
+
+The engine records each covered layer's inputs during the forward pass, and one backward pass of
+output gradients turns them into per-parameter terms (``J_p`` in factored form). Terms of several
+micro-batches (or ranks) concatenate along the instance dim into the terms of the whole batch, so
+the Gramian ``Σ_p J_p J_pᵀ`` and the fused ``.grad = Σᵢ wᵢ gᵢ`` are exact for the concatenation.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import GeneralizedWeighting, Weighting
+from jdoptim.autogram import (
+    Engine,
+    MaterializedTerm,
+    Term,
+    concat_terms,
+    grad_from_terms,
+    gramian_from_terms,
+    jacobian_scale,
+)
+from jdoptim.paths._base import Part, Path, StepContext, check_same_kind
+from jdoptim.paths._method import Method
+from jdoptim.paths._record import StepRecord
+from jdoptim.paths._weights import (
+    check_gramian_finite,
+    placeholder_gramian,
+    wants_gramian,
+    weights_for,
+)
+
+
+@dataclass
+class TermsPart(Part):
+    """One batch as the engine's per-parameter terms (rows instance-major)."""
+
+    params: list[Tensor]
+    terms: list[Term]
+    graph_losses: Tensor | None  # the losses with their graph, for fuse_backward=False
+
+
+@dataclass
+class LossesPart(Part):
+    """One batch whose weights need no Gramian: the losses with their graph."""
+
+    graph_losses: Tensor
+
+
+class GramianPath(Path):
+    """Gramian weightings on instance-wise losses (``batch_dim`` given)."""
+
+    def __init__(self, method: Method, context: StepContext) -> None:
+        super().__init__(method, context)
+        assert context.batch_dim is not None
+        self.batch_dim: int = context.batch_dim
+        self._watch = ExitStack()
+        self._watched: Engine | None = None
+        self._finalizer_set = False
+        self._backward_mode = False
+
+    @property
+    def weighting(self) -> Weighting | GeneralizedWeighting:
+        module = self.module
+        assert isinstance(module, Weighting | GeneralizedWeighting)
+        return module
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        if self._watched is not None:
+            self.watch_forward()  # on the current engine (it is rebuilt when params change)
+            return nullcontext()
+        if not wants_gramian(self.weighting):
+            return nullcontext()
+        return self.context.engine().capture()
+
+    def start_watching(self) -> None:
+        """Backward-then-step: forward passes run outside any closure, and micro-batches may
+        accumulate (so even shape-only weightings keep the engine's terms)."""
+        self._backward_mode = True
+        self.watch_forward()
+
+    def watch_forward(self) -> None:
+        """Keeps the engine's discovery hook on, for forward passes run outside any closure.
+
+        Until the optimizer is garbage-collected (or the engine rebuilt), every module call is
+        seen by the engine; engines built on ``modules=`` need no such hook.
+        """
+        engine = self.context.engine()
+        if self._watched is not engine:
+            self._watch.close()
+            self._watch.enter_context(engine.capture())
+            self._watched = engine
+            if not self._finalizer_set:
+                weakref.finalize(self, self._watch.close)
+                self._finalizer_set = True
+
+    def stop_watching(self) -> None:
+        self._watch.close()
+
+    def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
+        if losses.ndim == 0:
+            return self.grads_part(losses, losses, scale)
+        scaled = losses * scale if scale != 1.0 else losses
+        if not wants_gramian(self.weighting) and not self._backward_mode:
+            return LossesPart(losses.detach(), scaled, scale=scale)
+        engine = self.context.engine()
+        pairs = engine.compute_terms(scaled)
+        return TermsPart(
+            losses.detach(),
+            [param for param, _ in pairs],
+            [term for _, term in pairs],
+            scaled if not self.context.fuse_backward else None,
+            scale=scale,
+        )
+
+    def combine(self, parts: Sequence[Part]) -> Part:
+        check_same_kind(parts)
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        if isinstance(first, TermsPart):
+            terms_parts = [_aligned(p, first) for p in parts if isinstance(p, TermsPart)]
+            losses = _concat_losses([p.losses for p in terms_parts], self.batch_dim)
+            terms = concat_terms([p.terms for p in terms_parts])
+            return TermsPart(losses, first.params, terms, None, scale=first.scale)
+        if isinstance(first, LossesPart):
+            graphs = [p.graph_losses for p in parts if isinstance(p, LossesPart)]
+            graph = _concat_losses(graphs, self.batch_dim)
+            values = _concat_losses([p.losses for p in parts], self.batch_dim)
+            return LossesPart(values, graph, scale=first.scale)
+        return self.combine_grads([p for p in parts if isinstance(p, type(first))])  # type: ignore[misc]
+
+    def apply(self, part: Part) -> StepRecord:
+        if isinstance(part, TermsPart):
+            gramian = self.gramian(part.terms, tuple(part.losses.shape), part.scale)
+            weights = weights_for(self.weighting, gramian)
+            self.write_grad(part, weights)
+            return StepRecord(part.losses, weights, _gramian=lambda: gramian)
+        if isinstance(part, LossesPart):
+            weights = weights_for(self.weighting, placeholder_gramian(part.losses))
+            retain = self._backward_mode
+            torch.autograd.backward(part.graph_losses, weights, retain_graph=retain)
+            return StepRecord(part.losses, weights)
+        assert isinstance(part, type(part))
+        return self.apply_grads(part)  # type: ignore[arg-type]
+
+    def gramian(self, terms: Sequence[Term], shape: tuple[int, ...], loss_scale: float) -> Tensor:
+        """The Gramian of losses of ``shape`` from their ``terms``, as the weighting needs it.
+
+        Scale-invariant weightings get the Gramian of ``J / s`` for an exact power of two ``s``
+        (1 in normal ranges) that keeps tiny or huge Jacobians in float range; the others get
+        the Gramian of the unscaled losses (divided by the ``GradScaler``'s scale squared).
+        """
+        dtype = torch.promote_types(terms[0].factors()[0][0].dtype, torch.float32)
+        if _scale_invariant(self.weighting):
+            scale = jacobian_scale(terms)
+            gramian = gramian_from_terms(terms, shape, self.batch_dim, dtype, scale=scale)
+        else:
+            gramian = gramian_from_terms(terms, shape, self.batch_dim, dtype)
+            if loss_scale != 1.0:
+                gramian = gramian / loss_scale**2
+        check_gramian_finite(gramian)
+        return gramian
+
+    def write_grad(self, part: TermsPart, weights: Tensor) -> None:
+        """Adds ``Σᵢ wᵢ ∇ℓᵢ`` for the part's losses to ``.grad``."""
+        if part.graph_losses is not None:
+            torch.autograd.backward(part.graph_losses, weights.to(part.graph_losses.dtype))
+        else:
+            grad_from_terms(
+                list(zip(part.params, part.terms, strict=True)), weights, self.batch_dim
+            )
+
+
+def _scale_invariant(weighting: Weighting | GeneralizedWeighting) -> bool:
+    inner = getattr(weighting, "weighting", weighting)
+    return bool(getattr(inner, "scale_invariant", False))
+
+
+def _aligned(part: TermsPart, first: TermsPart) -> TermsPart:
+    """``part`` with its terms in the order of ``first``'s parameters, of the same types.
+
+    The first ``backward`` before the engine watched a forward pass takes the exact route
+    (materialised rows) where later ones take closed forms: such terms are materialised too.
+    """
+    by_param = {id(param): term for param, term in zip(part.params, part.terms, strict=True)}
+    if set(by_param) != {id(param) for param in first.params}:
+        raise ValueError(
+            "The micro-batches of one step reached different parameters; every backward() of a "
+            "step must run the same model."
+        )
+    terms = []
+    for param, reference in zip(first.params, first.terms, strict=True):
+        term = by_param[id(param)]
+        if type(term) is not type(reference):
+            term = materialized(term, reference)
+        terms.append(term)
+    return TermsPart(part.losses, first.params, terms, part.graph_losses, scale=part.scale)
+
+
+def materialized(term: Term, like: Term) -> Term:
+    """``term`` as per-row gradients, like ``like`` (the exact route's form)."""
+    if not isinstance(like, MaterializedTerm) or isinstance(term, MaterializedTerm):
+        raise ValueError(
+            "The micro-batches of one step took different engine routes; give "
+            "optimizer.backward the losses of forward passes of the same model."
+        )
+    return _rows_of(term)
+
+
+def _rows_of(term: Term) -> MaterializedTerm:
+    """Row ``r`` is the weighted gradient for the one-hot weights of row ``r`` (exact)."""
+    factor, dim = term.factors()[0]
+    tasks = factor.shape[0] if dim == 1 else 1
+    batch = factor.shape[dim]
+    eye = torch.eye(batch * tasks, dtype=torch.float64, device=factor.device)
+    rows = [term.weighted_grad(eye[r].reshape(batch, tasks)) for r in range(batch * tasks)]
+    shape = tuple(rows[0].shape)
+    return MaterializedTerm(torch.stack([r.reshape(-1) for r in rows]), shape)
+
+
+def _concat_losses(losses: Sequence[Tensor], batch_dim: int) -> Tensor:
+    dim = batch_dim % losses[0].ndim
+    return torch.cat(list(losses), dim=dim)

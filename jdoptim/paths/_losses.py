@@ -1,0 +1,57 @@
+"""Checks what a closure (or a backward-then-step call) gave as losses, before anything changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jdoptim.linalg import check_finite
+
+
+def check_losses(result: Any, multi_task: bool, finite: bool = True) -> tuple[Tensor, Any]:
+    """``(losses, features)`` from a closure's result; raises a clear error on anything else.
+
+    ``finite=False`` skips the NaN/infinity check (to report the values of a skipped step).
+    """
+    features: Any = None
+    if multi_task:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(
+                "In multi-task mode (shared_params=), the closure must return a pair "
+                f"(losses, features), got {type(result).__name__}."
+            )
+        result, features = result
+    if isinstance(result, list | tuple) and result and all(isinstance(r, Tensor) for r in result):
+        if not all(r.ndim == 0 for r in result):
+            raise TypeError(
+                f"The losses must be one tensor, got a {type(result).__name__} of tensors with "
+                f"shapes {[tuple(r.shape) for r in result]}; concatenate them into one tensor."
+            )
+        result = torch.stack(list(result))  # one scalar loss per task
+    if not isinstance(result, Tensor):
+        raise TypeError(
+            f"The closure must return the loss tensor, got {type(result).__name__}. Use "
+            "reduction='none' in the loss function to get one loss per instance."
+        )
+    if not result.is_floating_point():
+        raise TypeError(f"The losses must be floating-point, got dtype {result.dtype}.")
+    if result.numel() == 0:
+        raise ValueError(f"The closure returned no loss (shape {tuple(result.shape)}).")
+    if not result.requires_grad:
+        raise ValueError(
+            "The losses do not require grad: the closure must compute them from the "
+            "parameters, with gradients enabled."
+        )
+    if not finite:
+        return result, features
+    try:
+        check_finite(result.detach(), "The losses")
+    except ValueError as error:
+        raise NonFiniteLossesError(str(error)) from None
+    return result, features
+
+
+class NonFiniteLossesError(ValueError):
+    """The losses hold NaN or infinity: under loss scaling, a step to skip; otherwise an error."""

@@ -1,0 +1,58 @@
+"""Weights from a (generalized) Gramian, whatever kind of weighting the user gave."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+from jdoptim.aggregation import Flattening, GeneralizedWeighting, Weighting
+from jdoptim.linalg import check_finite
+from jdoptim.paths._base import NonFiniteGramianError
+from jdoptim.paths._method import needs_gramian
+
+
+def weights_for(weighting: Weighting | GeneralizedWeighting, gramian: Tensor) -> Tensor:
+    """The weights for ``gramian``; a plain weighting is flattened for losses with ndim > 1."""
+    if isinstance(weighting, Weighting) and gramian.ndim != 2:
+        return Flattening(weighting)(gramian)
+    return weighting(gramian)
+
+
+def wants_gramian(weighting: Weighting | GeneralizedWeighting) -> bool:
+    """Whether a step must compute the Gramian: the weights depend on it, or a hook looks at it."""
+    return needs_gramian(weighting) or _has_hooks(weighting)
+
+
+def placeholder_gramian(losses: Tensor) -> Tensor:
+    """A zero Gramian of the right shape, for weightings whose weights depend on the shape only."""
+    return losses.new_zeros(()).expand(*losses.shape, *losses.shape[::-1])
+
+
+def check_gramian_finite(gramian: Tensor, name: str = "The Gramian of the losses") -> None:
+    try:
+        check_finite(gramian, name)
+    except ValueError as error:
+        raise NonFiniteGramianError(str(error)) from None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(bool(m._forward_hooks or m._forward_pre_hooks) for m in module.modules())
+
+
+@contextmanager
+def output_of(module: nn.Module) -> Iterator[list[Tensor]]:
+    """Collects what ``module`` returns while the context is active (the weights of an aggregator)."""
+    seen: list[Tensor] = []
+
+    def hook(_: nn.Module, __: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            seen.append(output.detach())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -1,0 +1,320 @@
+"""Backward-then-step, exact gradient accumulation, clipping and the step record.
+
+References are hand-written: ``step(closure)`` on the same batch, the concatenated batch for
+accumulation, and ``torch.func`` Jacobians for the record.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+from jdoptim.aggregation import (
+    MeanWeighting,
+    TrimmedMean,
+    UPGrad,
+    UPGradWeighting,
+)
+from jdoptim.optim import JDSGD, JacobianDescent
+from jdoptim.scalarization import GeometricMean
+from tests.optim._models import assert_same_params, per_instance_losses, regression_problem
+
+Options = dict[str, Any]
+
+# (options, batch_dim-like kind of losses): every path of the optimizer.
+PATHS: dict[str, Options] = {
+    "gramian": {"weighting": UPGradWeighting(), "batch_dim": 0},
+    "gramian-unfused": {"weighting": UPGradWeighting(), "batch_dim": 0, "fuse_backward": False},
+    "shape-only weights": {"weighting": MeanWeighting(), "batch_dim": 0},
+    "jacobian": {"aggregator": TrimmedMean(1), "batch_dim": 0},
+    "per-task gramian": {"weighting": UPGradWeighting(), "batch_dim": None},
+    "per-task mean": {"weighting": MeanWeighting(), "batch_dim": None},
+    "full-jacobian aggregator": {"aggregator": UPGrad(), "batch_dim": None},
+    "scalarizer": {"scalarizer": GeometricMean(), "batch_dim": 0},
+}
+
+
+def _fresh(options: Options) -> Options:
+    return {k: copy.deepcopy(v) if isinstance(v, nn.Module) else v for k, v in options.items()}
+
+
+@pytest.mark.parametrize("name", list(PATHS))
+def test_backward_then_step_equals_step_with_a_closure(name: str) -> None:
+    model, inputs, targets = regression_problem(steps=3)
+    reference = copy.deepcopy(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, **_fresh(PATHS[name]))
+    closure_optimizer = JDSGD(reference.parameters(), lr=0.1, **_fresh(PATHS[name]))
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.backward(per_instance_losses(model, x, y))
+        optimizer.step()
+        optimizer.zero_grad()
+        closure_optimizer.step(lambda x=x, y=y: per_instance_losses(reference, x, y))
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_multi_task_backward_then_step_equals_step_with_a_closure() -> None:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).double()
+    heads = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)]).double()
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def losses_of(m: nn.Module) -> tuple[Tensor, Tensor]:
+        features = m["trunk"](x)
+        outputs = torch.cat([head(features) for head in m["heads"]], dim=1)
+        return ((outputs - y) ** 2).mean(dim=0), features
+
+    options: Options = {"weighting": UPGradWeighting()}
+    optimizer = JDSGD(model.parameters(), lr=0.1, shared_params=trunk.parameters(), **options)
+    closure_optimizer = JDSGD(
+        reference.parameters(),
+        lr=0.1,
+        shared_params=reference["trunk"].parameters(),
+        weighting=UPGradWeighting(),
+    )
+    for _ in range(2):
+        losses, features = losses_of(model)
+        optimizer.backward(losses, features=features)
+        optimizer.step()
+        optimizer.zero_grad()
+        closure_optimizer.step(lambda: losses_of(reference))
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_clipping_between_backward_and_step_sees_the_direction() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]) * 100)
+    norm_before = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    assert float(norm_before) > 0.5  # the direction was there to be clipped
+    norm_after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(float(norm_after), 0.5, rtol=1e-6, atol=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    moved = torch.cat(
+        [(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)]
+    )
+    torch.testing.assert_close(float(moved.norm()), 0.1 * 0.5, rtol=1e-6, atol=0.0)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.linear = nn.Linear(3 * 4 * 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(torch.tanh(self.conv(x)).flatten(1)).squeeze(-1)
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(dim=1)).squeeze(-1)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (_mlp, (5,)),
+    "cnn": (_ConvNet, (2, 4, 4)),
+    "transformer encoder": (_Encoder, (3, 8)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of attention's backward
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_accumulated_micro_batches_equal_the_concatenated_batch(kind: str) -> None:
+    factory, shape = MODELS[kind]
+    torch.manual_seed(0)
+    model = factory().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(9, *shape, dtype=torch.float64)
+    y = torch.randn(9, dtype=torch.float64)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    for part in (slice(0, 4), slice(4, 6), slice(6, 9)):  # unequal micro-batches
+        optimizer.backward((model(x[part]) - y[part]) ** 2)
+    optimizer.step()
+    assert optimizer.last_step is not None
+    assert optimizer.last_step.losses.shape == (9,)
+    whole = JDSGD(reference.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    whole.step(lambda: (reference(x) - y) ** 2)
+    assert_same_params(model, reference, atol=1e-10)
+
+
+def test_accumulated_task_losses_are_summed() -> None:
+    model, inputs, targets = regression_problem(steps=3)
+    reference = copy.deepcopy(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting())
+
+    def task_losses(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        losses = per_instance_losses(m, x, y)
+        return torch.stack([losses[:4].mean(), losses[4:].mean()])
+
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.backward(task_losses(model, x, y))
+    optimizer.step()
+    whole = JDSGD(reference.parameters(), lr=0.1, weighting=UPGradWeighting())
+    whole.step(
+        lambda: sum(task_losses(reference, x, y) for x, y in zip(inputs, targets, strict=True))
+    )
+    assert_same_params(model, reference, atol=1e-10)
+
+
+def test_zero_grad_or_step_starts_a_new_window_and_other_gradients_are_kept() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+    optimizer.zero_grad()
+    optimizer.backward(per_instance_losses(model, inputs[1], targets[1]))
+    only_second = [p.grad.clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    # A gradient the user added before (say a regulariser) stays under the direction.
+    sum(p.square().sum() for p in model.parameters()).backward()
+    regulariser = [p.grad.clone() for p in model.parameters()]
+    optimizer.backward(per_instance_losses(model, inputs[1], targets[1]))
+    for param, a, b in zip(model.parameters(), only_second, regulariser, strict=True):
+        torch.testing.assert_close(param.grad, a + b, atol=1e-12, rtol=0.0)
+
+
+def test_a_closure_without_zero_grad_gives_the_same_step() -> None:
+    model, inputs, targets = regression_problem(steps=3)
+    reference = copy.deepcopy(model)
+    forgetful = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    careful = JDSGD(reference.parameters(), lr=0.1, batch_dim=0)
+    for x, y in zip(inputs, targets, strict=True):
+        forgetful.step(lambda x=x, y=y: per_instance_losses(model, x, y))
+
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            careful.zero_grad()
+            return per_instance_losses(reference, x, y)
+
+        careful.step(closure)
+    assert_same_params(model, reference)
+
+
+def test_a_closure_that_calls_backward_itself_has_no_effect_and_warns() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = copy.deepcopy(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    careful = JDSGD(reference.parameters(), lr=0.1, batch_dim=0)
+
+    def closure(x: Tensor, y: Tensor) -> Tensor:
+        losses = per_instance_losses(model, x, y)
+        losses.sum().backward(retain_graph=True)
+        return losses
+
+    with pytest.warns(UserWarning, match="called backward"):
+        for x, y in zip(inputs, targets, strict=True):
+            optimizer.step(lambda x=x, y=y: closure(x, y))
+            careful.step(lambda x=x, y=y: per_instance_losses(reference, x, y))
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_a_closure_that_calls_optimizer_backward_is_a_trainer_closure() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = copy.deepcopy(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    careful = JDSGD(reference.parameters(), lr=0.1, batch_dim=0)
+    for x, y in zip(inputs, targets, strict=True):
+
+        def trainer_closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            losses = per_instance_losses(model, x, y)
+            optimizer.backward(losses)
+            return losses.detach().mean()  # what a trainer's closure returns
+
+        optimizer.step(trainer_closure)
+        optimizer.zero_grad()
+        careful.step(lambda x=x, y=y: per_instance_losses(reference, x, y))
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_step_without_backward_warns_that_it_is_a_plain_step() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    per_instance_losses(model, inputs[0], targets[0]).mean().backward()
+    with pytest.warns(UserWarning, match="plain gradient step"):
+        optimizer.step()
+
+
+def test_cross_gramian_methods_explain_that_they_need_the_closure() -> None:
+    from jdoptim.aggregation import SDMGradWeighting
+
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=SDMGradWeighting())
+    with pytest.raises(TypeError, match=r"step\(closure\)"):
+        optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_the_step_record_matches_torch_func(batch_dim: int | None) -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    x, y = inputs[0], targets[0]
+    params = dict(model.named_parameters())
+    jacobian = jacrev(lambda p: per_instance_losses_of(model, p, x, y))(params)
+    rows = torch.cat([j.reshape(x.shape[0], -1) for j in jacobian.values()], dim=1).detach()
+    gramian = rows @ rows.T
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=batch_dim)
+    optimizer.step(lambda: per_instance_losses(model, x, y))
+    record = optimizer.last_step
+    assert record is not None
+    torch.testing.assert_close(record.gramian, gramian, atol=1e-12, rtol=0.0)
+    torch.testing.assert_close(record.weights, UPGradWeighting()(gramian), atol=1e-10, rtol=0.0)
+    assert record.conflicting_pairs == int((torch.triu(gramian, 1) < 0).sum())
+    assert record.increased_by_mean == int((gramian.sum(dim=1) < 0).sum())
+    direction = record.weights @ rows
+    mean = rows.mean(dim=0)
+    cosine = float(direction @ mean / (direction.norm() * mean.norm()))
+    assert record.cosine_to_mean == pytest.approx(cosine, abs=1e-10)
+    assert set(record.summary()) >= {"mean_loss", "max_loss", "conflicting_pairs"}
+
+
+def per_instance_losses_of(
+    model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor
+) -> Tensor:
+    return (functional_call(model, params, (x,)).squeeze(-1) - y) ** 2
+
+
+def test_a_hook_on_a_shape_only_weighting_sees_the_real_gramian() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    x, y = inputs[0], targets[0]
+    weighting = MeanWeighting()
+    seen: list[Tensor] = []
+    weighting.register_forward_hook(lambda _, args, __: seen.append(args[0]))
+    params = dict(model.named_parameters())
+    jacobian = jacrev(lambda p: per_instance_losses_of(model, p, x, y))(params)
+    rows = torch.cat([j.reshape(x.shape[0], -1) for j in jacobian.values()], dim=1).detach()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting, batch_dim=0)
+    optimizer.step(lambda: per_instance_losses(model, x, y))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], rows @ rows.T, atol=1e-12, rtol=0.0)
+
+
+def test_jacobian_descent_wraps_other_optimizers_in_backward_mode() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = copy.deepcopy(model)
+    optimizer = JacobianDescent(torch.optim.Adam(model.parameters(), lr=0.01), batch_dim=0)
+    careful = JacobianDescent(torch.optim.Adam(reference.parameters(), lr=0.01), batch_dim=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in zip(inputs, targets, strict=True):
+            optimizer.backward(per_instance_losses(model, x, y))
+            optimizer.step()
+            optimizer.zero_grad()
+            careful.step(lambda x=x, y=y: per_instance_losses(reference, x, y))
+    assert_same_params(model, reference, atol=1e-12)

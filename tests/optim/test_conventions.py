@@ -1,0 +1,285 @@
+"""The optimizers follow torch's conventions: state-dict layout and hooks, DCP, AMP, resuming."""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from jdoptim.aggregation import UPGradWeighting
+from jdoptim.optim import JDSGD, JDAdam
+from tests.optim._models import (
+    EMAWeighting,
+    assert_same_params,
+    per_instance_losses,
+    regression_problem,
+)
+
+
+def _trained(steps: int = 2) -> tuple[nn.Module, JDSGD, Tensor, Tensor]:
+    model, inputs, targets = regression_problem(steps=steps + 2)
+    optimizer = JDSGD(
+        model.parameters(), lr=0.1, momentum=0.9, weighting=EMAWeighting(), batch_dim=0
+    )
+    for x, y in zip(inputs[:steps], targets[:steps], strict=True):
+        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y))
+    return model, optimizer, inputs[steps:], targets[steps:]
+
+
+def _continue(model: nn.Module, optimizer: JDSGD, inputs: Tensor, targets: Tensor) -> None:
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y))
+
+
+def _copy(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_the_state_dict_has_torchs_layout_plus_one_key() -> None:
+    _, optimizer, _, _ = _trained()
+    state = optimizer.state_dict()
+    assert set(state) == {"state", "param_groups", "jdoptim"}
+    inner = optimizer.optimizer.state_dict()
+    assert state["param_groups"] == inner["param_groups"]
+    assert state["jdoptim"]["steps"] == 2
+    assert state["jdoptim"]["method_type"] == "EMAWeighting"
+
+
+def test_state_dict_hooks_fire() -> None:
+    _, optimizer, _, _ = _trained()
+    calls: list[str] = []
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("pre"))
+    optimizer.register_state_dict_post_hook(lambda opt, sd: calls.append("post") or sd)
+    optimizer.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("load-pre") or sd)
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("load-post"))
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert calls == ["pre", "post", "load-pre", "load-post"]
+
+
+def test_a_restored_optimizer_continues_bit_identically() -> None:
+    model, optimizer, inputs, targets = _trained()
+    state, params = _copy(optimizer.state_dict()), copy.deepcopy(model.state_dict())
+    _continue(model, optimizer, inputs, targets)
+    fresh, _, _ = regression_problem(steps=1)
+    fresh.load_state_dict(params)
+    restored = JDSGD(
+        fresh.parameters(), lr=0.5, momentum=0.9, weighting=EMAWeighting(), batch_dim=0
+    )
+    restored.load_state_dict(state)
+    _continue(fresh, restored, inputs, targets)
+    assert_same_params(model, fresh)
+
+
+def test_dcp_round_trip_with_the_jdoptim_state_beside_it() -> None:
+    model, optimizer, inputs, targets = _trained()
+    saved = _copy(get_optimizer_state_dict(model, optimizer))
+    jd_saved = _copy(optimizer.jd_state_dict())
+    params = copy.deepcopy(model.state_dict())
+    _continue(model, optimizer, inputs, targets)
+
+    fresh, _, _ = regression_problem(steps=1)
+    fresh.load_state_dict(params)
+    restored = JDSGD(
+        fresh.parameters(), lr=0.1, momentum=0.9, weighting=EMAWeighting(), batch_dim=0
+    )
+    # On a fresh optimizer DCP takes a zero-lr step to create the state: it must change nothing.
+    probe = get_optimizer_state_dict(fresh, restored)
+    assert restored.param_groups[0]["lr"] == 0.1
+    assert all(p.grad is None for p in fresh.parameters())
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), params.values(), strict=True)
+    )
+    assert set(probe) == {"state", "param_groups"}
+    with pytest.warns(UserWarning, match="jd_state_dict"):  # DCP keeps torch's keys only
+        set_optimizer_state_dict(fresh, restored, saved)
+    restored.load_jd_state_dict(jd_saved)
+    assert restored._steps == 2
+    _continue(fresh, restored, inputs, targets)
+    assert_same_params(model, fresh)
+
+
+def test_loading_without_the_jdoptim_entry_warns_for_stateful_methods() -> None:
+    _, optimizer, _, _ = _trained()
+    plain = {k: v for k, v in optimizer.state_dict().items() if k != "jdoptim"}
+    with pytest.warns(UserWarning, match="load_jd_state_dict"):
+        optimizer.load_state_dict(plain)
+
+
+_RESUME = textwrap.dedent(
+    """
+    import sys, torch
+    from jdoptim.optim import JDSGD
+    from tests.optim._models import EMAWeighting, per_instance_losses, regression_problem
+    model, inputs, targets = regression_problem(steps=4)
+    model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+    optimizer = JDSGD(model.parameters(), lr=0.1, momentum=0.9, weighting=EMAWeighting(), batch_dim=0)
+    optimizer.load_state_dict(torch.load(sys.argv[2], weights_only=True))
+    for x, y in zip(inputs[2:], targets[2:]):
+        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y))
+    torch.save(model.state_dict(), sys.argv[3])
+    """
+)
+
+
+def test_a_checkpoint_resumes_in_a_fresh_process_with_weights_only(tmp_path: Path) -> None:
+    model, optimizer, inputs, targets = _trained()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    _continue(model, optimizer, inputs, targets)
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RESUME,
+            *(str(tmp_path / n) for n in ("model.pt", "optimizer.pt", "out.pt")),
+        ],
+        check=True,
+        cwd=root,
+        timeout=120,
+    )
+    resumed = torch.load(tmp_path / "out.pt", weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_an_earlier_checkpoint_layout_still_loads() -> None:
+    model, optimizer, _, _ = _trained()
+    current = optimizer.state_dict()
+    legacy = {
+        "optimizer": {"state": current["state"], "param_groups": current["param_groups"]},
+        "method": current["jdoptim"]["method"],
+        "steps": current["jdoptim"]["steps"],
+    }
+    restored = JDSGD(
+        model.parameters(), lr=0.3, momentum=0.9, weighting=EMAWeighting(), batch_dim=0
+    )
+    restored.load_state_dict(_copy(legacy))
+    assert restored._steps == 2 and restored.param_groups[0]["lr"] == 0.1
+
+
+def test_a_failed_load_changes_nothing() -> None:
+    model, optimizer, _, _ = _trained()
+    adam = JDAdam(model.parameters(), lr=0.01, weighting=EMAWeighting(), batch_dim=0)
+    before = _copy(adam.state_dict())
+    with pytest.raises(ValueError, match="betas"):
+        adam.load_state_dict(optimizer.state_dict())
+    assert _copy(adam.state_dict()).keys() == before.keys()
+    assert adam.param_groups[0]["lr"] == 0.01 and "betas" in adam.param_groups[0]
+    other = JDSGD(
+        model.parameters(), lr=0.01, momentum=0.9, weighting=UPGradWeighting(), batch_dim=0
+    )
+    with pytest.raises(ValueError, match="EMAWeighting"):
+        other.load_state_dict(optimizer.state_dict())
+    assert other.param_groups[0]["lr"] == 0.01
+
+
+# --- AMP: float16 autocast with a GradScaler -------------------------------------------------
+
+
+class _Normed(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 8)
+        self.norm = norm
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.norm(self.linear(x)))).squeeze(-1)
+
+
+@pytest.mark.parametrize(
+    ("norm", "batch_dim"),
+    [(nn.LayerNorm(8), 0), (nn.BatchNorm1d(8), None)],
+    ids=["layernorm-instances", "batchnorm-tasks"],
+)
+def test_float16_autocast_with_a_grad_scaler_trains(norm: nn.Module, batch_dim: int | None) -> None:
+    torch.manual_seed(0)
+    model = _Normed(norm)
+    x, y = torch.randn(16, 6), torch.randn(16)
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer = JDSGD(model.parameters(), lr=0.05, batch_dim=batch_dim, grad_scaler=scaler)
+
+    def losses() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            per_instance = (model(x).float() - y) ** 2
+        if batch_dim is None:  # per-task losses: two halves of the batch
+            return torch.stack([per_instance[:8].mean(), per_instance[8:].mean()])
+        return per_instance
+
+    first = float(losses().detach().mean())
+    for _ in range(20):
+        optimizer.zero_grad()
+        optimizer.step(losses)
+    assert float(losses().detach().mean()) < first
+    assert optimizer._steps >= 15  # a few early steps may overflow at the initial scale
+
+    # An overflow (finite float16 outputs, scaled gradients beyond float16's range): the step is
+    # skipped, the scale halved, and the next step trains again.
+    params = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.get_scale()
+    with torch.no_grad():
+        model.head.weight.mul_(256.0)
+    optimizer.step(losses)
+    assert scaler.get_scale() == scale / 2
+    with torch.no_grad():
+        model.head.weight.div_(256.0)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    optimizer.step(losses)
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_backward_then_step_under_a_grad_scaler_skips_an_overflow() -> None:
+    torch.manual_seed(0)
+    model = _Normed(nn.LayerNorm(8))
+    x, y = torch.randn(16, 6), torch.randn(16)
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer = JDSGD(model.parameters(), lr=0.05, batch_dim=0)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = (model(x).float() - y) ** 2
+        optimizer.backward(scaler.scale(losses))
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+
+    for _ in range(3):
+        step()
+    params = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.get_scale()
+    with torch.no_grad():
+        model.head.weight.mul_(2.0**100)  # the losses themselves overflow
+    step()
+    with torch.no_grad():
+        model.head.weight.div_(2.0**100)
+    assert scaler.get_scale() == scale / 2
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    step()
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_step_refuses_a_non_finite_direction_without_a_scaler() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]) * float("inf"))
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="GradScaler"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))

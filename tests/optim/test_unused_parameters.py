@@ -1,0 +1,63 @@
+"""Parameters the losses do not use keep ``.grad = None`` on every path, as with torch.optim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim import JDSGD
+from jdoptim.aggregation import TrimmedMean, UPGradWeighting
+
+
+class WithIdleLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 1)
+        self.idle = nn.Linear(3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        output: Tensor = self.used(x).squeeze(-1)
+        return output
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"aggregator": TrimmedMean(trim_number=1)}, {"weighting": UPGradWeighting(), "batch_dim": 0}],
+    ids=["jacobian-path", "gramian-path"],
+)
+def test_unused_parameters_get_no_grad_and_do_not_move(method: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    model = WithIdleLayer()
+    idle_before = [p.detach().clone() for p in model.idle.parameters()]
+    optimizer = JDSGD(model.parameters(), lr=0.1, weight_decay=0.5, momentum=0.9, **method)  # type: ignore[arg-type]
+    x, y = torch.randn(5, 3), torch.randn(5)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        losses: Tensor = (model(x) - y).square()
+        return losses
+
+    for _ in range(2):
+        optimizer.step(closure)
+    assert all(p.grad is None for p in model.idle.parameters())
+    assert all(p.grad is not None for p in model.used.parameters())
+    for param, before in zip(model.idle.parameters(), idle_before, strict=True):
+        assert torch.equal(param, before)
+
+
+def test_a_parameter_used_by_one_micro_batch_only_gets_its_gradient() -> None:
+    """Backward-then-step with two micro-batches: a parameter one of them reaches gets a .grad;
+    one that neither reaches keeps None."""
+    torch.manual_seed(0)
+    model = WithIdleLayer()
+    extra = nn.Linear(3, 1)
+    params = [*model.parameters(), *extra.parameters()]
+    optimizer = JDSGD(params, lr=0.1, aggregator=TrimmedMean(trim_number=1), batch_dim=0)
+    x, y = torch.randn(5, 3), torch.randn(5)
+    optimizer.zero_grad()
+    optimizer.backward((model(x) - y).square())
+    optimizer.backward((model(x) + extra(x).squeeze(-1) - y).square())
+    optimizer.step()
+    assert all(p.grad is not None for p in extra.parameters())
+    assert all(p.grad is None for p in model.idle.parameters())
