@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from jdoptim._named import Named as _Named
+from jdoptim._stateful import Stateful
 from jdoptim.linalg import (
     check_finite,
     check_generalized_gramian,
@@ -183,6 +184,11 @@ class WeightedAggregator(Aggregator):
             setattr(weighting, name, value)
             return
         super().__setattr__(name, value)
+
+    def reset(self) -> None:
+        """Forgets what a stateful weighting learnt from previous calls (nothing otherwise)."""
+        if isinstance(self.weighting, Stateful):
+            self.weighting.reset()
 
     def _check_weighting(self, weighting: Weighting) -> None:
         if weighting.input_kind != "matrix":

@@ -54,10 +54,6 @@ class Communicator:
 
     # --- failures ------------------------------------------------------------------------------
 
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
-
     @contextmanager
     def guard(self, stage: str) -> Iterator[None]:
         """Runs local work; an exception is kept (the first one) for the next collective."""

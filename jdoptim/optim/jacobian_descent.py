@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -35,10 +36,10 @@ from jdoptim.optim._state import (
     jd_state_of,
     split_legacy_state_dict,
 )
+from jdoptim.optim._window import AccumulationWindow
 from jdoptim.paths import (
     NonFiniteGramianError,
     NonFiniteLossesError,
-    Part,
     StepContext,
     StepRecord,
     check_losses,
@@ -134,7 +135,7 @@ class JacobianDescent(Optimizer):
         self._steps = 0
         self.last_step: StepRecord | None = None
         """What the last step computed: losses, weights, Gramian and a conflict summary."""
-        self._window = _Window()
+        self._window = AccumulationWindow()
         self._backward_calls = 0
         self._warned: set[str] = set()
         # Optimizer.__init__ installs the step hooks and profiling; param_groups, state and defaults
@@ -228,8 +229,9 @@ class JacobianDescent(Optimizer):
             guard, forward = self._path.guard("the closure"), self._path.forward_context()
             with guard, torch.enable_grad(), forward:
                 result = closure()
-            if self._backward_calls != calls_before:
-                # The closure ran optimizer.backward (a trainer's closure): .grad is ready.
+            if self._backward_calls != calls_before or result is None:
+                # The closure ran optimizer.backward (a trainer's closure), or returned nothing
+                # after backward() filled .grad: update from .grad, as torch optimizers do.
                 self._step_from_grad()
                 return None if self.last_step is None else self.last_step.losses
             self._discard_closure_grads(params, saved_grads)
@@ -268,7 +270,8 @@ class JacobianDescent(Optimizer):
                 )
             scale = self._loss_scale(losses)
         try:
-            return self._path.run(losses, features, scale, next_losses)
+            with _full_precision(losses):
+                return self._path.run(losses, features, scale, next_losses)
         except NonFiniteGramianError:
             if self.grad_scaler is None:
                 raise
@@ -323,16 +326,18 @@ class JacobianDescent(Optimizer):
         scale = self._loss_scale(losses)
         unscaled = losses / scale if scale != 1.0 else losses
         saved_method_state = self._method.module.state_dict()
-        part = self._path.differentiate(unscaled, features, scale)
+        with _full_precision(losses):
+            part = self._path.differentiate(unscaled, features, scale)
         parts = [*window.parts, part]
         for param in params:
             param.grad = None
         try:
-            combined = self._path.combine(parts)
-            try:
-                record = self._path.apply(combined)
-            except NonFiniteGramianError:
-                record = self._skip_step(combined.losses)
+            with _full_precision(losses):
+                combined = self._path.combine(parts)
+                try:
+                    record = self._path.apply(combined)
+                except NonFiniteGramianError:
+                    record = self._skip_step(combined.losses)
         except BaseException:
             self._method.module.load_state_dict(saved_method_state)
             window.restore(params)
@@ -559,45 +564,6 @@ class JacobianDescent(Optimizer):
         return f"{type(self).__name__}({self.optimizer!r}, {options})"
 
 
-class _Window:
-    """The micro-batches given to ``backward`` since the last step, and the ``.grad`` they wrote.
-
-    Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
-    is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
-    (the user zeroed or replaced it), the next ``backward`` opens a new window.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[Part] = []
-        self.base: list[Tensor | None] = []
-        self.written: list[Tensor | None] = []
-        self.finite = True
-
-    def clear(self) -> None:
-        self.parts, self.base, self.written = [], [], []
-        self.finite = True
-
-    def interrupted(self, params: list[Tensor]) -> bool:
-        if not self.parts or len(params) != len(self.written):
-            return True
-        return any(p.grad is not w for p, w in zip(params, self.written, strict=True))
-
-    def open(self, params: list[Tensor]) -> None:
-        self.parts = []
-        self.base = [p.grad for p in params]
-        self.written = list(self.base)
-
-    def restore(self, params: list[Tensor]) -> None:
-        for param, grad in zip(params, self.written, strict=True):
-            param.grad = grad
-
-    def write(self, params: list[Tensor]) -> None:
-        for param, base in zip(params, self.base, strict=True):
-            if base is not None:
-                param.grad = base.clone() if param.grad is None else param.grad + base
-        self.written = [p.grad for p in params]
-
-
 def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     assert isinstance(optimizer, JacobianDescent)
     state_dict[JD_STATE_KEY] = optimizer.jd_state_dict()
@@ -636,6 +602,12 @@ def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
     except AttributeError:
         return None
     return inner if isinstance(inner, Optimizer) else None
+
+
+def _full_precision(like: Tensor) -> AbstractContextManager[Any]:
+    """Autocast off while a step differentiates and weighs (a trainer may call us inside a region:
+    the Gramian, Jacobian and weights must not be computed in float16)."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:

@@ -90,7 +90,11 @@ def test_scale_invariant_weights(weighting: Weighting, matrix: Tensor, log_scale
     expected = weighting(matrix_gramian)
     torch.manual_seed(0)
     scaled = weighting(matrix_gramian * 10.0**log_scale)
-    assert torch.allclose(scaled, expected, atol=1e-6, rtol=1e-6)
+    if torch.allclose(scaled, expected, atol=1e-6, rtol=1e-6):
+        return
+    # On a singular Gramian the weights are not unique, the direction wᵀJ is: compare directions.
+    difference = (scaled - expected) @ matrix
+    assert float(difference.norm()) <= 1e-6 * max(1.0, float((expected @ matrix).norm()))
 
 
 @pytest.mark.parametrize("weighting", SYMMETRIC, ids=SYMMETRIC_IDS)

@@ -324,19 +324,13 @@ class PlainManualRegression(Regression):
         optimizer.step()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="LightningOptimizer.step() passes the optimizer a closure that returns None, which "
-    "step(closure) rejects even though manual_backward already filled .grad",
-)
 def test_manual_optimization_with_a_plain_step_call() -> None:
     data = make_data()
     module = PlainManualRegression(make_net())
     fit(module, data)
     by_hand = make_net()
     trainer_order_loop(by_hand, data)
-    assert max_difference(module.net, by_hand) == 0.0
+    assert max_difference(module.net, by_hand) <= 1e-6
 
 
 class StatefulRegression(Regression):

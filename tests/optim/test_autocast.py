@@ -12,20 +12,10 @@ from jdoptim.aggregation import ConFIG, TrimmedMean, UPGradWeighting
 from jdoptim.optim import JDSGD
 from tests.optim._models import per_instance_losses
 
-_UNDER_AUTOCAST = pytest.mark.xfail(
-    strict=True,
-    reason="this path computes the Gramian or Jacobian under the enclosing autocast: in float16 "
-    "the scaled Gramian overflows (ValueError), in bfloat16 .grad is far off; torch's own "
-    "backward is unaffected by an enclosing autocast",
-)
 PATHS = [
     pytest.param({"weighting": UPGradWeighting(), "batch_dim": 0}, id="engine-instance-wise"),
-    pytest.param(
-        {"weighting": UPGradWeighting(), "batch_dim": None},
-        id="engine-per-task",
-        marks=_UNDER_AUTOCAST,
-    ),
-    pytest.param({"aggregator": ConFIG()}, id="jacobian-ConFIG", marks=_UNDER_AUTOCAST),
+    pytest.param({"weighting": UPGradWeighting(), "batch_dim": None}, id="per-task"),
+    pytest.param({"aggregator": ConFIG()}, id="jacobian-ConFIG"),
     pytest.param({"aggregator": TrimmedMean(trim_number=1)}, id="jacobian-TrimmedMean"),
 ]
 

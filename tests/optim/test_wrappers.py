@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import torch
 from torch.optim import Optimizer
 
@@ -88,12 +87,6 @@ def test_a_subclass_shares_the_inner_optimizer_bookkeeping() -> None:
     assert optimizer.state is optimizer.optimizer.state
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="step(closure) requires losses from a closure that returns None even when backward() "
-    "already filled .grad (Lightning's manual optimization passes such a closure); torch "
-    "optimizers update from .grad",
-)
 def test_a_closure_returning_none_after_backward_updates_from_grad() -> None:
     model, inputs, targets = regression_problem()
     reference = clone_model(model)

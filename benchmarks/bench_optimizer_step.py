@@ -1,0 +1,72 @@
+"""A whole optimizer step, JDSGD against SGD, side by side in one process (interleaved, medians).
+
+Measures what the optimizer adds around the engine: the closure, the path's bookkeeping, the
+weighting and the update. Ratios are to an SGD step on the mean loss of the same batch.
+
+    python benchmarks/bench_optimizer_step.py [--batch 128] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from jdoptim import JDSGD
+from jdoptim.aggregation import MeanWeighting, UPGradWeighting
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x, y = torch.randn(args.batch, 64), torch.randint(10, (args.batch,))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    steps: dict[str, Callable[[], None]] = {}
+
+    model = _mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def sgd_step() -> None:
+        sgd.zero_grad()
+        loss_fn(model(x), y).mean().backward()
+        sgd.step()
+
+    steps["sgd"] = sgd_step
+    for name, weighting in (("jdsgd-mean", MeanWeighting()), ("jdsgd-upgrad", UPGradWeighting())):
+        jd_model = _mlp()
+        optimizer = JDSGD(jd_model.parameters(), lr=1e-3, weighting=weighting, batch_dim=0)
+
+        def step(m: nn.Module = jd_model, o: JDSGD = optimizer) -> None:
+            o.step(lambda: loss_fn(m(x), y))
+
+        steps[name] = step
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["sgd"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:14s} {median * 1e3:8.2f} ms  {median / base:6.2f}x SGD")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The micro-batches of one gradient-accumulation window, and the ``.grad`` they wrote."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from jdoptim.paths import Part
+
+
+class AccumulationWindow:
+    """The micro-batches given to ``backward`` since the last step, and the ``.grad`` they wrote.
+
+    Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
+    is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
+    (the user zeroed or replaced it), the next ``backward`` opens a new window.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self.base: list[Tensor | None] = []
+        self.written: list[Tensor | None] = []
+        self.finite = True
+
+    def clear(self) -> None:
+        self.parts, self.base, self.written = [], [], []
+        self.finite = True
+
+    def interrupted(self, params: list[Tensor]) -> bool:
+        if not self.parts or len(params) != len(self.written):
+            return True
+        return any(p.grad is not w for p, w in zip(params, self.written, strict=True))
+
+    def open(self, params: list[Tensor]) -> None:
+        self.parts = []
+        self.base = [p.grad for p in params]
+        self.written = list(self.base)
+
+    def restore(self, params: list[Tensor]) -> None:
+        for param, grad in zip(params, self.written, strict=True):
+            param.grad = grad
+
+    def write(self, params: list[Tensor]) -> None:
+        for param, base in zip(params, self.base, strict=True):
+            if base is not None:
+                param.grad = base.clone() if param.grad is None else param.grad + base
+        self.written = [p.grad for p in params]
