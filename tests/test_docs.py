@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 MARKDOWN_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-# ddp_*.py need several processes: tests/distributed launches them with torchrun.
+# ddp_*.py and fsdp_*.py need several processes: tests/distributed launches them with torchrun.
 EXAMPLES = sorted(
-    p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith(("_", "ddp_"))
+    p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith(("_", "ddp_", "fsdp_"))
 )
 
 
@@ -48,6 +48,9 @@ def test_documentation_exists() -> None:
     markdown_blocks(),
     ids=[f"{path.relative_to(ROOT)}[{index}]" for path, index, _ in markdown_blocks()],
 )
+# Expected: Lightning's own code (docs/integrations.md) calls a torch pytree API that this torch
+# deprecates; nothing in jdoptim or the docs can change that.
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_markdown_python_block_runs_alone(path: Path, index: int, block: str) -> None:
     code = compile(block, f"{path.name}[block {index}]", "exec")
     exec(code, {"__name__": "__docs__"})

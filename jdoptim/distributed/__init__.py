@@ -7,6 +7,7 @@ local path (:mod:`jdoptim.paths`) into its distributed variant. See ``docs/distr
 """
 
 from jdoptim.distributed._across import RankAwarePath, across_ranks
+from jdoptim.distributed._checkpoint import checkpoint_state, load_checkpoint_state
 from jdoptim.distributed._communicator import Communicator, DistributedStepError
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
 
@@ -15,6 +16,8 @@ __all__ = [
     "DistributedStepError",
     "RankAwarePath",
     "across_ranks",
+    "checkpoint_state",
     "ddp_process_group",
+    "load_checkpoint_state",
     "watch_ddp",
 ]

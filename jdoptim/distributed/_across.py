@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
+from jdoptim.distributed._fsdp import ShardedModel, fsdp_root, watch_fsdp
+from jdoptim.distributed._fsdp_paths import ShardedPath, sharded_variant
 from jdoptim.distributed._paths import DistributedPath, distributed_variant
 from jdoptim.paths import Part, Path, StepRecord
 
@@ -38,6 +40,7 @@ def across_ranks(
             "torch.distributed.group.WORLD or ddp_model.process_group), None (found from a DDP "
             f"model) or False (local steps), got {process_group!r}."
         )
+    root = fsdp_root(modules) if process_group is None else None
     group = process_group if process_group is not None else ddp_process_group(modules)
     if group is not None and not dist.is_initialized():
         raise ValueError(
@@ -45,7 +48,9 @@ def across_ranks(
             "torch.distributed.init_process_group(...) first (torchrun sets up its environment)."
         )
     wrapper = RankAwarePath(path, grad_scaler)
-    if group is not None:
+    if root is not None:
+        wrapper.shard_with(root)
+    elif group is not None:
         wrapper.use_group(group)
     if dist.is_available() and dist.is_initialized():
         wrapper.watch_for_ddp()
@@ -92,6 +97,7 @@ class RankAwarePath(Path):
                 method(group)
 
         self._watch.enter_context(watch_ddp(on_ddp))
+        self.watch_for_fsdp()
         weakref.finalize(self, self._watch.close)
         self._watching = True
 
@@ -129,3 +135,33 @@ class RankAwarePath(Path):
 
     def global_losses(self, losses: Tensor) -> Tensor:
         return self.active.global_losses(losses)
+
+    # --- fully_shard (FSDP2) models ----------------------------------------------------------------
+
+    def shard_with(self, root: nn.Module) -> None:
+        """Runs every step across the ranks of the ``fully_shard`` model ``root``."""
+        if self.distributed is not None:
+            return
+        if self.grad_scaler is not None:
+            raise ValueError(
+                "grad_scaler is not supported in distributed steps; train in full precision or "
+                "with bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))."
+            )
+        self.distributed = sharded_variant(self.local, ShardedModel(root))
+
+    def use_fsdp(self, root: nn.Module) -> None:
+        """A forward pass of the ``fully_shard`` model ``root`` starts."""
+        self.shard_with(root)
+        if isinstance(self.distributed, ShardedPath):
+            self.distributed.before_forward()
+
+    def watch_for_fsdp(self) -> None:
+        """From now on, a ``fully_shard`` model's forward pass hands itself to this path."""
+        use_fsdp = weakref.WeakMethod(self.use_fsdp)
+
+        def on_fsdp(root: nn.Module) -> None:
+            method = use_fsdp()
+            if method is not None:
+                method(root)
+
+        self._watch.enter_context(watch_fsdp(on_fsdp))

@@ -52,6 +52,10 @@ class Communicator:
     def _count(self, kind: str, nbytes: float) -> None:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
 
+    def count(self, kind: str, nbytes: float) -> None:
+        """Counts ``nbytes`` this rank sent in a collective run outside this class."""
+        self._count(kind, nbytes)
+
     # --- failures ------------------------------------------------------------------------------
 
     @contextmanager

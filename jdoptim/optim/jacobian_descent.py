@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ from jdoptim.paths import (
 )
 
 Closure = Callable[[], Any]
+_FAILED = object()
 
 
 class JacobianDescent(Optimizer):
@@ -225,7 +226,7 @@ class JacobianDescent(Optimizer):
         calls_before = self._backward_calls
         self._path.begin()
         try:
-            result: Any = None
+            result: Any = _FAILED  # stays so if the guard holds a closure's error (distributed)
             guard, forward = self._path.guard("the closure"), self._path.forward_context()
             with guard, torch.enable_grad(), forward:
                 result = closure()
@@ -243,12 +244,26 @@ class JacobianDescent(Optimizer):
             clear_jac(params)
             raise
         self.last_step = record
-        self._update()
-        self._window.clear()
-        if record.finite:
-            self._steps += 1
-            self._notify_after_step(record.losses, closure)
+        with self._method_state_restored_on_error(saved_method_state):
+            self._update()
+            self._window.clear()
+            if record.finite:
+                self._steps += 1
+                self._notify_after_step(record.losses, closure)
         return record.losses
+
+    @contextmanager
+    def _method_state_restored_on_error(self, saved: dict[str, Any]) -> Iterator[None]:
+        """The update and ``after_step``: if either raises, the method's state and the step count
+        go back to before the step. Parameters and the wrapped optimizer's state changed by its
+        ``step()`` stay changed (a torch optimizer's update cannot be undone)."""
+        steps = self._steps
+        try:
+            yield
+        except BaseException:
+            self._method.module.load_state_dict(saved)
+            self._steps = steps
+            raise
 
     def _run(self, first_result: Any, closure: Closure) -> StepRecord:
         def next_losses() -> Tensor:
@@ -260,6 +275,8 @@ class JacobianDescent(Optimizer):
         features: Any = None
         scale = 1.0
         with self._path.guard("the closure's losses"):
+            if first_result is _FAILED:
+                raise RuntimeError("the closure failed")  # never raised: the guard holds its error
             try:
                 losses, features = self._checked(first_result)
             except NonFiniteLossesError:
@@ -369,12 +386,14 @@ class JacobianDescent(Optimizer):
                 )
             self.optimizer.step()
             return None
-        self.optimizer.step()
-        self._steps += 1
-        losses = self.last_step.losses if self.last_step is not None else None
-        window.clear()
-        if losses is not None:
-            self._notify_after_step(losses, None)
+        saved_method_state = self._method.module.state_dict()
+        with self._method_state_restored_on_error(saved_method_state):
+            self.optimizer.step()
+            self._steps += 1
+            losses = self.last_step.losses if self.last_step is not None else None
+            window.clear()
+            if losses is not None:
+                self._notify_after_step(losses, None)
         return None
 
     # --- pieces of the step --------------------------------------------------------------------
@@ -604,9 +623,11 @@ def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
     return inner if isinstance(inner, Optimizer) else None
 
 
-def _full_precision(like: Tensor) -> AbstractContextManager[Any]:
+def _full_precision(like: Tensor | None) -> AbstractContextManager[Any]:
     """Autocast off while a step differentiates and weighs (a trainer may call us inside a region:
     the Gramian, Jacobian and weights must not be computed in float16)."""
+    if like is None:  # a failed closure on this rank: nothing runs but the exchanges
+        return nullcontext()
     return torch.autocast(like.device.type, enabled=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -39,7 +40,11 @@ def reference_gramian(
 
     with torch.random.fork_rng():
         shape = tuple(run({n: p.detach() for n, p in named.items()}).shape)
-    jacobians = jacrev(run)({n: p.detach() for n, p in named.items()})
+    with warnings.catch_warnings():
+        # jacrev vmaps the backward pass; for attention, torch has no batching rule for the CPU
+        # kernel's backward and warns that it loops instead (same values, slower): expected here.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        jacobians = jacrev(run)({n: p.detach() for n, p in named.items()})
     rows = math.prod(shape)
     matrix = torch.cat([j.reshape(rows, -1) for j in jacobians.values()], dim=1)
     return reshape_gramian(matrix @ matrix.T, shape)

@@ -297,6 +297,18 @@ def resume_rank(rank: int, world: int, out_dir: str) -> Any:
 # --- failures --------------------------------------------------------------------------------
 
 
+def broken_on_rank_1(losses: Tensor, step: int, rank: int, failure: str) -> Tensor:
+    """Rank 1's losses at step 1 broken as ``failure`` says: raise, NaN, or a wrong shape."""
+    if step == 1 and rank == 1:
+        if failure == "raise":
+            raise ValueError("data loader broke on rank 1")
+        if failure == "nan":
+            return losses * float("nan")
+        if failure == "shape":
+            return torch.stack([losses, losses], dim=1)
+    return losses
+
+
 def failing_rank(rank: int, world: int, failure: str) -> Any:
     """Rank 1 fails at the second step (``failure`` says how); returns what each rank raised."""
     model = iwrm_model()
@@ -314,15 +326,7 @@ def failing_rank(rank: int, world: int, failure: str) -> Any:
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            losses = iwrm_losses(model, x[part], y[part])
-            if step == 1 and rank == 1:
-                if failure == "raise":
-                    raise ValueError("data loader broke on rank 1")
-                if failure == "nan":
-                    return losses * float("nan")
-                if failure == "shape":
-                    return torch.stack([losses, losses], dim=1)
-            return losses
+            return broken_on_rank_1(iwrm_losses(model, x[part], y[part]), step, rank, failure)
 
         before = params_of(model)
         try:

@@ -16,40 +16,17 @@ import torch.distributed as dist
 from jdoptim import JDSGD
 from jdoptim.aggregation import SDMGradWeighting
 from tests.distributed import _scenarios as scenarios
-from tests.distributed._launch import run_ranks
+from tests.distributed._launch import ok, rank_fixtures
 
 TOLERANCE = 1e-10
 
 
-def _launch(world: int, factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
-    out_dir = factory.mktemp(f"ranks{world}")
-    return world, run_ranks(scenarios.all_scenarios_rank, world, out_dir, str(out_dir))
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
-    return _launch(2, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[Any]]:
-    return _launch(3, tmp_path_factory)
-
-
-@pytest.fixture(params=["two_ranks", "three_ranks"])
-def launch(request: pytest.FixtureRequest) -> tuple[int, list[Any]]:
-    result: tuple[int, list[Any]] = request.getfixturevalue(request.param)
-    return result
+two_ranks, three_ranks, launch = rank_fixtures(scenarios.all_scenarios_rank, "ranks")
 
 
 def _close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, atol=TOLERANCE, rtol=0.0)
-
-
-def _ok(result: Any) -> dict[str, Any]:
-    assert isinstance(result, dict), result
-    return result
 
 
 def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) -> None:
@@ -58,7 +35,7 @@ def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) 
         key = f"iwrm-{method}-{sizes}-ddp={ddp}-bd={batch_dim}"
         reference = scenarios.iwrm_reference(method, sizes, batch_dim)
         for rank in ranks:
-            result = _ok(rank[key])
+            result = ok(rank[key])
             _close(result["params"], reference["params"])
             _close([result["losses"]], [reference["losses"]])
         for rank in ranks[1:]:  # bit-identical across ranks, not just close
@@ -79,7 +56,7 @@ def test_per_task_loss_steps_equal_one_process_on_the_global_batch(launch: Any, 
     world, ranks = launch
     reference = scenarios.task_losses_reference(kind, world, scenarios.MTL_BATCH[world])
     for rank in ranks:
-        result = _ok(rank[kind])
+        result = ok(rank[kind])
         _close(result["params"], reference["params"])
         _close([result["losses"]], [reference["losses"]])
         for a, b in zip(result["params"], ranks[0][kind]["params"], strict=True):
@@ -89,7 +66,7 @@ def test_per_task_loss_steps_equal_one_process_on_the_global_batch(launch: Any, 
 def test_a_failing_rank_makes_every_rank_raise_without_changing_parameters(launch: Any) -> None:
     world, ranks = launch
     for failure in scenarios.FAILURES[world]:
-        outcomes = [_ok(rank[f"failure-{failure}"]) for rank in ranks]
+        outcomes = [ok(rank[f"failure-{failure}"]) for rank in ranks]
         for rank, outcome in enumerate(outcomes):
             assert outcome["error"] is not None, (failure, rank)
             assert outcome["unchanged"], (failure, rank)
@@ -106,7 +83,7 @@ def test_a_failing_rank_makes_every_rank_raise_without_changing_parameters(launc
 
 def test_a_failing_rank_in_multi_task_mode_makes_every_rank_raise(two_ranks: Any) -> None:
     _, ranks = two_ranks
-    outcomes = [_ok(rank["failure-mtl"]) for rank in ranks]
+    outcomes = [ok(rank["failure-mtl"]) for rank in ranks]
     assert outcomes[0]["error"] == ("RuntimeError", "rank 0 ran out of memory")
     kind, message = outcomes[1]["error"]
     assert kind == "DistributedStepError" and "rank 0: RuntimeError" in message
@@ -123,7 +100,7 @@ def test_ranks_with_differently_built_optimizers_all_raise(two_ranks: Any) -> No
 def test_a_checkpoint_of_rank_zero_resumes_bit_identically(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
-        result = _ok(rank["resume"])
+        result = ok(rank["resume"])
         for a, b in zip(result["straight"], result["resumed"], strict=True):
             assert torch.equal(a, b)
 
@@ -181,7 +158,7 @@ def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ra
     )
     parameters = 5 * 6 + 6 + 6 + 6 + 6 + 1
     for rank in ranks:
-        sent = _ok(rank["bytes"])
+        sent = ok(rank["bytes"])
         assert sent["all_gather"] == factors * 8  # R - 1 = 1 copy of each factor
         # all-reduces send 2 (R - 1) / R = 1 copy; one more number carries the failure flag
         assert sent["gradients"] == (parameters + 1) * 8

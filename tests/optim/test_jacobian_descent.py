@@ -444,3 +444,18 @@ def test_multi_task_errors_say_what_to_do() -> None:
 
     losses = optimizer.step(listed)  # a list of scalar task losses is stacked
     assert losses.shape == (2,)
+
+
+def test_a_failing_after_step_restores_the_method_state_and_step_count() -> None:
+    class FailingAfterStep(EMAWeighting):
+        def after_step(self, info: Any) -> None:
+            self._state["calls"] = -1  # a change the failure must not leave behind
+            raise RuntimeError("after_step broke")
+
+    model, inputs, targets = regression_problem(steps=1)
+    weighting = FailingAfterStep()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting, batch_dim=0)
+    with pytest.raises(RuntimeError, match="after_step broke"):
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    assert weighting._state == {}
+    assert optimizer._steps == 0

@@ -1,0 +1,367 @@
+"""The distributed paths for ``fully_shard`` models: exact global steps, sharded ``.grad``.
+
+Instance-wise losses (:class:`ShardedGramianPath`): the engine covers the unsharded parameters;
+every rank gathers the per-layer term factors as on the DDP path, builds the global Gramian and
+rank 0's weights, then, one parameter at a time, weighs its own terms into a full-size gradient
+and reduce-scatters it (a sum, not FSDP2's mean): each rank keeps only its shard in ``.grad``.
+
+Per-task losses (:class:`ShardedTaskPath`): each rank differentiates its ``T`` task losses, and a
+reduce-scatter per parameter leaves each rank the shard ``J_s`` of the global ``[T, n]`` Jacobian
+(the mean over ranks). ``G = Σ_s J_s J_sᵀ`` is one ``T × T`` all-reduce; each rank's shard of the
+direction is ``wᵀ J_s``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import Weighting
+from jdoptim.autogram import Engine
+from jdoptim.distributed._communicator import from_first_rank
+from jdoptim.distributed._fsdp import ShardedModel, as_sharded, sharded_rows
+from jdoptim.distributed._gramian import DistributedGramianPath
+from jdoptim.distributed._layout import StepKind, same_shapes, shapes_of
+from jdoptim.distributed._path_base import DistributedPath, FailedPart
+from jdoptim.linalg import reshape_gramian
+from jdoptim.paths import (
+    GradsPart,
+    GramianPath,
+    JacobianPath,
+    Part,
+    Path,
+    StepRecord,
+    TermsPart,
+    check_gramian_finite,
+    weights_for,
+)
+
+
+class ShardedPath:
+    """What both sharded paths share: the model, the unsharded parameters, scalar losses."""
+
+    model: ShardedModel
+    communicator: Any
+    context: Any
+    world_size: int
+
+    def before_forward(self) -> None:
+        """Called when a forward pass of the model starts: the first one learns the parameters."""
+        if not self.model.params():
+            self.model.gather()
+
+    def apply(self, part: Part) -> StepRecord:
+        self.model.reshard()  # a rank whose closure failed after its forward still holds them
+        return super().apply(part)  # type: ignore[misc, no-any-return]
+
+    def unsharded(self) -> list[Tensor]:
+        return [unsharded for unsharded, _ in self.model.pairs()]
+
+    def scalar_grads(self, losses: Tensor, scale: float) -> GradsPart:
+        """The local gradient of a scalar loss w.r.t. every unsharded parameter (model order)."""
+        loss = losses * scale if scale != 1.0 else losses
+        grads = torch.autograd.grad(loss, self.unsharded(), allow_unused=True)
+        return GradsPart(losses.detach(), list(grads), scale=scale)
+
+    def write(self, new: list[tuple[Any, Tensor]]) -> None:
+        """After a last failure check, adds each sharded gradient to its parameter's ``.grad``."""
+        self.communicator.all_reduce_sum([], kind="control")
+        for sharded, local in new:
+            grad = as_sharded(local, sharded)
+            sharded.grad = grad if sharded.grad is None else sharded.grad + grad
+
+    def scatter_by_layer(
+        self,
+        items: list[tuple[Tensor, Any, Callable[[], Tensor | None]]],
+        shape_of: Any,
+        stage: str,
+    ) -> list[tuple[Any, Tensor]]:
+        """``(sharded, rows)`` for each ``(unsharded, sharded, full)`` item: this rank's rows of
+        the sum over ranks of ``full()``, one reduce-scatter per ``fully_shard`` layer.
+
+        ``full()`` runs guarded, one layer at a time (so one layer's full tensors exist at once);
+        where it fails or gives ``None``, zeros of ``shape_of(unsharded)`` travel instead.
+        """
+        comm = self.communicator
+        layer_of = {id(u): layer for u, _, layer in self.model.params()}
+        layers: dict[int, list[int]] = {}
+        for index, (unsharded, _, _) in enumerate(items):
+            layers.setdefault(layer_of[id(unsharded)], []).append(index)
+        results: dict[int, tuple[Any, Tensor]] = {}
+        share = (self.world_size - 1) / self.world_size
+        for layer in sorted(layers):
+            members = layers[layer]
+            fulls = []
+            for index in members:
+                unsharded, sharded, make = items[index]
+                full = None
+                with comm.guard(stage):
+                    full = make()
+                if full is None:
+                    full = unsharded.new_zeros(shape_of(unsharded), dtype=sharded.dtype)
+                fulls.append(full)
+            shardeds = [items[index][1] for index in members]
+            padded = sum(
+                -(-f.shape[0] // self.world_size) * self.world_size * f[:1].numel() for f in fulls
+            )
+            comm.count("reduce_scatter", padded * fulls[0].element_size() * share)
+            rows = sharded_rows(fulls, shardeds, self.model.group)
+            for index, sharded, local in zip(members, shardeds, rows, strict=True):
+                results[index] = (sharded, local)
+            del fulls
+        return [results[index] for index in range(len(items))]
+
+    def sharded_scalar_step(self, part: Part) -> StepRecord:
+        """Scalar losses: each rank's gradient, averaged over the ranks (FSDP2's own convention)."""
+        comm = self.communicator
+        grads = part.grads if isinstance(part, GradsPart) else []
+
+        def full_grad(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            def make() -> Tensor | None:
+                grad = grads[index] if index < len(grads) else None
+                return None if grad is None else grad.to(dtype)
+
+            return make
+
+        items = [(u, s, full_grad(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
+        scattered = self.scatter_by_layer(items, _shape, "the gradient of the scalar loss")
+        new = [(sharded, local / self.world_size) for sharded, local in scattered]
+        (total,) = comm.all_reduce_sum([part.losses.reshape(())], kind="losses")
+        self.write(new)
+        return StepRecord(total / self.world_size)
+
+
+class ShardedGramianPath(ShardedPath, DistributedGramianPath):
+    """Instance-wise Gramian weightings on a ``fully_shard`` model."""
+
+    local: GramianPath
+
+    def __init__(self, local: GramianPath, model: ShardedModel) -> None:
+        super().__init__(local, model.group)
+        self.model = model
+        model.keep_unsharded()
+        self._engine: Engine | None = None
+        self._engine_key: tuple[int, ...] = ()
+        self._watch = ExitStack()
+
+    def engine(self) -> Engine | None:
+        """The engine over the unsharded parameters (``None`` before the first forward pass)."""
+        unsharded = self.unsharded()
+        key = tuple(id(p) for p in unsharded)
+        if not key:
+            return None
+        if self._engine is None or key != self._engine_key:
+            watching = self._engine is not None
+            if self._engine is not None:
+                self._watch.close()
+                self._engine.close()
+            self._engine = Engine(batch_dim=self.local.batch_dim, parameters=unsharded)
+            self._engine_key = key
+            if watching:
+                self._watch.enter_context(self._engine.capture())
+        return self._engine
+
+    def before_forward(self) -> None:
+        """Before the first forward pass: gathers every layer once, so that the engine (over the
+        unsharded parameters) exists and watches every forward pass from this one on."""
+        if self._engine is not None:
+            return
+        super().before_forward()
+        engine = self.engine()
+        assert engine is not None
+        self._watch.enter_context(engine.capture())
+        weakref.finalize(self, self._watch.close)
+
+    def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
+        try:
+            if losses.ndim == 0:
+                return self.scalar_grads(losses, scale)
+            engine = self.engine()
+            if engine is None:
+                raise ValueError(
+                    "The losses do not come from a forward pass of the fully_shard model."
+                )
+            pairs = engine.compute_terms(losses * scale if scale != 1.0 else losses)
+            return TermsPart(
+                losses.detach(),
+                [param for param, _ in pairs],
+                [term for _, term in pairs],
+                None,
+                scale=scale,
+            )
+        finally:
+            self.model.reshard()
+
+    def scalar_step(self, part: Part) -> StepRecord:
+        return self.sharded_scalar_step(part)
+
+    def write_grads(self, part: TermsPart, local_weights: Tensor) -> None:
+        sharded_of = {id(unsharded): sharded for unsharded, sharded in self.model.pairs()}
+        moved = local_weights.detach().movedim(self.local.batch_dim, 0)
+        rows = moved.reshape(moved.shape[0], -1)
+
+        def weighted(term: Any, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            return lambda: term.weighted_grad(rows).to(dtype)
+
+        items = [
+            (param, sharded_of[id(param)], weighted(term, sharded_of[id(param)].dtype))
+            for param, term in zip(part.params, part.terms, strict=True)
+        ]
+        self.write(self.scatter_by_layer(items, _shape, "the local gradients"))
+
+
+@dataclass
+class TaskRowsPart(Part):
+    """The local ``[T, *shape]`` Jacobian of per-task losses, per unsharded parameter."""
+
+    rows: list[Tensor | None]
+
+
+class ShardedTaskPath(ShardedPath, DistributedPath):
+    """Gramian weightings on per-task losses (no ``batch_dim``) on a ``fully_shard`` model."""
+
+    local: JacobianPath
+
+    def __init__(self, local: JacobianPath, model: ShardedModel) -> None:
+        super().__init__(local, model.group)
+        self.model = model
+        model.keep_unsharded()
+
+    @property
+    def weighting(self) -> Weighting:
+        module = self.module
+        assert isinstance(module, Weighting)
+        return module
+
+    def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
+        try:
+            if losses.ndim == 0:
+                return self.scalar_grads(losses, scale)
+            flat = (losses * scale if scale != 1.0 else losses).reshape(-1)
+            unsharded = self.unsharded()
+            per_task = []
+            for task in range(flat.numel()):
+                last = task == flat.numel() - 1
+                per_task.append(
+                    torch.autograd.grad(
+                        flat[task], unsharded, retain_graph=not last, allow_unused=True
+                    )
+                )
+            rows: list[Tensor | None] = []
+            for index, param in enumerate(unsharded):
+                grads = [grads[index] for grads in per_task]
+                if all(g is None for g in grads):
+                    rows.append(None)
+                    continue
+                rows.append(
+                    torch.stack([torch.zeros_like(param) if g is None else g for g in grads])
+                )
+            return TaskRowsPart(losses.detach(), rows, scale=scale)
+        finally:
+            self.model.reshard()
+
+    def combine(self, parts: Sequence[Part]) -> Part:
+        if any(isinstance(p, FailedPart) for p in parts):
+            return FailedPart(parts[-1].losses)
+        if len({type(p) for p in parts}) > 1:
+            raise ValueError(
+                "The micro-batches of one step gave losses of different kinds (a scalar for some, "
+                "a vector for others); give every backward() losses of the same kind."
+            )
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(parts[0], GradsPart):
+            return self.local.combine_grads([p for p in parts if isinstance(p, GradsPart)])
+        tasks = [p for p in parts if isinstance(p, TaskRowsPart)]
+        rows: list[Tensor | None] = []
+        for index in range(len(tasks[0].rows)):
+            present = [p.rows[index] for p in tasks if p.rows[index] is not None]
+            rows.append(torch.stack(present).sum(0) if present else None)  # type: ignore[arg-type]
+        losses = torch.stack([p.losses for p in tasks]).sum(0)
+        return TaskRowsPart(losses, rows, scale=tasks[0].scale)
+
+    def apply_across(self, part: Part) -> StepRecord:
+        comm = self.communicator
+        losses = None if isinstance(part, FailedPart) else part.losses
+        shapes = shapes_of(self.exchange_header(StepKind.TASKS, losses))
+        if not shapes[0]:
+            return self.sharded_scalar_step(part)
+        same_shapes(
+            shapes,
+            "Without batch_dim the losses are per task, averaged over the ranks: every rank must "
+            "return the same number of them (pass batch_dim= for per-instance losses)",
+        )
+        shape = shapes[0]
+        tasks = int(torch.tensor(shape).prod())
+        dtype = torch.promote_types(part.losses.dtype, torch.float32)
+        local_rows = part.rows if isinstance(part, TaskRowsPart) else []
+        pairs = self.model.pairs()
+
+        def task_rows(index: int, unsharded: Tensor) -> Callable[[], Tensor | None]:
+            def make() -> Tensor | None:
+                rows = local_rows[index] if index < len(local_rows) else None
+                if rows is None:
+                    return None
+                return rows.reshape(tasks, *unsharded.shape).to(dtype).movedim(0, 1)
+
+            return make
+
+        items = [(u, s, task_rows(i, u)) for i, (u, s) in enumerate(pairs)]
+        scattered = self.scatter_by_layer(
+            items, lambda u: (u.shape[0], tasks, *u.shape[1:]), "the task Jacobian"
+        )
+        shards: list[tuple[Any, Tensor]] = []
+        gramian = torch.zeros(tasks, tasks, dtype=dtype, device=comm.device)
+        for sharded, local in scattered:
+            shard = (local / self.world_size).movedim(1, 0).reshape(tasks, -1)
+            gramian = gramian.to(shard.device) + shard @ shard.T
+            shards.append((sharded, shard))
+        values = (
+            torch.zeros(shape, dtype=dtype, device=comm.device)
+            if losses is None
+            else losses.to(dtype)
+        )
+        total_gramian, total_losses = comm.all_reduce_sum([gramian, values], kind="gramian")
+        mean_losses = (total_losses / self.world_size).to(part.losses.dtype)
+        global_gramian = reshape_gramian(total_gramian, tuple(shape))
+        weights = torch.zeros(shape, dtype=dtype, device=total_gramian.device)
+        with comm.guard("the weighting"):
+            check_gramian_finite(global_gramian, "The Gramian of the global losses")
+            weights = weights_for(self.weighting, global_gramian).to(dtype)
+        (weights,) = comm.all_reduce_sum([from_first_rank(weights, comm.rank)], kind="weights")
+        flat_weights = weights.reshape(-1)
+        new = []
+        for sharded, shard in shards:
+            local_shape = sharded.to_local().shape
+            direction = (flat_weights @ shard).reshape(local_shape)
+            new.append((sharded, direction))
+        self.write(new)
+        final = global_gramian
+        return StepRecord(mean_losses, weights, _gramian=lambda: final)
+
+
+def _shape(unsharded: Tensor) -> tuple[int, ...]:
+    return tuple(unsharded.shape)
+
+
+def sharded_variant(local: Path, model: ShardedModel) -> DistributedPath:
+    """The variant of ``local`` for a ``fully_shard`` model."""
+    if isinstance(local, GramianPath):
+        return ShardedGramianPath(local, model)
+    if (
+        isinstance(local, JacobianPath)
+        and local.context.batch_dim is None
+        and isinstance(local.module, Weighting)
+    ):
+        return ShardedTaskPath(local, model)
+    raise ValueError(
+        f"{local.module!r} is not supported on a fully_shard model: use a Gramian weighting "
+        "(weighting=..., such as UPGradWeighting()) on per-instance losses (batch_dim=) or on "
+        "per-task losses, or pass process_group=False for local steps on each rank."
+    )

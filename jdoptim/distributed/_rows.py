@@ -1,0 +1,71 @@
+"""Full-Jacobian methods, and Gramian weightings on per-task losses, across ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jdoptim.distributed._layout import Layout, StepKind, header, same_shapes, shapes_of
+from jdoptim.distributed._path_base import DistributedPath, losses_of
+from jdoptim.paths import GradsPart, JacobianPath, Part, RowsPart, StepRecord
+
+
+class DistributedJacobianPath(DistributedPath):
+    """Full-Jacobian methods, and Gramian weightings on per-task losses."""
+
+    local: JacobianPath
+
+    def apply_across(self, part: Part) -> StepRecord:
+        if self.context.batch_dim is None:
+            return self._tasks(part)
+        comm = self.communicator
+        losses = losses_of(part)
+        tensors: list[Tensor] = []
+        dims: list[int] = []
+        if isinstance(part, RowsPart):
+            dim = part.losses.ndim and self.context.batch_dim % part.losses.ndim
+            order = torch.arange(part.losses.numel()).reshape(part.losses.shape).movedim(dim, 0)
+            tensors = [part.rows[order.reshape(-1).to(part.rows.device)], part.losses]
+            dims = [0, dim]
+        layouts: list[Layout | None] = []
+        gathered = comm.all_gather_padded(
+            tensors,
+            dims,
+            header=header(StepKind.JACOBIAN, losses),
+            check=lambda h: layouts.append(self.layout(h)),
+        )
+        layout = layouts[0]
+        if layout is None:
+            return self.scalar_step(part)
+        global_rows, global_losses = gathered
+        direction = global_rows.new_zeros(global_rows.shape[1])
+        weights: Tensor | None = None
+        with comm.guard("the aggregation"):
+            natural = torch.empty_like(global_rows)
+            natural[layout.natural_order(global_rows.device)] = global_rows
+            direction, weights = self.local.direction(RowsPart(global_losses, natural))
+        self.set_direction(direction)
+        return StepRecord(global_losses, weights)
+
+    def _tasks(self, part: Part) -> StepRecord:
+        """Per-task losses: the ``[T, n]`` Jacobians are averaged over the ranks (all-reduce)."""
+        if isinstance(part, GradsPart):
+            return self._task_grads(part)
+        rows = part.rows if isinstance(part, RowsPart) else torch.zeros(0)
+        mean_rows, mean_losses = self.task_means(part, StepKind.TASKS, [rows])
+        direction = mean_rows.new_zeros(mean_rows.shape[-1] if mean_rows.ndim else 0)
+        weights: Tensor | None = None
+        with self.communicator.guard("the aggregation"):
+            direction, weights = self.local.direction(RowsPart(mean_losses, mean_rows))
+        self.set_direction(direction)
+        return StepRecord(mean_losses, weights)
+
+    def _task_grads(self, part: GradsPart) -> StepRecord:
+        shapes = shapes_of(self.exchange_header(StepKind.TASKS, part.losses))
+        same_shapes(shapes, "Every rank must return the same number of task losses")
+        params = self.context.params()
+        self.take_grads(params)
+        with self.communicator.guard("the backward"):
+            self.local.apply(part)
+        (total,) = self.reduce_grads(params, [part.losses], scale=1 / self.world_size)
+        return StepRecord(total, part.weights)
