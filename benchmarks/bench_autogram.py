@@ -13,6 +13,9 @@ on the mean loss. Methods:
   ``losses.backward(weights)`` (TorchJD's engine loop).
 * ``peer-autojac``: TorchJD 0.18's ``autojac.backward`` + ``jac_to_grad`` with ``UPGrad``.
 * ``func``: hand-written ``torch.func`` per-sample gradients (``vmap(grad(...))``), averaged.
+* ``func-upgrad``: the same per-sample gradients as the rows of ``J``, ``UPGradWeighting`` on
+  ``J Jᵀ``, ``.grad = wᵀ J``: the hand-written baseline of a Jacobian-descent step, which the
+  engine must beat.
 
 A method whose warm-up step takes over ``SLOW_SECONDS`` is timed once instead of ``repeats`` times
 (its median is then that one step): enough to show a 100x gap, and the run stays short.
@@ -116,7 +119,16 @@ CASES = [
 SMALL_CASES = [Case("mlp", 32), Case("gru", 32)]
 # A method whose warm-up step takes longer than this is timed once, not ``repeats`` times.
 SLOW_SECONDS = 2.0
-METHODS = ["sgd", "gramian", "jd-mean", "jd-upgrad", "peer-autogram", "peer-autojac", "func"]
+METHODS = [
+    "sgd",
+    "gramian",
+    "jd-mean",
+    "jd-upgrad",
+    "peer-autogram",
+    "peer-autojac",
+    "func",
+    "func-upgrad",
+]
 
 
 def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
@@ -183,7 +195,7 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
             optimizer.step()
 
         return peer_autojac
-    return _func_step(model, x, targets, criterion, optimizer)
+    return _func_step(model, x, targets, criterion, optimizer, upgrad=method == "func-upgrad")
 
 
 def _func_step(
@@ -192,6 +204,7 @@ def _func_step(
     targets: Tensor,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
+    upgrad: bool,
 ) -> Step:
     from torch.func import functional_call, grad, vmap
 
@@ -203,6 +216,20 @@ def _func_step(
         return loss
 
     per_sample = vmap(grad(one_loss), in_dims=(None, 0, 0))
+    weighting = UPGradWeighting()
+
+    def func_upgrad() -> None:
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        grads = per_sample(params, x, targets)
+        rows = [grads[name].reshape(x.shape[0], -1) for name in names]
+        gramian = sum(r @ r.T for r in rows)
+        weights = weighting((gramian + gramian.T) / 2)
+        for name, p in zip(names, model.parameters(), strict=True):
+            p.grad = torch.tensordot(weights, grads[name], dims=1)
+        optimizer.step()
+
+    if upgrad:
+        return func_upgrad
 
     def func() -> None:
         params = {name: p.detach() for name, p in model.named_parameters()}

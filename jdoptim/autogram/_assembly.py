@@ -2,10 +2,10 @@
 
 Both run with autocast disabled and from factors of at least float32, so that a Gramian computed
 inside an fp16 autocast region, or of losses scaled by a ``GradScaler``, does not overflow in
-half-precision intermediates. Before a term's Gramian is formed, each floating factor is divided by
-a power of two that brings its largest entry near 1 (exact in floating point), and the powers are
-put back on the term's Gramian at the end: intermediates never underflow or overflow, and in normal
-ranges the result is bit for bit what the factors would give directly.
+half-precision intermediates. When a factor's largest entry lies beyond ``2^±30`` (or a ``scale``
+is asked for), each floating factor is divided by a power of two that brings its largest entry near
+1 (exact in floating point) before the term's Gramian is formed, and the powers are put back at the
+end: intermediates never underflow or overflow. In normal ranges the factors are used as they are.
 """
 
 from __future__ import annotations
@@ -80,7 +80,11 @@ def gramian_from_terms(
         per_term = exponents.per_term
         if shift is not None:
             per_term = per_term - shift.to(per_term.device)
-        gramians = [term.gramian() for term in exponents.normalized(terms)]
+        # One host synchronisation: in normal ranges the factors are used as they are.
+        extreme = exponents.per_factor.abs() > _SAFE_EXPONENT
+        rescale = bool(extreme.any() | (per_term != exponents.per_term).any())
+        used = exponents.normalized(terms) if rescale else terms
+        gramians = [term.gramian() for term in used]
         for term, gramian in zip(terms, gramians, strict=True):
             if tuple(gramian.shape) != (rows, rows):
                 raise ValueError(
@@ -89,12 +93,15 @@ def gramian_from_terms(
                 )
         if dtype is None:
             dtype = torch.promote_types(gramians[0].dtype, torch.float32)
-        # A term's Gramian is 2^(2e) times its normalised one: 2^e twice, each in float range.
-        factors = _exact_power_of_two(per_term).to(dtype)
-        gramians = [
-            gramian.to(dtype) * factor * factor
-            for gramian, factor in zip(gramians, factors.unbind(), strict=True)
-        ]
+        if rescale:
+            # A term's Gramian is 2^(2e) times its normalised one: 2^e twice, each in float range.
+            factors = _exact_power_of_two(per_term).to(dtype)
+            gramians = [
+                gramian.to(dtype) * factor * factor
+                for gramian, factor in zip(gramians, factors.unbind(), strict=True)
+            ]
+        else:
+            gramians = [gramian.to(dtype) for gramian in gramians]
     assert dtype is not None
     device = gramians[0].device
     total = sum(gramians, torch.zeros(rows, rows, dtype=dtype, device=device))
@@ -161,7 +168,7 @@ class _Exponents:
     """Per floating factor of some terms, ``e`` with ``max |factor| = m 2^e``, ``m ∈ [0.5, 1)``.
 
     ``per_term`` sums each term's factor exponents: the exponent of a bound on its per-row
-    gradient entries. Computed for all factors at once (a handful of operations, no host sync).
+    gradient entries. A few operations per factor, no host synchronisation.
     """
 
     def __init__(self, terms: Sequence[Term]) -> None:
@@ -180,7 +187,11 @@ class _Exponents:
             self.owners.append(positions)
         device = next((t.device for t in floats), torch.device("cpu"))
         if floats:
-            largest = torch.stack(torch._foreach_norm(floats, float("inf"))).double()
+            # max |f| as max(max f, -min f): no |f| temporary (and far faster on the CPU
+            # than an infinity norm)
+            largest = torch.stack(
+                [torch.maximum(f.amax(), f.amin().neg()).double() for f in floats]
+            )
             self.per_factor = torch.frexp(largest).exponent.to(torch.int64)
         else:
             self.per_factor = torch.zeros(0, dtype=torch.int64, device=device)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -107,11 +108,19 @@ class Engine:
         self._sparse_params = {
             id(m.weight) for root in self._modules for m in root.modules() if _is_sparse_table(m)
         }
+        # The hook inspects autograd nodes, which torch.compile cannot trace: it runs eagerly, and
+        # a compiled model breaks its graph around each hooked module call (the glue between
+        # layers stays compiled; see docs/autogram.md).
+        self._eager_hook: Callable[..., None] = torch.compiler.disable(self._hook)  # type: ignore[no-untyped-call]
+        self._eager_discover: Callable[..., None] = torch.compiler.disable(self._discover)  # type: ignore[no-untyped-call]
+        self._warned: set[int] = set()
         self._handles: list[RemovableHandle] = []
+        self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._owned: set[int] = set()  # ids of covered parameters owned by a hooked module
         tree = {id(m): m for root in self._modules for m in root.modules()}
         for module in tree.values():
-            if self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module):
-                self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+            if self._needs_hook(module):
+                self._attach(module)
 
     @property
     def batch_dim(self) -> int | None:
@@ -158,14 +167,41 @@ class Engine:
         """
         self._pending = None
         self._check_open()
-        if self._modules:
-            yield
+        if self._modules or all(id(p) in self._owned for p in self._params if p.requires_grad):
+            yield  # every owner is known and hooked: nothing to discover
             return
-        handle = nn.modules.module.register_module_forward_hook(self._hook, with_kwargs=True)
+        # Dynamo gives up on (and remembers) a compiled forward that runs a global hook it must not
+        # trace; so the discovery pass runs compiled code eagerly, and later passes, with a hook on
+        # each owner, compile as usual.
+        hook = nn.modules.module.register_module_forward_hook
+        handle = hook(self._eager_discover, with_kwargs=True)
         try:
-            yield
+            with torch.compiler.set_stance("force_eager"):
+                yield
         finally:
             handle.remove()
+
+    def _needs_hook(self, module: nn.Module) -> bool:
+        return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
+
+    def _attach(self, module: nn.Module) -> None:
+        self._handles.append(module.register_forward_hook(self._eager_hook, with_kwargs=True))
+        self._hooked.add(module)
+        self._owned.update(
+            id(p) for p in module.parameters(recurse=False) if id(p) in self._param_ids
+        )
+
+    def _discover(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """The global hook of :meth:`capture`: hooks each new relevant module and records the call.
+
+        Later calls go through the module's own hook, so once every covered parameter's owner is
+        known, :meth:`capture` installs no global hook (a compiled model then compiles: dynamo
+        cannot compile a forward that runs a global hook dynamo must not trace).
+        """
+        if module in self._hooked or hooks_are_suspended() or not self._needs_hook(module):
+            return
+        self._attach(module)
+        self._hook(module, args, kwargs, output)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -317,6 +353,7 @@ class Engine:
         plan = walk_graph(output, covered)
         try:
             _check_visible(plan)
+            self._warn_fused(plan)
             if plan.mixing_modules:
                 names = ", ".join(type(m).__name__ for m in plan.mixing_modules)
                 raise ValueError(
@@ -352,6 +389,18 @@ class Engine:
                 f"weights must be a tensor of the output's shape {pending.shape}, got {got}."
             )
         grad_from_terms(pending.terms, weights, pending.batch_dim)
+
+    def _warn_fused(self, plan: GraphPlan) -> None:
+        for module in plan.fused_modules:
+            if id(module) not in self._warned:
+                self._warned.add(id(module))
+                warnings.warn(
+                    f"{type(module).__name__} ran inside a compiled region fused with the operations "
+                    "before it, so the engine cannot see its call on its own: its parameters take "
+                    "the exact route (correct, slower). Compile the model without fullgraph, or "
+                    "this module outside the compiled region.",
+                    stacklevel=4,
+                )
 
 
 def _check_visible(plan: GraphPlan) -> None:

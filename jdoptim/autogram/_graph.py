@@ -30,6 +30,9 @@ class GraphPlan:
     generic_params: dict[int, list[Tensor]] = field(default_factory=dict)
     mixing_modules: list[nn.Module] = field(default_factory=list)
     opaque_nodes: list[str] = field(default_factory=list)
+    # Calls whose output comes from the same autograd node as their input (a compiled region that
+    # fused the call with what precedes it): not black boxes, their parameters go exact.
+    fused_modules: list[nn.Module] = field(default_factory=list)
 
 
 # Backward nodes that run a hidden backward pass of their own (parameters inside are invisible).
@@ -88,7 +91,7 @@ def _explore(
         name = node.name()
         if any(opaque in name for opaque in _OPAQUE_NODE_NAMES):
             plan.opaque_nodes.append(name)
-        entries = records_at(node)
+        entries = _unfused(plan, node, records_at(node))
         box = _black_box(entries, scope)
         for record, _, _ in entries:
             if record.mixes_instances and all(m is not record.module for m in plan.mixing_modules):
@@ -109,6 +112,21 @@ def _explore(
         for child, _ in node.next_functions:
             if child is not None and id(child) not in stops:
                 stack.append(child)
+
+
+def _unfused(
+    plan: GraphPlan, node: Node, entries: list[tuple[CallRecord, int, tuple[int, ...]]]
+) -> list[tuple[CallRecord, int, tuple[int, ...]]]:
+    """The entries whose call can be a black box: its inputs come from other nodes."""
+    kept = []
+    for entry in entries:
+        record = entry[0]
+        if any(edge.node is node for edge in record.input_edges):
+            if all(m is not record.module for m in plan.fused_modules):
+                plan.fused_modules.append(record.module)
+        else:
+            kept.append(entry)
+    return kept
 
 
 def _black_box(

@@ -25,6 +25,8 @@ def without_vmap_fallback_warnings() -> Iterator[None]:
 _ROWS_PER_CHUNK = 64
 # ... and their total number of elements: a backward pass keeps intermediates of about that size.
 _ELEMENTS_PER_CHUNK = 2**20
+# On the CPU, a vmapped backward pass of a few rows costs more than as many plain ones.
+_PLAIN_ROWS_ON_CPU = 4
 
 
 def batched_vjp(
@@ -87,7 +89,8 @@ def _vjp_rows(
     grad_outputs: Sequence[Tensor],
 ) -> list[Tensor | None]:
     rows = grad_outputs[0].shape[0]
-    if rows > 1:
+    few_on_cpu = rows <= _PLAIN_ROWS_ON_CPU and grad_outputs[0].device.type == "cpu"
+    if rows > 1 and not few_on_cpu:
         try:
             with without_vmap_fallback_warnings():
                 return list(

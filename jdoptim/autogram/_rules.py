@@ -20,11 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Re-exported under their old home until jdoptim.distributed imports the public names.
-from jdoptim.autogram._terms import EmbeddingTerm as EmbeddingTerm
-from jdoptim.autogram._terms import MaterializedTerm as MaterializedTerm
-from jdoptim.autogram._terms import OuterTerm as OuterTerm
-from jdoptim.autogram._terms import Term as Term
+from jdoptim.autogram._terms import EmbeddingTerm, MaterializedTerm, OuterTerm, Term
 
 #: One call of a layer: its saved input ``x``, the task gradients ``dY`` ``[T, *y.shape]`` and
 #: the verified batch dim of ``y`` (``None`` for batch size 1).

@@ -85,3 +85,23 @@ def test_fp16_autocast_gramian_of_scaled_losses_stays_finite() -> None:
     weights = torch.rand(6)
     engine.backward(weights)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_gramian_inside_autocast_equals_the_one_outside(
+    batch_dim: int | None, dtype: torch.dtype
+) -> None:
+    model = _model()
+    x = torch.randn(6, 5)
+    engine = Engine(model, batch_dim=batch_dim)
+    gramians = []
+    for inside in (False, True):
+        with torch.autocast("cpu", dtype=dtype):
+            losses = model(x).float().pow(2).sum(dim=1) * 1024.0
+            if inside:
+                gramians.append(engine.compute_gramian(losses))
+        if not inside:
+            gramians.append(engine.compute_gramian(losses))
+    assert torch.isfinite(gramians[1]).all()
+    assert relative_error(gramians[1], gramians[0]) <= 1e-6
