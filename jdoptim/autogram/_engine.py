@@ -176,10 +176,16 @@ class Engine:
         hook = nn.modules.module.register_module_forward_hook
         handle = hook(self._eager_discover, with_kwargs=True)
         try:
-            with torch.compiler.set_stance("force_eager"):
+            with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+                # torch warns that a compiled module's wrapper also meets global hooks; the
+                # discovery hook ignores the wrapper (it owns no parameter of its own).
+                warnings.filterwarnings("ignore", "Using `torch.compile\\(module\\)` when there")
                 yield
         finally:
             handle.remove()
+            # torch 2.13's handle leaves the hook's id in the with_kwargs table, and any entry
+            # there counts as a global hook (dynamo and torch.compile warn about them forever).
+            nn.modules.module._global_forward_hooks_with_kwargs.pop(handle.id, None)
 
     def _needs_hook(self, module: nn.Module) -> bool:
         return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
@@ -358,9 +364,10 @@ class Engine:
                 names = ", ".join(type(m).__name__ for m in plan.mixing_modules)
                 raise ValueError(
                     f"{names} mixes the instances of a batch (batch statistics), so the losses are "
-                    f"not independent per instance as batch_dim={self._batch_dim} declares. Use "
-                    "Engine(..., batch_dim=None) (exact, slower), put the layer in eval() mode, or "
-                    "replace it by GroupNorm/LayerNorm."
+                    f"not independent per instance as batch_dim={self._batch_dim} declares. Pass "
+                    "batch_dim=None instead (to the optimizer, JDSGD(..., batch_dim=None), or to "
+                    "the Engine; exact, slower), put the layer in eval() mode, or replace it by "
+                    "GroupNorm/LayerNorm."
                 )
             return BatchedPass(output, batch_dim, covered, plan, self._probe_generator).terms()
         finally:

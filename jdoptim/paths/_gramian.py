@@ -93,9 +93,11 @@ class GramianPath(Path):
         seen by the engine; engines built on ``modules=`` need no such hook.
         """
         engine = self.context.engine()
+        # Entered anew each time: once the engine has found every parameter's module (and hooked
+        # it), capture() installs no global hook any more.
+        self._watch.close()
+        self._watch.enter_context(engine.capture())
         if self._watched is not engine:
-            self._watch.close()
-            self._watch.enter_context(engine.capture())
             self._watched = engine
             if not self._finalizer_set:
                 weakref.finalize(self, self._watch.close)

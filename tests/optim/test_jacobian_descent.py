@@ -459,3 +459,12 @@ def test_a_failing_after_step_restores_the_method_state_and_step_count() -> None
         optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
     assert weighting._state == {}
     assert optimizer._steps == 0
+
+
+def test_a_batchnorm_model_with_batch_dim_tells_the_optimizer_user_what_to_pass() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"JDSGD\(\.\.\., batch_dim=None\)"):
+        optimizer.step(lambda: model(x).squeeze(-1) ** 2)
