@@ -17,6 +17,9 @@ from torch._dynamo.utils import counters
 from jdoptim import JDSGD
 from tests.optim._models import assert_same_params
 
+# torch's compile machinery itself uses a deprecated torch.jit API on this version.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
