@@ -19,6 +19,9 @@ from torch._dynamo.utils import counters
 from jdoptim.autogram import Engine
 from tests.autogram._reference import relative_error, routes
 
+# torch's compile machinery itself uses a deprecated torch.jit API on this version.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
