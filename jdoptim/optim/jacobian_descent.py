@@ -210,8 +210,9 @@ class JacobianDescent(Optimizer):
         direction of these losses only: whatever the closure left in ``.grad`` (a forgotten
         ``zero_grad``, its own ``backward``) is discarded. With a cross-Gramian weighting the
         closure is called three times per step and must draw the next batch at each call. A
-        closure that calls :meth:`backward` itself (as trainers do) is honoured as it is. Returns
-        the losses. Nothing changes if the step raises.
+        closure that calls ``optimizer.backward(losses)`` itself (as a trainer's does), or returns
+        ``None`` after such a call, makes the step update from that ``.grad``. Returns the losses.
+        Nothing changes if the step raises before the update.
 
         ``step()``: updates from ``.grad`` as filled by :meth:`backward`, like any torch optimizer.
         """
