@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from jdoptim.distributed._communicator import at_offset
@@ -41,11 +39,6 @@ class Layout:
     def place(self, losses: Tensor) -> Tensor:
         """This rank's losses in zeros of the global shape (summed over ranks: the global losses)."""
         return at_offset(losses, self.shape, self.dim, self.offset)
-
-    def natural_order(self, device: torch.device) -> Tensor:
-        """Flat index in the global losses of each instance-major row."""
-        rows = torch.arange(math.prod(self.shape), device=device)
-        return rows.reshape(self.shape).movedim(self.dim, 0).reshape(-1)
 
 
 def header(kind: StepKind, losses: Tensor | None) -> list[int]:

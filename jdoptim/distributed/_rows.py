@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim.autogram import instance_major_order
 from jdoptim.distributed._layout import Layout, StepKind, header, same_shapes, shapes_of
 from jdoptim.distributed._path_base import DistributedPath, losses_of
 from jdoptim.paths import GradsPart, JacobianPath, Part, RowsPart, StepRecord
@@ -23,9 +24,9 @@ class DistributedJacobianPath(DistributedPath):
         tensors: list[Tensor] = []
         dims: list[int] = []
         if isinstance(part, RowsPart):
-            dim = part.losses.ndim and self.context.batch_dim % part.losses.ndim
-            order = torch.arange(part.losses.numel()).reshape(part.losses.shape).movedim(dim, 0)
-            tensors = [part.rows[order.reshape(-1).to(part.rows.device)], part.losses]
+            dim = self.context.batch_dim % part.losses.ndim
+            order = instance_major_order(tuple(part.losses.shape), dim).to(part.rows.device)
+            tensors = [part.rows[order], part.losses]
             dims = [0, dim]
         layouts: list[Layout | None] = []
         gathered = comm.all_gather_padded(
@@ -42,7 +43,7 @@ class DistributedJacobianPath(DistributedPath):
         weights: Tensor | None = None
         with comm.guard("the aggregation"):
             natural = torch.empty_like(global_rows)
-            natural[layout.natural_order(global_rows.device)] = global_rows
+            natural[instance_major_order(layout.shape, layout.dim).to(natural.device)] = global_rows
             direction, weights = self.local.direction(RowsPart(global_losses, natural))
         self.set_direction(direction)
         return StepRecord(global_losses, weights)

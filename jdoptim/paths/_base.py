@@ -153,14 +153,33 @@ class Path(ABC):
         grads = torch.autograd.grad(scaled, params, allow_unused=True)
         return GradsPart(losses.detach(), list(grads), scale=scale)
 
-    def combine_grads(self, parts: Sequence[GradsPart]) -> GradsPart:
-        grads: list[Tensor | None] = list(parts[0].grads)
-        for part in parts[1:]:
+    def combine_grads(self, parts: Sequence[Part]) -> GradsPart:
+        """Micro-batches reduced to gradients add them up; their losses are joined as the
+        other parts' are (summed per task, concatenated along ``batch_dim``)."""
+        grads_parts = [p for p in parts if isinstance(p, GradsPart)]
+        assert len(grads_parts) == len(parts), "check_same_kind() comes first"
+        first = grads_parts[0]
+        if len(grads_parts) == 1:
+            return first
+        grads: list[Tensor | None] = list(first.grads)
+        for part in grads_parts[1:]:
             grads = [_add(a, b) for a, b in zip(grads, part.grads, strict=True)]
-        losses = torch.stack([p.losses.reshape(-1).sum() for p in parts]).sum()
-        return GradsPart(losses if len(parts) > 1 else parts[0].losses, grads, scale=parts[0].scale)
+        losses = [p.losses for p in grads_parts]
+        batch_dim = self.context.batch_dim
+        if first.losses.ndim > 0 and batch_dim is not None:
+            combined = torch.cat(losses, dim=batch_dim % first.losses.ndim)
+            return GradsPart(combined, grads, scale=first.scale)
+        if any(loss.shape != first.losses.shape for loss in losses):
+            raise ValueError(
+                "Without batch_dim the losses are per task and micro-batches add up: every "
+                f"backward() of a step must give the same number of them; got shapes "
+                f"{sorted({tuple(loss.shape) for loss in losses})}."
+            )
+        combined = torch.stack(losses).sum(dim=0)
+        return GradsPart(combined, grads, first.weights, scale=first.scale)
 
-    def apply_grads(self, part: GradsPart) -> StepRecord:
+    def apply_grads(self, part: Part) -> StepRecord:
+        assert isinstance(part, GradsPart)
         add_to_grad(self.context.params(), part.grads)
         return StepRecord(part.losses, part.weights)
 

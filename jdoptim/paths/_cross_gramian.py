@@ -7,7 +7,7 @@ third batch for the direction, so that the weights and the direction are indepen
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -26,17 +26,20 @@ class CrossGramianPath(Path):
         return False
 
     def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
+        self._needs_the_closure()
+
+    def combine(self, parts: Sequence[Part]) -> Part:
+        self._needs_the_closure()
+
+    def apply(self, part: Part) -> StepRecord:
+        self._needs_the_closure()
+
+    def _needs_the_closure(self) -> NoReturn:
         raise TypeError(
             f"{self.module!r} weighs the cross-Gramian of two independent batches and then uses a "
             "third one, so it needs the closure: optimizer.step(closure), with a closure that "
             "draws the next batch at each call (backward-then-step cannot draw batches)."
         )
-
-    def combine(self, parts: Sequence[Part]) -> Part:
-        return self.differentiate(parts[0].losses)
-
-    def apply(self, part: Part) -> StepRecord:
-        return self.differentiate(part.losses)  # type: ignore[return-value]
 
     def run(self, losses: Tensor, features: Any, scale: float, next_losses: LossesFn) -> StepRecord:
         """The whole step: ``losses`` from the first batch, ``next_losses`` draws the others."""

@@ -137,7 +137,7 @@ class GramianPath(Path):
             graph = _concat_losses(graphs, self.batch_dim)
             values = _concat_losses([p.losses for p in parts], self.batch_dim)
             return LossesPart(values, graph, scale=first.scale)
-        return self.combine_grads([p for p in parts if isinstance(p, type(first))])  # type: ignore[misc]
+        return self.combine_grads(parts)
 
     def apply(self, part: Part) -> StepRecord:
         if isinstance(part, TermsPart):
@@ -150,8 +150,7 @@ class GramianPath(Path):
             retain = self._backward_mode
             torch.autograd.backward(part.graph_losses, weights, retain_graph=retain)
             return StepRecord(part.losses, weights)
-        assert isinstance(part, type(part))
-        return self.apply_grads(part)  # type: ignore[arg-type]
+        return self.apply_grads(part)
 
     def gramian(self, terms: Sequence[Term], shape: tuple[int, ...], loss_scale: float) -> Tensor:
         """The Gramian of losses of ``shape`` from their ``terms``, as the weighting needs it.

@@ -92,7 +92,7 @@ class JacobianPath(Path):
             return parts[0]
         rows_parts = [p for p in parts if isinstance(p, RowsPart)]
         if not rows_parts:
-            return self.combine_grads(parts)  # type: ignore[arg-type]
+            return self.combine_grads(parts)
         batch_dim = self.context.batch_dim
         if batch_dim is None:
             shapes = {tuple(p.losses.shape) for p in rows_parts}
@@ -112,7 +112,7 @@ class JacobianPath(Path):
 
     def apply(self, part: Part) -> StepRecord:
         if not isinstance(part, RowsPart):
-            return self.apply_grads(part)  # type: ignore[arg-type]
+            return self.apply_grads(part)
         direction, weights = self.direction(part)
         params = self.context.params()
         pieces = split_flat(direction * part.scale, params)

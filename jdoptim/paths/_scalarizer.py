@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from jdoptim.paths._base import GradsPart, Part, Path, check_same_kind
+from jdoptim.paths._base import Part, Path, check_same_kind
 from jdoptim.paths._record import StepRecord
 
 
@@ -21,8 +21,7 @@ class ScalarizerPath(Path):
 
     def combine(self, parts: Sequence[Part]) -> Part:
         check_same_kind(parts)
-        return self.combine_grads([p for p in parts if isinstance(p, GradsPart)])
+        return self.combine_grads(parts)
 
     def apply(self, part: Part) -> StepRecord:
-        assert isinstance(part, GradsPart)
         return self.apply_grads(part)

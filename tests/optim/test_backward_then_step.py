@@ -318,3 +318,30 @@ def test_jacobian_descent_wraps_other_optimizers_in_backward_mode() -> None:
             optimizer.zero_grad()
             careful.step(lambda x=x, y=y: per_instance_losses(reference, x, y))
     assert_same_params(model, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected_shape"),
+    [
+        ({"weighting": MeanWeighting(), "batch_dim": None}, (2,)),  # per task: summed
+        ({"scalarizer": GeometricMean(), "batch_dim": 0}, (8,)),  # per instance: concatenated
+    ],
+    ids=["per-task mean", "scalarizer"],
+)
+def test_accumulated_losses_of_gradient_paths_keep_their_meaning(
+    options: Options, expected_shape: tuple[int, ...]
+) -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, **_fresh(options))
+    x, y = inputs[0], targets[0]
+    parts = []
+    for half in (slice(0, 4), slice(4, 8)):
+        losses = per_instance_losses(model, x[half], y[half])
+        if options["batch_dim"] is None:
+            losses = torch.stack([losses[:2].mean(), losses[2:].mean()])
+        parts.append(losses.detach())
+        optimizer.backward(losses)
+    record = optimizer.last_step
+    assert record is not None and record.losses.shape == expected_shape
+    expected = parts[0] + parts[1] if options["batch_dim"] is None else torch.cat(parts)
+    torch.testing.assert_close(record.losses, expected)
