@@ -7,9 +7,7 @@ are counted with dynamo's counters, never timed.
 
 from __future__ import annotations
 
-import gc
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,20 +15,10 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from jdoptim.autogram import Engine
+from tests._marks import COMPILING
 from tests.autogram._reference import relative_error, routes
 
-# torch's compile machinery itself uses a deprecated torch.jit API on this version.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    """Compiled code and its caches do not outlive a test (later tests count live tensors)."""
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    gc.collect()
+pytestmark = COMPILING
 
 
 class Block(nn.Module):

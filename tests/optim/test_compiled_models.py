@@ -6,8 +6,6 @@ Graphs are counted with dynamo's counters, never timed.
 from __future__ import annotations
 
 import copy
-import gc
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,19 +13,10 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from jdoptim import JDSGD
+from tests._marks import COMPILING
 from tests.optim._models import assert_same_params
 
-# torch's compile machinery itself uses a deprecated torch.jit API on this version.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    gc.collect()
+pytestmark = COMPILING
 
 
 def _model() -> nn.Module:
