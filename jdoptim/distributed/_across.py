@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ from jdoptim.distributed._fsdp import ShardedModel, fsdp_root, watch_fsdp
 from jdoptim.distributed._fsdp_paths import ShardedPath, sharded_variant
 from jdoptim.distributed._paths import DistributedPath, distributed_variant
 from jdoptim.paths import Part, Path, StepRecord
+
+_T = TypeVar("_T")
 
 
 def across_ranks(
@@ -71,12 +73,15 @@ class RankAwarePath(Path):
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
             return
+        self._refuse_scaler("bfloat16 autocast, which needs no loss scaling")
+        self.distributed = distributed_variant(self.local, group)
+
+    def _refuse_scaler(self, instead: str) -> None:
         if self.grad_scaler is not None:
             raise ValueError(
                 "grad_scaler is not supported in distributed steps; train in full precision or "
-                "with bfloat16 autocast, which needs no loss scaling."
+                f"with {instead}."
             )
-        self.distributed = distributed_variant(self.local, group)
 
     @property
     def active(self) -> Path:
@@ -89,14 +94,7 @@ class RankAwarePath(Path):
         """From now on, a DDP model's forward pass hands its group to this path (weakly held)."""
         if self._watching:
             return
-        use_group = weakref.WeakMethod(self.use_group)
-
-        def on_ddp(group: dist.ProcessGroup) -> None:
-            method = use_group()
-            if method is not None:
-                method(group)
-
-        self._watch.enter_context(watch_ddp(on_ddp))
+        self._watch.enter_context(watch_ddp(_weakly(self.use_group)))
         self.watch_for_fsdp()
         weakref.finalize(self, self._watch.close)
         self._watching = True
@@ -142,11 +140,7 @@ class RankAwarePath(Path):
         """Runs every step across the ranks of the ``fully_shard`` model ``root``."""
         if self.distributed is not None:
             return
-        if self.grad_scaler is not None:
-            raise ValueError(
-                "grad_scaler is not supported in distributed steps; train in full precision or "
-                "with bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))."
-            )
+        self._refuse_scaler("bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))")
         self.distributed = sharded_variant(self.local, ShardedModel(root))
 
     def use_fsdp(self, root: nn.Module) -> None:
@@ -157,11 +151,17 @@ class RankAwarePath(Path):
 
     def watch_for_fsdp(self) -> None:
         """From now on, a ``fully_shard`` model's forward pass hands itself to this path."""
-        use_fsdp = weakref.WeakMethod(self.use_fsdp)
+        self._watch.enter_context(watch_fsdp(_weakly(self.use_fsdp)))
 
-        def on_fsdp(root: nn.Module) -> None:
-            method = use_fsdp()
-            if method is not None:
-                method(root)
 
-        self._watch.enter_context(watch_fsdp(on_fsdp))
+def _weakly(method: Callable[[_T], None]) -> Callable[[_T], None]:
+    """Calls the bound ``method`` while its object lives: a global hook must not keep a dropped
+    optimizer (and its path) alive."""
+    reference = weakref.WeakMethod(method)
+
+    def call(argument: _T) -> None:
+        alive = reference()
+        if alive is not None:
+            alive(argument)
+
+    return call
