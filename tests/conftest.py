@@ -21,6 +21,7 @@ def fresh_dynamo() -> Iterator[None]:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    gc.collect()  # optimizers dropped by earlier tests release their engine hooks
     torch._dynamo.reset()
     counters.clear()
     yield

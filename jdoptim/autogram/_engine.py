@@ -163,7 +163,8 @@ class Engine:
     def capture(self) -> Iterator[None]:
         """Records the calls of every module that owns a covered parameter (discovery mode).
 
-        Needed only for an engine built from ``parameters`` alone; harmless otherwise.
+        Needed only for an engine built from ``parameters`` alone; harmless otherwise. It may stay
+        open across other code (an optimizer's backward-then-step keeps it open between steps).
         """
         self._pending = None
         self._check_open()
@@ -176,10 +177,7 @@ class Engine:
         hook = nn.modules.module.register_module_forward_hook
         handle = hook(self._eager_discover, with_kwargs=True)
         try:
-            with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
-                # torch warns that a compiled module's wrapper also meets global hooks; the
-                # discovery hook ignores the wrapper (it owns no parameter of its own).
-                warnings.filterwarnings("ignore", "Using `torch.compile\\(module\\)` when there")
+            with _DISCOVERING:
                 yield
         finally:
             handle.remove()
@@ -445,3 +443,31 @@ def _flatten_modules(items: tuple[nn.Module | Iterable[nn.Module], ...]) -> list
                 )
             modules.append(module)
     return modules
+
+
+class _Discovering:
+    """While any engine discovers, compiled code runs eagerly.
+
+    Dynamo gives up on (and remembers) a compiled forward that runs a global hook it must not
+    trace, so discovery passes run eagerly and later passes, with a hook on each owner, compile.
+    The stance is process-wide and discovery contexts of several engines may open and close in any
+    order (an optimizer keeps one open between backward-then-step calls), so they are counted: set
+    when the first opens, restored when the last closes.
+    """
+
+    def __init__(self) -> None:
+        self._open = 0
+        self._restore: Any = None
+
+    def __enter__(self) -> None:
+        self._open += 1
+        if self._open == 1:
+            self._restore = torch.compiler.set_stance("force_eager")  # applied by the call
+
+    def __exit__(self, *exc: object) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._restore.__exit__(None, None, None)
+
+
+_DISCOVERING = _Discovering()

@@ -55,7 +55,7 @@ def across_ranks(
     elif group is not None:
         wrapper.use_group(group)
     if dist.is_available() and dist.is_initialized():
-        wrapper.watch_for_ddp()
+        wrapper.watch_for_models()
     return wrapper
 
 
@@ -68,7 +68,7 @@ class RankAwarePath(Path):
         self.grad_scaler = grad_scaler
         self.distributed: DistributedPath | None = None
         self._watch = ExitStack()
-        self._watching = False
+        weakref.finalize(self, self._watch.close)
 
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
@@ -90,14 +90,11 @@ class RankAwarePath(Path):
     def forward_context(self) -> AbstractContextManager[Any]:
         return self.local.forward_context()
 
-    def watch_for_ddp(self) -> None:
-        """From now on, a DDP model's forward pass hands its group to this path (weakly held)."""
-        if self._watching:
-            return
+    def watch_for_models(self) -> None:
+        """From now on, a DDP or ``fully_shard`` model's forward pass hands its group (or itself)
+        to this path, which is weakly held. Called once, when the optimizer is built."""
         self._watch.enter_context(watch_ddp(_weakly(self.use_group)))
-        self.watch_for_fsdp()
-        weakref.finalize(self, self._watch.close)
-        self._watching = True
+        self._watch.enter_context(watch_fsdp(_weakly(self.use_fsdp)))
 
     def begin(self) -> None:
         self.active.begin()
@@ -107,9 +104,6 @@ class RankAwarePath(Path):
 
     def start_watching(self) -> None:
         self.local.start_watching()
-
-    def watch_forward(self) -> None:
-        self.local.watch_forward()
 
     def stop_watching(self) -> None:
         self.local.stop_watching()
@@ -148,10 +142,6 @@ class RankAwarePath(Path):
         self.shard_with(root)
         if isinstance(self.distributed, ShardedPath):
             self.distributed.before_forward()
-
-    def watch_for_fsdp(self) -> None:
-        """From now on, a ``fully_shard`` model's forward pass hands itself to this path."""
-        self._watch.enter_context(watch_fsdp(_weakly(self.use_fsdp)))
 
 
 def _weakly(method: Callable[[_T], None]) -> Callable[[_T], None]:

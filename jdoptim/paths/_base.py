@@ -106,9 +106,6 @@ class Path(ABC):
         held until the next exchange so that every rank raises together."""
         return nullcontext()
 
-    def watch_forward(self) -> None:  # noqa: B027 - optional, as start_watching
-        """Observes every forward pass from now on (the engine's discovery hook)."""
-
     def stop_watching(self) -> None:  # noqa: B027 - optional, as start_watching
         """Stops observing forward passes (the engine is about to be replaced)."""
 

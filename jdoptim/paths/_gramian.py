@@ -19,7 +19,6 @@ from torch import Tensor
 
 from jdoptim.aggregation import GeneralizedWeighting, Weighting
 from jdoptim.autogram import (
-    Engine,
     MaterializedTerm,
     Term,
     concat_terms,
@@ -62,8 +61,7 @@ class GramianPath(Path):
         assert context.batch_dim is not None
         self.batch_dim: int = context.batch_dim
         self._watch = ExitStack()
-        self._watched: Engine | None = None
-        self._finalizer_set = False
+        weakref.finalize(self, self._watch.close)
         self._backward_mode = False
 
     @property
@@ -73,8 +71,8 @@ class GramianPath(Path):
         return module
 
     def forward_context(self) -> AbstractContextManager[Any]:
-        if self._watched is not None:
-            self.watch_forward()  # on the current engine (it is rebuilt when params change)
+        if self._backward_mode:
+            self._watch_forward()  # on the current engine (it is rebuilt when params change)
             return nullcontext()
         if not wants_gramian(self.weighting):
             return nullcontext()
@@ -84,24 +82,17 @@ class GramianPath(Path):
         """Backward-then-step: forward passes run outside any closure, and micro-batches may
         accumulate (so even shape-only weightings keep the engine's terms)."""
         self._backward_mode = True
-        self.watch_forward()
+        self._watch_forward()
 
-    def watch_forward(self) -> None:
+    def _watch_forward(self) -> None:
         """Keeps the engine's discovery hook on, for forward passes run outside any closure.
 
-        Until the optimizer is garbage-collected (or the engine rebuilt), every module call is
-        seen by the engine; engines built on ``modules=`` need no such hook.
+        Entered anew each time, on the current engine: once it has found (and hooked) every
+        parameter's module, ``capture()`` installs no global hook any more. Engines built on
+        ``modules=`` need none at all.
         """
-        engine = self.context.engine()
-        # Entered anew each time: once the engine has found every parameter's module (and hooked
-        # it), capture() installs no global hook any more.
         self._watch.close()
-        self._watch.enter_context(engine.capture())
-        if self._watched is not engine:
-            self._watched = engine
-            if not self._finalizer_set:
-                weakref.finalize(self, self._watch.close)
-                self._finalizer_set = True
+        self._watch.enter_context(self.context.engine().capture())
 
     def stop_watching(self) -> None:
         self._watch.close()

@@ -122,3 +122,20 @@ def test_discovery_mode_compiles_after_the_first_pass() -> None:
     with Engine(model, batch_dim=0) as eager:
         expected = eager.compute_gramian(model(x).pow(2).sum(dim=1))
     assert relative_error(gramian, expected) <= 1e-5
+
+
+def test_discovery_contexts_closed_in_any_order_leave_compiled_code_compiled() -> None:
+    first = Engine(batch_dim=0, parameters=nn.Linear(2, 2).parameters())
+    second = Engine(batch_dim=0, parameters=nn.Linear(2, 2).parameters())
+    opened_first, opened_second = first.capture(), second.capture()
+    opened_first.__enter__()
+    opened_second.__enter__()
+    opened_first.__exit__(None, None, None)  # closed before the one opened after it
+    opened_second.__exit__(None, None, None)
+
+    @torch.compile
+    def double(x: Tensor) -> Tensor:
+        return x * 2
+
+    double(torch.ones(3))
+    assert counters["stats"]["unique_graphs"] > 0
