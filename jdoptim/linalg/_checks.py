@@ -78,14 +78,17 @@ def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
     diagonal = tensor.diagonal()
     norms = diagonal.clamp(min=0).sqrt()
     excess = (tensor.abs() - norms[:, None] * norms[None, :]).amax()
-    finite, symmetric, nonnegative, bounded = torch.stack(
+    verdicts = torch.stack(
         [
             scale.isfinite(),
             asymmetry <= tolerance,
             diagonal.amin() >= -tolerance,
             excess <= tolerance,
         ]
-    ).tolist()
+    )
+    # One integer, one host read: bit k is verdict k.
+    code = int((verdicts.to(torch.int64) << torch.arange(4, device=verdicts.device)).sum())
+    finite, symmetric, nonnegative, bounded = ((code >> bit) & 1 for bit in range(4))
     if not finite:
         check_finite(tensor, name)
     if not symmetric:
