@@ -2,7 +2,9 @@
 
 A :class:`torch.utils._python_dispatch.TorchDispatchMode` sees every operation that reaches the
 dispatcher (views included); ``aten._local_scalar_dense`` is the one that copies a value to the host
-(``bool(tensor)``, ``.item()``, ``.tolist()``...), which on a GPU waits for every queued kernel.
+(``bool(tensor)``, ``.item()``...), which on a GPU waits for every queued kernel, as do the operations
+whose output size depends on the data (``nonzero``...); both are counted as syncs. A ``.tolist()`` or
+``.cpu()`` of a CPU tensor reaches no operation, so code that must be counted reads with ``.item()``.
 Counts depend only on the code path, not on the machine or its load.
 
     python benchmarks/count_ops.py                      # UPGradWeighting, default solver
@@ -20,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_OPS = ("_local_scalar_dense",)
+# Operations that make the host wait for the device: a copy of a value to the host, and the
+# operations whose output size depends on the data (the host must learn it to allocate).
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique2")
 
 
 class OpCounter(TorchDispatchMode):

@@ -189,7 +189,8 @@ class Engine:
         return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
 
     def _attach(self, module: nn.Module) -> None:
-        self._handles.append(module.register_forward_hook(self._eager_hook, with_kwargs=True))
+        hook = _ModuleHook(self._eager_hook)
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         self._hooked.add(module)
         self._owned.update(
             id(p) for p in module.parameters(recurse=False) if id(p) in self._param_ids
@@ -471,3 +472,30 @@ class _Discovering:
 
 
 _DISCOVERING = _Discovering()
+
+
+class _ModuleHook:
+    """An engine's forward hook on one module. A copy of the module (``copy.deepcopy``, pickle,
+    ``torch.save(model)``) gets an :class:`_InertHook` in its place: the engine belongs to the
+    original's optimizer, so it is neither copied along nor told about the copy's calls."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Callable[..., None]) -> None:
+        self._call = call
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self._call(module, args, kwargs, output)
+
+    def __reduce__(self) -> tuple[type[_InertHook], tuple[()]]:
+        return _InertHook, ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _InertHook:
+        return _InertHook()
+
+
+class _InertHook:
+    """What a copied module holds where the original holds an engine's hook: nothing happens."""
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        return None

@@ -32,8 +32,9 @@ def check_finite(tensor: Tensor, name: str) -> None:
         )
 
 
-def check_matrix(matrix: object, name: str = "matrix") -> Tensor:
-    """Checks that ``matrix`` is a finite floating-point tensor of shape ``[m, n]`` with ``m >= 1``."""
+def check_matrix(matrix: object, name: str = "matrix", *, finite: bool = True) -> Tensor:
+    """Checks that ``matrix`` is a floating-point tensor of shape ``[m, n]`` with ``m >= 1``, and
+    finite unless ``finite=False`` (for callers that fold that check into a later one)."""
     tensor = check_tensor(matrix, name)
     if tensor.ndim != 2:
         raise ValueError(
@@ -41,13 +42,14 @@ def check_matrix(matrix: object, name: str = "matrix") -> Tensor:
         )
     if tensor.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row (m >= 1), got shape [0, n].")
-    check_finite(tensor, name)
+    if finite:
+        check_finite(tensor, name)
     return tensor
 
 
-def check_square(matrix: object, name: str = "matrix") -> Tensor:
+def check_square(matrix: object, name: str = "matrix", *, finite: bool = True) -> Tensor:
     """Checks :func:`check_matrix` and that the matrix is square."""
-    tensor = check_matrix(matrix, name)
+    tensor = check_matrix(matrix, name, finite=finite)
     if tensor.shape[0] != tensor.shape[1]:
         raise ValueError(f"{name} must be square, got shape {tuple(tensor.shape)}.")
     return tensor
@@ -59,38 +61,53 @@ def symmetry_tolerance(dtype: torch.dtype) -> float:
 
 
 def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
-    """Checks that ``gramian`` is a finite, square, symmetric matrix (a Gramian ``J Jᵀ``)."""
-    tensor = check_square(gramian, name)
-    scale = tensor.abs().max() if tensor.numel() > 0 else tensor.new_zeros(())
-    asymmetry = (tensor - tensor.T).abs().max()
-    if bool(asymmetry > symmetry_tolerance(tensor.dtype) * scale):
+    """Checks that ``gramian`` is a finite, square, symmetric matrix (a Gramian ``J Jᵀ``).
+
+    Beyond symmetry it rejects what cannot be ``J Jᵀ``: a negative diagonal entry (a squared norm),
+    or an entry breaking Cauchy-Schwarz, ``|Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ)`` (two O(m²) necessary conditions of
+    positive semi-definiteness). Every verdict is computed on the tensor's device and read in one
+    host copy, so a valid Gramian costs one synchronisation on a GPU; the details of a failure are
+    read only to word its message.
+    """
+    tensor = check_square(gramian, name, finite=False)
+    if tensor.numel() == 0:
+        return tensor
+    scale = tensor.abs().amax()
+    tolerance = symmetry_tolerance(tensor.dtype) * scale
+    asymmetry = (tensor - tensor.T).abs().amax()
+    diagonal = tensor.diagonal()
+    norms = diagonal.clamp(min=0).sqrt()
+    excess = (tensor.abs() - norms[:, None] * norms[None, :]).amax()
+    verdicts = torch.stack(
+        [
+            scale.isfinite(),
+            asymmetry <= tolerance,
+            diagonal.amin() >= -tolerance,
+            excess <= tolerance,
+        ]
+    )
+    # One integer, one host read: bit k is verdict k.
+    code = int((verdicts.to(torch.int64) << torch.arange(4, device=verdicts.device)).sum())
+    finite, symmetric, nonnegative, bounded = ((code >> bit) & 1 for bit in range(4))
+    if not finite:
+        check_finite(tensor, name)
+    if not symmetric:
         raise ValueError(
             f"{name} must be symmetric (a Gramian J Jᵀ), but its largest asymmetry is "
             f"{float(asymmetry):.3g} for entries of size {float(scale):.3g}. For a non-symmetric "
             "matrix (such as J1 J2ᵀ), use a weighting that accepts one."
         )
-    _check_gram_inequalities(tensor, scale, name)
-    return tensor
-
-
-def _check_gram_inequalities(gramian: Tensor, scale: Tensor, name: str) -> None:
-    """Rejects matrices that cannot be ``J Jᵀ``: a negative diagonal entry (a squared norm), or an
-    entry breaking Cauchy-Schwarz, ``|Gᵢⱼ| ≤ sqrt(Gᵢᵢ Gⱼⱼ)``. Both are O(m²) necessary conditions of
-    positive semi-definiteness, with the same rounding tolerance as the symmetry check."""
-    tolerance = symmetry_tolerance(gramian.dtype) * scale
-    diagonal = gramian.diagonal()
-    if bool((diagonal < -tolerance).any()):
+    if not nonnegative:
         raise ValueError(
             f"{name} has a negative diagonal entry ({float(diagonal.min()):.3g}); the diagonal of "
             "a Gramian J Jᵀ holds squared norms, so it is not a Gramian."
         )
-    norms = diagonal.clamp(min=0).sqrt()
-    excess = gramian.abs() - norms[:, None] * norms[None, :]
-    if bool((excess > tolerance).any()):
+    if not bounded:
         raise ValueError(
             f"{name} is not positive semi-definite: an off-diagonal entry exceeds the geometric "
             "mean of its diagonal entries (Cauchy-Schwarz), so it is not a Gramian J Jᵀ."
         )
+    return tensor
 
 
 def check_generalized_gramian(gramian: object, name: str = "generalized gramian") -> Tensor:

@@ -127,6 +127,22 @@ class JacobianDescent(Optimizer):
             raise TypeError(f"batch_dim must be an int or None, got {type(batch_dim).__name__}.")
         self._method = resolve_method(weighting, aggregator, scalarizer)
         self._modules = None if modules is None else _as_module_list(modules)
+        shared = None if shared_params is None else list(shared_params)
+        per_task = None if tasks_params is None else [list(params) for params in tasks_params]
+        # What copy.deepcopy and pickle rebuild the optimizer from (see __getstate__).
+        self._options: dict[str, Any] = {
+            "weighting": weighting,
+            "aggregator": aggregator,
+            "scalarizer": scalarizer,
+            "batch_dim": batch_dim,
+            "modules": self._modules,
+            "shared_params": shared,
+            "tasks_params": per_task,
+            "fuse_backward": fuse_backward,
+            "parallel_chunk_size": parallel_chunk_size,
+            "grad_scaler": grad_scaler,
+            "process_group": process_group,
+        }
         self.batch_dim = batch_dim
         self.fuse_backward = fuse_backward
         self.parallel_chunk_size = parallel_chunk_size
@@ -153,10 +169,8 @@ class JacobianDescent(Optimizer):
             batch_dim=batch_dim,
             fuse_backward=fuse_backward,
             parallel_chunk_size=parallel_chunk_size,
-            shared_params=None if shared_params is None else list(shared_params),
-            tasks_params=(
-                None if tasks_params is None else [list(params) for params in tasks_params]
-            ),
+            shared_params=shared,
+            tasks_params=per_task,
         )
         path = make_path(self._method, context)
         if grad_scaler is not None and not path.supports_backward():
@@ -572,7 +586,27 @@ class JacobianDescent(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}."
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: the wrapped optimizer, the options, and
+        :meth:`jd_state_dict`. As with torch's optimizers, hooks are not kept; the engine, the last
+        step's record and an open accumulation window are not either (the copy starts between two
+        steps)."""
+        if isinstance(self._options["process_group"], dist.ProcessGroup):
+            raise TypeError(
+                f"A {type(self).__name__} bound to a process group cannot be copied or pickled: "
+                "build one in each process instead."
+            )
+        return {
+            "optimizer": self.optimizer,
+            "options": self._options,
+            "jd_state": self.jd_state_dict(),
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "options" in state:
+            JacobianDescent.__init__(self, state["optimizer"], **state["options"])
+            self.load_jd_state_dict(state["jd_state"])
+            return
         inner = self.__dict__.get("optimizer")
         if inner is not None and {"state", "param_groups"} <= set(state):
             inner.__setstate__({"state": state["state"], "param_groups": state["param_groups"]})

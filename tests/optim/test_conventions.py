@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from jdoptim.aggregation import UPGradWeighting
+from jdoptim.autogram import Engine
 from jdoptim.optim import JDSGD, JDAdam
 from tests.optim._models import (
     EMAWeighting,
@@ -82,6 +85,43 @@ def test_a_restored_optimizer_continues_bit_identically() -> None:
     restored.load_state_dict(state)
     _continue(fresh, restored, inputs, targets)
     assert_same_params(model, fresh)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_as_the_original(how: str) -> None:
+    """``copy.deepcopy`` / ``pickle`` of (model, optimizer), as with torch's optimizers: the copy
+    steps the copied parameters with the copied method state, and leaves the original alone."""
+    model, optimizer, inputs, targets = _trained()
+    pair = (model, optimizer)
+    copied_model, copied = (
+        copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    )
+    assert type(copied) is JDSGD and copied.method is not optimizer.method
+    assert copied.optimizer.param_groups[0]["params"][0] is next(copied_model.parameters())
+    assert copied.jd_state_dict()["steps"] == 2
+    untouched = copy.deepcopy(model.state_dict())
+    _continue(copied_model, copied, inputs, targets)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, untouched[name])
+    _continue(model, optimizer, inputs, targets)
+    assert_same_params(model, copied_model)
+
+
+def test_a_trained_model_pickles_and_copies_without_its_engine() -> None:
+    """``torch.save(model)`` / ``copy.deepcopy(model)`` after Jacobian-descent steps (the engine
+    hooks the model's modules): the copy computes what the model computes, and no engine is copied
+    along to record the copy's forward passes."""
+    model, _, inputs, _ = _trained()
+
+    def engines() -> int:
+        gc.collect()
+        return sum(type(thing) is Engine for thing in gc.get_objects())
+
+    before = engines()
+    copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+    assert engines() == before
+    for twin in copies:
+        torch.testing.assert_close(twin(inputs[0]), model(inputs[0]), rtol=0.0, atol=0.0)
 
 
 def test_dcp_round_trip_with_the_jdoptim_state_beside_it() -> None:
