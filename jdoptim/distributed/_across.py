@@ -139,9 +139,12 @@ class RankAwarePath(Path):
 
     def use_fsdp(self, root: nn.Module) -> None:
         """A forward pass of the ``fully_shard`` model ``root`` starts."""
+        found = self.distributed is None
         self.shard_with(root)
         if isinstance(self.distributed, ShardedPath):
             self.distributed.before_forward()
+            if found:
+                self.distributed.model.enter_call_in_progress()
 
 
 def _weakly(method: Callable[[_T], None]) -> Callable[[_T], None]:

@@ -57,8 +57,33 @@ class ShardedPath:
             self.model.gather()
 
     def apply(self, part: Part) -> StepRecord:
-        self.model.reshard()  # a rank whose closure failed after its forward still holds them
+        self.model.reshard()
         return super().apply(part)  # type: ignore[misc, no-any-return]
+
+    def run(
+        self,
+        losses: Tensor | None,
+        features: Any,
+        scale: float,
+        next_losses: Callable[[], Tensor],
+    ) -> StepRecord:
+        if losses is None:  # the closure failed here after its forward: the others' passes go on
+            self.finish_passes()
+        return super().run(losses, features, scale, next_losses)  # type: ignore[misc, no-any-return]
+
+    def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
+        """This rank's passes (guarded), then rounds until every rank's passes are over."""
+        try:
+            self.model.begin_passes()
+            return super().differentiate(losses, features, scale)  # type: ignore[misc, no-any-return]
+        finally:
+            self.finish_passes()
+
+    def finish_passes(self) -> None:
+        self.model.finish_passes()
+        model, share = self.model, 2 * (self.world_size - 1) / self.world_size
+        self.communicator.count("rounds", model.rounds * (len(model.modules) + 1) * 8 * share)
+        model.rounds = 0
 
     def unsharded(self) -> list[Tensor]:
         return [unsharded for unsharded, _ in self.model.pairs()]
@@ -145,7 +170,6 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
     def __init__(self, local: GramianPath, model: ShardedModel) -> None:
         super().__init__(local, model.group)
         self.model = model
-        model.keep_unsharded()
         self._engine: Engine | None = None
         self._engine_key: tuple[int, ...] = ()
         self._watch = ExitStack()
@@ -179,24 +203,19 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
         weakref.finalize(self, self._watch.close)
 
     def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
-        try:
-            if losses.ndim == 0:
-                return self.scalar_grads(losses, scale)
-            engine = self.engine()
-            if engine is None:
-                raise ValueError(
-                    "The losses do not come from a forward pass of the fully_shard model."
-                )
-            pairs = engine.compute_terms(losses * scale if scale != 1.0 else losses)
-            return TermsPart(
-                losses.detach(),
-                [param for param, _ in pairs],
-                [term for _, term in pairs],
-                None,
-                scale=scale,
-            )
-        finally:
-            self.model.reshard()
+        if losses.ndim == 0:
+            return self.scalar_grads(losses, scale)
+        engine = self.engine()
+        if engine is None:
+            raise ValueError("The losses do not come from a forward pass of the fully_shard model.")
+        pairs = engine.compute_terms(losses * scale if scale != 1.0 else losses)
+        return TermsPart(
+            losses.detach(),
+            [param for param, _ in pairs],
+            [term for _, term in pairs],
+            None,
+            scale=scale,
+        )
 
     def scalar_step(self, part: Part) -> StepRecord:
         return self.sharded_scalar_step(part)
@@ -231,7 +250,6 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
     def __init__(self, local: JacobianPath, model: ShardedModel) -> None:
         super().__init__(local, model.group)
         self.model = model
-        model.keep_unsharded()
 
     @property
     def weighting(self) -> Weighting:
@@ -240,31 +258,24 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         return module
 
     def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
-        try:
-            if losses.ndim == 0:
-                return self.scalar_grads(losses, scale)
-            flat = (losses * scale if scale != 1.0 else losses).reshape(-1)
-            unsharded = self.unsharded()
-            per_task = []
-            for task in range(flat.numel()):
-                last = task == flat.numel() - 1
-                per_task.append(
-                    torch.autograd.grad(
-                        flat[task], unsharded, retain_graph=not last, allow_unused=True
-                    )
-                )
-            rows: list[Tensor | None] = []
-            for index, param in enumerate(unsharded):
-                grads = [grads[index] for grads in per_task]
-                if all(g is None for g in grads):
-                    rows.append(None)
-                    continue
-                rows.append(
-                    torch.stack([torch.zeros_like(param) if g is None else g for g in grads])
-                )
-            return TaskRowsPart(losses.detach(), rows, scale=scale)
-        finally:
-            self.model.reshard()
+        if losses.ndim == 0:
+            return self.scalar_grads(losses, scale)
+        flat = (losses * scale if scale != 1.0 else losses).reshape(-1)
+        unsharded = self.unsharded()
+        per_task = []
+        for task in range(flat.numel()):
+            last = task == flat.numel() - 1
+            per_task.append(
+                torch.autograd.grad(flat[task], unsharded, retain_graph=not last, allow_unused=True)
+            )
+        rows: list[Tensor | None] = []
+        for index, param in enumerate(unsharded):
+            grads = [grads[index] for grads in per_task]
+            if all(g is None for g in grads):
+                rows.append(None)
+                continue
+            rows.append(torch.stack([torch.zeros_like(param) if g is None else g for g in grads]))
+        return TaskRowsPart(losses.detach(), rows, scale=scale)
 
     def combine(self, parts: Sequence[Part]) -> Part:
         if any(isinstance(p, FailedPart) for p in parts):

@@ -401,6 +401,95 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
     return sent
 
 
+class Deep(nn.Module):
+    """Four ``Linear(8, 8)`` + ``Tanh`` layers and a ``Linear(8, 1)`` head, each to be sharded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.hidden:
+            x = torch.tanh(layer(x))
+        return self.head(x).sum(dim=-1)
+
+
+def deep_model() -> Deep:
+    torch.manual_seed(0)
+    return Deep().double()
+
+
+def deep_batches(total: int) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(total, 8, generator=generator, dtype=torch.float64),
+            torch.randn(total, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train_deep(
+    model: Deep, batches: list[tuple[Tensor, Tensor]], part: slice
+) -> tuple[Tensor, dict[str, int], dict[str, int]]:
+    """Steps on ``model``; the losses, and per phase the peak number of parameters whose
+    unsharded storage this rank held when the probe ran, and how many times it ran."""
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    peaks: dict[str, int] = {"forward": 0, "backward": 0}
+    seen: dict[str, int] = {"forward": 0, "backward": 0}
+
+    def probe(where: str) -> None:
+        distributed = optimizer.distributed
+        unsharded = [] if distributed is None else distributed.unsharded()  # type: ignore[attr-defined]
+        held = sum(p.numel() for p in unsharded if p.untyped_storage().nbytes() > 0)
+        peaks[where] = max(peaks[where], held)
+        seen[where] += 1
+
+    def in_layer(module: nn.Module, args: tuple[Any, ...]) -> None:
+        # Runs inside the layer's forward, after FSDP2's pre-forward hook gathered it; the hook on
+        # its input runs in each backward pass through the layer, once the layer's own backward
+        # has used its parameters (and before FSDP2's post-backward hook can free them).
+        probe("forward")
+        if args[0].requires_grad:
+            args[0].register_hook(lambda grad: probe("backward"))
+
+    handles = [layer.register_forward_pre_hook(in_layer) for layer in [*model.hidden, model.head]]
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            return (model(x[part]) - y[part]) ** 2
+
+        losses = optimizer.step(closure)
+    for handle in handles:
+        handle.remove()
+    return losses, peaks, seen
+
+
+def deep_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
+    """The step's exactness, and the unsharded parameters this rank held at any time in it."""
+    model = deep_model()
+    layers = [sum(p.numel() for p in m.parameters()) for m in [*model.hidden, model.head]]
+    model = shard(model, [*model.hidden, model.head])  # type: ignore[assignment]
+    losses, peaks, seen = train_deep(model, deep_batches(sum(sizes)), slices(sizes)[rank])
+    return {
+        "params": full_params(model),
+        "losses": losses,
+        "peaks": peaks,
+        "seen": seen,
+        "layers": layers,
+    }
+
+
+def deep_reference(sizes: list[int]) -> dict[str, Any]:
+    model = deep_model()
+    losses, _, _ = train_deep(model, deep_batches(sum(sizes)), slice(None))
+    return {"params": full_params(model), "losses": losses}
+
+
 # instances per rank, per world size
 IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
 IWRM_VARIANTS = {2: ["modules", "backward", "accumulate", "scalar"], 3: ["backward"]}
@@ -426,6 +515,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("tasks", tasks_rank, TASK_BATCH[world])
     record("instance-tasks", instance_tasks_rank, IWRM_SIZES[world])
     record("encoder", encoder_rank, ENCODER_SIZES[world])
+    record("deep", deep_rank, IWRM_SIZES[world])
     record("routes", routes_rank)
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)

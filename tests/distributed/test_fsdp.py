@@ -73,6 +73,21 @@ def test_a_transformer_encoder_layer_equals_one_process_on_the_global_batch(laun
     _equal_to_reference(ranks, "encoder", scenarios.encoder_reference(sizes))
 
 
+def test_no_rank_holds_every_layer_unsharded_during_a_step(launch: Any) -> None:
+    """Each layer is resharded after its forward, and the step's backward passes (their number
+    differs between ranks: 4 and 3 instances, or 3, 2 and 4) gather one layer at a time."""
+    world, ranks = launch
+    sizes = scenarios.IWRM_SIZES[world]
+    _equal_to_reference(ranks, "deep", scenarios.deep_reference(sizes))
+    for rank in ranks:
+        result = ok(rank["deep"])
+        layers, peaks, seen = result["layers"], result["peaks"], result["seen"]
+        assert len(layers) >= 3 and seen["forward"] > 0 and seen["backward"] > 0, result
+        # Whole model: 4 * 72 + 9 parameters. One layer, and the next one FSDP2 gathers, at most.
+        assert peaks["backward"] <= 2 * max(layers) < sum(layers), (peaks, layers)
+        assert peaks["forward"] <= 2 * max(layers), (peaks, layers)
+
+
 def test_the_engine_watches_the_first_forward_grads_are_sharded_evaluation_reshards(
     launch: Any,
 ) -> None:
