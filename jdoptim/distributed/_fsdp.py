@@ -68,6 +68,17 @@ def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
         handle.remove()
 
 
+def sharded_model(root: nn.Module) -> tuple[ShardedModel, bool]:
+    """The :class:`ShardedModel` of ``root`` (one per model, shared by its optimizers: its hooks
+    are on the model), and whether this call created it."""
+    model = root.__dict__.get(_ATTRIBUTE)
+    if isinstance(model, ShardedModel):
+        return model, False
+    model = ShardedModel(root)
+    root.__dict__[_ATTRIBUTE] = model  # on the model, not in a global table: it dies with it
+    return model, True
+
+
 class ShardedModel:
     """A ``fully_shard`` model as the distributed step sees it.
 
@@ -115,7 +126,9 @@ class ShardedModel:
         self._hooks: list[list[Any]] = [[] for _ in self.modules]
         for layer, module in enumerate(self.modules):
             hooks = self._hooks[layer]
-            module.register_forward_pre_hook(partial(self._enter_layer, layer, hooks))
+            # Before FSDP2's own pre-forward hook: a forward run again inside a pass (activation
+            # checkpointing) finds the layer gathered in a round, and FSDP2 gathers nothing.
+            module.register_forward_pre_hook(partial(self._enter_layer, layer, hooks), prepend=True)
             module.register_forward_hook(partial(self._leave_layer, hooks), always_call=True)
 
     def gather(self) -> None:
@@ -223,6 +236,8 @@ class ShardedModel:
         """Tags the tensors autograd saves from this layer's (gathered) parameters."""
         if not torch.is_grad_enabled():
             return
+        if self._in_passes:
+            self._need(layer)
         storages: set[int] = set()
 
         def pack(tensor: Tensor) -> tuple[Tensor, int]:
@@ -244,6 +259,9 @@ class ShardedModel:
     def _leave_layer(self, hooks: list[Any], module: nn.Module, args: Any, output: Any) -> None:
         if hooks:
             hooks.pop().__exit__(None, None, None)
+
+
+_ATTRIBUTE = "_jdoptim_sharded_model"
 
 
 def _storage(tensor: Tensor) -> int:

@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import TrimmedMean, UPGradWeighting
@@ -415,9 +416,22 @@ class Deep(nn.Module):
         return self.head(x).sum(dim=-1)
 
 
-def deep_model() -> Deep:
+class CheckpointedDeep(Deep):
+    """``Deep`` with each hidden layer under activation checkpointing (run again in backward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.hidden:
+            x = checkpoint(_linear_tanh, layer, x, use_reentrant=False)
+        return self.head(x).sum(dim=-1)
+
+
+def _linear_tanh(layer: nn.Module, x: Tensor) -> Tensor:
+    return torch.tanh(layer(x))
+
+
+def deep_model(checkpointed: bool = False) -> Deep:
     torch.manual_seed(0)
-    return Deep().double()
+    return (CheckpointedDeep() if checkpointed else Deep()).double()
 
 
 def deep_batches(total: int) -> list[tuple[Tensor, Tensor]]:
@@ -469,9 +483,9 @@ def train_deep(
     return losses, peaks, seen
 
 
-def deep_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
+def deep_rank(rank: int, world: int, sizes: list[int], checkpointed: bool) -> dict[str, Any]:
     """The step's exactness, and the unsharded parameters this rank held at any time in it."""
-    model = deep_model()
+    model = deep_model(checkpointed)
     layers = [sum(p.numel() for p in m.parameters()) for m in [*model.hidden, model.head]]
     model = shard(model, [*model.hidden, model.head])  # type: ignore[assignment]
     losses, peaks, seen = train_deep(model, deep_batches(sum(sizes)), slices(sizes)[rank])
@@ -484,8 +498,8 @@ def deep_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
     }
 
 
-def deep_reference(sizes: list[int]) -> dict[str, Any]:
-    model = deep_model()
+def deep_reference(sizes: list[int], checkpointed: bool) -> dict[str, Any]:
+    model = deep_model(checkpointed)
     losses, _, _ = train_deep(model, deep_batches(sum(sizes)), slice(None))
     return {"params": full_params(model), "losses": losses}
 
@@ -495,6 +509,8 @@ IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
 IWRM_VARIANTS = {2: ["modules", "backward", "accumulate", "scalar"], 3: ["backward"]}
 TASK_BATCH = {2: 3, 3: 2}
 ENCODER_SIZES = {2: [3, 2], 3: [2, 3, 2]}
+# One instance: no independence probe, so one backward pass where the other ranks run two.
+DEEP_SIZES = {2: [1, 5], 3: [3, 1, 6]}
 FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
 
 
@@ -515,7 +531,9 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("tasks", tasks_rank, TASK_BATCH[world])
     record("instance-tasks", instance_tasks_rank, IWRM_SIZES[world])
     record("encoder", encoder_rank, ENCODER_SIZES[world])
-    record("deep", deep_rank, IWRM_SIZES[world])
+    record("deep", deep_rank, DEEP_SIZES[world], False)
+    if world == 2:
+        record("deep-checkpointed", deep_rank, DEEP_SIZES[world], True)
     record("routes", routes_rank)
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)

@@ -74,13 +74,27 @@ def test_a_transformer_encoder_layer_equals_one_process_on_the_global_batch(laun
 
 
 def test_no_rank_holds_every_layer_unsharded_during_a_step(launch: Any) -> None:
-    """Each layer is resharded after its forward, and the step's backward passes (their number
-    differs between ranks: 4 and 3 instances, or 3, 2 and 4) gather one layer at a time."""
+    """Each layer is resharded after its forward, and the step's backward passes gather one layer
+    at a time, though their number differs between ranks (a rank with one instance runs fewer)."""
     world, ranks = launch
-    sizes = scenarios.IWRM_SIZES[world]
-    _equal_to_reference(ranks, "deep", scenarios.deep_reference(sizes))
+    _check_deep(ranks, "deep", scenarios.DEEP_SIZES[world], checkpointed=False)
+
+
+def test_activation_checkpointing_runs_layers_again_inside_the_passes(two_ranks: Any) -> None:
+    """Each pass runs the checkpointed layers' forward again (a different number of times on each
+    rank): those forwards find their layer gathered in a round, not by FSDP2."""
+    _, ranks = two_ranks
+    _check_deep(ranks, "deep-checkpointed", scenarios.DEEP_SIZES[2], checkpointed=True)
+    forwards = [ok(rank["deep-checkpointed"])["seen"]["forward"] for rank in ranks]
+    assert forwards[0] != forwards[1] and min(forwards) > 15, forwards  # 15: 3 steps of 5 layers
+
+
+def _check_deep(ranks: list[Any], key: str, sizes: list[int], checkpointed: bool) -> None:
+    _equal_to_reference(ranks, key, scenarios.deep_reference(sizes, checkpointed))
+    passes = {ok(rank[key])["seen"]["backward"] for rank in ranks}
+    assert len(passes) > 1, passes
     for rank in ranks:
-        result = ok(rank["deep"])
+        result = ok(rank[key])
         layers, peaks, seen = result["layers"], result["peaks"], result["seen"]
         assert len(layers) >= 3 and seen["forward"] > 0 and seen["backward"] > 0, result
         # Whole model: 4 * 72 + 9 parameters. One layer, and the next one FSDP2 gathers, at most.
