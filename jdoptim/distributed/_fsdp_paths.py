@@ -80,10 +80,17 @@ class ShardedPath:
             self.finish_passes()
 
     def finish_passes(self) -> None:
-        self.model.finish_passes()
-        model, share = self.model, 2 * (self.world_size - 1) / self.world_size
-        self.communicator.count("rounds", model.rounds * (len(model.modules) + 1) * 8 * share)
-        model.rounds = 0
+        """Rounds until every rank's passes are over; counts their bytes (FSDP2's all-gathers in
+        them as ``layer_gathers``, the rounds' own all-reduces as ``rounds``)."""
+        model, comm, world = self.model, self.communicator, self.world_size
+        try:
+            model.finish_passes()
+        finally:
+            comm.count(
+                "rounds", model.rounds * (len(model.modules) + 1) * 8 * 2 * (world - 1) / world
+            )
+            comm.count("layer_gathers", model.gathered_bytes * (world - 1) / world)
+            model.rounds = model.gathers = model.gathered_bytes = 0
 
     def unsharded(self) -> list[Tensor]:
         return [unsharded for unsharded, _ in self.model.pairs()]

@@ -167,3 +167,7 @@ def test_bytes_per_step_follow_the_documented_formula(two_ranks: Any) -> None:
     padded = [6 * 5, 6, 6, 6, 2 * 6, 2]  # dim 0 padded to a multiple of R = 2
     assert sent["reduce_scatter"] == sum(p * 8 for p in padded) // 2
     assert "gradients" not in sent  # no all-reduce of full gradients
+    # Each backward pass gathers the layers it runs through, whole: the last Linear (6 + 1) and
+    # the root's LayerNorm (12), 19 float64 parameters, (R - 1) / R of them sent per gather.
+    assert sent["layer_gathers"] > 0 and sent["layer_gathers"] % (19 * 8 // 2) == 0, sent
+    assert sent["rounds"] > 0
