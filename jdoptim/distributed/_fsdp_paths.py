@@ -29,13 +29,16 @@ from jdoptim.distributed._fsdp import ShardedModel, as_sharded, sharded_rows
 from jdoptim.distributed._gramian import DistributedGramianPath
 from jdoptim.distributed._layout import StepKind, same_shapes, shapes_of
 from jdoptim.distributed._path_base import DistributedPath, FailedPart
+from jdoptim.distributed._scalarizer import DistributedScalarizerPath
 from jdoptim.linalg import reshape_gramian
 from jdoptim.paths import (
     GradsPart,
     GramianPath,
     JacobianPath,
+    LossesPart,
     Part,
     Path,
+    ScalarizerPath,
     StepRecord,
     TermsPart,
     check_gramian_finite,
@@ -364,6 +367,76 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         return StepRecord(mean_losses, weights, _gramian=lambda: final)
 
 
+class ShardedScalarizerPath(ShardedPath, DistributedScalarizerPath):
+    """Scalarizers on a ``fully_shard`` model: the gradient of the scalarized global losses.
+
+    As on the DDP path, each rank differentiates the scalarizer of the global losses, in which
+    only its own losses carry a graph; the per-layer reduce-scatter (a sum) leaves each rank its
+    rows of the total. A learnable scalarizer's parameters (``UW``'s) get their whole gradient on
+    every rank, from the global losses: rank 0's is shared. Other parameters outside the model are
+    summed over the ranks.
+    """
+
+    local: ScalarizerPath
+
+    def __init__(self, local: ScalarizerPath, model: ShardedModel) -> None:
+        super().__init__(local, model.group)
+        self.model = model
+
+    def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
+        if losses.ndim == 0:
+            return self.scalar_grads(losses, scale)
+        return LossesPart(losses.detach(), losses, scale=scale)
+
+    def scalar_step(self, part: Part) -> StepRecord:
+        return self.sharded_scalar_step(part)
+
+    def scalarized_backward(self, global_losses: Callable[[], Tensor], scale: float) -> None:
+        comm = self.communicator
+        unsharded = self.unsharded()
+        sharded = {id(s) for _, s in self.model.pairs()}
+        replicated = [p for p in self.context.params() if id(p) not in sharded]
+        grads: list[Tensor | None] = []
+        self.model.begin_passes()
+        try:
+            with comm.guard("the scalarized backward"):
+                scalar = self.module(global_losses()) * scale
+                grads = list(
+                    torch.autograd.grad(scalar, [*unsharded, *replicated], allow_unused=True)
+                )
+        finally:
+            self.finish_passes()
+
+        def make(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            def full() -> Tensor | None:
+                grad = grads[index] if index < len(grads) else None
+                return None if grad is None else grad.to(dtype)
+
+            return full
+
+        items = [(u, s, make(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
+        scattered = self.scatter_by_layer(items, _shape, "the scalarized gradient")
+        extra = [
+            grads[len(unsharded) + i] if len(grads) > len(unsharded) + i else None
+            for i in range(len(replicated))
+        ]
+        # The scalarizer's own parameters get their whole gradient on every rank (it sees the
+        # global losses): rank 0's is kept, not the sum.
+        own = {id(p) for p in self.module.parameters()}
+        contributions = [
+            p.new_zeros(p.shape)
+            if g is None
+            else from_first_rank(g, comm.rank)
+            if id(p) in own
+            else g
+            for p, g in zip(replicated, extra, strict=True)
+        ]
+        summed = comm.all_reduce_sum(contributions, kind="gradients")
+        self.write(scattered)
+        for param, grad in zip(replicated, summed[: len(replicated)], strict=True):
+            param.grad = grad if param.grad is None else param.grad + grad
+
+
 def _shape(unsharded: Tensor) -> tuple[int, ...]:
     return tuple(unsharded.shape)
 
@@ -378,6 +451,8 @@ def sharded_variant(local: Path, model: ShardedModel) -> DistributedPath:
         and isinstance(local.module, Weighting)
     ):
         return ShardedTaskPath(local, model)
+    if isinstance(local, ScalarizerPath):
+        return ShardedScalarizerPath(local, model)
     raise ValueError(
         f"{local.module!r} is not supported on a fully_shard model: use a Gramian weighting "
         "(weighting=..., such as UPGradWeighting()) on per-instance losses (batch_dim=) or on "

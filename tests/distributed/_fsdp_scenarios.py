@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import TrimmedMean, UPGradWeighting
 from jdoptim.distributed import checkpoint_state, load_checkpoint_state
+from jdoptim.scalarization import UW, GeometricMean
 from tests.distributed._scenarios import (
     broken_on_rank_1,
     iwrm_batches,
@@ -402,6 +403,55 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
     return sent
 
 
+def train_scalarized(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice, tasks: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """A scalarizer's steps: ``GeometricMean`` of per-instance losses (``batch_dim=0``), or, with
+    ``tasks``, the learnable ``UW`` of per-task mean losses (its parameters in the optimizer)."""
+    uw = UW(2).double()
+    if tasks:
+        params = [*model.parameters(), *uw.parameters()]
+        optimizer = JDSGD(params, lr=0.1, scalarizer=uw)
+    else:
+        optimizer = JDSGD(model.parameters(), lr=0.1, scalarizer=GeometricMean(), batch_dim=0)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            if tasks:
+                outputs, _ = model(x[part])
+                return ((outputs - y[part]) ** 2).mean(dim=0)
+            return iwrm_losses(model, x[part], y[part])
+
+        losses = optimizer.step(closure)
+    return losses, [p.detach().clone() for p in uw.parameters()]
+
+
+def scalarized_rank(rank: int, world: int, tasks: bool) -> dict[str, Any]:
+    if tasks:
+        model: nn.Module = mtl_model()
+        model = shard(model, [model.trunk[0], *model.heads])  # type: ignore[union-attr]
+        batches = mtl_batches(TASK_BATCH[world] * world)
+        part = slices([TASK_BATCH[world]] * world)[rank]
+    else:
+        model = iwrm_model()
+        model = shard(model, [model[0], model[3]])
+        batches = iwrm_batches(sum(IWRM_SIZES[world]))
+        part = slices(IWRM_SIZES[world])[rank]
+    losses, uw = train_scalarized(model, batches, part, tasks)
+    return {"params": full_params(model) + uw, "losses": losses}
+
+
+def scalarized_reference(world: int, tasks: bool) -> dict[str, Any]:
+    model: nn.Module = mtl_model() if tasks else iwrm_model()
+    batches = (
+        mtl_batches(TASK_BATCH[world] * world) if tasks else iwrm_batches(sum(IWRM_SIZES[world]))
+    )
+    losses, uw = train_scalarized(model, batches, slice(None), tasks)
+    return {"params": full_params(model) + uw, "losses": losses}
+
+
 class Deep(nn.Module):
     """Four ``Linear(8, 8)`` + ``Tanh`` layers and a ``Linear(8, 1)`` head, each to be sharded."""
 
@@ -532,6 +582,8 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("instance-tasks", instance_tasks_rank, IWRM_SIZES[world])
     record("encoder", encoder_rank, ENCODER_SIZES[world])
     record("deep", deep_rank, DEEP_SIZES[world], False)
+    record("scalarized-instances", scalarized_rank, False)
+    record("scalarized-tasks", scalarized_rank, True)
     if world == 2:
         record("deep-checkpointed", deep_rank, DEEP_SIZES[world], True)
     record("routes", routes_rank)

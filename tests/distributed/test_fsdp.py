@@ -48,6 +48,15 @@ def test_modules_backward_then_step_accumulation_and_scalar_losses_equal_one_pro
         _equal_to_reference(ranks, f"iwrm-{how}", scenarios.iwrm_reference(sizes, reference_how))
 
 
+@pytest.mark.parametrize("tasks", [False, True], ids=["geometric-mean-instances", "uw-tasks"])
+def test_a_scalarizer_equals_one_process_on_the_global_batch(launch: Any, tasks: bool) -> None:
+    """The scalarizer of the global losses (nonlinear: the geometric mean over every rank's
+    instances; or UW's learnt weights of the per-task means, which every rank differentiates whole)."""
+    world, ranks = launch
+    key = "scalarized-tasks" if tasks else "scalarized-instances"
+    _equal_to_reference(ranks, key, scenarios.scalarized_reference(world, tasks))
+
+
 def test_a_jacobian_aggregator_on_a_sharded_model_is_a_clear_error(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
