@@ -5,14 +5,18 @@ every rank gathers the per-layer term factors as on the DDP path, builds the glo
 rank 0's weights, then, one parameter at a time, weighs its own terms into a full-size gradient
 and reduce-scatters it (a sum, not FSDP2's mean): each rank keeps only its shard in ``.grad``.
 
-Per-task losses (:class:`ShardedTaskPath`): each rank differentiates its ``T`` task losses, and a
-reduce-scatter per parameter leaves each rank the shard ``J_s`` of the global ``[T, n]`` Jacobian
-(the mean over ranks). ``G = Σ_s J_s J_sᵀ`` is one ``T × T`` all-reduce; each rank's shard of the
-direction is ``wᵀ J_s``.
+Per-task losses, and coordinate-wise aggregators (:class:`ShardedRowsPath`): each rank
+differentiates each of its losses, and a reduce-scatter per layer leaves each rank its columns
+``J_s`` of the global Jacobian. For per-task losses, ``G = Σ_s J_s J_sᵀ`` is one ``T × T``
+all-reduce and each rank's shard of the direction is ``wᵀ J_s``; a coordinate-wise aggregator
+runs on ``J_s`` itself.
+
+Scalarizers (:class:`ShardedScalarizerPath`): the gradient of the scalarized global losses.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -22,12 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation import Weighting
+from jdoptim.aggregation import Aggregator, Weighting
 from jdoptim.autogram import Engine
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._fsdp import ShardedModel, as_sharded, sharded_rows
 from jdoptim.distributed._gramian import DistributedGramianPath
-from jdoptim.distributed._layout import StepKind, same_shapes, shapes_of
+from jdoptim.distributed._layout import Layout, StepKind, layout_of, same_shapes, shapes_of
 from jdoptim.distributed._path_base import DistributedPath, FailedPart
 from jdoptim.distributed._scalarizer import DistributedScalarizerPath
 from jdoptim.linalg import reshape_gramian
@@ -247,13 +251,21 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
 
 @dataclass
 class TaskRowsPart(Part):
-    """The local ``[T, *shape]`` Jacobian of per-task losses, per unsharded parameter."""
+    """The local ``[m, *shape]`` Jacobian of the losses (flat order), per unsharded parameter."""
 
     rows: list[Tensor | None]
 
 
-class ShardedTaskPath(ShardedPath, DistributedPath):
-    """Gramian weightings on per-task losses (no ``batch_dim``) on a ``fully_shard`` model."""
+class ShardedRowsPath(ShardedPath, DistributedPath):
+    """The Jacobian of the global losses, each rank holding its columns (its parameter shards).
+
+    For Gramian weightings on per-task losses (no ``batch_dim``), and for coordinate-wise
+    aggregators (``TrimmedMean``) on any losses. Each rank differentiates each of its losses (one
+    backward pass per loss); a reduce-scatter per layer leaves each rank its columns ``J_s`` of
+    the global Jacobian (per-task losses: the mean over the ranks; per-instance losses: each
+    rank's rows at their place). A weighting sees ``G = Σ_s J_s J_sᵀ`` (one all-reduce) and each
+    rank's shard of the direction is ``wᵀ J_s``; a coordinate-wise aggregator runs on ``J_s``.
+    """
 
     local: JacobianPath
 
@@ -299,6 +311,11 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
             return parts[0]
         if isinstance(parts[0], GradsPart):
             return self.local.combine_grads([p for p in parts if isinstance(p, GradsPart)])
+        if self.context.batch_dim is not None:
+            raise ValueError(
+                f"Gradient accumulation with {self.module!r} on a fully_shard model is not "
+                "supported; take one backward() per step."
+            )
         tasks = [p for p in parts if isinstance(p, TaskRowsPart)]
         rows: list[Tensor | None] = []
         for index in range(len(tasks[0].rows)):
@@ -310,51 +327,91 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
     def apply_across(self, part: Part) -> StepRecord:
         comm = self.communicator
         losses = None if isinstance(part, FailedPart) else part.losses
-        shapes = shapes_of(self.exchange_header(StepKind.TASKS, losses))
+        batch_dim = self.context.batch_dim
+        kind = StepKind.TASKS if batch_dim is None else StepKind.JACOBIAN
+        shapes = shapes_of(self.exchange_header(kind, losses))
         if not shapes[0]:
             return self.sharded_scalar_step(part)
-        same_shapes(
-            shapes,
-            "Without batch_dim the losses are per task, averaged over the ranks: every rank must "
-            "return the same number of them (pass batch_dim= for per-instance losses)",
-        )
-        shape = shapes[0]
-        tasks = int(torch.tensor(shape).prod())
         dtype = torch.promote_types(part.losses.dtype, torch.float32)
+        values = torch.zeros(shapes[comm.rank], dtype=dtype, device=comm.device)
+        if losses is not None:
+            values = losses.to(dtype)
+        if batch_dim is None:
+            same_shapes(
+                shapes,
+                "Without batch_dim the losses are per task, averaged over the ranks: every rank "
+                "must return the same number of them (pass batch_dim= for per-instance losses)",
+            )
+            shape, divisor, where = shapes[0], self.world_size, None
+        else:
+            layout = layout_of(shapes, batch_dim, comm.rank)
+            assert layout is not None
+            shape, divisor = layout.shape, 1
+            values = layout.place(values)
+            where = _global_rows(layout, shapes[comm.rank])
+        rows = math.prod(shape)
         local_rows = part.rows if isinstance(part, TaskRowsPart) else []
-        pairs = self.model.pairs()
 
-        def task_rows(index: int, unsharded: Tensor) -> Callable[[], Tensor | None]:
+        def full_rows(index: int, unsharded: Tensor) -> Callable[[], Tensor | None]:
             def make() -> Tensor | None:
-                rows = local_rows[index] if index < len(local_rows) else None
-                if rows is None:
+                local = local_rows[index] if index < len(local_rows) else None
+                if local is None:
                     return None
-                return rows.reshape(tasks, *unsharded.shape).to(dtype).movedim(0, 1)
+                local = local.reshape(-1, *unsharded.shape).to(dtype)
+                if where is not None:  # this rank's rows at their place in the global Jacobian
+                    placed = local.new_zeros(rows, *unsharded.shape)
+                    placed[where] = local
+                    local = placed
+                return local.movedim(0, 1)
 
             return make
 
-        items = [(u, s, task_rows(i, u)) for i, (u, s) in enumerate(pairs)]
+        items = [(u, s, full_rows(i, u)) for i, (u, s) in enumerate(self.model.pairs())]
         scattered = self.scatter_by_layer(
-            items, lambda u: (u.shape[0], tasks, *u.shape[1:]), "the task Jacobian"
+            items, lambda u: (u.shape[0], rows, *u.shape[1:]), "the Jacobian"
         )
-        shards: list[tuple[Any, Tensor]] = []
-        gramian = torch.zeros(tasks, tasks, dtype=dtype, device=comm.device)
-        for sharded, local in scattered:
-            shard = (local / self.world_size).movedim(1, 0).reshape(tasks, -1)
+        shards = [
+            (sharded, (local / divisor).movedim(1, 0).reshape(rows, -1))
+            for sharded, local in scattered
+        ]
+        if isinstance(self.module, Weighting):
+            return self._weighted(shards, values, shape, divisor, part.losses.dtype)
+        (total,) = comm.all_reduce_sum([values], kind="losses")
+        global_losses = (total / divisor).to(part.losses.dtype)
+        directions = [shard.new_zeros(shard.shape[1]) for _, shard in shards]
+        with comm.guard("the aggregation"):
+            # Coordinate-wise: this rank's columns of J give its coordinates of the direction.
+            direction = self.module(torch.cat([shard for _, shard in shards], dim=1))
+            directions = list(direction.split([shard.shape[1] for _, shard in shards]))
+        self.write(
+            [
+                (sharded, piece.reshape(sharded.to_local().shape))
+                for (sharded, _), piece in zip(shards, directions, strict=True)
+            ]
+        )
+        return StepRecord(global_losses)
+
+    def _weighted(
+        self,
+        shards: list[tuple[Any, Tensor]],
+        values: Tensor,
+        shape: tuple[int, ...],
+        divisor: int,
+        losses_dtype: torch.dtype,
+    ) -> StepRecord:
+        """A Gramian weighting: ``G = Σ_s J_s J_sᵀ`` (one all-reduce), rank 0's weights."""
+        comm = self.communicator
+        rows = math.prod(shape)
+        gramian = torch.zeros(rows, rows, dtype=values.dtype, device=comm.device)
+        for _, shard in shards:
             gramian = gramian.to(shard.device) + shard @ shard.T
-            shards.append((sharded, shard))
-        values = (
-            torch.zeros(shape, dtype=dtype, device=comm.device)
-            if losses is None
-            else losses.to(dtype)
-        )
         total_gramian, total_losses = comm.all_reduce_sum([gramian, values], kind="gramian")
-        mean_losses = (total_losses / self.world_size).to(part.losses.dtype)
+        mean_losses = (total_losses / divisor).to(losses_dtype)
         global_gramian = reshape_gramian(total_gramian, tuple(shape))
-        weights = torch.zeros(shape, dtype=dtype, device=total_gramian.device)
+        weights = torch.zeros(shape, dtype=values.dtype, device=total_gramian.device)
         with comm.guard("the weighting"):
             check_gramian_finite(global_gramian, "The Gramian of the global losses")
-            weights = weights_for(self.weighting, global_gramian).to(dtype)
+            weights = weights_for(self.weighting, global_gramian).to(values.dtype)
         (weights,) = comm.all_reduce_sum([from_first_rank(weights, comm.rank)], kind="weights")
         flat_weights = weights.reshape(-1)
         new = []
@@ -365,6 +422,14 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         self.write(new)
         final = global_gramian
         return StepRecord(mean_losses, weights, _gramian=lambda: final)
+
+
+def _global_rows(layout: Layout, shape: tuple[int, ...]) -> Tensor:
+    """Where each of this rank's losses (flat order) sits in the global losses (flat order)."""
+    numbers = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape(shape)
+    placed = layout.place(numbers).reshape(-1)
+    where = placed.nonzero().squeeze(1)
+    return where[placed[where].long().argsort()]
 
 
 class ShardedScalarizerPath(ShardedPath, DistributedScalarizerPath):
@@ -445,16 +510,18 @@ def sharded_variant(local: Path, model: ShardedModel) -> DistributedPath:
     """The variant of ``local`` for a ``fully_shard`` model."""
     if isinstance(local, GramianPath):
         return ShardedGramianPath(local, model)
-    if (
-        isinstance(local, JacobianPath)
-        and local.context.batch_dim is None
-        and isinstance(local.module, Weighting)
+    module = local.module
+    if isinstance(local, JacobianPath) and (
+        (local.context.batch_dim is None and isinstance(module, Weighting))
+        or (isinstance(module, Aggregator) and module.coordinate_wise)
     ):
-        return ShardedTaskPath(local, model)
+        return ShardedRowsPath(local, model)
     if isinstance(local, ScalarizerPath):
         return ShardedScalarizerPath(local, model)
     raise ValueError(
-        f"{local.module!r} is not supported on a fully_shard model: use a Gramian weighting "
-        "(weighting=..., such as UPGradWeighting()) on per-instance losses (batch_dim=) or on "
-        "per-task losses, or pass process_group=False for local steps on each rank."
+        f"{local.module!r} is not supported on a fully_shard model: it needs whole rows of the "
+        "Jacobian, which no rank holds (each holds its parameters' shards). Use a Gramian "
+        "weighting (weighting=..., such as UPGradWeighting(), or an aggregator built on one, "
+        "such as UPGrad()), a coordinate-wise aggregator (TrimmedMean) or a scalarizer, or pass "
+        "process_group=False for local steps on each rank."
     )

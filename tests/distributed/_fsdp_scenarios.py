@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from jdoptim import JDSGD, JDAdam
-from jdoptim.aggregation import TrimmedMean, UPGradWeighting
+from jdoptim.aggregation import GradDrop, TrimmedMean, UPGradWeighting
 from jdoptim.distributed import checkpoint_state, load_checkpoint_state
 from jdoptim.scalarization import UW, GeometricMean
 from tests.distributed._scenarios import (
@@ -110,10 +110,11 @@ def iwrm_reference(sizes: list[int], how: str = "closure") -> dict[str, Any]:
 
 
 def unsupported_rank(rank: int, world: int) -> str | None:
-    """A Jacobian aggregator on a fully_shard model: a clear error at the first forward."""
+    """An aggregator that needs whole rows of J (GradDrop draws one number per coordinate) on a
+    fully_shard model: a clear error at the first forward."""
     model = iwrm_model()
     model = shard(model, [model[0], model[3]])
-    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=TrimmedMean(1), batch_dim=0)
+    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=GradDrop(), batch_dim=0)
     x, y = iwrm_batches(3 * world, 1)[0]
     part = slices([3] * world)[rank]
     try:
@@ -452,6 +453,55 @@ def scalarized_reference(world: int, tasks: bool) -> dict[str, Any]:
     return {"params": full_params(model) + uw, "losses": losses}
 
 
+def train_trimmed(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice, how: str
+) -> Tensor:
+    """``TrimmedMean`` on the global Jacobian. ``how``: "instances" (``[B]`` losses of the
+    MLP, ``batch_dim=0``), "instance-tasks" (``[B, 2]`` of the two-head model, ``batch_dim=0``)
+    or "tasks" (per-task means of the two-head model, no ``batch_dim``)."""
+    options: dict[str, Any] = {} if how == "tasks" else {"batch_dim": 0}
+    trim = {"instances": 1, "instance-tasks": 2, "tasks": 0}[how]
+    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=TrimmedMean(trim), **options)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            if how == "instances":
+                return iwrm_losses(model, x[part], y[part])
+            outputs, _ = model(x[part])
+            errors = (outputs - y[part]) ** 2
+            return errors.mean(dim=0) if how == "tasks" else errors
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+def _trimmed_setup(
+    world: int, how: str
+) -> tuple[nn.Module, list[tuple[Tensor, Tensor]], list[int]]:
+    if how == "instances":
+        return iwrm_model(), iwrm_batches(sum(IWRM_SIZES[world])), IWRM_SIZES[world]
+    sizes = [TASK_BATCH[world]] * world if how == "tasks" else IWRM_SIZES[world]
+    return mtl_model(), mtl_batches(sum(sizes)), sizes
+
+
+def trimmed_rank(rank: int, world: int, how: str) -> dict[str, Any]:
+    model, batches, sizes = _trimmed_setup(world, how)
+    if how == "instances":
+        model = shard(model, [model[0], model[3]])  # type: ignore[index]
+    else:
+        model = shard(model, [model.trunk[0], *model.heads])  # type: ignore[union-attr]
+    losses = train_trimmed(model, batches, slices(sizes)[rank], how)
+    return {"params": full_params(model), "losses": losses}
+
+
+def trimmed_reference(world: int, how: str) -> dict[str, Any]:
+    model, batches, _ = _trimmed_setup(world, how)
+    losses = train_trimmed(model, batches, slice(None), how)
+    return {"params": full_params(model), "losses": losses}
+
+
 class Deep(nn.Module):
     """Four ``Linear(8, 8)`` + ``Tanh`` layers and a ``Linear(8, 1)`` head, each to be sharded."""
 
@@ -559,6 +609,7 @@ IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
 IWRM_VARIANTS = {2: ["modules", "backward", "accumulate", "scalar"], 3: ["backward"]}
 TASK_BATCH = {2: 3, 3: 2}
 ENCODER_SIZES = {2: [3, 2], 3: [2, 3, 2]}
+TRIMMED = ["instances", "instance-tasks", "tasks"]
 # One instance: no independence probe, so one backward pass where the other ranks run two.
 DEEP_SIZES = {2: [1, 5], 3: [3, 1, 6]}
 FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
@@ -584,6 +635,8 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("deep", deep_rank, DEEP_SIZES[world], False)
     record("scalarized-instances", scalarized_rank, False)
     record("scalarized-tasks", scalarized_rank, True)
+    for how in TRIMMED:
+        record(f"trimmed-{how}", trimmed_rank, how)
     if world == 2:
         record("deep-checkpointed", deep_rank, DEEP_SIZES[world], True)
     record("routes", routes_rank)

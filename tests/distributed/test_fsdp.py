@@ -57,11 +57,21 @@ def test_a_scalarizer_equals_one_process_on_the_global_batch(launch: Any, tasks:
     _equal_to_reference(ranks, key, scenarios.scalarized_reference(world, tasks))
 
 
+@pytest.mark.parametrize("how", scenarios.TRIMMED)
+def test_a_coordinate_wise_aggregator_equals_one_process_on_the_global_batch(
+    launch: Any, how: str
+) -> None:
+    """TrimmedMean of the global Jacobian, each rank aggregating its own columns."""
+    world, ranks = launch
+    _equal_to_reference(ranks, f"trimmed-{how}", scenarios.trimmed_reference(world, how))
+
+
 def test_a_jacobian_aggregator_on_a_sharded_model_is_a_clear_error(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
         message = rank["unsupported"]
         assert isinstance(message, str) and "not supported on a fully_shard model" in message
+        assert "GradDrop" in message and "whole rows" in message
 
 
 def test_per_task_losses_equal_one_process_on_the_global_batch(launch: Any) -> None:
