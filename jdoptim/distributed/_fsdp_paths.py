@@ -512,7 +512,11 @@ def sharded_variant(local: Path, model: ShardedModel) -> DistributedPath:
         return ShardedGramianPath(local, model)
     module = local.module
     if isinstance(local, JacobianPath) and (
-        (local.context.batch_dim is None and isinstance(module, Weighting))
+        (
+            local.context.batch_dim is None
+            and isinstance(module, Weighting)
+            and module.input_kind == "gramian"
+        )
         or (isinstance(module, Aggregator) and module.coordinate_wise)
     ):
         return ShardedRowsPath(local, model)

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from jdoptim import JDSGD, JDAdam
-from jdoptim.aggregation import GradDrop, TrimmedMean, UPGradWeighting
+from jdoptim.aggregation import ExcessMTLWeighting, GradDrop, TrimmedMean, UPGradWeighting
 from jdoptim.distributed import checkpoint_state, load_checkpoint_state
 from jdoptim.scalarization import UW, GeometricMean
 from tests.distributed._scenarios import (
@@ -109,16 +109,30 @@ def iwrm_reference(sizes: list[int], how: str = "closure") -> dict[str, Any]:
     return {"params": full_params(model), "losses": losses}
 
 
-def unsupported_rank(rank: int, world: int) -> str | None:
-    """An aggregator that needs whole rows of J (GradDrop draws one number per coordinate) on a
-    fully_shard model: a clear error at the first forward."""
-    model = iwrm_model()
-    model = shard(model, [model[0], model[3]])
-    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=GradDrop(), batch_dim=0)
-    x, y = iwrm_batches(3 * world, 1)[0]
+def unsupported_rank(rank: int, world: int, tasks: bool = False) -> str | None:
+    """A method that needs whole rows of J on a fully_shard model: a clear error at the first
+    forward. GradDrop (it draws one number per coordinate) on per-instance losses, or, with
+    ``tasks``, a weighting of J itself (ExcessMTL's) on per-task losses."""
+    if tasks:
+        model: nn.Module = mtl_model()
+        model = shard(model, [model.trunk[0], *model.heads])  # type: ignore[union-attr]
+        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=ExcessMTLWeighting(2))
+        x, y = mtl_batches(3 * world)[0]
+    else:
+        model = iwrm_model()
+        model = shard(model, [model[0], model[3]])
+        optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=GradDrop(), batch_dim=0)
+        x, y = iwrm_batches(3 * world, 1)[0]
     part = slices([3] * world)[rank]
+
+    def closure() -> Tensor:
+        if tasks:
+            outputs, _ = model(x[part])
+            return ((outputs - y[part]) ** 2).mean(dim=0)
+        return iwrm_losses(model, x[part], y[part])
+
     try:
-        optimizer.step(lambda: iwrm_losses(model, x[part], y[part]))
+        optimizer.step(closure)
     except ValueError as error:
         return str(error)
     return None
@@ -644,6 +658,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:
         record("unsupported", unsupported_rank)
+        record("unsupported-tasks", unsupported_rank, True)
         record("resume-dcp", resume_rank, out_dir, "dcp")
         record("resume-local", resume_rank, out_dir, "local")
         record("bfloat16", mixed_precision_rank)

@@ -72,6 +72,8 @@ def test_a_jacobian_aggregator_on_a_sharded_model_is_a_clear_error(two_ranks: An
         message = rank["unsupported"]
         assert isinstance(message, str) and "not supported on a fully_shard model" in message
         assert "GradDrop" in message and "whole rows" in message
+        message = rank["unsupported-tasks"]  # it used to be given the Gramian instead of J
+        assert isinstance(message, str) and "ExcessMTLWeighting" in message, message
 
 
 def test_per_task_losses_equal_one_process_on_the_global_batch(launch: Any) -> None:
