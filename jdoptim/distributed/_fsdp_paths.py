@@ -234,6 +234,9 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
     def scalar_step(self, part: Part) -> StepRecord:
         return self.sharded_scalar_step(part)
 
+    def parameter_order(self) -> list[Tensor]:
+        return self.unsharded()
+
     def write_grads(self, part: TermsPart, local_weights: Tensor) -> None:
         sharded_of = {id(unsharded): sharded for unsharded, sharded in self.model.pairs()}
         moved = local_weights.detach().movedim(self.local.batch_dim, 0)

@@ -657,6 +657,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:
+        record("encoder-one-instance", encoder_rank, [1, 3])
         record("unsupported", unsupported_rank)
         record("unsupported-tasks", unsupported_rank, True)
         record("resume-dcp", resume_rank, out_dir, "dcp")

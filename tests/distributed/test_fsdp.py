@@ -94,6 +94,16 @@ def test_a_transformer_encoder_layer_equals_one_process_on_the_global_batch(laun
     _equal_to_reference(ranks, "encoder", scenarios.encoder_reference(sizes))
 
 
+def test_a_rank_with_one_instance_gives_the_others_its_terms_in_their_order(
+    two_ranks: Any,
+) -> None:
+    """With one instance the attention layer runs other operations, and the engine lists its
+    parameters' terms in another order; the ranks match terms by parameter, not by position (it
+    was silently wrong by 1e-2 before)."""
+    _, ranks = two_ranks
+    _equal_to_reference(ranks, "encoder-one-instance", scenarios.encoder_reference([1, 3]))
+
+
 def test_no_rank_holds_every_layer_unsharded_during_a_step(launch: Any) -> None:
     """Each layer is resharded after its forward, and the step's backward passes gather one layer
     at a time, though their number differs between ranks (a rank with one instance runs fewer)."""
