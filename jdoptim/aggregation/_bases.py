@@ -136,6 +136,10 @@ class Aggregator(_Named, ABC):
     #: Otherwise the aggregation runs under ``torch.no_grad()`` and its result never requires grad.
     #: A :class:`WeightedAggregator` is differentiable when its weighting is.
     differentiable: bool = False
+    #: ``True`` when coordinate ``j`` of the direction depends on column ``j`` of ``J`` only
+    #: (:class:`TrimmedMean`): the aggregation of any set of columns is that part of the whole
+    #: direction, so it can run on the shards of a sharded model (``jdoptim.distributed``).
+    coordinate_wise: ClassVar[bool] = False
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix, "The Jacobian matrix")

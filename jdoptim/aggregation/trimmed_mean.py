@@ -22,6 +22,7 @@ class TrimmedMean(Aggregator):
     """
 
     differentiable = True
+    coordinate_wise = True
 
     hyper_parameters = validators(
         trim_number=integer_at_least("trim_number", 0),

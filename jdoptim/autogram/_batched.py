@@ -188,7 +188,7 @@ class BatchedPass:
             place = closed_form_place(module)
             names = {
                 name: p
-                for name, p in module.named_parameters(recurse=False)
+                for name, p in calls[0].params.items()
                 if id(p) in self.covered and self.plan.places.get(id(p)) == {place}
             }
             if not names:
@@ -255,6 +255,10 @@ class BatchedPass:
         gradient, dim = outputs[0]
         assert dim is not None
         names = {id(p): name for name, p in record.module.named_parameters()}
+        if any(id(p) not in names for p in params):
+            # The module holds other tensors than during its call (fully_shard swapped its sharded
+            # parameters back in): replaying it would use those; the local route reads the graph.
+            return []
         with torch.autocast(self.output.device.type, enabled=False):
             factored = attention_terms(
                 record.module, record.replay, gradient, dim, self.batch, self.dtype

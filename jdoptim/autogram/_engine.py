@@ -189,8 +189,10 @@ class Engine:
         return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
 
     def _attach(self, module: nn.Module) -> None:
+        # First among the module's hooks: the call as the module made it, before another hook
+        # replaces its output or (fully_shard) swaps its parameters.
         hook = _ModuleHook(self._eager_hook)
-        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
         self._hooked.add(module)
         self._owned.update(
             id(p) for p in module.parameters(recurse=False) if id(p) in self._param_ids

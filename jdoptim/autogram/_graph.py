@@ -103,7 +103,7 @@ def _explore(
                 if id(record) not in {id(r) for r in generic_queue}:
                     generic_queue.append(record)
             else:
-                for module_param in _direct_covered(record.module, covered):
+                for module_param in _direct_covered(record, covered):
                     plan.places.setdefault(id(module_param), set()).add(
                         closed_form_place(record.module)
                     )
@@ -167,5 +167,5 @@ def _reach(
         record.output_shapes.append(shape)
 
 
-def _direct_covered(module: nn.Module, covered: dict[int, Tensor]) -> list[Tensor]:
-    return [p for p in module.parameters(recurse=False) if id(p) in covered]
+def _direct_covered(record: CallRecord, covered: dict[int, Tensor]) -> list[Tensor]:
+    return [p for p in record.params.values() if id(p) in covered]

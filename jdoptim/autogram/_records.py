@@ -30,6 +30,8 @@ class CallRecord:
     ``x`` is the detached first input, saved for closed-form rules only. ``input_edges`` are the
     gradient edges of every input tensor that requires grad: where the call's local graph ends.
     ``replay`` holds the detached inputs of a call that can be replayed per instance.
+    ``params`` are the module's direct parameters during the call: a module may hold other tensors
+    by the time its Gramian is computed (``fully_shard`` swaps its sharded parameters back in).
     """
 
     module: nn.Module
@@ -40,6 +42,7 @@ class CallRecord:
     mixes_instances: bool
     half_precision: bool = False
     replay: Any = None
+    params: dict[str, Tensor] = field(default_factory=dict)
     reached_outputs: list[GradientEdge] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -74,6 +77,7 @@ def record_call(
         mixes_instances=mixes_instances(module),
         half_precision=any(t.dtype == torch.float16 for t in outputs),
         replay=replay_inputs(module, args, kwargs, output) if rule is None else None,
+        params=dict(module.named_parameters(recurse=False)),
     )
     own_inputs = {(id(e.node), e.output_nr) for e in input_edges}
     for tensor in outputs:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
-from jdoptim.distributed._fsdp import ShardedModel, fsdp_root, watch_fsdp
+from jdoptim.distributed._fsdp import fsdp_root, sharded_model, watch_fsdp
 from jdoptim.distributed._fsdp_paths import ShardedPath, sharded_variant
 from jdoptim.distributed._paths import DistributedPath, distributed_variant
 from jdoptim.paths import Part, Path, StepRecord
@@ -130,18 +130,23 @@ class RankAwarePath(Path):
 
     # --- fully_shard (FSDP2) models ----------------------------------------------------------------
 
-    def shard_with(self, root: nn.Module) -> None:
-        """Runs every step across the ranks of the ``fully_shard`` model ``root``."""
+    def shard_with(self, root: nn.Module) -> bool:
+        """Runs every step across the ranks of the ``fully_shard`` model ``root``; whether the
+        model's hooks were added by this call."""
         if self.distributed is not None:
-            return
+            return False
         self._refuse_scaler("bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))")
-        self.distributed = sharded_variant(self.local, ShardedModel(root))
+        model, created = sharded_model(root)
+        self.distributed = sharded_variant(self.local, model)
+        return created
 
     def use_fsdp(self, root: nn.Module) -> None:
         """A forward pass of the ``fully_shard`` model ``root`` starts."""
-        self.shard_with(root)
+        created = self.shard_with(root)
         if isinstance(self.distributed, ShardedPath):
             self.distributed.before_forward()
+            if created:
+                self.distributed.model.enter_call_in_progress()
 
 
 def _weakly(method: Callable[[_T], None]) -> Callable[[_T], None]:

@@ -9,6 +9,18 @@ after a reduce-scatter.
 
 FSDP2 keeps no public listing of its unsharded parameters: :meth:`ShardedModel.gather` finds them
 with public calls only (``unshard``, then the modules' own parameters, then ``reshard``).
+
+**Gathering in step.** FSDP2 reshards each layer after its forward and gathers it again when a
+backward pass reaches it. The step's backward passes are the engine's, and how many it runs, and
+through which layers, depends on each rank's data (its batch size, the independence probe, the
+routes); so during them FSDP2 does not gather (``set_unshard_in_backward(False)``), and each
+gather goes through :class:`ShardedModel` instead, in *rounds* that every rank runs alike. A rank
+whose pass needs a layer (autograd unpacks a tensor saved from that layer's parameters) starts a
+round: one all-reduce of ``L + 1`` integers, each rank's request, or its "done"; then every rank
+frees what it holds and gathers each requested layer, in layer order, keeping the one it asked
+for. A rank whose passes are over keeps answering rounds until every rank is done. So every
+rank's collectives are the same sequence, whatever passes each one runs, and a rank holds at most
+one layer's unsharded parameters at a time during the passes (two while one is requested).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,11 +68,24 @@ def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
         handle.remove()
 
 
+def sharded_model(root: nn.Module) -> tuple[ShardedModel, bool]:
+    """The :class:`ShardedModel` of ``root`` (one per model, shared by its optimizers: its hooks
+    are on the model), and whether this call created it."""
+    model = root.__dict__.get(_ATTRIBUTE)
+    if isinstance(model, ShardedModel):
+        return model, False
+    model = ShardedModel(root)
+    root.__dict__[_ATTRIBUTE] = model  # on the model, not in a global table: it dies with it
+    return model, True
+
+
 class ShardedModel:
     """A ``fully_shard`` model as the distributed step sees it.
 
     ``root`` is the outermost ``fully_shard`` module; every ``fully_shard`` module under it (the
-    usual recipe shards each layer, then the root) belongs to the model.
+    usual recipe shards each layer, then the root) belongs to the model. Its layers are resharded
+    as FSDP2 is told (after each forward by default); during the step's backward passes they are
+    gathered in rounds (see the module docstring).
     """
 
     def __init__(self, root: nn.Module) -> None:
@@ -76,27 +102,34 @@ class ShardedModel:
             )
         self.group: dist.ProcessGroup = mesh.get_group()
         self.world_size = dist.get_world_size(self.group)
+        # NCCL only moves CUDA tensors: the round's integers live where the backend wants.
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(self.group) == "nccl"
+            else torch.device("cpu")
+        )
         self._params: list[tuple[Tensor, DTensor, int]] = []
+        self._layers: list[list[Tensor]] = [[] for _ in self.modules]
+        self._in_passes = False
+        self.rounds = 0  # rounds run, and layers gathered in them, since the counts were zeroed
+        self.gathers = 0
+        self.gathered_bytes = 0
         modules = list(self.modules)
 
         def reshard_after_evaluation(module: nn.Module, args: Any, output: Any) -> None:
-            # Kept gathered for a step's Gramian pass, but a forward without gradients is no step.
+            # A forward without gradients is no step: nothing of it is needed afterwards.
             if not torch.is_grad_enabled():
                 for fsdp_module in modules:
                     fsdp_module.reshard()  # type: ignore[operator]
 
         root.register_forward_hook(reshard_after_evaluation)
-
-    def keep_unsharded(self) -> None:
-        """Each layer keeps its gathered parameters from its forward until :meth:`reshard`.
-
-        The engine reads a layer's parameters after the whole forward pass (which parameters it
-        owns, and, for layers without a closed-form rule, their values), as under
-        ``fully_shard(reshard_after_forward=False)``.
-        """
-        for module in self.modules:
-            module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
-            module.set_reshard_after_backward(False, recurse=False)  # type: ignore[operator]
+        self._hooks: list[list[Any]] = [[] for _ in self.modules]
+        for layer, module in enumerate(self.modules):
+            hooks = self._hooks[layer]
+            # Before FSDP2's own pre-forward hook: a forward run again inside a pass (activation
+            # checkpointing) finds the layer gathered in a round, and FSDP2 gathers nothing.
+            module.register_forward_pre_hook(partial(self._enter_layer, layer, hooks), prepend=True)
+            module.register_forward_hook(partial(self._leave_layer, hooks), always_call=True)
 
     def gather(self) -> None:
         """Learns FSDP2's unsharded parameters: each layer is gathered once, read, then freed.
@@ -120,6 +153,9 @@ class ShardedModel:
                 params.append((getattr(owner, name), sharded, layer))
             module.reshard()  # type: ignore[operator]
         self._params = params
+        self._layers = [
+            [u for u, _, owner in params if owner == layer] for layer in range(len(self.modules))
+        ]
 
     def reshard(self) -> None:
         """Frees every gathered parameter (the next forward gathers the updated shards)."""
@@ -134,6 +170,106 @@ class ShardedModel:
         """``(unsharded, sharded, layer)``: ``layer`` numbers the ``fully_shard`` modules, whose
         parameters' gradients travel in one collective."""
         return list(self._params)
+
+    # --- gathering in rounds during the step's backward passes -------------------------------------
+
+    def begin_passes(self) -> None:
+        """From now until :meth:`finish_passes`, layers are gathered in rounds, not by FSDP2."""
+        for module in self.modules:
+            module.set_unshard_in_backward(False)  # type: ignore[operator]
+        self._in_passes = True
+
+    def finish_passes(self) -> None:
+        """Answers rounds until every rank's passes are over; then frees every layer.
+
+        Every rank calls it once after its passes, whether they ran, failed or never started.
+        """
+        try:
+            while not self._round(None):
+                pass
+        finally:
+            self._in_passes = False
+            for module in self.modules:
+                module.set_unshard_in_backward(True)  # type: ignore[operator]
+            self.reshard()
+
+    def holds(self, layer: int) -> bool:
+        """Whether this rank holds layer ``layer``'s unsharded parameters now."""
+        return all(p.untyped_storage().nbytes() > 0 for p in self._layers[layer] if p.numel())
+
+    def _need(self, layer: int) -> None:
+        if self._in_passes and not self.holds(layer):
+            self._round(layer)
+
+    def _round(self, requested: int | None) -> bool:
+        """One round (see the module docstring); whether every rank is done."""
+        count = len(self.modules)
+        flags = torch.zeros(count + 1, dtype=torch.int64, device=self.device)
+        flags[count if requested is None else requested] = 1
+        dist.all_reduce(flags, group=self.group)
+        self.rounds += 1
+        wanted = flags.tolist()
+        if wanted[count] == self.world_size:
+            return True
+        self.reshard()
+        for layer, requests in enumerate(wanted[:count]):
+            if not requests:
+                continue
+            module = self.modules[layer]
+            module.set_unshard_in_backward(True)  # type: ignore[operator]
+            try:
+                module.unshard()  # type: ignore[operator]
+            finally:
+                module.set_unshard_in_backward(False)  # type: ignore[operator]
+            self.gathers += 1
+            self.gathered_bytes += sum(p.numel() * p.element_size() for p in self._layers[layer])
+            if layer != requested:
+                module.reshard()  # type: ignore[operator]
+        return False
+
+    def enter_call_in_progress(self) -> None:
+        """For a model found by its root's forward pre-hook: that call's hooks were fixed before
+        this model's own were added, so its tagging starts here."""
+        self._enter_layer(0, self._hooks[0], self.root, ())
+
+    def _enter_layer(self, layer: int, hooks: list[Any], module: nn.Module, args: Any) -> None:
+        """Tags the tensors autograd saves from this layer's (gathered) parameters."""
+        if not torch.is_grad_enabled():
+            return
+        if self._in_passes:
+            self._need(layer)
+        storages: set[int] = set()
+
+        def pack(tensor: Tensor) -> tuple[Tensor, int]:
+            if not storages:  # the layer is gathered by now: its storages are fixed until then
+                storages.update(_storage(p) for p in self._layers[layer] if p.numel())
+                storages.discard(0)
+            return tensor, layer if _storage(tensor) in storages else -1
+
+        def unpack(packed: tuple[Tensor, int]) -> Tensor:
+            tensor, owner = packed
+            if owner >= 0:
+                self._need(owner)
+            return tensor
+
+        context = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        context.__enter__()
+        hooks.append(context)
+
+    def _leave_layer(self, hooks: list[Any], module: nn.Module, args: Any, output: Any) -> None:
+        if hooks:
+            hooks.pop().__exit__(None, None, None)
+
+
+_ATTRIBUTE = "_jdoptim_sharded_model"
+
+
+def _storage(tensor: Tensor) -> int:
+    """The address of ``tensor``'s storage (0 for a tensor subclass without one)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
 
 
 def _own_modules(module: nn.Module) -> list[nn.Module]:

@@ -5,14 +5,18 @@ every rank gathers the per-layer term factors as on the DDP path, builds the glo
 rank 0's weights, then, one parameter at a time, weighs its own terms into a full-size gradient
 and reduce-scatters it (a sum, not FSDP2's mean): each rank keeps only its shard in ``.grad``.
 
-Per-task losses (:class:`ShardedTaskPath`): each rank differentiates its ``T`` task losses, and a
-reduce-scatter per parameter leaves each rank the shard ``J_s`` of the global ``[T, n]`` Jacobian
-(the mean over ranks). ``G = Σ_s J_s J_sᵀ`` is one ``T × T`` all-reduce; each rank's shard of the
-direction is ``wᵀ J_s``.
+Per-task losses, and coordinate-wise aggregators (:class:`ShardedRowsPath`): each rank
+differentiates each of its losses, and a reduce-scatter per layer leaves each rank its columns
+``J_s`` of the global Jacobian. For per-task losses, ``G = Σ_s J_s J_sᵀ`` is one ``T × T``
+all-reduce and each rank's shard of the direction is ``wᵀ J_s``; a coordinate-wise aggregator
+runs on ``J_s`` itself.
+
+Scalarizers (:class:`ShardedScalarizerPath`): the gradient of the scalarized global losses.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -22,20 +26,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation import Weighting
+from jdoptim.aggregation import Aggregator, Weighting
 from jdoptim.autogram import Engine
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._fsdp import ShardedModel, as_sharded, sharded_rows
 from jdoptim.distributed._gramian import DistributedGramianPath
-from jdoptim.distributed._layout import StepKind, same_shapes, shapes_of
+from jdoptim.distributed._layout import Layout, StepKind, layout_of, same_shapes, shapes_of
 from jdoptim.distributed._path_base import DistributedPath, FailedPart
+from jdoptim.distributed._scalarizer import DistributedScalarizerPath
 from jdoptim.linalg import reshape_gramian
 from jdoptim.paths import (
     GradsPart,
     GramianPath,
     JacobianPath,
+    LossesPart,
     Part,
     Path,
+    ScalarizerPath,
     StepRecord,
     TermsPart,
     check_gramian_finite,
@@ -57,8 +64,40 @@ class ShardedPath:
             self.model.gather()
 
     def apply(self, part: Part) -> StepRecord:
-        self.model.reshard()  # a rank whose closure failed after its forward still holds them
+        self.model.reshard()
         return super().apply(part)  # type: ignore[misc, no-any-return]
+
+    def run(
+        self,
+        losses: Tensor | None,
+        features: Any,
+        scale: float,
+        next_losses: Callable[[], Tensor],
+    ) -> StepRecord:
+        if losses is None:  # the closure failed here after its forward: the others' passes go on
+            self.finish_passes()
+        return super().run(losses, features, scale, next_losses)  # type: ignore[misc, no-any-return]
+
+    def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
+        """This rank's passes (guarded), then rounds until every rank's passes are over."""
+        try:
+            self.model.begin_passes()
+            return super().differentiate(losses, features, scale)  # type: ignore[misc, no-any-return]
+        finally:
+            self.finish_passes()
+
+    def finish_passes(self) -> None:
+        """Rounds until every rank's passes are over; counts their bytes (FSDP2's all-gathers in
+        them as ``layer_gathers``, the rounds' own all-reduces as ``rounds``)."""
+        model, comm, world = self.model, self.communicator, self.world_size
+        try:
+            model.finish_passes()
+        finally:
+            comm.count(
+                "rounds", model.rounds * (len(model.modules) + 1) * 8 * 2 * (world - 1) / world
+            )
+            comm.count("layer_gathers", model.gathered_bytes * (world - 1) / world)
+            model.rounds = model.gathers = model.gathered_bytes = 0
 
     def unsharded(self) -> list[Tensor]:
         return [unsharded for unsharded, _ in self.model.pairs()]
@@ -145,7 +184,6 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
     def __init__(self, local: GramianPath, model: ShardedModel) -> None:
         super().__init__(local, model.group)
         self.model = model
-        model.keep_unsharded()
         self._engine: Engine | None = None
         self._engine_key: tuple[int, ...] = ()
         self._watch = ExitStack()
@@ -179,27 +217,25 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
         weakref.finalize(self, self._watch.close)
 
     def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
-        try:
-            if losses.ndim == 0:
-                return self.scalar_grads(losses, scale)
-            engine = self.engine()
-            if engine is None:
-                raise ValueError(
-                    "The losses do not come from a forward pass of the fully_shard model."
-                )
-            pairs = engine.compute_terms(losses * scale if scale != 1.0 else losses)
-            return TermsPart(
-                losses.detach(),
-                [param for param, _ in pairs],
-                [term for _, term in pairs],
-                None,
-                scale=scale,
-            )
-        finally:
-            self.model.reshard()
+        if losses.ndim == 0:
+            return self.scalar_grads(losses, scale)
+        engine = self.engine()
+        if engine is None:
+            raise ValueError("The losses do not come from a forward pass of the fully_shard model.")
+        pairs = engine.compute_terms(losses * scale if scale != 1.0 else losses)
+        return TermsPart(
+            losses.detach(),
+            [param for param, _ in pairs],
+            [term for _, term in pairs],
+            None,
+            scale=scale,
+        )
 
     def scalar_step(self, part: Part) -> StepRecord:
         return self.sharded_scalar_step(part)
+
+    def parameter_order(self) -> list[Tensor]:
+        return self.unsharded()
 
     def write_grads(self, part: TermsPart, local_weights: Tensor) -> None:
         sharded_of = {id(unsharded): sharded for unsharded, sharded in self.model.pairs()}
@@ -218,20 +254,27 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
 
 @dataclass
 class TaskRowsPart(Part):
-    """The local ``[T, *shape]`` Jacobian of per-task losses, per unsharded parameter."""
+    """The local ``[m, *shape]`` Jacobian of the losses (flat order), per unsharded parameter."""
 
     rows: list[Tensor | None]
 
 
-class ShardedTaskPath(ShardedPath, DistributedPath):
-    """Gramian weightings on per-task losses (no ``batch_dim``) on a ``fully_shard`` model."""
+class ShardedRowsPath(ShardedPath, DistributedPath):
+    """The Jacobian of the global losses, each rank holding its columns (its parameter shards).
+
+    For Gramian weightings on per-task losses (no ``batch_dim``), and for coordinate-wise
+    aggregators (``TrimmedMean``) on any losses. Each rank differentiates each of its losses (one
+    backward pass per loss); a reduce-scatter per layer leaves each rank its columns ``J_s`` of
+    the global Jacobian (per-task losses: the mean over the ranks; per-instance losses: each
+    rank's rows at their place). A weighting sees ``G = Σ_s J_s J_sᵀ`` (one all-reduce) and each
+    rank's shard of the direction is ``wᵀ J_s``; a coordinate-wise aggregator runs on ``J_s``.
+    """
 
     local: JacobianPath
 
     def __init__(self, local: JacobianPath, model: ShardedModel) -> None:
         super().__init__(local, model.group)
         self.model = model
-        model.keep_unsharded()
 
     @property
     def weighting(self) -> Weighting:
@@ -240,31 +283,24 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         return module
 
     def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
-        try:
-            if losses.ndim == 0:
-                return self.scalar_grads(losses, scale)
-            flat = (losses * scale if scale != 1.0 else losses).reshape(-1)
-            unsharded = self.unsharded()
-            per_task = []
-            for task in range(flat.numel()):
-                last = task == flat.numel() - 1
-                per_task.append(
-                    torch.autograd.grad(
-                        flat[task], unsharded, retain_graph=not last, allow_unused=True
-                    )
-                )
-            rows: list[Tensor | None] = []
-            for index, param in enumerate(unsharded):
-                grads = [grads[index] for grads in per_task]
-                if all(g is None for g in grads):
-                    rows.append(None)
-                    continue
-                rows.append(
-                    torch.stack([torch.zeros_like(param) if g is None else g for g in grads])
-                )
-            return TaskRowsPart(losses.detach(), rows, scale=scale)
-        finally:
-            self.model.reshard()
+        if losses.ndim == 0:
+            return self.scalar_grads(losses, scale)
+        flat = (losses * scale if scale != 1.0 else losses).reshape(-1)
+        unsharded = self.unsharded()
+        per_task = []
+        for task in range(flat.numel()):
+            last = task == flat.numel() - 1
+            per_task.append(
+                torch.autograd.grad(flat[task], unsharded, retain_graph=not last, allow_unused=True)
+            )
+        rows: list[Tensor | None] = []
+        for index, param in enumerate(unsharded):
+            grads = [grads[index] for grads in per_task]
+            if all(g is None for g in grads):
+                rows.append(None)
+                continue
+            rows.append(torch.stack([torch.zeros_like(param) if g is None else g for g in grads]))
+        return TaskRowsPart(losses.detach(), rows, scale=scale)
 
     def combine(self, parts: Sequence[Part]) -> Part:
         if any(isinstance(p, FailedPart) for p in parts):
@@ -278,6 +314,11 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
             return parts[0]
         if isinstance(parts[0], GradsPart):
             return self.local.combine_grads([p for p in parts if isinstance(p, GradsPart)])
+        if self.context.batch_dim is not None:
+            raise ValueError(
+                f"Gradient accumulation with {self.module!r} on a fully_shard model is not "
+                "supported; take one backward() per step."
+            )
         tasks = [p for p in parts if isinstance(p, TaskRowsPart)]
         rows: list[Tensor | None] = []
         for index in range(len(tasks[0].rows)):
@@ -289,51 +330,91 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
     def apply_across(self, part: Part) -> StepRecord:
         comm = self.communicator
         losses = None if isinstance(part, FailedPart) else part.losses
-        shapes = shapes_of(self.exchange_header(StepKind.TASKS, losses))
+        batch_dim = self.context.batch_dim
+        kind = StepKind.TASKS if batch_dim is None else StepKind.JACOBIAN
+        shapes = shapes_of(self.exchange_header(kind, losses))
         if not shapes[0]:
             return self.sharded_scalar_step(part)
-        same_shapes(
-            shapes,
-            "Without batch_dim the losses are per task, averaged over the ranks: every rank must "
-            "return the same number of them (pass batch_dim= for per-instance losses)",
-        )
-        shape = shapes[0]
-        tasks = int(torch.tensor(shape).prod())
         dtype = torch.promote_types(part.losses.dtype, torch.float32)
+        values = torch.zeros(shapes[comm.rank], dtype=dtype, device=comm.device)
+        if losses is not None:
+            values = losses.to(dtype)
+        if batch_dim is None:
+            same_shapes(
+                shapes,
+                "Without batch_dim the losses are per task, averaged over the ranks: every rank "
+                "must return the same number of them (pass batch_dim= for per-instance losses)",
+            )
+            shape, divisor, where = shapes[0], self.world_size, None
+        else:
+            layout = layout_of(shapes, batch_dim, comm.rank)
+            assert layout is not None
+            shape, divisor = layout.shape, 1
+            values = layout.place(values)
+            where = _global_rows(layout, shapes[comm.rank])
+        rows = math.prod(shape)
         local_rows = part.rows if isinstance(part, TaskRowsPart) else []
-        pairs = self.model.pairs()
 
-        def task_rows(index: int, unsharded: Tensor) -> Callable[[], Tensor | None]:
+        def full_rows(index: int, unsharded: Tensor) -> Callable[[], Tensor | None]:
             def make() -> Tensor | None:
-                rows = local_rows[index] if index < len(local_rows) else None
-                if rows is None:
+                local = local_rows[index] if index < len(local_rows) else None
+                if local is None:
                     return None
-                return rows.reshape(tasks, *unsharded.shape).to(dtype).movedim(0, 1)
+                local = local.reshape(-1, *unsharded.shape).to(dtype)
+                if where is not None:  # this rank's rows at their place in the global Jacobian
+                    placed = local.new_zeros(rows, *unsharded.shape)
+                    placed[where] = local
+                    local = placed
+                return local.movedim(0, 1)
 
             return make
 
-        items = [(u, s, task_rows(i, u)) for i, (u, s) in enumerate(pairs)]
+        items = [(u, s, full_rows(i, u)) for i, (u, s) in enumerate(self.model.pairs())]
         scattered = self.scatter_by_layer(
-            items, lambda u: (u.shape[0], tasks, *u.shape[1:]), "the task Jacobian"
+            items, lambda u: (u.shape[0], rows, *u.shape[1:]), "the Jacobian"
         )
-        shards: list[tuple[Any, Tensor]] = []
-        gramian = torch.zeros(tasks, tasks, dtype=dtype, device=comm.device)
-        for sharded, local in scattered:
-            shard = (local / self.world_size).movedim(1, 0).reshape(tasks, -1)
+        shards = [
+            (sharded, (local / divisor).movedim(1, 0).reshape(rows, -1))
+            for sharded, local in scattered
+        ]
+        if isinstance(self.module, Weighting):
+            return self._weighted(shards, values, shape, divisor, part.losses.dtype)
+        (total,) = comm.all_reduce_sum([values], kind="losses")
+        global_losses = (total / divisor).to(part.losses.dtype)
+        directions = [shard.new_zeros(shard.shape[1]) for _, shard in shards]
+        with comm.guard("the aggregation"):
+            # Coordinate-wise: this rank's columns of J give its coordinates of the direction.
+            direction = self.module(torch.cat([shard for _, shard in shards], dim=1))
+            directions = list(direction.split([shard.shape[1] for _, shard in shards]))
+        self.write(
+            [
+                (sharded, piece.reshape(sharded.to_local().shape))
+                for (sharded, _), piece in zip(shards, directions, strict=True)
+            ]
+        )
+        return StepRecord(global_losses)
+
+    def _weighted(
+        self,
+        shards: list[tuple[Any, Tensor]],
+        values: Tensor,
+        shape: tuple[int, ...],
+        divisor: int,
+        losses_dtype: torch.dtype,
+    ) -> StepRecord:
+        """A Gramian weighting: ``G = Σ_s J_s J_sᵀ`` (one all-reduce), rank 0's weights."""
+        comm = self.communicator
+        rows = math.prod(shape)
+        gramian = torch.zeros(rows, rows, dtype=values.dtype, device=comm.device)
+        for _, shard in shards:
             gramian = gramian.to(shard.device) + shard @ shard.T
-            shards.append((sharded, shard))
-        values = (
-            torch.zeros(shape, dtype=dtype, device=comm.device)
-            if losses is None
-            else losses.to(dtype)
-        )
         total_gramian, total_losses = comm.all_reduce_sum([gramian, values], kind="gramian")
-        mean_losses = (total_losses / self.world_size).to(part.losses.dtype)
+        mean_losses = (total_losses / divisor).to(losses_dtype)
         global_gramian = reshape_gramian(total_gramian, tuple(shape))
-        weights = torch.zeros(shape, dtype=dtype, device=total_gramian.device)
+        weights = torch.zeros(shape, dtype=values.dtype, device=total_gramian.device)
         with comm.guard("the weighting"):
             check_gramian_finite(global_gramian, "The Gramian of the global losses")
-            weights = weights_for(self.weighting, global_gramian).to(dtype)
+            weights = weights_for(self.weighting, global_gramian).to(values.dtype)
         (weights,) = comm.all_reduce_sum([from_first_rank(weights, comm.rank)], kind="weights")
         flat_weights = weights.reshape(-1)
         new = []
@@ -346,6 +427,84 @@ class ShardedTaskPath(ShardedPath, DistributedPath):
         return StepRecord(mean_losses, weights, _gramian=lambda: final)
 
 
+def _global_rows(layout: Layout, shape: tuple[int, ...]) -> Tensor:
+    """Where each of this rank's losses (flat order) sits in the global losses (flat order)."""
+    numbers = torch.arange(1, math.prod(shape) + 1, dtype=torch.float64).reshape(shape)
+    placed = layout.place(numbers).reshape(-1)
+    where = placed.nonzero().squeeze(1)
+    return where[placed[where].long().argsort()]
+
+
+class ShardedScalarizerPath(ShardedPath, DistributedScalarizerPath):
+    """Scalarizers on a ``fully_shard`` model: the gradient of the scalarized global losses.
+
+    As on the DDP path, each rank differentiates the scalarizer of the global losses, in which
+    only its own losses carry a graph; the per-layer reduce-scatter (a sum) leaves each rank its
+    rows of the total. A learnable scalarizer's parameters (``UW``'s) get their whole gradient on
+    every rank, from the global losses: rank 0's is shared. Other parameters outside the model are
+    summed over the ranks.
+    """
+
+    local: ScalarizerPath
+
+    def __init__(self, local: ScalarizerPath, model: ShardedModel) -> None:
+        super().__init__(local, model.group)
+        self.model = model
+
+    def local_part(self, losses: Tensor, features: Any, scale: float) -> Part:
+        if losses.ndim == 0:
+            return self.scalar_grads(losses, scale)
+        return LossesPart(losses.detach(), losses, scale=scale)
+
+    def scalar_step(self, part: Part) -> StepRecord:
+        return self.sharded_scalar_step(part)
+
+    def scalarized_backward(self, global_losses: Callable[[], Tensor], scale: float) -> None:
+        comm = self.communicator
+        unsharded = self.unsharded()
+        sharded = {id(s) for _, s in self.model.pairs()}
+        replicated = [p for p in self.context.params() if id(p) not in sharded]
+        grads: list[Tensor | None] = []
+        self.model.begin_passes()
+        try:
+            with comm.guard("the scalarized backward"):
+                scalar = self.module(global_losses()) * scale
+                grads = list(
+                    torch.autograd.grad(scalar, [*unsharded, *replicated], allow_unused=True)
+                )
+        finally:
+            self.finish_passes()
+
+        def make(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            def full() -> Tensor | None:
+                grad = grads[index] if index < len(grads) else None
+                return None if grad is None else grad.to(dtype)
+
+            return full
+
+        items = [(u, s, make(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
+        scattered = self.scatter_by_layer(items, _shape, "the scalarized gradient")
+        extra = [
+            grads[len(unsharded) + i] if len(grads) > len(unsharded) + i else None
+            for i in range(len(replicated))
+        ]
+        # The scalarizer's own parameters get their whole gradient on every rank (it sees the
+        # global losses): rank 0's is kept, not the sum.
+        own = {id(p) for p in self.module.parameters()}
+        contributions = [
+            p.new_zeros(p.shape)
+            if g is None
+            else from_first_rank(g, comm.rank)
+            if id(p) in own
+            else g
+            for p, g in zip(replicated, extra, strict=True)
+        ]
+        summed = comm.all_reduce_sum(contributions, kind="gradients")
+        self.write(scattered)
+        for param, grad in zip(replicated, summed[: len(replicated)], strict=True):
+            param.grad = grad if param.grad is None else param.grad + grad
+
+
 def _shape(unsharded: Tensor) -> tuple[int, ...]:
     return tuple(unsharded.shape)
 
@@ -354,14 +513,22 @@ def sharded_variant(local: Path, model: ShardedModel) -> DistributedPath:
     """The variant of ``local`` for a ``fully_shard`` model."""
     if isinstance(local, GramianPath):
         return ShardedGramianPath(local, model)
-    if (
-        isinstance(local, JacobianPath)
-        and local.context.batch_dim is None
-        and isinstance(local.module, Weighting)
+    module = local.module
+    if isinstance(local, JacobianPath) and (
+        (
+            local.context.batch_dim is None
+            and isinstance(module, Weighting)
+            and module.input_kind == "gramian"
+        )
+        or (isinstance(module, Aggregator) and module.coordinate_wise)
     ):
-        return ShardedTaskPath(local, model)
+        return ShardedRowsPath(local, model)
+    if isinstance(local, ScalarizerPath):
+        return ShardedScalarizerPath(local, model)
     raise ValueError(
-        f"{local.module!r} is not supported on a fully_shard model: use a Gramian weighting "
-        "(weighting=..., such as UPGradWeighting()) on per-instance losses (batch_dim=) or on "
-        "per-task losses, or pass process_group=False for local steps on each rank."
+        f"{local.module!r} is not supported on a fully_shard model: it needs whole rows of the "
+        "Jacobian, which no rank holds (each holds its parameters' shards). Use a Gramian "
+        "weighting (weighting=..., such as UPGradWeighting(), or an aggregator built on one, "
+        "such as UPGrad()), a coordinate-wise aggregator (TrimmedMean) or a scalarizer, or pass "
+        "process_group=False for local steps on each rank."
     )

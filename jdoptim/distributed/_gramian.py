@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,7 @@ class DistributedGramianPath(DistributedPath):
         factors: list[Tensor] = []
         dims: list[int] = []
         if isinstance(part, TermsPart):
+            part = self._in_parameter_order(part)
             for term in part.terms:
                 for tensor, dim in term.factors():
                     factors.append(tensor)
@@ -63,6 +66,25 @@ class DistributedGramianPath(DistributedPath):
         self.write_grads(part, layout.local_slice(weights).to(part.losses.dtype))
         final = gramian
         return StepRecord(global_losses.to(part.losses.dtype), weights, _gramian=lambda: final)
+
+    def parameter_order(self) -> list[Tensor]:
+        """The parameters in an order every rank shares (terms travel in it)."""
+        return self.context.params()
+
+    def _in_parameter_order(self, part: TermsPart) -> TermsPart:
+        """``part`` with its terms in :meth:`parameter_order`.
+
+        The engine lists terms in the order it walked the graph, which can differ between ranks
+        (a batch of one instance runs other operations than a larger one), and each rank's
+        factors are matched with the others' by position.
+        """
+        position = {id(p): index for index, p in enumerate(self.parameter_order())}
+        order = sorted(
+            range(len(part.params)), key=lambda i: position.get(id(part.params[i]), len(position))
+        )
+        return replace(
+            part, params=[part.params[i] for i in order], terms=[part.terms[i] for i in order]
+        )
 
     def write_grads(self, part: TermsPart, local_weights: Tensor) -> None:
         """Adds the direction to ``.grad``: this rank's weighted terms, summed over the ranks."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,27 +39,38 @@ class DistributedScalarizerPath(DistributedPath):
             return self.scalar_step(part)
         assert isinstance(part, LossesPart | FailedPart)
         graph = part.graph_losses if isinstance(part, LossesPart) else part.losses
-        params = self.context.params()
         if self.context.batch_dim is None:
             same_shapes(shapes, "Every rank must return the same number of task losses")
             (total,) = comm.all_reduce_sum([part.losses], kind="losses")
             mean = total / self.world_size
-            self.take_grads(params)
-            with comm.guard("the scalarized backward"):
-                # Exactly the mean's value on every rank, with this rank's gradient (1 / R).
-                global_losses = mean + (graph - graph.detach()) / self.world_size
-                torch.autograd.backward(self.module(global_losses) * part.scale)
-            self.reduce_grads(params)
+            # Exactly the mean's value on every rank, with this rank's gradient (1 / R).
+            self.scalarized_backward(
+                lambda: mean + (graph - graph.detach()) / self.world_size, part.scale
+            )
             return StepRecord(mean)
         layout = layout_of(shapes, self.context.batch_dim, comm.rank)
         assert layout is not None
         (values,) = comm.all_reduce_sum([layout.place(part.losses)], kind="losses")
-        self.take_grads(params)
-        with comm.guard("the scalarized backward"):
+
+        def global_losses() -> Tensor:
             before = values.narrow(layout.dim, 0, layout.offset)
             end = layout.offset + layout.size
             after = values.narrow(layout.dim, end, values.shape[layout.dim] - end)
-            global_losses = torch.cat([before, graph, after], dim=layout.dim)
-            torch.autograd.backward(self.module(global_losses) * part.scale)
-        self.reduce_grads(params)
+            return torch.cat([before, graph, after], dim=layout.dim)
+
+        self.scalarized_backward(global_losses, part.scale)
         return StepRecord(values)
+
+    def scalarized_backward(self, global_losses: Callable[[], Tensor], scale: float) -> None:
+        """Adds the gradient of the scalarized ``global_losses()`` to ``.grad``: each rank's part
+        (the others' losses are constants), summed over the ranks."""
+        params = self.context.params()
+        self.take_grads(params)
+        with self.communicator.guard("the scalarized backward"):
+            torch.autograd.backward(self.module(global_losses()) * scale)
+        if self.communicator.rank != 0:
+            # A learnable scalarizer's own parameters (UW's) get their whole gradient on every
+            # rank (it sees the global losses): the sum keeps rank 0's.
+            for param in self.module.parameters():
+                param.grad = None
+        self.reduce_grads(params)

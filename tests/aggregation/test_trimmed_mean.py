@@ -56,3 +56,12 @@ def test_bad_trim_number(trim: int) -> None:
 def test_repr() -> None:
     assert repr(TrimmedMean(2)) == "TrimmedMean(trim_number=2)"
     assert str(TrimmedMean(2)) == "TrimmedMean"
+
+
+def test_coordinate_wise_columns_give_their_part_of_the_direction() -> None:
+    """What ``coordinate_wise`` promises (a sharded model aggregates its own columns)."""
+    matrix = torch.randn(7, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = TrimmedMean(2)(matrix)
+    columns = torch.tensor([8, 1, 5])
+    assert TrimmedMean.coordinate_wise
+    assert torch.equal(TrimmedMean(2)(matrix[:, columns]), whole[columns])

@@ -17,10 +17,12 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from jdoptim import JDSGD, JDAdam
-from jdoptim.aggregation import TrimmedMean, UPGradWeighting
+from jdoptim.aggregation import ExcessMTLWeighting, GradDrop, TrimmedMean, UPGradWeighting
 from jdoptim.distributed import checkpoint_state, load_checkpoint_state
+from jdoptim.scalarization import UW, GeometricMean
 from tests.distributed._scenarios import (
     broken_on_rank_1,
     iwrm_batches,
@@ -107,15 +109,30 @@ def iwrm_reference(sizes: list[int], how: str = "closure") -> dict[str, Any]:
     return {"params": full_params(model), "losses": losses}
 
 
-def unsupported_rank(rank: int, world: int) -> str | None:
-    """A Jacobian aggregator on a fully_shard model: a clear error at the first forward."""
-    model = iwrm_model()
-    model = shard(model, [model[0], model[3]])
-    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=TrimmedMean(1), batch_dim=0)
-    x, y = iwrm_batches(3 * world, 1)[0]
+def unsupported_rank(rank: int, world: int, tasks: bool = False) -> str | None:
+    """A method that needs whole rows of J on a fully_shard model: a clear error at the first
+    forward. GradDrop (it draws one number per coordinate) on per-instance losses, or, with
+    ``tasks``, a weighting of J itself (ExcessMTL's) on per-task losses."""
+    if tasks:
+        model: nn.Module = mtl_model()
+        model = shard(model, [model.trunk[0], *model.heads])  # type: ignore[union-attr]
+        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=ExcessMTLWeighting(2))
+        x, y = mtl_batches(3 * world)[0]
+    else:
+        model = iwrm_model()
+        model = shard(model, [model[0], model[3]])
+        optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=GradDrop(), batch_dim=0)
+        x, y = iwrm_batches(3 * world, 1)[0]
     part = slices([3] * world)[rank]
+
+    def closure() -> Tensor:
+        if tasks:
+            outputs, _ = model(x[part])
+            return ((outputs - y[part]) ** 2).mean(dim=0)
+        return iwrm_losses(model, x[part], y[part])
+
     try:
-        optimizer.step(lambda: iwrm_losses(model, x[part], y[part]))
+        optimizer.step(closure)
     except ValueError as error:
         return str(error)
     return None
@@ -401,11 +418,214 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
     return sent
 
 
+def train_scalarized(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice, tasks: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """A scalarizer's steps: ``GeometricMean`` of per-instance losses (``batch_dim=0``), or, with
+    ``tasks``, the learnable ``UW`` of per-task mean losses (its parameters in the optimizer)."""
+    uw = UW(2).double()
+    if tasks:
+        params = [*model.parameters(), *uw.parameters()]
+        optimizer = JDSGD(params, lr=0.1, scalarizer=uw)
+    else:
+        optimizer = JDSGD(model.parameters(), lr=0.1, scalarizer=GeometricMean(), batch_dim=0)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            if tasks:
+                outputs, _ = model(x[part])
+                return ((outputs - y[part]) ** 2).mean(dim=0)
+            return iwrm_losses(model, x[part], y[part])
+
+        losses = optimizer.step(closure)
+    return losses, [p.detach().clone() for p in uw.parameters()]
+
+
+def scalarized_rank(rank: int, world: int, tasks: bool) -> dict[str, Any]:
+    if tasks:
+        model: nn.Module = mtl_model()
+        model = shard(model, [model.trunk[0], *model.heads])  # type: ignore[union-attr]
+        batches = mtl_batches(TASK_BATCH[world] * world)
+        part = slices([TASK_BATCH[world]] * world)[rank]
+    else:
+        model = iwrm_model()
+        model = shard(model, [model[0], model[3]])
+        batches = iwrm_batches(sum(IWRM_SIZES[world]))
+        part = slices(IWRM_SIZES[world])[rank]
+    losses, uw = train_scalarized(model, batches, part, tasks)
+    return {"params": full_params(model) + uw, "losses": losses}
+
+
+def scalarized_reference(world: int, tasks: bool) -> dict[str, Any]:
+    model: nn.Module = mtl_model() if tasks else iwrm_model()
+    batches = (
+        mtl_batches(TASK_BATCH[world] * world) if tasks else iwrm_batches(sum(IWRM_SIZES[world]))
+    )
+    losses, uw = train_scalarized(model, batches, slice(None), tasks)
+    return {"params": full_params(model) + uw, "losses": losses}
+
+
+def train_trimmed(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice, how: str
+) -> Tensor:
+    """``TrimmedMean`` on the global Jacobian. ``how``: "instances" (``[B]`` losses of the
+    MLP, ``batch_dim=0``), "instance-tasks" (``[B, 2]`` of the two-head model, ``batch_dim=0``)
+    or "tasks" (per-task means of the two-head model, no ``batch_dim``)."""
+    options: dict[str, Any] = {} if how == "tasks" else {"batch_dim": 0}
+    trim = {"instances": 1, "instance-tasks": 2, "tasks": 0}[how]
+    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=TrimmedMean(trim), **options)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            if how == "instances":
+                return iwrm_losses(model, x[part], y[part])
+            outputs, _ = model(x[part])
+            errors = (outputs - y[part]) ** 2
+            return errors.mean(dim=0) if how == "tasks" else errors
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+def _trimmed_setup(
+    world: int, how: str
+) -> tuple[nn.Module, list[tuple[Tensor, Tensor]], list[int]]:
+    if how == "instances":
+        return iwrm_model(), iwrm_batches(sum(IWRM_SIZES[world])), IWRM_SIZES[world]
+    sizes = [TASK_BATCH[world]] * world if how == "tasks" else IWRM_SIZES[world]
+    return mtl_model(), mtl_batches(sum(sizes)), sizes
+
+
+def trimmed_rank(rank: int, world: int, how: str) -> dict[str, Any]:
+    model, batches, sizes = _trimmed_setup(world, how)
+    if how == "instances":
+        model = shard(model, [model[0], model[3]])  # type: ignore[index]
+    else:
+        model = shard(model, [model.trunk[0], *model.heads])  # type: ignore[union-attr]
+    losses = train_trimmed(model, batches, slices(sizes)[rank], how)
+    return {"params": full_params(model), "losses": losses}
+
+
+def trimmed_reference(world: int, how: str) -> dict[str, Any]:
+    model, batches, _ = _trimmed_setup(world, how)
+    losses = train_trimmed(model, batches, slice(None), how)
+    return {"params": full_params(model), "losses": losses}
+
+
+class Deep(nn.Module):
+    """Four ``Linear(8, 8)`` + ``Tanh`` layers and a ``Linear(8, 1)`` head, each to be sharded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.hidden:
+            x = torch.tanh(layer(x))
+        return self.head(x).sum(dim=-1)
+
+
+class CheckpointedDeep(Deep):
+    """``Deep`` with each hidden layer under activation checkpointing (run again in backward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.hidden:
+            x = checkpoint(_linear_tanh, layer, x, use_reentrant=False)
+        return self.head(x).sum(dim=-1)
+
+
+def _linear_tanh(layer: nn.Module, x: Tensor) -> Tensor:
+    return torch.tanh(layer(x))
+
+
+def deep_model(checkpointed: bool = False) -> Deep:
+    torch.manual_seed(0)
+    return (CheckpointedDeep() if checkpointed else Deep()).double()
+
+
+def deep_batches(total: int) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(total, 8, generator=generator, dtype=torch.float64),
+            torch.randn(total, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train_deep(
+    model: Deep, batches: list[tuple[Tensor, Tensor]], part: slice
+) -> tuple[Tensor, dict[str, int], dict[str, int]]:
+    """Steps on ``model``; the losses, and per phase the peak number of parameters whose
+    unsharded storage this rank held when the probe ran, and how many times it ran."""
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    peaks: dict[str, int] = {"forward": 0, "backward": 0}
+    seen: dict[str, int] = {"forward": 0, "backward": 0}
+
+    def probe(where: str) -> None:
+        distributed = optimizer.distributed
+        unsharded = [] if distributed is None else distributed.unsharded()  # type: ignore[attr-defined]
+        held = sum(p.numel() for p in unsharded if p.untyped_storage().nbytes() > 0)
+        peaks[where] = max(peaks[where], held)
+        seen[where] += 1
+
+    def in_layer(module: nn.Module, args: tuple[Any, ...]) -> None:
+        # Runs inside the layer's forward, after FSDP2's pre-forward hook gathered it; the hook on
+        # its input runs in each backward pass through the layer, once the layer's own backward
+        # has used its parameters (and before FSDP2's post-backward hook can free them).
+        probe("forward")
+        if args[0].requires_grad:
+            args[0].register_hook(lambda grad: probe("backward"))
+
+    handles = [layer.register_forward_pre_hook(in_layer) for layer in [*model.hidden, model.head]]
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            return (model(x[part]) - y[part]) ** 2
+
+        losses = optimizer.step(closure)
+    for handle in handles:
+        handle.remove()
+    return losses, peaks, seen
+
+
+def deep_rank(rank: int, world: int, sizes: list[int], checkpointed: bool) -> dict[str, Any]:
+    """The step's exactness, and the unsharded parameters this rank held at any time in it."""
+    model = deep_model(checkpointed)
+    layers = [sum(p.numel() for p in m.parameters()) for m in [*model.hidden, model.head]]
+    model = shard(model, [*model.hidden, model.head])  # type: ignore[assignment]
+    losses, peaks, seen = train_deep(model, deep_batches(sum(sizes)), slices(sizes)[rank])
+    return {
+        "params": full_params(model),
+        "losses": losses,
+        "peaks": peaks,
+        "seen": seen,
+        "layers": layers,
+    }
+
+
+def deep_reference(sizes: list[int], checkpointed: bool) -> dict[str, Any]:
+    model = deep_model(checkpointed)
+    losses, _, _ = train_deep(model, deep_batches(sum(sizes)), slice(None))
+    return {"params": full_params(model), "losses": losses}
+
+
 # instances per rank, per world size
 IWRM_SIZES = {2: [4, 3], 3: [3, 2, 4]}
 IWRM_VARIANTS = {2: ["modules", "backward", "accumulate", "scalar"], 3: ["backward"]}
 TASK_BATCH = {2: 3, 3: 2}
 ENCODER_SIZES = {2: [3, 2], 3: [2, 3, 2]}
+TRIMMED = ["instances", "instance-tasks", "tasks"]
+# One instance: no independence probe, so one backward pass where the other ranks run two.
+DEEP_SIZES = {2: [1, 5], 3: [3, 1, 6]}
 FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
 
 
@@ -426,11 +646,20 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("tasks", tasks_rank, TASK_BATCH[world])
     record("instance-tasks", instance_tasks_rank, IWRM_SIZES[world])
     record("encoder", encoder_rank, ENCODER_SIZES[world])
+    record("deep", deep_rank, DEEP_SIZES[world], False)
+    record("scalarized-instances", scalarized_rank, False)
+    record("scalarized-tasks", scalarized_rank, True)
+    for how in TRIMMED:
+        record(f"trimmed-{how}", trimmed_rank, how)
+    if world == 2:
+        record("deep-checkpointed", deep_rank, DEEP_SIZES[world], True)
     record("routes", routes_rank)
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:
+        record("encoder-one-instance", encoder_rank, [1, 3])
         record("unsupported", unsupported_rank)
+        record("unsupported-tasks", unsupported_rank, True)
         record("resume-dcp", resume_rank, out_dir, "dcp")
         record("resume-local", resume_rank, out_dir, "local")
         record("bfloat16", mixed_precision_rank)

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from jdoptim import JDSGD, JDAdam
 from jdoptim.aggregation import MeanWeighting, TrimmedMean, UPGradWeighting
-from jdoptim.scalarization import FAMO, GeometricMean
+from jdoptim.scalarization import FAMO, UW, GeometricMean
 from tests.optim._models import EMAWeighting
 
 STEPS = 3
@@ -228,7 +228,26 @@ def train_tasks(
     return losses
 
 
-TASK_TRAINERS = {"mtl": train_mtl, "famo": train_famo, "tasks": train_tasks}
+def train_uw(
+    model: TwoTaskModel, batches: list[tuple[Tensor, Tensor]], part: slice, **options: Any
+) -> Tensor:
+    """The learnable UW scalarizer on per-task losses, its parameters in the optimizer."""
+    uw = UW(2).double()
+    params = [*model.parameters(), *uw.parameters()]
+    optimizer = JDSGD(params, lr=0.1, scalarizer=uw, **options)
+    losses = torch.empty(0)
+    for x, y in batches:
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            outputs, _ = model(x[part])
+            return ((outputs - y[part]) ** 2).mean(dim=0)
+
+        losses = optimizer.step(closure)
+    return losses
+
+
+TASK_TRAINERS = {"mtl": train_mtl, "famo": train_famo, "tasks": train_tasks, "uw": train_uw}
 
 
 def task_losses_rank(rank: int, world: int, kind: str, batch: int) -> Any:

@@ -48,11 +48,32 @@ def test_modules_backward_then_step_accumulation_and_scalar_losses_equal_one_pro
         _equal_to_reference(ranks, f"iwrm-{how}", scenarios.iwrm_reference(sizes, reference_how))
 
 
+@pytest.mark.parametrize("tasks", [False, True], ids=["geometric-mean-instances", "uw-tasks"])
+def test_a_scalarizer_equals_one_process_on_the_global_batch(launch: Any, tasks: bool) -> None:
+    """The scalarizer of the global losses (nonlinear: the geometric mean over every rank's
+    instances; or UW's learnt weights of the per-task means, which every rank differentiates whole)."""
+    world, ranks = launch
+    key = "scalarized-tasks" if tasks else "scalarized-instances"
+    _equal_to_reference(ranks, key, scenarios.scalarized_reference(world, tasks))
+
+
+@pytest.mark.parametrize("how", scenarios.TRIMMED)
+def test_a_coordinate_wise_aggregator_equals_one_process_on_the_global_batch(
+    launch: Any, how: str
+) -> None:
+    """TrimmedMean of the global Jacobian, each rank aggregating its own columns."""
+    world, ranks = launch
+    _equal_to_reference(ranks, f"trimmed-{how}", scenarios.trimmed_reference(world, how))
+
+
 def test_a_jacobian_aggregator_on_a_sharded_model_is_a_clear_error(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
         message = rank["unsupported"]
         assert isinstance(message, str) and "not supported on a fully_shard model" in message
+        assert "GradDrop" in message and "whole rows" in message
+        message = rank["unsupported-tasks"]  # it used to be given the Gramian instead of J
+        assert isinstance(message, str) and "ExcessMTLWeighting" in message, message
 
 
 def test_per_task_losses_equal_one_process_on_the_global_batch(launch: Any) -> None:
@@ -71,6 +92,45 @@ def test_a_transformer_encoder_layer_equals_one_process_on_the_global_batch(laun
     world, ranks = launch
     sizes = scenarios.ENCODER_SIZES[world]
     _equal_to_reference(ranks, "encoder", scenarios.encoder_reference(sizes))
+
+
+def test_a_rank_with_one_instance_gives_the_others_its_terms_in_their_order(
+    two_ranks: Any,
+) -> None:
+    """With one instance the attention layer runs other operations, and the engine lists its
+    parameters' terms in another order; the ranks match terms by parameter, not by position (it
+    was silently wrong by 1e-2 before)."""
+    _, ranks = two_ranks
+    _equal_to_reference(ranks, "encoder-one-instance", scenarios.encoder_reference([1, 3]))
+
+
+def test_no_rank_holds_every_layer_unsharded_during_a_step(launch: Any) -> None:
+    """Each layer is resharded after its forward, and the step's backward passes gather one layer
+    at a time, though their number differs between ranks (a rank with one instance runs fewer)."""
+    world, ranks = launch
+    _check_deep(ranks, "deep", scenarios.DEEP_SIZES[world], checkpointed=False)
+
+
+def test_activation_checkpointing_runs_layers_again_inside_the_passes(two_ranks: Any) -> None:
+    """Each pass runs the checkpointed layers' forward again (a different number of times on each
+    rank): those forwards find their layer gathered in a round, not by FSDP2."""
+    _, ranks = two_ranks
+    _check_deep(ranks, "deep-checkpointed", scenarios.DEEP_SIZES[2], checkpointed=True)
+    forwards = [ok(rank["deep-checkpointed"])["seen"]["forward"] for rank in ranks]
+    assert forwards[0] != forwards[1] and min(forwards) > 15, forwards  # 15: 3 steps of 5 layers
+
+
+def _check_deep(ranks: list[Any], key: str, sizes: list[int], checkpointed: bool) -> None:
+    _equal_to_reference(ranks, key, scenarios.deep_reference(sizes, checkpointed))
+    passes = {ok(rank[key])["seen"]["backward"] for rank in ranks}
+    assert len(passes) > 1, passes
+    for rank in ranks:
+        result = ok(rank[key])
+        layers, peaks, seen = result["layers"], result["peaks"], result["seen"]
+        assert len(layers) >= 3 and seen["forward"] > 0 and seen["backward"] > 0, result
+        # Whole model: 4 * 72 + 9 parameters. One layer, and the next one FSDP2 gathers, at most.
+        assert peaks["backward"] <= 2 * max(layers) < sum(layers), (peaks, layers)
+        assert peaks["forward"] <= 2 * max(layers), (peaks, layers)
 
 
 def test_the_engine_watches_the_first_forward_grads_are_sharded_evaluation_reshards(
@@ -138,3 +198,7 @@ def test_bytes_per_step_follow_the_documented_formula(two_ranks: Any) -> None:
     padded = [6 * 5, 6, 6, 6, 2 * 6, 2]  # dim 0 padded to a multiple of R = 2
     assert sent["reduce_scatter"] == sum(p * 8 for p in padded) // 2
     assert "gradients" not in sent  # no all-reduce of full gradients
+    # Each backward pass gathers the layers it runs through, whole: the last Linear (6 + 1) and
+    # the root's LayerNorm (12), 19 float64 parameters, (R - 1) / R of them sent per gather.
+    assert sent["layer_gathers"] > 0 and sent["layer_gathers"] % (19 * 8 // 2) == 0, sent
+    assert sent["rounds"] > 0

@@ -45,11 +45,12 @@ def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) 
 
 @pytest.mark.parametrize(
     "kind",
-    ["mtl", "tasks", "famo"],
+    ["mtl", "tasks", "famo", "uw"],
     ids=[
         "multi-task mode (shared_params)",
         "task losses without batch_dim are means over ranks",
         "FAMO scalarizer, after_step re-evaluating the global losses",
+        "UW scalarizer, whose parameters every rank differentiates whole",
     ],
 )
 def test_per_task_loss_steps_equal_one_process_on_the_global_batch(launch: Any, kind: str) -> None:
