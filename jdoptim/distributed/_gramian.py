@@ -9,7 +9,7 @@ from torch import Tensor
 
 from jdoptim.autogram import Term
 from jdoptim.distributed._communicator import from_first_rank
-from jdoptim.distributed._layout import Layout, StepKind, header
+from jdoptim.distributed._layout import Layout, StepKind, form_code, forms_digest, header
 from jdoptim.distributed._path_base import DistributedPath, losses_of
 from jdoptim.paths import (
     GramianPath,
@@ -18,6 +18,7 @@ from jdoptim.paths import (
     StepRecord,
     TermsPart,
     placeholder_gramian,
+    term_rows,
     weights_for,
 )
 
@@ -33,22 +34,14 @@ class DistributedGramianPath(DistributedPath):
         comm = self.communicator
         kind = StepKind.ENGINE if not isinstance(part, LossesPart) else StepKind.WEIGHTS
         losses = losses_of(part)
-        factors: list[Tensor] = []
-        dims: list[int] = []
         if isinstance(part, TermsPart):
             part = self._in_parameter_order(part)
-            for term in part.terms:
-                for tensor, dim in term.factors():
-                    factors.append(tensor)
-                    dims.append(dim)
-        layouts: list[Layout | None] = []
-        gathered = comm.all_gather_padded(
-            factors,
-            dims,
-            header=header(kind, losses),
-            check=lambda h: layouts.append(self.layout(h)),
-        )
-        layout = layouts[0]
+        try:
+            gathered, layout = self._gather_factors(part, kind, losses, agreed=False)
+        except _FormsDiffer:
+            assert isinstance(part, TermsPart)
+            part = self._with_agreed_forms(part)
+            gathered, layout = self._gather_factors(part, kind, losses, agreed=True)
         if layout is None:
             return self.scalar_step(part)
         assert isinstance(part, TermsPart)
@@ -66,6 +59,52 @@ class DistributedGramianPath(DistributedPath):
         self.write_grads(part, layout.local_slice(weights).to(part.losses.dtype))
         final = gramian
         return StepRecord(global_losses.to(part.losses.dtype), weights, _gramian=lambda: final)
+
+    def _gather_factors(
+        self, part: Part, kind: StepKind, losses: Tensor | None, agreed: bool
+    ) -> tuple[list[Tensor], Layout | None]:
+        """Every rank's term factors, concatenated along instances, and the global layout.
+
+        Raises :class:`_FormsDiffer` on every rank, before any factor moves, when the ranks' terms
+        take different forms (``agreed``: after :meth:`_with_agreed_forms`, a ``ValueError``).
+        """
+        terms = part.terms if isinstance(part, TermsPart) else []
+        factors = [tensor for term in terms for tensor, _ in term.factors()]
+        dims = [dim for term in terms for _, dim in term.factors()]
+        layouts: list[Layout | None] = []
+
+        def check(headers: list[list[int]]) -> None:
+            layouts.append(self.layout(headers))
+            if layouts[0] is None or len({h[-1] for h in headers}) == 1:
+                return
+            if not agreed:
+                raise _FormsDiffer
+            raise ValueError(
+                "The ranks' engines formed terms for different parameters: every rank must run "
+                "the same model, through the same layers."
+            )
+
+        gathered = self.communicator.all_gather_padded(
+            factors, dims, header=header(kind, losses, forms_digest(terms)), check=check
+        )
+        return gathered, layouts[0]
+
+    def _with_agreed_forms(self, part: TermsPart) -> TermsPart:
+        """``part`` with per-row gradients for each parameter whose term form differs between
+        ranks (a rank with a single instance, or whose independence check sent a layer to
+        another exact route, forms some terms otherwise). Exact; costs two small exchanges."""
+        comm = self.communicator
+        if len({row[0] for row in comm.exchange_ints([len(part.terms)])}) > 1:
+            raise ValueError(
+                "The ranks' engines formed terms for different numbers of parameters: every rank "
+                "must run the same model, through the same layers."
+            )
+        codes = comm.exchange_ints([form_code(term) for term in part.terms])
+        terms = [
+            term_rows(term) if len({row[index] for row in codes}) > 1 else term
+            for index, term in enumerate(part.terms)
+        ]
+        return replace(part, terms=terms)
 
     def parameter_order(self) -> list[Tensor]:
         """The parameters in an order every rank shares (terms travel in it)."""
@@ -127,3 +166,7 @@ def _rebuild(part: TermsPart, gathered: list[Tensor]) -> list[Term]:
         count = len(term.factors())
         terms.append(term.with_factors([next(remaining) for _ in range(count)]))
     return terms
+
+
+class _FormsDiffer(Exception):
+    """Raised alike on every rank when the ranks' term forms differ (see ``_with_agreed_forms``)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -41,14 +43,28 @@ class Layout:
         return at_offset(losses, self.shape, self.dim, self.offset)
 
 
-def header(kind: StepKind, losses: Tensor | None) -> list[int]:
-    """``[kind, ndim, *shape, 0...]``, the same length for any losses (zeros for none)."""
+def header(kind: StepKind, losses: Tensor | None, forms: int = 0) -> list[int]:
+    """``[kind, ndim, *shape, 0..., forms]``, the same length for any losses (zeros for none).
+
+    ``forms`` is a digest of the forms of the engine's terms (:func:`forms_digest`), so ranks learn
+    that theirs differ before any factor moves.
+    """
     if losses is None:
-        return [int(kind), *([0] * (MAX_LOSS_DIMS + 1))]
+        return [int(kind), *([0] * (MAX_LOSS_DIMS + 1)), forms]
     if losses.ndim > MAX_LOSS_DIMS:
         raise ValueError(f"Distributed steps support losses of up to {MAX_LOSS_DIMS} dims.")
     padding = [0] * (MAX_LOSS_DIMS - losses.ndim)
-    return [int(kind), losses.ndim, *losses.shape, *padding]
+    return [int(kind), losses.ndim, *losses.shape, *padding, forms]
+
+
+def form_code(form: object) -> int:
+    """A number naming the form (the class) of an engine term, the same on every rank."""
+    return zlib.crc32(type(form).__name__.encode())
+
+
+def forms_digest(forms: Sequence[object]) -> int:
+    """A number naming the forms of a sequence of terms, in order, the same on every rank."""
+    return zlib.crc32("|".join(type(form).__name__ for form in forms).encode())
 
 
 def shapes_of(headers: list[list[int]]) -> list[tuple[int, ...]]:

@@ -18,7 +18,7 @@ from jdoptim.paths._base import (
 )
 from jdoptim.paths._cross_gramian import CrossGramianPath
 from jdoptim.paths._factory import make_path
-from jdoptim.paths._gramian import GramianPath, LossesPart, TermsPart
+from jdoptim.paths._gramian import GramianPath, LossesPart, TermsPart, term_rows
 from jdoptim.paths._losses import NonFiniteLossesError, check_losses
 from jdoptim.paths._method import Method, PathKind, needs_gramian, resolve_method
 from jdoptim.paths._multi_task import MultiTaskPath, TasksPart
@@ -55,5 +55,6 @@ __all__ = [
     "needs_gramian",
     "placeholder_gramian",
     "resolve_method",
+    "term_rows",
     "weights_for",
 ]

@@ -195,12 +195,13 @@ def _same_forms(parts: Sequence[TermsPart]) -> list[list[Term]]:
     columns = list(zip(*(p.terms for p in parts), strict=True))
     for index, column in enumerate(columns):
         if len({type(term) for term in column}) > 1:
-            columns[index] = tuple(_rows_of(term) for term in column)
+            columns[index] = tuple(term_rows(term) for term in column)
     return [list(terms) for terms in zip(*columns, strict=True)]
 
 
-def _rows_of(term: Term) -> MaterializedTerm:
-    """Row ``r`` is the weighted gradient for the one-hot weights of row ``r`` (exact)."""
+def term_rows(term: Term) -> MaterializedTerm:
+    """``term`` as per-row gradients: row ``r`` is its weighted gradient for the one-hot weights of
+    row ``r`` (exact). The one form every term can take, so terms of differing forms combine."""
     if isinstance(term, MaterializedTerm):
         return term
     factor, dim = term.factors()[0]

@@ -428,6 +428,21 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
 # --- one launch per world size ---------------------------------------------------------------
 
 # (method, instances per rank, DDP wrapping, batch_dim)
+def encoder_one_instance_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
+    """A DDP transformer encoder where one rank holds a single instance: the engine gives that
+    rank other forms of the attention layer's terms than the others."""
+    from tests.distributed._fsdp_scenarios import encoder_batches, encoder_model, train_encoder
+
+    model = encoder_model()
+    losses = train_encoder(
+        DistributedDataParallel(model), encoder_batches(sum(sizes)), slices(sizes)[rank]
+    )
+    return {"params": params_of(model), "losses": losses}
+
+
+ONE_INSTANCE_SIZES = {2: [3, 1], 3: [1, 3, 2]}
+
+
 IWRM_CASES: dict[int, list[tuple[str, list[int], str, int | None]]] = {
     2: [
         ("mean", [4, 4], "no", 0),
@@ -466,6 +481,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record(key, iwrm_rank, method, sizes, ddp, batch_dim)
     for kind in TASK_TRAINERS:
         record(kind, task_losses_rank, kind, MTL_BATCH[world])
+    record("encoder-one-instance", encoder_one_instance_rank, ONE_INSTANCE_SIZES[world])
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
     if world == 2:

@@ -43,6 +43,19 @@ def test_instance_wise_steps_equal_one_process_on_the_global_batch(launch: Any) 
                 assert torch.equal(a, b), key
 
 
+def test_a_rank_whose_terms_take_other_forms_still_equals_one_process(launch: Any) -> None:
+    """One rank holds a single instance, for which the engine forms some layers' terms otherwise;
+    the ranks agree on one form per parameter (per-row gradients where they differ)."""
+    from tests.distributed._fsdp_scenarios import encoder_reference
+
+    world, ranks = launch
+    reference = encoder_reference(scenarios.ONE_INSTANCE_SIZES[world])
+    for rank in ranks:
+        result = ok(rank["encoder-one-instance"])
+        _close(result["params"], reference["params"])
+        _close([result["losses"]], [reference["losses"]])
+
+
 @pytest.mark.parametrize(
     "kind",
     ["mtl", "tasks", "famo", "uw"],
