@@ -12,13 +12,14 @@ from jdoptim.autogram._assembly import (
     instance_major_order,
     jacobian_scale,
 )
-from jdoptim.autogram._engine import Engine
+from jdoptim.autogram._engine import Engine, RouteReport
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term, concat_terms
 
 __all__ = [
     "Engine",
     "MaterializedTerm",
     "Route",
+    "RouteReport",
     "Term",
     "concat_terms",
     "grad_from_terms",
