@@ -166,12 +166,13 @@ def install_labels() -> None:
     for cls in (terms.MaterializedTerm, terms.OuterTerm, terms.EmbeddingTerm):
         _wrap(cls, "gramian", lambda self: f"gramian: {_term_owner.get(id(self), 'other')}")
         _wrap(cls, "weighted_grad", lambda self, w: f".grad: {_term_owner.get(id(self), 'other')}")
-    _wrap(engine, "gramian_from_terms", lambda *a, **k: "assembly")
-    _wrap(engine, "jacobian_scale", lambda *a, **k: "assembly")
     import jdoptim.paths._gramian as gramian_path
 
-    _wrap(gramian_path, "gramian_from_terms", lambda *a, **k: "assembly")
-    _wrap(gramian_path, "jacobian_scale", lambda *a, **k: "assembly")
+    for module in (engine, gramian_path):
+        # The names each module imported (jdoptim before scaled_gramian_from_terms had none).
+        for name in ("gramian_from_terms", "scaled_gramian_from_terms", "jacobian_scale"):
+            if hasattr(module, name):
+                _wrap(module, name, lambda *a, **k: "assembly")
     _wrap(gramian_path, "check_gramian_finite", lambda *a, **k: "assembly")
     _wrap(gramian_path, "weights_for", lambda *a, **k: "weighting")
 

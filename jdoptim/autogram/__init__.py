@@ -11,6 +11,7 @@ from jdoptim.autogram._assembly import (
     gramian_from_terms,
     instance_major_order,
     jacobian_scale,
+    scaled_gramian_from_terms,
 )
 from jdoptim.autogram._engine import Engine, RouteReport
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term, concat_terms
@@ -26,4 +27,5 @@ __all__ = [
     "gramian_from_terms",
     "instance_major_order",
     "jacobian_scale",
+    "scaled_gramian_from_terms",
 ]

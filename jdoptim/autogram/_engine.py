@@ -19,7 +19,7 @@ from jdoptim.autogram._assembly import (
     grad_from_terms,
     gramian_from_terms,
     instance_major_order,
-    jacobian_scale,
+    scaled_gramian_from_terms,
 )
 from jdoptim.autogram._batched import BatchedPass
 from jdoptim.autogram._graph import GraphPlan, walk_graph
@@ -291,15 +291,11 @@ class Engine:
         terms = [term for _, term in self.compute_terms(output)]
         assert self._pending is not None
         try:
-            scale = jacobian_scale(terms) if scaled else None
-            gramian = gramian_from_terms(
-                terms,
-                self._pending.shape,
-                self._pending.batch_dim,
-                dtype=torch.promote_types(output.dtype, torch.float32),
-                scale=scale,
-            )
-            return gramian, scale
+            dtype = torch.promote_types(output.dtype, torch.float32)
+            shape, batch_dim = self._pending.shape, self._pending.batch_dim
+            if scaled:
+                return scaled_gramian_from_terms(terms, shape, batch_dim, dtype=dtype)
+            return gramian_from_terms(terms, shape, batch_dim, dtype=dtype), None
         except BaseException:
             self._pending = None
             raise
