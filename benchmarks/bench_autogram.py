@@ -16,6 +16,9 @@ on the mean loss. Methods:
 * ``func-upgrad``: the same per-sample gradients as the rows of ``J``, ``UPGradWeighting`` on
   ``J Jᵀ``, ``.grad = wᵀ J``: the hand-written baseline of a Jacobian-descent step, which the
   engine must beat.
+* ``before-jd-upgrad`` (with ``--before DIR``): ``jd-upgrad`` run by another jdoptim, imported as
+  ``jdoptim_before`` from ``DIR`` (a copy with the package renamed, see docs/performance.md), side
+  by side with this one.
 
 A method whose warm-up step takes over ``SLOW_SECONDS`` is timed once instead of ``repeats`` times
 (its median is then that one step): enough to show a 100x gap, and the run stays short.
@@ -28,6 +31,7 @@ the resident set at once and the high-water mark follows live memory.
 
     python benchmarks/bench_autogram.py            # every model and batch size
     python benchmarks/bench_autogram.py --small    # MLP at batch 32 and the GRU: a quick run
+    python benchmarks/bench_autogram.py --methods sgd jd-upgrad func-upgrad --before /tmp/bp
 """
 
 from __future__ import annotations
@@ -195,6 +199,22 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
             optimizer.step()
 
         return peer_autojac
+    if method == "before-jd-upgrad":
+        import importlib
+
+        before_autogram = importlib.import_module("jdoptim_before.autogram")
+        before_aggregation = importlib.import_module("jdoptim_before.aggregation")
+        before_engine = before_autogram.Engine(model, batch_dim=0)
+        before_weighting = before_aggregation.UPGradWeighting()
+
+        def before_jd() -> None:
+            optimizer.zero_grad()
+            values = losses()
+            weights = before_weighting(before_engine.compute_gramian(values))
+            before_engine.backward(weights)
+            optimizer.step()
+
+        return before_jd
     return _func_step(model, x, targets, criterion, optimizer, upgrad=method == "func-upgrad")
 
 
@@ -330,7 +350,19 @@ def main() -> None:
         "--cases", default=None, help="comma-separated model:batch, e.g. mlp:128,gru:32"
     )
     parser.add_argument("--memory-of", nargs=3, metavar=("MODEL", "BATCH", "METHOD"))
+    parser.add_argument("--methods", nargs="*", default=None, help="a subset, sgd first")
+    parser.add_argument(
+        "--before", default=None, help="a folder holding jdoptim_before: adds before-jd-upgrad"
+    )
     args = parser.parse_args()
+    if args.before:
+        sys.path.insert(0, args.before)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [args.before, os.environ.get("PYTHONPATH")])
+        )
+        METHODS.append("before-jd-upgrad")
+    if args.methods:
+        METHODS[:] = [m for m in args.methods] + (["before-jd-upgrad"] if args.before else [])
     if args.memory_of:
         name, batch, method = args.memory_of
         _measure_memory(name, int(batch), method)
