@@ -177,3 +177,33 @@ def test_report_names_parameters_and_routes() -> None:
     by_parameters.compute_gramian(output.sum(dim=(1, 2)))
     names = {r.name for r in by_parameters.route_report()}
     assert names == {f"parameters[{i}]" for i in range(len(list(model.parameters())))}
+
+
+class TwoTaskSequence(nn.Module):
+    """Two losses per instance from a ``Linear`` over a long sequence (materialised)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x).tanh()
+        return torch.stack([y.pow(2).mean(dim=(1, 2)), y.sin().mean(dim=(1, 2))], dim=1)
+
+
+def test_kept_rows_follow_the_instance_major_order_of_several_tasks() -> None:
+    torch.manual_seed(0)
+    model = TwoTaskSequence().double()
+    x = torch.randn(4, 40, 6, dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    per_param = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    jacobian = torch.cat([j.reshape(8, -1) for j in per_param.values()], dim=1)  # rows (i, t)
+    engine = Engine(model, batch_dim=0)
+    gramian = engine.compute_gramian(model(x))
+    assert _weight_report(engine).form == "materialized"
+    expected = (jacobian @ jacobian.T).reshape(4, 2, 4, 2).permute(0, 1, 3, 2)
+    torch.testing.assert_close(gramian, expected, atol=1e-12, rtol=0.0)
+    weights = torch.randn(4, 2, dtype=torch.float64)
+    engine.backward(weights)
+    fused = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+    torch.testing.assert_close(fused, weights.reshape(-1) @ jacobian, atol=1e-12, rtol=0.0)
