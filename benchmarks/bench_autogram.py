@@ -7,6 +7,8 @@ on the mean loss. Methods:
 * ``sgd``: ``loss.mean().backward()`` and ``SGD.step()``, the baseline.
 * ``jd-mean`` / ``jd-upgrad``: ``Engine.compute_gramian``, ``MeanWeighting`` / ``UPGradWeighting``,
   the fused ``Engine.backward(weights)``, ``SGD.step()``.
+* ``jdsgd-upgrad``: the same through the optimizer, ``JDSGD(..., weighting=UPGradWeighting(),
+  batch_dim=0).step(closure)`` (its checks and bookkeeping included).
 * ``gramian``: the forward pass and jdoptim's ``compute_gramian``, nothing else (compare with
   ``sgd``, which is a forward pass, a backward pass and an update).
 * ``peer-autogram``: TorchJD 0.18's ``Engine(model, batch_dim=0)``, its ``UPGradWeighting``,
@@ -16,6 +18,9 @@ on the mean loss. Methods:
 * ``func-upgrad``: the same per-sample gradients as the rows of ``J``, ``UPGradWeighting`` on
   ``J Jᵀ``, ``.grad = wᵀ J``: the hand-written baseline of a Jacobian-descent step, which the
   engine must beat.
+* ``before-jd-upgrad``, ``before-jdsgd-upgrad`` (with ``--before DIR``): ``jd-upgrad`` and
+  ``jdsgd-upgrad`` run by another jdoptim, imported as ``jdoptim_before`` from ``DIR`` (a copy with
+  the package renamed, see docs/performance.md), side by side with this one.
 
 A method whose warm-up step takes over ``SLOW_SECONDS`` is timed once instead of ``repeats`` times
 (its median is then that one step): enough to show a 100x gap, and the run stays short.
@@ -28,6 +33,7 @@ the resident set at once and the high-water mark follows live memory.
 
     python benchmarks/bench_autogram.py            # every model and batch size
     python benchmarks/bench_autogram.py --small    # MLP at batch 32 and the GRU: a quick run
+    python benchmarks/bench_autogram.py --methods sgd jd-upgrad func-upgrad --before /tmp/bp
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ METHODS = [
     "gramian",
     "jd-mean",
     "jd-upgrad",
+    "jdsgd-upgrad",
     "peer-autogram",
     "peer-autojac",
     "func",
@@ -166,6 +173,19 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
             optimizer.step()
 
         return jd
+    if method == "jdsgd-upgrad":
+        from jdoptim import JDSGD
+
+        jdsgd = JDSGD(model.parameters(), lr=1e-4, weighting=UPGradWeighting(), batch_dim=0)
+
+        def closure() -> Tensor:
+            jdsgd.zero_grad()
+            return losses()
+
+        def jdsgd_step() -> None:
+            jdsgd.step(closure)
+
+        return jdsgd_step
     if method == "peer-autogram":
         from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
         from torchjd.autogram import Engine as PeerEngine
@@ -195,6 +215,39 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
             optimizer.step()
 
         return peer_autojac
+    if method == "before-jd-upgrad":
+        import importlib
+
+        before_autogram = importlib.import_module("jdoptim_before.autogram")
+        before_aggregation = importlib.import_module("jdoptim_before.aggregation")
+        before_engine = before_autogram.Engine(model, batch_dim=0)
+        before_weighting = before_aggregation.UPGradWeighting()
+
+        def before_jd() -> None:
+            optimizer.zero_grad()
+            values = losses()
+            weights = before_weighting(before_engine.compute_gramian(values))
+            before_engine.backward(weights)
+            optimizer.step()
+
+        return before_jd
+    if method == "before-jdsgd-upgrad":
+        import importlib
+
+        before = importlib.import_module("jdoptim_before")
+        before_upgrad = importlib.import_module("jdoptim_before.aggregation").UPGradWeighting()
+        before_jdsgd = before.JDSGD(
+            model.parameters(), lr=1e-4, weighting=before_upgrad, batch_dim=0
+        )
+
+        def before_closure() -> Tensor:
+            before_jdsgd.zero_grad()
+            return losses()
+
+        def before_jdsgd_step() -> None:
+            before_jdsgd.step(before_closure)
+
+        return before_jdsgd_step
     return _func_step(model, x, targets, criterion, optimizer, upgrad=method == "func-upgrad")
 
 
@@ -330,7 +383,20 @@ def main() -> None:
         "--cases", default=None, help="comma-separated model:batch, e.g. mlp:128,gru:32"
     )
     parser.add_argument("--memory-of", nargs=3, metavar=("MODEL", "BATCH", "METHOD"))
+    parser.add_argument("--methods", nargs="*", default=None, help="a subset, sgd first")
+    parser.add_argument(
+        "--before", default=None, help="a folder holding jdoptim_before: adds the before-* methods"
+    )
     args = parser.parse_args()
+    if args.before:
+        sys.path.insert(0, args.before)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [args.before, os.environ.get("PYTHONPATH")])
+        )
+    before = ["before-jd-upgrad", "before-jdsgd-upgrad"] if args.before else []
+    if args.methods:
+        METHODS[:] = list(args.methods)
+    METHODS.extend(before)
     if args.memory_of:
         name, batch, method = args.memory_of
         _measure_memory(name, int(batch), method)

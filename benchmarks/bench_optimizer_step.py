@@ -3,7 +3,10 @@
 Measures what the optimizer adds around the engine: the closure, the path's bookkeeping, the
 weighting and the update. Ratios are to an SGD step on the mean loss of the same batch.
 
-    python benchmarks/bench_optimizer_step.py [--batch 128] [--repeats 30]
+    python benchmarks/bench_optimizer_step.py [--batch 128] [--repeats 30] [--before DIR]
+
+``--before DIR`` adds ``jdsgd-upgrad-before``: the same step by another jdoptim, imported as
+``jdoptim_before`` from ``DIR`` (a renamed copy, see docs/performance.md), side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--before", default=None, help="a folder holding jdoptim_before")
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 64), torch.randint(10, (args.batch,))
@@ -53,6 +57,22 @@ def main() -> None:
             o.step(lambda: loss_fn(m(x), y))
 
         steps[name] = step
+    if args.before:
+        import importlib
+        import sys
+
+        sys.path.insert(0, args.before)
+        before = importlib.import_module("jdoptim_before")
+        before_weighting = importlib.import_module("jdoptim_before.aggregation").UPGradWeighting()
+        before_model = _mlp()
+        before_optimizer = before.JDSGD(
+            before_model.parameters(), lr=1e-3, weighting=before_weighting, batch_dim=0
+        )
+
+        def before_step() -> None:
+            before_optimizer.step(lambda: loss_fn(before_model(x), y))
+
+        steps["jdsgd-upgrad-before"] = before_step
     for step in steps.values():
         for _ in range(3):
             step()

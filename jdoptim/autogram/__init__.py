@@ -11,18 +11,21 @@ from jdoptim.autogram._assembly import (
     gramian_from_terms,
     instance_major_order,
     jacobian_scale,
+    scaled_gramian_from_terms,
 )
-from jdoptim.autogram._engine import Engine
+from jdoptim.autogram._engine import Engine, RouteReport
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term, concat_terms
 
 __all__ = [
     "Engine",
     "MaterializedTerm",
     "Route",
+    "RouteReport",
     "Term",
     "concat_terms",
     "grad_from_terms",
     "gramian_from_terms",
     "instance_major_order",
     "jacobian_scale",
+    "scaled_gramian_from_terms",
 ]

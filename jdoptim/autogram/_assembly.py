@@ -45,10 +45,15 @@ def jacobian_scale(terms: Sequence[Term]) -> Tensor:
     two. A 0-d float64 tensor on the terms' device (no host synchronisation). Pass it to
     :func:`gramian_from_terms` as ``scale`` to get the Gramian of ``J / s``: the same weights for
     every scale-invariant weighting, and ``s²`` times it is the Gramian of ``J``.
+    :func:`scaled_gramian_from_terms` does both from one pass over the factors.
     """
     if not terms:
         raise ValueError("jacobian_scale needs at least one term.")
-    largest = _Exponents([_upcast(term) for term in terms]).per_term.amax()
+    return _scale_of(_Exponents([_upcast(term) for term in terms]))
+
+
+def _scale_of(exponents: _Exponents) -> Tensor:
+    largest = exponents.per_term.amax()
     safe = largest.abs() <= _SAFE_EXPONENT
     return _exact_power_of_two(torch.where(safe, torch.zeros_like(largest), largest))
 
@@ -71,12 +76,43 @@ def gramian_from_terms(
     """
     if not terms:
         raise ValueError("gramian_from_terms needs at least one term.")
+    return _assemble(terms, shape, batch_dim, dtype, scale=scale, scaled=False)[0]
+
+
+def scaled_gramian_from_terms(
+    terms: Sequence[Term],
+    shape: tuple[int, ...],
+    batch_dim: int | None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(G', s)``: ``s = jacobian_scale(terms)`` and ``G' = gramian_from_terms(..., scale=s)``.
+
+    The same values as the two calls, from one pass over the terms' factors.
+    """
+    if not terms:
+        raise ValueError("scaled_gramian_from_terms needs at least one term.")
+    gramian, scale = _assemble(terms, shape, batch_dim, dtype, scale=None, scaled=True)
+    assert scale is not None
+    return gramian, scale
+
+
+def _assemble(
+    terms: Sequence[Term],
+    shape: tuple[int, ...],
+    batch_dim: int | None,
+    dtype: torch.dtype | None,
+    *,
+    scale: Tensor | None,
+    scaled: bool,
+) -> tuple[Tensor, Tensor | None]:
     batch_dim = _normalized(batch_dim, shape)
     rows = math.prod(shape)
-    shift = None if scale is None else torch.frexp(scale.detach().double()).exponent - 1
     with _full_precision(terms):
         terms = [_upcast(term) for term in terms]
         exponents = _Exponents(terms)
+        if scaled:
+            scale = _scale_of(exponents)
+        shift = None if scale is None else torch.frexp(scale.detach().double()).exponent - 1
         per_term = exponents.per_term
         if shift is not None:
             per_term = per_term - shift.to(per_term.device)
@@ -103,15 +139,25 @@ def gramian_from_terms(
         else:
             gramians = [gramian.to(dtype) for gramian in gramians]
     assert dtype is not None
-    device = gramians[0].device
-    total = sum(gramians, torch.zeros(rows, rows, dtype=dtype, device=device))
+    total = gramians[0]
+    for gramian in gramians[1:]:
+        total = total + gramian
     total = (total + total.T) / 2
-    order = instance_major_order(shape, batch_dim).to(device)
-    natural = torch.empty_like(total)
-    natural[order[:, None], order[None, :]] = total
     if not shape:
-        return natural.reshape(())
-    return reshape_gramian(natural, shape)
+        return total.reshape(()), scale
+    if _moves_rows(shape, batch_dim):
+        order = instance_major_order(shape, batch_dim).to(total.device)
+        natural = torch.empty_like(total)
+        natural[order[:, None], order[None, :]] = total
+        total = natural
+    return reshape_gramian(total, shape), scale
+
+
+def _moves_rows(shape: tuple[int, ...], batch_dim: int | None) -> bool:
+    """Whether instance-major rows differ from the losses' flat order."""
+    if batch_dim is None:
+        return False
+    return any(size > 1 for size in shape[:batch_dim])
 
 
 def grad_from_terms(
@@ -180,7 +226,7 @@ class _Exponents:
             for tensor, _ in term.factors():
                 if tensor.is_floating_point() and tensor.numel() > 0:
                     positions.append(len(floats))
-                    floats.append(tensor.detach())
+                    floats.append(tensor)
                     term_of.append(index)
                 else:
                     positions.append(None)
@@ -188,10 +234,12 @@ class _Exponents:
         device = next((t.device for t in floats), torch.device("cpu"))
         if floats:
             # max |f| as max(max f, -min f): no |f| temporary (and far faster on the CPU
-            # than an infinity norm)
-            largest = torch.stack(
-                [torch.maximum(f.amax(), f.amin().neg()).double() for f in floats]
-            )
+            # than an infinity norm); two reductions per factor, the rest on the stacked values
+            with torch.no_grad():
+                # (torch.stack promotes mixed dtypes; float64 holds every float32 exactly)
+                highest = torch.stack([f.amax() for f in floats]).double()
+                lowest = torch.stack([f.amin() for f in floats]).double()
+            largest = torch.maximum(highest, lowest.neg())
             self.per_factor = torch.frexp(largest).exponent.to(torch.int64)
         else:
             self.per_factor = torch.zeros(0, dtype=torch.int64, device=device)

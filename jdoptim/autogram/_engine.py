@@ -19,7 +19,7 @@ from jdoptim.autogram._assembly import (
     grad_from_terms,
     gramian_from_terms,
     instance_major_order,
-    jacobian_scale,
+    scaled_gramian_from_terms,
 )
 from jdoptim.autogram._batched import BatchedPass
 from jdoptim.autogram._graph import GraphPlan, walk_graph
@@ -27,12 +27,39 @@ from jdoptim.autogram._jacobian import exact_terms
 from jdoptim.autogram._records import mixes_instances, record_call
 from jdoptim.autogram._replay import hooks_are_suspended
 from jdoptim.autogram._rules import ClosedFormRule, closed_form_rule
-from jdoptim.autogram._terms import MaterializedTerm, Route, Term
+from jdoptim.autogram._terms import MaterializedTerm, OuterTerm, Route, Term
 
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
     "Run the forward pass again, then call compute_gramian before any backward()."
 )
+
+
+@dataclass(frozen=True)
+class RouteReport:
+    """How :class:`Engine` computed one parameter's part of its last Gramian.
+
+    ``route`` is the exact route the parameter took (closed form, replay, local, exact); ``form``
+    how its term's Gramian is formed (:attr:`Term.form`: ``"pairwise"``, ``"materialized"`` or
+    ``"rows"``). For a layer term in factored form (``Linear``, convolutions, attention
+    projections), ``positions`` is its number of positions per instance ``S`` (sequence length,
+    output pixels of a convolution) and ``pairwise_cost`` / ``materialized_cost`` are the
+    multiply-adds of each form (the Gramian plus the weighted gradient; the cheaper one is used
+    unless the pairwise kernel would not fit in memory); ``None`` for other terms.
+    """
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    route: Route
+    form: str
+    positions: int | None = None
+    pairwise_cost: int | None = None
+    materialized_cost: int | None = None
+
+
+# One parameter of the last pass: (parameter, route, form, positions, (pairwise, materialized)).
+_Reported = tuple[Tensor, Route, str, int | None, tuple[int, int] | None]
 
 
 @dataclass
@@ -98,6 +125,7 @@ class Engine:
         self._pending: _Pending | None = None
         # How each parameter's part of the last Gramian was computed (diagnostics and tests).
         self._last_routes: dict[int, Route] = {}
+        self._last_report: list[_Reported] = []
         # Draws the probe weights of the independence check (seeded: runs are reproducible).
         self._probe_generator = torch.Generator().manual_seed(0)
         self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, ClosedFormRule | None]] = (
@@ -266,15 +294,11 @@ class Engine:
         terms = [term for _, term in self.compute_terms(output)]
         assert self._pending is not None
         try:
-            scale = jacobian_scale(terms) if scaled else None
-            gramian = gramian_from_terms(
-                terms,
-                self._pending.shape,
-                self._pending.batch_dim,
-                dtype=torch.promote_types(output.dtype, torch.float32),
-                scale=scale,
-            )
-            return gramian, scale
+            dtype = torch.promote_types(output.dtype, torch.float32)
+            shape, batch_dim = self._pending.shape, self._pending.batch_dim
+            if scaled:
+                return scaled_gramian_from_terms(terms, shape, batch_dim, dtype=dtype)
+            return gramian_from_terms(terms, shape, batch_dim, dtype=dtype), None
         except BaseException:
             self._pending = None
             raise
@@ -336,7 +360,39 @@ class Engine:
         ]
         self._pending = _Pending(terms, shape, batch_dim)
         self._last_routes = {id(param): term.route for param, term in terms}
+        self._last_report = [_report_only(param, term) for param, term in terms]
         return terms
+
+    def route_report(self) -> list[RouteReport]:
+        """Per covered parameter, how the last Gramian pass computed its part (empty before one).
+
+        Names are qualified as in the first given module that holds the parameter
+        (``model.named_parameters()``); an engine built from ``parameters`` alone names them
+        ``parameters[i]`` (their index in :attr:`parameters`).
+        """
+        owners: dict[int, tuple[str, str]] = {}
+        for root in self._modules:
+            for prefix, module in root.named_modules(remove_duplicate=False):
+                for name, param in module.named_parameters(recurse=False):
+                    qualified = f"{prefix}.{name}" if prefix else name
+                    owners.setdefault(id(param), (qualified, type(module).__name__))
+        index = {id(p): i for i, p in enumerate(self._params)}
+        reports = []
+        for param, route, form, positions, costs in self._last_report:
+            name, module = owners.get(id(param), (f"parameters[{index.get(id(param))}]", ""))
+            reports.append(
+                RouteReport(
+                    name=name,
+                    module=module,
+                    shape=tuple(param.shape),
+                    route=route,
+                    form=form,
+                    positions=positions,
+                    pairwise_cost=None if costs is None else costs[0],
+                    materialized_cost=None if costs is None else costs[1],
+                )
+            )
+        return reports
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -409,6 +465,13 @@ class Engine:
                     "this module outside the compiled region.",
                     stacklevel=4,
                 )
+
+
+def _report_only(param: Tensor, term: Term) -> _Reported:
+    """What :meth:`Engine.route_report` needs of a term (shapes only, none of its tensors)."""
+    if isinstance(term, OuterTerm):
+        return param, term.route, term.form, term.a.shape[2], term.costs()
+    return param, term.route, term.form, None, None
 
 
 def _check_visible(plan: GraphPlan) -> None:

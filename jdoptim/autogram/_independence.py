@@ -64,17 +64,21 @@ def scaled_dims(
     """
     checks: list[Tensor] = []
     owners: list[tuple[int, int]] = []
+    converted: dict[tuple[torch.device, torch.dtype], Tensor] = {}
     for index, (plain, probed, dims) in enumerate(
         zip(task_grads, probe_grads, candidates, strict=True)
     ):
-        tasks = plain.shape[0]
+        if not dims:
+            continue
+        key = (plain.device, plain.dtype)
+        if key not in converted:
+            converted[key] = weights.to(plain.device, plain.dtype)
+        rows = weights.shape[0]
+        # [P, T, *y.shape]: every probe row against the plain gradient, in three operations.
+        expected = probed.reshape(rows, *plain.shape)
         for dim in dims:
-            passes = []
-            for p in range(weights.shape[0]):
-                scale = _along(weights[p].to(plain.device, plain.dtype), dim, plain.ndim - 1)
-                expected = probed[p * tasks : (p + 1) * tasks]
-                passes.append((plain * scale == expected).all())  # NaN never passes
-            checks.append(torch.stack(passes).all())
+            scale = _along(converted[key], dim, plain.ndim)
+            checks.append((plain * scale == expected).all())  # NaN never passes
             owners.append((index, dim))
     return _first_passing(checks, owners, len(task_grads))
 
@@ -125,7 +129,8 @@ def _first_passing(
 
 
 def _along(weights: Tensor, dim: int, ndim: int) -> Tensor:
-    """``weights [B]`` shaped to broadcast along ``dim`` of a ``[T, *y.shape]`` tensor."""
+    """``weights [P, B]`` shaped to broadcast along ``dim`` of a ``[P, T, *y.shape]`` tensor
+    (``ndim`` is the rank of ``[T, *y.shape]``)."""
     shape = [1] * (ndim + 1)
-    shape[1 + dim] = weights.shape[0]
+    shape[0], shape[2 + dim] = weights.shape
     return weights.view(shape)

@@ -89,8 +89,7 @@ def _vjp_rows(
     grad_outputs: Sequence[Tensor],
 ) -> list[Tensor | None]:
     rows = grad_outputs[0].shape[0]
-    few_on_cpu = rows <= _PLAIN_ROWS_ON_CPU and grad_outputs[0].device.type == "cpu"
-    if rows > 1 and not few_on_cpu:
+    if not runs_per_row(rows, grad_outputs[0].device):
         try:
             with without_vmap_fallback_warnings():
                 return list(
@@ -122,10 +121,19 @@ def _vjp_rows(
         parts = [row_grads[index] for row_grads in per_row]
         if all(part is None for part in parts):
             result.append(None)
+        elif rows == 1:
+            part = _dense(parts[0])
+            assert part is not None
+            result.append(part.unsqueeze(0))
         else:
             dense = [_dense(p) for p in parts]
             result.append(torch.stack([_zeros_if_none(p, dense) for p in dense]))
     return result
+
+
+def runs_per_row(rows: int, device: torch.device) -> bool:
+    """Whether :func:`batched_vjp` runs ``rows`` cotangents as one plain backward pass each."""
+    return rows == 1 or (rows <= _PLAIN_ROWS_ON_CPU and device.type == "cpu")
 
 
 def _zeros_if_none(part: Tensor | None, parts: Sequence[Tensor | None]) -> Tensor:

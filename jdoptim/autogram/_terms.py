@@ -25,6 +25,9 @@ from torch import Tensor
 
 # Largest [rows * positions]² kernel the pairwise form may build (elements).
 _MAX_PAIRWISE_ELEMENTS = 2**26
+# Materialised per-row gradients are kept for the weighted gradient when they hold at most this
+# many times the elements of the term's factors (which the term holds anyway).
+_CACHED_ROWS_RATIO = 4
 
 
 class Route(str, Enum):
@@ -48,6 +51,13 @@ class Term(ABC):
     """
 
     route: Route = Route.CLOSED_FORM
+
+    @property
+    def form(self) -> str:
+        """How :meth:`gramian` proceeds: ``"rows"`` (products of stored per-row gradients),
+        ``"pairwise"`` (from the factors' pairwise products, no per-row gradient formed) or
+        ``"materialized"`` (per-row gradients formed from the factors, then their products)."""
+        return "rows"
 
     @abstractmethod
     def gramian(self) -> Tensor:
@@ -105,26 +115,67 @@ class MaterializedTerm(Term):
 
 @dataclass
 class OuterTerm(Term):
-    """Per-row gradients ``g[i, t] = Σₛ a[t, i, s] ⊗ b[i, s]`` kept in factored form."""
+    """Per-row gradients ``g[i, t] = Σₛ a[t, i, s] ⊗ b[i, s]`` kept in factored form.
+
+    Two exact ways give its Gramian (the layer-wise choice of "mixed ghost clipping", Bu, Mao & Xu,
+    *Scalable and Efficient Training of Large Convolutional Neural Networks with Differential
+    Privacy*, NeurIPS 2022), and :attr:`form` is the one with fewer multiply-adds for the term's
+    shapes (:meth:`costs`):
+
+    - ``"pairwise"``: ``G[(i,t),(j,u)] = Σₛᵣ (b[i,s]·b[j,r]) (a[t,i,s]·a[u,j,r])``, about
+      ``(B·S)²·d + (M·S)²·k`` (``M = B·T`` rows, ``S`` positions), never forming ``gᵢₜ``; the
+      weighted gradient then costs a pass over the factors, ``M·S·k + B·S·k·d``;
+    - ``"materialized"``: the ``M`` per-row gradients ``[M, k·d]`` (``M·S·k·d``) and their
+      products (``M²·k·d``); the weighted gradient is then ``wᵀ`` times them (``M·k·d``).
+
+    The pairwise form also needs ``(M·S)²`` elements of memory, and is not used above
+    ``_MAX_PAIRWISE_ELEMENTS``. The materialised rows are kept for :meth:`weighted_grad` when they
+    hold at most ``_CACHED_ROWS_RATIO`` times the factors' elements.
+    """
 
     a: Tensor  # [T, B, S, k]
     b: Tensor  # [B, S, d]
     shape: tuple[int, ...]
     route: Route = Route.CLOSED_FORM
+    _rows: Tensor | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def costs(self) -> tuple[int, int]:
+        """Multiply-adds of the Gramian plus the weighted gradient: ``(pairwise, materialized)``."""
+        tasks, batch, positions, k = self.a.shape
+        d = self.b.shape[-1]
+        rows = batch * tasks
+        pairwise = (
+            (batch * positions) ** 2 * d
+            + (rows * positions) ** 2 * k
+            + rows * positions * k
+            + batch * positions * k * d
+        )
+        materialized = rows * positions * k * d + rows * rows * k * d + rows * k * d
+        return pairwise, materialized
+
+    @property
+    def form(self) -> str:
+        """``"pairwise"`` or ``"materialized"``: how :meth:`gramian` proceeds (see the class)."""
+        tasks, batch, positions, _ = self.a.shape
+        pairwise, materialized = self.costs()
+        fits = (batch * tasks * positions) ** 2 <= _MAX_PAIRWISE_ELEMENTS
+        return "pairwise" if fits and pairwise <= materialized else "materialized"
 
     def gramian(self) -> Tensor:
         tasks, batch, positions, k = self.a.shape
         d = self.b.shape[-1]
-        rows = batch * tasks
-        pairwise_cost = (batch * positions) ** 2 * d + (rows * positions) ** 2 * k
-        materialized_cost = rows * positions * k * d + rows * rows * k * d
-        if (rows * positions) ** 2 <= _MAX_PAIRWISE_ELEMENTS and pairwise_cost <= materialized_cost:
+        if self.form == "pairwise":
             b_flat = self.b.reshape(batch * positions, d)
             return _pairwise_kernel_gramian(self.a, b_flat @ b_flat.T)
-        per_row = torch.einsum("tbsk,bsd->btkd", self.a, self.b).reshape(rows, k * d)
+        per_row = torch.einsum("tbsk,bsd->btkd", self.a, self.b).reshape(batch * tasks, k * d)
+        if per_row.numel() <= _CACHED_ROWS_RATIO * (self.a.numel() + self.b.numel()):
+            self._rows = per_row
         return per_row @ per_row.T
 
     def weighted_grad(self, weights: Tensor) -> Tensor:
+        rows = self._rows
+        if rows is not None:
+            return (weights.reshape(-1).to(rows.dtype) @ rows).reshape(self.shape)
         weighted = torch.einsum("tbsk,bt->bsk", self.a, weights.to(self.a.dtype))
         k, d = weighted.shape[-1], self.b.shape[-1]
         return (weighted.reshape(-1, k).T @ self.b.reshape(-1, d)).reshape(self.shape)
@@ -149,6 +200,10 @@ class EmbeddingTerm(Term):
     shape: tuple[int, ...]
     route: Route = Route.CLOSED_FORM
     sparse: bool = False
+
+    @property
+    def form(self) -> str:
+        return "pairwise"
 
     def gramian(self) -> Tensor:
         flat = self.idx.reshape(-1)

@@ -24,7 +24,7 @@ from jdoptim.autogram import (
     concat_terms,
     grad_from_terms,
     gramian_from_terms,
-    jacobian_scale,
+    scaled_gramian_from_terms,
 )
 from jdoptim.paths._base import Part, Path, StepContext, check_same_kind
 from jdoptim.paths._method import Method
@@ -152,8 +152,7 @@ class GramianPath(Path):
         """
         dtype = torch.promote_types(terms[0].factors()[0][0].dtype, torch.float32)
         if _scale_invariant(self.weighting):
-            scale = jacobian_scale(terms)
-            gramian = gramian_from_terms(terms, shape, self.batch_dim, dtype, scale=scale)
+            gramian, _ = scaled_gramian_from_terms(terms, shape, self.batch_dim, dtype)
         else:
             gramian = gramian_from_terms(terms, shape, self.batch_dim, dtype)
             if loss_scale != 1.0:

@@ -72,6 +72,37 @@ def test_mixing_between_layers_is_caught() -> None:
     assert engine._last_routes[id(model[0].weight)] == "exact"
 
 
+class _MeanCoupling(nn.Module):
+    """``y + c · mean over the batch``: the instances mix exactly when ``c != 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.coupling = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x)
+        return (y + self.coupling * y.mean(dim=0)).pow(2).sum(dim=1)
+
+
+def test_the_same_graph_with_other_values_is_checked_again() -> None:
+    """Whether the losses mix can change with values alone: a verdict cached per graph structure
+    would be wrong on the second pass (same nodes, same shapes, only the coupling moved off 0)."""
+    torch.manual_seed(0)
+    model = _MeanCoupling().double()
+    engine = Engine(model, batch_dim=0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    routes = []
+    for coupling in (0.0, 0.5):
+        with torch.no_grad():
+            model.coupling.fill_(coupling)
+        output = model(x)
+        gramian = engine.compute_gramian(output)
+        assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
+        routes.append(engine._last_routes[id(model.linear.weight)])
+    assert routes == ["closed_form", "exact"]
+
+
 @pytest.mark.parametrize("batch", [2, 7, 128, 129, 5000])
 @pytest.mark.parametrize("half", [False, True])
 def test_scaling_weights_separate_every_pair_of_instances(batch: int, half: bool) -> None:
