@@ -427,6 +427,7 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
 
 # --- one launch per world size ---------------------------------------------------------------
 
+
 # (method, instances per rank, DDP wrapping, batch_dim)
 def encoder_one_instance_rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
     """A DDP transformer encoder where one rank holds a single instance: the engine gives that
