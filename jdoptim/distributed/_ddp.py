@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from jdoptim.distributed._global_hooks import global_pre_hook, remove_dropped_hooks
+
 
 def ddp_process_group(modules: Iterable[nn.Module] | None) -> dist.ProcessGroup | None:
     """The process group of the first ``DistributedDataParallel`` among ``modules``, if any."""
@@ -33,6 +35,7 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
     its own gradient synchronisation, as under ``no_sync()``: the distributed step reduces the
     gradients itself, once. Does nothing unless ``torch.distributed`` is initialised.
     """
+    remove_dropped_hooks()
     if not (dist.is_available() and dist.is_initialized()):
         yield
         return
@@ -46,10 +49,9 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
             silenced[id(module)] = (module, module.require_backward_grad_sync)
             module.require_backward_grad_sync = False
 
-    handle = nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        yield
+        with global_pre_hook(hook):
+            yield
     finally:
-        handle.remove()
         for module, previous in silenced.values():
             module.require_backward_grad_sync = previous

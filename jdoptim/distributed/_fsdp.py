@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from jdoptim.distributed._global_hooks import global_pre_hook, remove_dropped_hooks
+
 
 def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
@@ -53,6 +55,7 @@ def fsdp_root(modules: Iterable[nn.Module] | None) -> nn.Module | None:
 @contextmanager
 def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
     """Context for forward passes: reports the outermost ``fully_shard`` module each one runs."""
+    remove_dropped_hooks()
     if not (dist.is_available() and dist.is_initialized()):
         yield
         return
@@ -61,11 +64,8 @@ def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
         if is_fsdp(module):
             on_fsdp(module)
 
-    handle = nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
+    with global_pre_hook(hook):
         yield
-    finally:
-        handle.remove()
 
 
 def sharded_model(root: nn.Module) -> tuple[ShardedModel, bool]:

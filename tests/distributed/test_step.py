@@ -6,12 +6,14 @@ group; the tests below check the results. Time-bounded by ``_launch``'s timeouts
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from jdoptim import JDSGD
 from jdoptim.aggregation import SDMGradWeighting
@@ -177,3 +179,24 @@ def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ra
         # all-reduces send 2 (R - 1) / R = 1 copy; one more number carries the failure flag
         assert sent["gradients"] == (parameters + 1) * 8
         assert sent["weights"] == (8 + 8 + 1) * 8  # rank 0's weights and the global losses
+
+
+def test_a_collected_optimizer_leaves_torchs_global_hook_table_alone_until_the_next_one(
+    single_rank_group: None,
+) -> None:
+    """Garbage collection may drop an optimizer while torch.compile guards on the global hook
+    table by key (a KeyError mid-compile was seen): its DDP/FSDP2 watch hooks go inert at once
+    and leave the table when the next optimizer is built."""
+    table = nn.modules.module._global_forward_pre_hooks
+    before = dict(table)
+    model = scenarios.iwrm_model()
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    added = [key for key in table if key not in before]
+    assert added  # the optimizer watches forward passes for DDP and fully_shard models
+    del optimizer
+    gc.collect()
+    assert [key for key in table if key not in before] == added
+    kept = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    assert not any(key in table for key in added)
+    del kept
+    gc.collect()
