@@ -323,3 +323,27 @@ def test_step_refuses_a_non_finite_direction_without_a_scaler() -> None:
     with pytest.raises(ValueError, match="GradScaler"):
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_a_collected_optimizer_leaves_torchs_global_hook_table_alone_until_the_next_capture() -> (
+    None
+):
+    """Backward-then-step keeps the engine's discovery hook (a global forward hook) on between
+    calls. Garbage collection may drop the optimizer while dynamo compiles a frame whose guards read
+    torch's global hook table by key: the hook goes inert at once and leaves the table at the next
+    capture, not during the collection."""
+    table = nn.modules.module._global_forward_hooks
+    before = set(table)
+    model, inputs, targets = regression_problem(steps=2)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+    added = set(table) - before
+    assert added
+    del optimizer
+    gc.collect()
+    assert set(table) - before == added
+    model(inputs[0])  # the inert hook does nothing
+    other, _, _ = regression_problem(steps=1)
+    follower = JDSGD(other.parameters(), lr=0.1, batch_dim=0)
+    follower.step(lambda: per_instance_losses(other, inputs[1], targets[1]))
+    assert not added & set(table)
