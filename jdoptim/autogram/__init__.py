@@ -13,7 +13,7 @@ from jdoptim.autogram._assembly import (
     jacobian_scale,
     scaled_gramian_from_terms,
 )
-from jdoptim.autogram._engine import Engine, RouteReport, deferred_hook_removal
+from jdoptim.autogram._engine import Engine, RouteReport
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term, concat_terms
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "RouteReport",
     "Term",
     "concat_terms",
-    "deferred_hook_removal",
     "grad_from_terms",
     "gramian_from_terms",
     "instance_major_order",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_global_hook
 from jdoptim.autogram._assembly import (
     grad_from_terms,
     gramian_from_terms,
@@ -193,7 +194,7 @@ class Engine:
         Needed only for an engine built from ``parameters`` alone; harmless otherwise. It may stay
         open across other code (an optimizer's backward-then-step keeps it open between steps).
         """
-        _remove_deferred_hooks()
+        remove_deferred_hooks()
         self._pending = None
         self._check_open()
         if self._modules or all(id(p) in self._owned for p in self._params if p.requires_grad):
@@ -202,23 +203,15 @@ class Engine:
         # Dynamo gives up on (and remembers) a compiled forward that runs a global hook it must not
         # trace; so the discovery pass runs compiled code eagerly, and later passes, with a hook on
         # each owner, compile as usual.
-        live = [True]
-
-        def discover(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if live[0]:
-                self._discover(module, args, kwargs, output)
-
-        hook = torch.compiler.disable(discover)  # type: ignore[no-untyped-call]
+        registered, turn_off = guarded(self._discover)
+        hook = torch.compiler.disable(registered)  # type: ignore[no-untyped-call]
         handle = nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
         try:
             with _DISCOVERING:
                 yield
         finally:
-            live[0] = False
-            if _DEFERRING[0]:
-                _DEFERRED.append(handle)
-            else:
-                _remove_global_hook(handle)
+            turn_off()
+            remove_global_hook(handle)
 
     def _needs_hook(self, module: nn.Module) -> bool:
         return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
@@ -544,34 +537,6 @@ class _Discovering:
 
 
 _DISCOVERING = _Discovering()
-
-# Global hooks whose removal waits for the next capture() (see deferred_hook_removal).
-_DEFERRED: list[RemovableHandle] = []
-_DEFERRING = [0]
-
-
-@contextmanager
-def deferred_hook_removal() -> Iterator[None]:
-    """Discovery hooks closed inside go inert at once and leave torch's global hook table at the
-    next :meth:`Engine.capture`. For finalizers: garbage collection may run them while dynamo
-    compiles a frame whose guards read that table by key, and a removed entry fails the compile."""
-    _DEFERRING[0] += 1
-    try:
-        yield
-    finally:
-        _DEFERRING[0] -= 1
-
-
-def _remove_deferred_hooks() -> None:
-    while _DEFERRED:
-        _remove_global_hook(_DEFERRED.pop())
-
-
-def _remove_global_hook(handle: RemovableHandle) -> None:
-    handle.remove()
-    # torch 2.13's handle leaves the hook's id in the with_kwargs table, and any entry there
-    # counts as a global hook (dynamo and torch.compile warn about them forever).
-    nn.modules.module._global_forward_hooks_with_kwargs.pop(handle.id, None)
 
 
 class _ModuleHook:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jdoptim.distributed._global_hooks import global_pre_hook, remove_dropped_hooks
+from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_global_hook
 
 
 def ddp_process_group(modules: Iterable[nn.Module] | None) -> dist.ProcessGroup | None:
@@ -35,7 +35,7 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
     its own gradient synchronisation, as under ``no_sync()``: the distributed step reduces the
     gradients itself, once. Does nothing unless ``torch.distributed`` is initialised.
     """
-    remove_dropped_hooks()
+    remove_deferred_hooks()
     if not (dist.is_available() and dist.is_initialized()):
         yield
         return
@@ -49,9 +49,12 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
             silenced[id(module)] = (module, module.require_backward_grad_sync)
             module.require_backward_grad_sync = False
 
+    registered, turn_off = guarded(hook)
+    handle = nn.modules.module.register_module_forward_pre_hook(registered)
     try:
-        with global_pre_hook(hook):
-            yield
+        yield
     finally:
+        turn_off()
+        remove_global_hook(handle)
         for module, previous in silenced.values():
             module.require_backward_grad_sync = previous

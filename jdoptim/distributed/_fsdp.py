@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from jdoptim.distributed._global_hooks import global_pre_hook, remove_dropped_hooks
+from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_global_hook
 
 
 def is_fsdp(module: nn.Module) -> bool:
@@ -55,7 +55,7 @@ def fsdp_root(modules: Iterable[nn.Module] | None) -> nn.Module | None:
 @contextmanager
 def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
     """Context for forward passes: reports the outermost ``fully_shard`` module each one runs."""
-    remove_dropped_hooks()
+    remove_deferred_hooks()
     if not (dist.is_available() and dist.is_initialized()):
         yield
         return
@@ -64,8 +64,13 @@ def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
         if is_fsdp(module):
             on_fsdp(module)
 
-    with global_pre_hook(hook):
+    registered, turn_off = guarded(hook)
+    handle = nn.modules.module.register_module_forward_pre_hook(registered)
+    try:
         yield
+    finally:
+        turn_off()
+        remove_global_hook(handle)
 
 
 def sharded_model(root: nn.Module) -> tuple[ShardedModel, bool]:

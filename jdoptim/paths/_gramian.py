@@ -22,7 +22,6 @@ from jdoptim.autogram import (
     MaterializedTerm,
     Term,
     concat_terms,
-    deferred_hook_removal,
     grad_from_terms,
     gramian_from_terms,
     scaled_gramian_from_terms,
@@ -62,7 +61,7 @@ class GramianPath(Path):
         assert context.batch_dim is not None
         self.batch_dim: int = context.batch_dim
         self._watch = ExitStack()
-        weakref.finalize(self, _close_when_collected, self._watch)
+        weakref.finalize(self, self._watch.close)
         self._backward_mode = False
 
     @property
@@ -216,9 +215,3 @@ def term_rows(term: Term) -> MaterializedTerm:
 def _concat_losses(losses: Sequence[Tensor], batch_dim: int) -> Tensor:
     dim = batch_dim % losses[0].ndim
     return torch.cat(list(losses), dim=dim)
-
-
-def _close_when_collected(watch: ExitStack) -> None:
-    """The finalizer's close of the forward watch: it may run in the middle of a compile."""
-    with deferred_hook_removal():
-        watch.close()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from jdoptim import JDSGD
+from jdoptim import _global_hooks as global_hooks
 from jdoptim.aggregation import SDMGradWeighting
 from tests.distributed import _scenarios as scenarios
 from tests.distributed._launch import ok, rank_fixtures
@@ -181,22 +182,23 @@ def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ra
         assert sent["weights"] == (8 + 8 + 1) * 8  # rank 0's weights and the global losses
 
 
-def test_a_collected_optimizer_leaves_torchs_global_hook_table_alone_until_the_next_one(
-    single_rank_group: None,
+def test_a_collected_optimizer_removes_its_watch_hooks_after_a_compile_under_way(
+    single_rank_group: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Garbage collection may drop an optimizer while torch.compile guards on the global hook
-    table by key (a KeyError mid-compile was seen): its DDP/FSDP2 watch hooks go inert at once
-    and leave the table when the next optimizer is built."""
+    """The DDP/FSDP2 watch hooks of an optimizer collected while dynamo compiles (whose guards read
+    torch's global hook table by key) stay in the table, inert, until the compile is over; at once
+    otherwise."""
     table = nn.modules.module._global_forward_pre_hooks
-    before = dict(table)
     model = scenarios.iwrm_model()
-    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
-    added = [key for key in table if key not in before]
-    assert added  # the optimizer watches forward passes for DDP and fully_shard models
-    del optimizer
-    gc.collect()
-    assert [key for key in table if key not in before] == added
-    kept = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
-    assert not any(key in table for key in added)
-    del kept
-    gc.collect()
+    for during_a_compile in (True, False):
+        before = set(table)
+        optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+        added = set(table) - before
+        assert added  # the optimizer watches forward passes for DDP and fully_shard models
+        monkeypatch.setattr(global_hooks, "compiling", lambda c=during_a_compile: c)
+        del optimizer
+        gc.collect()
+        assert (added <= set(table)) if during_a_compile else not added & set(table)
+        monkeypatch.setattr(global_hooks, "compiling", lambda: False)
+        global_hooks.remove_deferred_hooks()
+        assert not added & set(table)
