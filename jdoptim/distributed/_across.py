@@ -73,7 +73,6 @@ class RankAwarePath(Path):
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
             return
-        self._refuse_scaler("bfloat16 autocast, which needs no loss scaling")
         self.distributed = distributed_variant(self.local, group)
 
     def _refuse_scaler(self, instead: str) -> None:
@@ -124,6 +123,9 @@ class RankAwarePath(Path):
         self, losses: Tensor, features: Any, scale: float, next_losses: Callable[[], Tensor]
     ) -> StepRecord:
         return self.active.run(losses, features, scale, next_losses)
+
+    def overflowed(self, losses: Tensor) -> None:
+        self.active.overflowed(losses)
 
     def global_losses(self, losses: Tensor) -> Tensor:
         return self.active.global_losses(losses)
