@@ -529,6 +529,20 @@ def scaled_key(method: str, mode: str, overflow: str) -> str:
     return f"scaled-{method}-{mode}-overflow={overflow}"
 
 
+def scaled_task_losses(kind: str, world: int, part: slice, **options: Any) -> dict[str, Any]:
+    """A per-task-losses scenario under ``grad_scaler=`` (its scale growing at every step)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    model = mtl_model()
+    batches = mtl_batches(MTL_BATCH[world] * world)
+    losses = TASK_TRAINERS[kind](model, batches, part, grad_scaler=scaler, **options)
+    return {"params": params_of(model), "losses": losses, "scaler": scaler.state_dict()}
+
+
+def scaled_task_losses_rank(rank: int, world: int, kind: str) -> dict[str, Any]:
+    part = slices([MTL_BATCH[world]] * world)[rank]
+    return scaled_task_losses(kind, world, part, process_group=dist.group.WORLD)
+
+
 # --- one launch per world size ---------------------------------------------------------------
 
 
@@ -592,6 +606,8 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     if world == 2:
         for method, mode, overflow in SCALED_CASES:
             record(scaled_key(method, mode, overflow), scaled_rank, method, mode, overflow)
+        for kind in TASK_TRAINERS:
+            record(f"scaled-{kind}", scaled_task_losses_rank, kind)
         record("resume", resume_rank, out_dir)
         record("bytes", bytes_rank)
         record("failure-mtl", failing_mtl_rank)

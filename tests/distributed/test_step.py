@@ -180,6 +180,20 @@ def test_loss_scaled_ddp_steps_equal_one_process_with_the_same_scaler(
     assert [h["scale"] for h in reference["history"]] == [2.0**11, 2.0**12, 2.0**13, 2.0**14]
 
 
+@pytest.mark.parametrize("kind", ["mtl", "tasks", "famo", "uw"])
+def test_loss_scaled_per_task_steps_equal_one_process_with_the_same_scaler(
+    two_ranks: Any, kind: str
+) -> None:
+    _, ranks = two_ranks
+    reference = scenarios.scaled_task_losses(kind, 2, slice(None))
+    for rank in ranks:
+        result = ok(rank[f"scaled-{kind}"])
+        _close(result["params"], reference["params"])
+        _close([result["losses"]], [reference["losses"]])
+        assert result["scaler"] == reference["scaler"]
+    assert reference["scaler"]["scale"] == 2.0**13
+
+
 @pytest.mark.parametrize(
     ("method", "mode", "overflow"),
     [case for case in scenarios.SCALED_CASES if case[2] != "none"],
