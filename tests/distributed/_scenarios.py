@@ -453,16 +453,26 @@ def overflow_factors(overflow: str, step: int, total: int) -> tuple[Tensor, Tens
     losses, grads = torch.ones(total, dtype=torch.float64), torch.ones(total, dtype=torch.float64)
     if step == OVERFLOW_STEP and overflow != "none":
         last = slices(SCALED_SIZES)[-1]
-        (losses if overflow == "losses" else grads)[last] = float("inf")
+        if overflow == "first-loss":  # the first instance of the last rank only
+            last = slice(last.start, last.start + 1)
+        (grads if overflow == "gradients" else losses)[last] = float("inf")
     return losses, grads
+
+
+def halves(part: slice, total: int) -> list[slice]:
+    """``part`` of ``range(total)`` as two micro-batches (the first one the larger)."""
+    start, stop, _ = part.indices(total)
+    middle = start + (stop - start + 1) // 2
+    return [slice(start, middle), slice(middle, stop)]
 
 
 def train_scaled(
     model: nn.Module, method: str, mode: str, overflow: str, part: slice, **options: Any
 ) -> dict[str, Any]:
     """IWRM with a CPU GradScaler whose scale grows at every finite step; ``mode``: "closure"
-    (``grad_scaler=`` does it all) or "backward" (``scaler.scale``, ``scaler.step`` and
-    ``update`` in the loop). Records the parameters and the scale after each step."""
+    (``grad_scaler=`` does it all), "backward" (``scaler.scale``, ``scaler.step`` and ``update``
+    in the loop) or "accumulate" (the same, two micro-batches per step). Records the parameters
+    and the scale after each step."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     optimizer = JDSGD(
         model.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler, **method_options(method)
@@ -472,7 +482,7 @@ def train_scaled(
     for step, (x, y) in enumerate(iwrm_batches(total, steps=SCALED_STEPS, seed=4)):
         loss_factor, grad_factor = overflow_factors(overflow, step, total)
 
-        def losses() -> Tensor:
+        def losses(part: slice = part) -> Tensor:
             output = _ScaledGradient.apply(model(x[part]).squeeze(-1), grad_factor[part])
             return (output - y[part]) ** 2 * loss_factor[part]
 
@@ -484,7 +494,8 @@ def train_scaled(
 
             optimizer.step(closure)
         else:
-            optimizer.backward(scaler.scale(losses()))
+            for micro in halves(part, total) if mode == "accumulate" else [part]:
+                optimizer.backward(scaler.scale(losses(micro)))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad()
@@ -521,6 +532,8 @@ SCALED_CASES = [
     ("upgrad", "backward", "losses"),
     ("upgrad", "closure", "gradients"),
     ("upgrad", "backward", "gradients"),
+    ("upgrad", "accumulate", "none"),
+    ("upgrad", "accumulate", "first-loss"),  # only the first micro-batch of rank 1 overflows
     ("trimmed_mean", "closure", "gradients"),
 ]
 
