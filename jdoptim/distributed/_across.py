@@ -75,13 +75,6 @@ class RankAwarePath(Path):
             return
         self.distributed = distributed_variant(self.local, group)
 
-    def _refuse_scaler(self, instead: str) -> None:
-        if self.grad_scaler is not None:
-            raise ValueError(
-                "grad_scaler is not supported in distributed steps; train in full precision or "
-                f"with {instead}."
-            )
-
     @property
     def active(self) -> Path:
         return self.local if self.distributed is None else self.distributed
@@ -137,7 +130,14 @@ class RankAwarePath(Path):
         model's hooks were added by this call."""
         if self.distributed is not None:
             return False
-        self._refuse_scaler("bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))")
+        if self.grad_scaler is not None:
+            raise ValueError(
+                "grad_scaler is not supported on a fully_shard (FSDP2) model: each rank holds "
+                "only its shard of the gradients, so the ranks' scalers could disagree on "
+                "skipping a step. Train with bfloat16 parameters "
+                "(fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))), "
+                "which need no loss scaling, or in full precision; DDP models take grad_scaler=."
+            )
         model, created = sharded_model(root)
         self.distributed = sharded_variant(self.local, model)
         return created

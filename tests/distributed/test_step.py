@@ -148,6 +148,16 @@ def test_unsupported_methods_are_rejected_when_the_optimizer_is_built(
         JDSGD(model.parameters(), lr=0.1, weighting=SDMGradWeighting(), process_group=group)
 
 
+def test_a_grad_scaler_on_a_fully_shard_model_is_a_clear_error(single_rank_group: None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = scenarios.iwrm_model()
+    fully_shard(model)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="grad_scaler is not supported on a fully_shard"):
+        JDSGD(model.parameters(), lr=0.1, batch_dim=0, modules=model, grad_scaler=scaler)
+
+
 def test_one_rank_steps_equal_local_steps_and_count_bytes(single_rank_group: None) -> None:
     sizes = [5]
     for method in ["upgrad", "mean", "trimmed_mean", "geometric_mean"]:
