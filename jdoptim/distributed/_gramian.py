@@ -65,7 +65,7 @@ class DistributedGramianPath(DistributedPath):
             [from_first_rank(weights, comm.rank), layout.place(part.losses.to(dtype))],
             kind="weights",
         )
-        check_shared(weights, "weights")
+        check_shared([weights], "weights")
         self.write_grads(part, layout.local_slice(weights).to(part.losses.dtype))
         final = gramian
         return StepRecord(global_losses.to(part.losses.dtype), weights, _gramian=lambda: final)

@@ -49,8 +49,7 @@ class DistributedMultiTaskPath(DistributedPath):
         synced = comm.all_reduce_sum(
             [from_first_rank(d, comm.rank) for d in directions], kind="direction"
         )
-        for direction in synced:
-            check_shared(direction, "direction")
+        check_shared(synced, "directions")
         for param, direction in zip(shared, synced, strict=True):
             param.grad = direction * part.scale if part.scale != 1.0 else direction
         self.restore()

@@ -164,7 +164,7 @@ class DistributedPath(Path):
         (shared,) = self.communicator.all_reduce_sum(
             [from_first_rank(direction, self.communicator.rank)], kind="direction"
         )
-        check_shared(shared, "direction")
+        check_shared([shared], "direction")
         add_direction(self.context.params(), shared * scale if scale != 1.0 else shared)
 
     def task_means(self, part: Part, kind: StepKind, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -191,14 +191,15 @@ class DistributedPath(Path):
         return values
 
 
-def check_shared(shared: Tensor, what: str) -> None:
-    """Raises :class:`StepOverflow` when rank 0's shared ``what`` is not finite: rank 0's Gramian
-    or Jacobian overflowed (its weighting gave NaN instead of failing), and every rank, holding the
-    same values, raises here alike."""
-    if not bool(torch.isfinite(shared).all()):
+def check_shared(shared: Sequence[Tensor], what: str) -> None:
+    """Raises :class:`StepOverflow` when the ``what`` rank 0 shared is not finite (rank 0's
+    Gramian or Jacobian overflowed, and it shared NaN instead of failing): every rank holds the
+    same values, so every rank raises here alike."""
+    if shared and not bool(torch.stack([torch.isfinite(t).all() for t in shared]).all()):
         raise StepOverflow(
-            f"Rank 0's {what} is not finite: the Gramian or Jacobian of the losses overflowed "
-            "(under float16 loss scaling, every rank skips this step)."
+            f"The {what} shared by rank 0 hold NaN or infinity: the Gramian (or Jacobian) of the "
+            "losses is not finite. Under float16 loss scaling every rank skips this step; "
+            "otherwise, look for diverging losses (a learning rate too large)."
         )
 
 
