@@ -538,6 +538,29 @@ SCALED_CASES = [
 ]
 
 
+def unscaled_overflow_rank(rank: int, world: int) -> dict[str, Any]:
+    """Backward-then-step on a DDP model without a scaler; the last rank's losses are infinite at
+    the second step: every rank's backward skips it, every rank's step() refuses it."""
+    model = iwrm_model()
+    ddp = DistributedDataParallel(model)
+    optimizer = JDSGD(ddp.parameters(), lr=0.1, batch_dim=0)
+    part = slices([3] * world)[rank]
+    history: list[dict[str, Any]] = []
+    for step, (x, y) in enumerate(iwrm_batches(3 * world)):
+        losses = iwrm_losses(ddp, x[part], y[part])
+        if step == 1 and rank == world - 1:
+            losses = losses * float("inf")
+        record = optimizer.backward(losses)
+        refused = None
+        try:
+            optimizer.step()
+        except ValueError as error:
+            refused = str(error)
+        optimizer.zero_grad()
+        history.append({"finite": record.finite, "refused": refused, "params": params_of(model)})
+    return {"history": history}
+
+
 def scaled_key(method: str, mode: str, overflow: str) -> str:
     return f"scaled-{method}-{mode}-overflow={overflow}"
 
@@ -616,6 +639,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("encoder-one-instance", encoder_one_instance_rank, ONE_INSTANCE_SIZES[world])
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
+    record("unscaled-overflow", unscaled_overflow_rank)
     if world == 2:
         for method, mode, overflow in SCALED_CASES:
             record(scaled_key(method, mode, overflow), scaled_rank, method, mode, overflow)

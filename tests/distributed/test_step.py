@@ -231,6 +231,23 @@ def test_an_overflow_on_one_rank_makes_every_rank_skip_the_step(
         assert _same(got["params"], expected["params"])
 
 
+def test_losses_that_overflow_on_one_rank_without_a_scaler_are_skipped_by_every_rank(
+    launch: Any,
+) -> None:
+    """Backward-then-step treats non-finite losses as an overflow, scaler or not: every rank's
+    backward skips the step and every rank's step() refuses it, then training goes on alike."""
+    _, ranks = launch
+    histories = [ok(rank["unscaled-overflow"])["history"] for rank in ranks]
+    for history in histories:
+        assert [h["finite"] for h in history] == [True, False, True]
+        assert history[1]["refused"] is not None and "non-finite" in history[1]["refused"]
+        assert history[0]["refused"] is None and history[2]["refused"] is None
+        assert _same(history[0]["params"], history[1]["params"])
+        assert not _same(history[1]["params"], history[2]["params"])
+    for history in histories[1:]:
+        assert _same(history[-1]["params"], histories[0][-1]["params"])
+
+
 def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ranks: Any) -> None:
     """Hand count for Linear(5, 6), LayerNorm(6), Linear(6, 1), 4 instances per rank, float64."""
     _, ranks = two_ranks
