@@ -73,15 +73,7 @@ class RankAwarePath(Path):
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
             return
-        self._refuse_scaler("bfloat16 autocast, which needs no loss scaling")
         self.distributed = distributed_variant(self.local, group)
-
-    def _refuse_scaler(self, instead: str) -> None:
-        if self.grad_scaler is not None:
-            raise ValueError(
-                "grad_scaler is not supported in distributed steps; train in full precision or "
-                f"with {instead}."
-            )
 
     @property
     def active(self) -> Path:
@@ -125,6 +117,9 @@ class RankAwarePath(Path):
     ) -> StepRecord:
         return self.active.run(losses, features, scale, next_losses)
 
+    def overflowed(self, losses: Tensor) -> None:
+        self.active.overflowed(losses)
+
     def global_losses(self, losses: Tensor) -> Tensor:
         return self.active.global_losses(losses)
 
@@ -135,7 +130,14 @@ class RankAwarePath(Path):
         model's hooks were added by this call."""
         if self.distributed is not None:
             return False
-        self._refuse_scaler("bfloat16 (MixedPrecisionPolicy(param_dtype=torch.bfloat16))")
+        if self.grad_scaler is not None:
+            raise ValueError(
+                "grad_scaler is not supported on a fully_shard (FSDP2) model: each rank holds "
+                "only its shard of the gradients, so the ranks' scalers could disagree on "
+                "skipping a step. Train with bfloat16 parameters "
+                "(fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))), "
+                "which need no loss scaling, or in full precision; DDP models take grad_scaler=."
+            )
         model, created = sharded_model(root)
         self.distributed = sharded_variant(self.local, model)
         return created

@@ -7,6 +7,10 @@ can wait forever on a collective that another rank never reaches. Local work run
 carries a failure flag (one more number in a buffer that travels anyway), and when any rank has
 failed, every rank raises right after it, before anyone enters the following collective. The
 collectives' sizes never depend on local work that may have failed (a failed rank sends zeros).
+
+An overflow under loss scaling (a rank's scaled losses are not finite) is not a failure but a step
+that every rank skips: the flag of the step's first exchange says so, and every rank raises
+:class:`StepOverflow` right after it, which the optimizer turns into a skipped step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from jdoptim.paths import NonFiniteGramianError
+
+
+class StepOverflow(NonFiniteGramianError):
+    """Raised on every rank, after the same exchange, when the step overflowed on some rank (its
+    scaled losses, or rank 0's Gramian, were not finite): under loss scaling, every rank skips it."""
 
 
 class DistributedStepError(RuntimeError):
@@ -38,6 +49,7 @@ class Communicator:
         self.bytes_sent: dict[str, int] = {}
         self.error: Exception | None = None
         self.stage = ""
+        self.overflow = False
         # NCCL only moves CUDA tensors: the small control tensors live where the backend wants.
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -48,6 +60,7 @@ class Communicator:
     def start_step(self) -> None:
         self.bytes_sent = {}
         self.error = None
+        self.overflow = False
 
     def _count(self, kind: str, nbytes: float) -> None:
         self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
@@ -91,13 +104,25 @@ class Communicator:
     # --- collectives ---------------------------------------------------------------------------
 
     def exchange_ints(self, values: Sequence[int]) -> list[list[int]]:
-        """Every rank's ``values`` (the same length on every rank), after the failure check."""
-        local = torch.tensor([self._flag(), *values], dtype=torch.int64, device=self.device)
+        """Every rank's ``values`` (the same length on every rank), after the failure check.
+
+        The flag is 1 for a failed rank, 2 for a rank whose step overflowed (:attr:`overflow`):
+        after a failure every rank raises it, after an overflow :class:`StepOverflow`.
+        """
+        flag = self._flag() or (_OVERFLOW if self.overflow else 0)
+        local = torch.tensor([flag, *values], dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         self._count("control", local.numel() * 8 * (self.world_size - 1))
         rows = [g.tolist() for g in gathered]
-        self._raise_if_any_failed(sum(row[0] for row in rows))
+        self._raise_if_any_failed(sum(row[0] == 1 for row in rows))
+        overflowed = [rank for rank, row in enumerate(rows) if row[0] == _OVERFLOW]
+        if overflowed:
+            self.overflow = False
+            raise StepOverflow(
+                f"The scaled losses of rank(s) {overflowed} are not finite (a float16 overflow): "
+                "every rank skips this step."
+            )
         return [row[1:] for row in rows]
 
     def all_gather_padded(
@@ -186,6 +211,9 @@ class Communicator:
                 offset += size
         self._raise_if_any_failed(failures)
         return results
+
+
+_OVERFLOW = 2
 
 
 def from_first_rank(value: Tensor, rank: int) -> Tensor:

@@ -78,6 +78,12 @@ class ShardedPath:
             self.finish_passes()
         return super().run(losses, features, scale, next_losses)  # type: ignore[misc, no-any-return]
 
+    def overflowed(self, losses: Tensor) -> None:
+        """Rounds until the other ranks' passes are over, then the step's first exchange, after
+        which every rank skips the step."""
+        self.finish_passes()
+        super().overflowed(losses)  # type: ignore[misc]
+
     def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
         """This rank's passes (guarded), then rounds until every rank's passes are over."""
         try:

@@ -10,10 +10,16 @@ from torch import Tensor
 from jdoptim.autogram import Term
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._layout import Layout, StepKind, form_code, forms_digest, header
-from jdoptim.distributed._path_base import DistributedPath, losses_of
+from jdoptim.distributed._path_base import (
+    DistributedPath,
+    check_shared,
+    losses_of,
+    overflow_as_nan,
+)
 from jdoptim.paths import (
     GramianPath,
     LossesPart,
+    NonFiniteGramianError,
     Part,
     StepRecord,
     TermsPart,
@@ -50,12 +56,16 @@ class DistributedGramianPath(DistributedPath):
         weights = part.losses.new_zeros(layout.shape, dtype=dtype)
         gramian = weights.new_zeros(())
         with comm.guard("the weighting"):
-            gramian = self.local.gramian(global_terms, layout.shape, part.scale)
-            weights = weights_for(self.local.weighting, gramian).to(dtype)
+            try:
+                gramian = self.local.gramian(global_terms, layout.shape, part.scale)
+                weights = weights_for(self.local.weighting, gramian).to(dtype)
+            except NonFiniteGramianError:
+                weights = overflow_as_nan(weights)
         weights, global_losses = comm.all_reduce_sum(
             [from_first_rank(weights, comm.rank), layout.place(part.losses.to(dtype))],
             kind="weights",
         )
+        check_shared([weights], "weights")
         self.write_grads(part, layout.local_slice(weights).to(part.losses.dtype))
         final = gramian
         return StepRecord(global_losses.to(part.losses.dtype), weights, _gramian=lambda: final)

@@ -6,8 +6,13 @@ from torch import Tensor
 
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._layout import StepKind
-from jdoptim.distributed._path_base import DistributedPath, or_zeros
-from jdoptim.paths import MultiTaskPath, Part, StepRecord, TasksPart
+from jdoptim.distributed._path_base import (
+    DistributedPath,
+    check_shared,
+    or_zeros,
+    overflow_as_nan,
+)
+from jdoptim.paths import MultiTaskPath, NonFiniteGramianError, Part, StepRecord, TasksPart
 
 
 class DistributedMultiTaskPath(DistributedPath):
@@ -36,15 +41,20 @@ class DistributedMultiTaskPath(DistributedPath):
         directions = [p.new_zeros(p.shape) for p in shared]
         weights: Tensor | None = None
         with comm.guard("the aggregation"):
-            weights = self.local.aggregate(shared, mean_jacobians)
-            directions = [or_zeros(p.grad, p) for p in shared]
+            try:
+                weights = self.local.aggregate(shared, mean_jacobians)
+                directions = [or_zeros(p.grad, p) for p in shared]
+            except NonFiniteGramianError:
+                directions = [overflow_as_nan(d) for d in directions]
         synced = comm.all_reduce_sum(
             [from_first_rank(d, comm.rank) for d in directions], kind="direction"
         )
+        check_shared(synced, "directions")
         for param, direction in zip(shared, synced, strict=True):
             param.grad = direction * part.scale if part.scale != 1.0 else direction
         self.restore()
+        # The heads' gradients are those of the scaled losses already (the trunk's Jacobians are
+        # unscaled, so that the aggregator sees the true ones).
         for param, grad in zip(heads, mean_grads, strict=True):
-            grad = grad * part.scale if part.scale != 1.0 else grad
             param.grad = grad if param.grad is None else param.grad + grad
         return StepRecord(mean_losses, weights)

@@ -8,6 +8,11 @@ same global Gramian (or Jacobian), rank 0's weights are shared so that every ran
 bit-identical values, each rank builds the gradient of its own losses under its slice of the
 weights, and one all-reduce sums them. Every exchange starts with a header of the same length,
 and failures ride in the next collective, so a failing rank makes every rank raise, never hang.
+
+Under float16 loss scaling (a ``GradScaler``), every verdict on an overflow is one the ranks share:
+a rank whose scaled losses overflowed says so in the step's first exchange, rank 0's weights (or
+direction) are NaN when its Gramian (or Jacobian) overflowed, and overflowing gradients are summed
+into every rank's. Every rank then skips the step alike, and its scaler backs off alike.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from jdoptim.distributed._communicator import Communicator, from_first_rank
+from jdoptim.distributed._communicator import Communicator, StepOverflow, from_first_rank
 from jdoptim.distributed._layout import Layout, StepKind, header, layout_of, same_shapes, shapes_of
 from jdoptim.paths import GradsPart, Part, Path, StepRecord, add_direction
 
@@ -68,6 +73,15 @@ class DistributedPath(Path):
         if losses is None:  # the closure failed on this rank: the next exchange says so
             return self.apply(FailedPart(torch.zeros(0)))
         return self.apply(self.differentiate(losses, features, scale))
+
+    def overflowed(self, losses: Tensor) -> None:
+        """Takes part in the step's first exchange only, telling every rank to skip the step."""
+        self.communicator.overflow = True
+        try:
+            self.apply(FailedPart(losses.detach()))
+        except StepOverflow:
+            return
+        raise RuntimeError("An overflowing rank passed the step's first exchange.")
 
     def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
         part: Part = FailedPart(losses.detach())
@@ -145,12 +159,13 @@ class DistributedPath(Path):
         (total,) = self.reduce_grads(params, [part.losses], scale=1 / self.world_size)
         return StepRecord(total)
 
-    def set_direction(self, direction: Tensor) -> None:
-        """Adds rank 0's ``direction`` to ``.grad``, the same on every rank."""
+    def set_direction(self, direction: Tensor, scale: float = 1.0) -> None:
+        """Adds rank 0's ``direction``, times the loss ``scale``, to ``.grad`` on every rank."""
         (shared,) = self.communicator.all_reduce_sum(
             [from_first_rank(direction, self.communicator.rank)], kind="direction"
         )
-        add_direction(self.context.params(), shared)
+        check_shared([shared], "direction")
+        add_direction(self.context.params(), shared * scale if scale != 1.0 else shared)
 
     def task_means(self, part: Part, kind: StepKind, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Every rank's ``tensors`` and losses averaged over the ranks (per-task losses)."""
@@ -174,6 +189,23 @@ class DistributedPath(Path):
             return total / self.world_size
         (values,) = comm.all_reduce_sum([layout.place(losses)], kind="losses")
         return values
+
+
+def check_shared(shared: Sequence[Tensor], what: str) -> None:
+    """Raises :class:`StepOverflow` when the ``what`` rank 0 shared is not finite (rank 0's
+    Gramian or Jacobian overflowed, and it shared NaN instead of failing): every rank holds the
+    same values, so every rank raises here alike."""
+    if shared and not bool(torch.stack([torch.isfinite(t).all() for t in shared]).all()):
+        raise StepOverflow(
+            f"The {what} shared by rank 0 hold NaN or infinity: the Gramian (or Jacobian) of the "
+            "losses is not finite. Under float16 loss scaling every rank skips this step; "
+            "otherwise, look for diverging losses (a learning rate too large)."
+        )
+
+
+def overflow_as_nan(like: Tensor) -> Tensor:
+    """What a rank weighs with after its Gramian or Jacobian overflowed: NaN, which rank 0 shares."""
+    return torch.full_like(like, float("nan"))
 
 
 def losses_of(part: Part) -> Tensor | None:

@@ -7,8 +7,15 @@ from torch import Tensor
 
 from jdoptim.autogram import instance_major_order
 from jdoptim.distributed._layout import Layout, StepKind, header, same_shapes, shapes_of
-from jdoptim.distributed._path_base import DistributedPath, losses_of
-from jdoptim.paths import GradsPart, JacobianPath, Part, RowsPart, StepRecord
+from jdoptim.distributed._path_base import DistributedPath, losses_of, overflow_as_nan
+from jdoptim.paths import (
+    GradsPart,
+    JacobianPath,
+    NonFiniteGramianError,
+    Part,
+    RowsPart,
+    StepRecord,
+)
 
 
 class DistributedJacobianPath(DistributedPath):
@@ -44,8 +51,11 @@ class DistributedJacobianPath(DistributedPath):
         with comm.guard("the aggregation"):
             natural = torch.empty_like(global_rows)
             natural[instance_major_order(layout.shape, layout.dim).to(natural.device)] = global_rows
-            direction, weights = self.local.direction(RowsPart(global_losses, natural))
-        self.set_direction(direction)
+            try:
+                direction, weights = self.local.direction(RowsPart(global_losses, natural))
+            except NonFiniteGramianError:
+                direction = overflow_as_nan(direction)
+        self.set_direction(direction, part.scale)
         return StepRecord(global_losses, weights)
 
     def _tasks(self, part: Part) -> StepRecord:
@@ -57,8 +67,11 @@ class DistributedJacobianPath(DistributedPath):
         direction = mean_rows.new_zeros(mean_rows.shape[-1] if mean_rows.ndim else 0)
         weights: Tensor | None = None
         with self.communicator.guard("the aggregation"):
-            direction, weights = self.local.direction(RowsPart(mean_losses, mean_rows))
-        self.set_direction(direction)
+            try:
+                direction, weights = self.local.direction(RowsPart(mean_losses, mean_rows))
+            except NonFiniteGramianError:
+                direction = overflow_as_nan(direction)
+        self.set_direction(direction, part.scale)
         return StepRecord(mean_losses, weights)
 
     def _task_grads(self, part: GradsPart) -> StepRecord:

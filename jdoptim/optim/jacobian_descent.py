@@ -288,6 +288,7 @@ class JacobianDescent(Optimizer):
 
         losses: Any = None
         features: Any = None
+        overflowed: Tensor | None = None
         scale = 1.0
         with self._path.guard("the closure's losses"):
             if first_result is _FAILED:
@@ -297,10 +298,12 @@ class JacobianDescent(Optimizer):
             except NonFiniteLossesError:
                 if self.grad_scaler is None:
                     raise
-                return self._skip_step(
-                    check_losses(first_result, self._multi_task, finite=False)[0]
-                )
-            scale = self._loss_scale(losses)
+                overflowed = check_losses(first_result, self._multi_task, finite=False)[0]
+            else:
+                scale = self._loss_scale(losses)
+        if overflowed is not None:
+            self._path.overflowed(overflowed)  # across ranks: every rank skips this step
+            return self._skip_step(overflowed)
         try:
             with _full_precision(losses):
                 return self._path.run(losses, features, scale, next_losses)
@@ -344,9 +347,12 @@ class JacobianDescent(Optimizer):
             losses, features = self._checked(given)
         except NonFiniteLossesError:
             # Under a GradScaler this is an overflow to skip: non-finite .grad, and step() refuses.
+            overflowed = check_losses(given, self._multi_task, finite=False)[0]
+            self._path.begin()
+            self._path.overflowed(overflowed)  # across ranks: every rank skips this step
             self._window.clear()
             self._window.finite = False
-            self.last_step = self._skip_step(check_losses(given, self._multi_task, finite=False)[0])
+            self.last_step = self._skip_step(overflowed)
             self._backward_calls += 1
             return self.last_step
         self._path.begin()
@@ -374,9 +380,13 @@ class JacobianDescent(Optimizer):
             self._method.module.load_state_dict(saved_method_state)
             window.restore(params)
             raise
-        window.parts = parts
-        window.finite = record.finite
-        window.write(params)
+        if record.finite:
+            window.parts = parts
+            window.finite = True
+            window.write(params)
+        else:  # skipped, as for losses that overflow: on every rank alike in distributed steps
+            window.clear()
+            window.finite = False
         self._backward_calls += 1
         self.last_step = record
         return record

@@ -118,6 +118,13 @@ class Path(ABC):
         """
         return self.apply(self.differentiate(losses, features, scale))
 
+    def overflowed(self, losses: Tensor) -> None:  # noqa: B027 - only ranks need to agree
+        """This batch's scaled ``losses`` overflowed: the owner skips the step (loss scaling).
+
+        Locally nothing is left to do; across ranks, the other ranks learn it at their step's first
+        exchange and skip the step too.
+        """
+
     def global_losses(self, losses: Tensor) -> Tensor:
         """The losses as the step sees them (every rank's, in distributed mode)."""
         return losses.detach()

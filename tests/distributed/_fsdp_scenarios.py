@@ -629,6 +629,29 @@ DEEP_SIZES = {2: [1, 5], 3: [3, 1, 6]}
 FAILURES = {2: ["raise", "nan", "shape"], 3: ["raise"]}
 
 
+def overflow_rank(rank: int, world: int) -> dict[str, Any]:
+    """Backward-then-step; the last rank's losses are infinite at the second step (an overflow in
+    float16): every rank's backward gives a skipped step and every rank's step() refuses it."""
+    model = iwrm_model()
+    model = shard(model, [model[0], model[3]])
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    part = slices([3] * world)[rank]
+    history: list[dict[str, Any]] = []
+    for step, (x, y) in enumerate(iwrm_batches(3 * world, STEPS)):
+        losses = iwrm_losses(model, x[part], y[part])
+        if step == 1 and rank == world - 1:
+            losses = losses * float("inf")
+        record = optimizer.backward(losses)
+        refused = None
+        try:
+            optimizer.step()
+        except ValueError as error:
+            refused = str(error)
+        optimizer.zero_grad()
+        history.append({"finite": record.finite, "refused": refused, "params": full_params(model)})
+    return {"history": history}
+
+
 def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     """Every scenario for this world size, in one process group."""
     results: dict[str, Any] = {}
@@ -656,6 +679,7 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("routes", routes_rank)
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
+    record("overflow", overflow_rank)
     if world == 2:
         record("encoder-one-instance", encoder_rank, [1, 3])
         record("unsupported", unsupported_rank)

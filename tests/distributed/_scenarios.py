@@ -425,6 +425,160 @@ def bytes_rank(rank: int, world: int) -> dict[str, int]:
     return optimizer.distributed.bytes_sent
 
 
+# --- float16 loss scaling (GradScaler) --------------------------------------------------------
+
+SCALED_SIZES = [3, 2]
+SCALED_STEPS = 4
+OVERFLOW_STEP = 1
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies each instance's gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: Tensor) -> Tensor:
+        ctx.save_for_backward(factor)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
+
+
+def overflow_factors(overflow: str, step: int, total: int) -> tuple[Tensor, Tensor]:
+    """Factors of the global batch's losses and of their gradients at ``step``: infinite on the
+    instances of the last rank at ``OVERFLOW_STEP`` (``overflow``: "losses", "gradients" or
+    "none"), ones elsewhere."""
+    losses, grads = torch.ones(total, dtype=torch.float64), torch.ones(total, dtype=torch.float64)
+    if step == OVERFLOW_STEP and overflow != "none":
+        last = slices(SCALED_SIZES)[-1]
+        if overflow == "first-loss":  # the first instance of the last rank only
+            last = slice(last.start, last.start + 1)
+        (grads if overflow == "gradients" else losses)[last] = float("inf")
+    return losses, grads
+
+
+def halves(part: slice, total: int) -> list[slice]:
+    """``part`` of ``range(total)`` as two micro-batches (the first one the larger)."""
+    start, stop, _ = part.indices(total)
+    middle = start + (stop - start + 1) // 2
+    return [slice(start, middle), slice(middle, stop)]
+
+
+def train_scaled(
+    model: nn.Module, method: str, mode: str, overflow: str, part: slice, **options: Any
+) -> dict[str, Any]:
+    """IWRM with a CPU GradScaler whose scale grows at every finite step; ``mode``: "closure"
+    (``grad_scaler=`` does it all), "backward" (``scaler.scale``, ``scaler.step`` and ``update``
+    in the loop) or "accumulate" (the same, two micro-batches per step). Records the parameters
+    and the scale after each step."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    optimizer = JDSGD(
+        model.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler, **method_options(method)
+    )
+    total = sum(SCALED_SIZES)
+    history: list[dict[str, Any]] = []
+    for step, (x, y) in enumerate(iwrm_batches(total, steps=SCALED_STEPS, seed=4)):
+        loss_factor, grad_factor = overflow_factors(overflow, step, total)
+
+        def losses(part: slice = part) -> Tensor:
+            output = _ScaledGradient.apply(model(x[part]).squeeze(-1), grad_factor[part])
+            return (output - y[part]) ** 2 * loss_factor[part]
+
+        if mode == "closure":
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                return losses()
+
+            optimizer.step(closure)
+        else:
+            for micro in halves(part, total) if mode == "accumulate" else [part]:
+                optimizer.backward(scaler.scale(losses(micro)))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        history.append({"params": params_of(model), "scale": scaler.get_scale()})
+    assert optimizer.last_step is not None
+    return {
+        "history": history,
+        "losses": optimizer.last_step.losses,
+        "scaler": scaler.state_dict(),
+    }
+
+
+def scaled_rank(rank: int, world: int, method: str, mode: str, overflow: str) -> dict[str, Any]:
+    """A DDP model, found from the forward pass, as a float16 loop on a GPU without bfloat16."""
+    model = iwrm_model()
+    return train_scaled(
+        DistributedDataParallel(model), method, mode, overflow, slices(SCALED_SIZES)[rank]
+    )
+
+
+def scaled_reference(method: str, mode: str, overflow: str) -> dict[str, Any]:
+    return train_scaled(iwrm_model(), method, mode, overflow, slice(None))
+
+
+# (method, step form, overflow) on 2 ranks
+SCALED_CASES = [
+    ("upgrad", "closure", "none"),
+    ("ema", "closure", "none"),  # not scale-invariant: it must see the unscaled Gramian
+    ("trimmed_mean", "closure", "none"),  # the Jacobian path
+    ("mean", "closure", "none"),  # weights from the shape only
+    ("upgrad", "backward", "none"),
+    ("ema", "backward", "none"),
+    ("upgrad", "closure", "losses"),
+    ("upgrad", "backward", "losses"),
+    ("upgrad", "closure", "gradients"),
+    ("upgrad", "backward", "gradients"),
+    ("upgrad", "accumulate", "none"),
+    ("upgrad", "accumulate", "first-loss"),  # only the first micro-batch of rank 1 overflows
+    ("trimmed_mean", "closure", "gradients"),
+]
+
+
+def unscaled_overflow_rank(rank: int, world: int) -> dict[str, Any]:
+    """Backward-then-step on a DDP model without a scaler; the last rank's losses are infinite at
+    the second step: every rank's backward skips it, every rank's step() refuses it."""
+    model = iwrm_model()
+    ddp = DistributedDataParallel(model)
+    optimizer = JDSGD(ddp.parameters(), lr=0.1, batch_dim=0)
+    part = slices([3] * world)[rank]
+    history: list[dict[str, Any]] = []
+    for step, (x, y) in enumerate(iwrm_batches(3 * world)):
+        losses = iwrm_losses(ddp, x[part], y[part])
+        if step == 1 and rank == world - 1:
+            losses = losses * float("inf")
+        record = optimizer.backward(losses)
+        refused = None
+        try:
+            optimizer.step()
+        except ValueError as error:
+            refused = str(error)
+        optimizer.zero_grad()
+        history.append({"finite": record.finite, "refused": refused, "params": params_of(model)})
+    return {"history": history}
+
+
+def scaled_key(method: str, mode: str, overflow: str) -> str:
+    return f"scaled-{method}-{mode}-overflow={overflow}"
+
+
+def scaled_task_losses(kind: str, world: int, part: slice, **options: Any) -> dict[str, Any]:
+    """A per-task-losses scenario under ``grad_scaler=`` (its scale growing at every step)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    model = mtl_model()
+    batches = mtl_batches(MTL_BATCH[world] * world)
+    losses = TASK_TRAINERS[kind](model, batches, part, grad_scaler=scaler, **options)
+    return {"params": params_of(model), "losses": losses, "scaler": scaler.state_dict()}
+
+
+def scaled_task_losses_rank(rank: int, world: int, kind: str) -> dict[str, Any]:
+    part = slices([MTL_BATCH[world]] * world)[rank]
+    return scaled_task_losses(kind, world, part, process_group=dist.group.WORLD)
+
+
 # --- one launch per world size ---------------------------------------------------------------
 
 
@@ -485,7 +639,12 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     record("encoder-one-instance", encoder_one_instance_rank, ONE_INSTANCE_SIZES[world])
     for failure in FAILURES[world]:
         record(f"failure-{failure}", failing_rank, failure)
+    record("unscaled-overflow", unscaled_overflow_rank)
     if world == 2:
+        for method, mode, overflow in SCALED_CASES:
+            record(scaled_key(method, mode, overflow), scaled_rank, method, mode, overflow)
+        for kind in TASK_TRAINERS:
+            record(f"scaled-{kind}", scaled_task_losses_rank, kind)
         record("resume", resume_rank, out_dir)
         record("bytes", bytes_rank)
         record("failure-mtl", failing_mtl_rank)

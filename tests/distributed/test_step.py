@@ -27,6 +27,10 @@ TOLERANCE = 1e-10
 two_ranks, three_ranks, launch = rank_fixtures(scenarios.all_scenarios_rank, "ranks")
 
 
+def _same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
 def _close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, atol=TOLERANCE, rtol=0.0)
@@ -145,9 +149,16 @@ def test_unsupported_methods_are_rejected_when_the_optimizer_is_built(
     group = dist.group.WORLD
     with pytest.raises(ValueError, match="Cross-Gramian"):
         JDSGD(model.parameters(), lr=0.1, weighting=SDMGradWeighting(), process_group=group)
+
+
+def test_a_grad_scaler_on_a_fully_shard_model_is_a_clear_error(single_rank_group: None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = scenarios.iwrm_model()
+    fully_shard(model)
     scaler = torch.amp.GradScaler("cpu")
-    with pytest.raises(ValueError, match="grad_scaler"):
-        JDSGD(model.parameters(), lr=0.1, grad_scaler=scaler, process_group=group)
+    with pytest.raises(ValueError, match="grad_scaler is not supported on a fully_shard"):
+        JDSGD(model.parameters(), lr=0.1, batch_dim=0, modules=model, grad_scaler=scaler)
 
 
 def test_one_rank_steps_equal_local_steps_and_count_bytes(single_rank_group: None) -> None:
@@ -158,6 +169,86 @@ def test_one_rank_steps_equal_local_steps_and_count_bytes(single_rank_group: Non
         scenarios.train_iwrm(model, method, batches, slice(None), 0, process_group=dist.group.WORLD)
         reference = scenarios.iwrm_reference(method, sizes, 0)
         _close(scenarios.params_of(model), reference["params"])
+
+
+@pytest.mark.parametrize(
+    ("method", "mode"),
+    [(m, f) for m, f, overflow in scenarios.SCALED_CASES if overflow == "none"],
+)
+def test_loss_scaled_ddp_steps_equal_one_process_with_the_same_scaler(
+    two_ranks: Any, method: str, mode: str
+) -> None:
+    """A float16-style loop (GradScaler, its scale growing at every step) on a DDP model: the
+    steps, and the scaler's state, equal those of one process on the concatenated batch."""
+    _, ranks = two_ranks
+    key = scenarios.scaled_key(method, mode, "none")
+    reference = scenarios.scaled_reference(method, mode, "none")
+    for rank in ranks:
+        result = ok(rank[key])
+        for got, expected in zip(result["history"], reference["history"], strict=True):
+            _close(got["params"], expected["params"])
+            assert got["scale"] == expected["scale"]
+        _close([result["losses"]], [reference["losses"]])
+        assert result["scaler"] == reference["scaler"]
+    assert [h["scale"] for h in reference["history"]] == [2.0**11, 2.0**12, 2.0**13, 2.0**14]
+
+
+@pytest.mark.parametrize("kind", ["mtl", "tasks", "famo", "uw"])
+def test_loss_scaled_per_task_steps_equal_one_process_with_the_same_scaler(
+    two_ranks: Any, kind: str
+) -> None:
+    _, ranks = two_ranks
+    reference = scenarios.scaled_task_losses(kind, 2, slice(None))
+    for rank in ranks:
+        result = ok(rank[f"scaled-{kind}"])
+        _close(result["params"], reference["params"])
+        _close([result["losses"]], [reference["losses"]])
+        assert result["scaler"] == reference["scaler"]
+    assert reference["scaler"]["scale"] == 2.0**13
+
+
+@pytest.mark.parametrize(
+    ("method", "mode", "overflow"),
+    [case for case in scenarios.SCALED_CASES if case[2] != "none"],
+)
+def test_an_overflow_on_one_rank_makes_every_rank_skip_the_step(
+    two_ranks: Any, method: str, mode: str, overflow: str
+) -> None:
+    """Rank 1's losses (or their gradients) are infinite at one step: every rank skips it (the
+    parameters stay, the same on every rank), every scaler halves its scale, and training goes on,
+    as in one process whose global batch overflows alike."""
+    _, ranks = two_ranks
+    key = scenarios.scaled_key(method, mode, overflow)
+    reference = scenarios.scaled_reference(method, mode, overflow)
+    step = scenarios.OVERFLOW_STEP
+    histories = [ok(rank[key])["history"] for rank in ranks]
+    for history in histories:
+        before, skipped, after = history[step - 1], history[step], history[step + 1]
+        assert _same(before["params"], skipped["params"])
+        assert skipped["scale"] == before["scale"] / 2
+        assert not _same(skipped["params"], after["params"])
+        for got, expected in zip(history, reference["history"], strict=True):
+            _close(got["params"], expected["params"])
+            assert got["scale"] == expected["scale"]
+    for got, expected in zip(histories[1], histories[0], strict=True):
+        assert _same(got["params"], expected["params"])
+
+
+def test_losses_that_overflow_on_one_rank_without_a_scaler_are_skipped_by_every_rank(
+    launch: Any,
+) -> None:
+    """Backward-then-step treats non-finite losses as an overflow, scaler or not: every rank's
+    backward skips the step and every rank's step() refuses it, then training goes on alike."""
+    _, ranks = launch
+    histories = [ok(rank["unscaled-overflow"])["history"] for rank in ranks]
+    for history in histories:
+        assert [h["finite"] for h in history] == [True, False, True]
+        assert history[1]["refused"] is not None and "non-finite" in history[1]["refused"]
+        assert history[0]["refused"] is None and history[2]["refused"] is None
+        assert _same(history[0]["params"], history[1]["params"])
+        assert not _same(history[1]["params"], history[2]["params"])
+    for history in histories[1:]:
+        assert _same(history[-1]["params"], histories[0][-1]["params"])
 
 
 def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ranks: Any) -> None:
