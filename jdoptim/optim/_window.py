@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from jdoptim.paths import Part
@@ -20,6 +21,7 @@ class AccumulationWindow:
         self.base: list[Tensor | None] = []
         self.written: list[Tensor | None] = []
         self.finite = True
+        self.base_finite = True
 
     def clear(self) -> None:
         self.parts, self.base, self.written = [], [], []
@@ -31,9 +33,15 @@ class AccumulationWindow:
         return any(p.grad is not w for p, w in zip(params, self.written, strict=True))
 
     def open(self, params: list[Tensor]) -> None:
+        """Starts a window on what ``.grad`` holds now; a non-finite base (the NaN ``.grad`` of a
+        skipped ``backward`` the user did not zero) keeps the whole window non-finite."""
         self.parts = []
         self.base = [p.grad for p in params]
         self.written = list(self.base)
+        held = [grad for grad in self.base if grad is not None]
+        self.base_finite = not held or bool(
+            torch.stack([torch.isfinite(grad).all() for grad in held]).all()
+        )
 
     def restore(self, params: list[Tensor]) -> None:
         for param, grad in zip(params, self.written, strict=True):

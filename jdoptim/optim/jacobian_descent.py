@@ -382,7 +382,7 @@ class JacobianDescent(Optimizer):
             raise
         if record.finite:
             window.parts = parts
-            window.finite = True
+            window.finite = window.base_finite
             window.write(params)
         else:  # skipped, as for losses that overflow: on every rank alike in distributed steps
             window.clear()
@@ -395,8 +395,8 @@ class JacobianDescent(Optimizer):
         window = self._window
         if not window.finite:
             raise ValueError(
-                "The last backward() gave non-finite losses, Gramian or .grad (an overflow, or a "
-                "diverging model); the update is refused. Under float16, step through a GradScaler "
+                "A backward() since the last zero_grad() gave non-finite losses, Gramian or .grad "
+                "(an overflow, or a diverging model); the update is refused. Under float16, step through a GradScaler "
                 "(scaler.step(optimizer)), which skips such steps and lowers the scale."
             )
         if not window.parts:

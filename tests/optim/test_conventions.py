@@ -338,6 +338,25 @@ def test_step_refuses_a_non_finite_direction_without_a_scaler() -> None:
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
 
 
+def test_a_non_finite_micro_batch_spoils_its_whole_accumulation_window() -> None:
+    """A later finite micro-batch does not make a window with a non-finite one steppable (its
+    .grad still holds the NaN); zero_grad() starts a clean window."""
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    x, y = inputs[0], targets[0]
+    optimizer.backward(per_instance_losses(model, x[:4], y[:4]) * float("nan"))
+    optimizer.backward(per_instance_losses(model, x[4:], y[4:]))
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="non-finite"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    optimizer.zero_grad()
+    optimizer.backward(per_instance_losses(model, x[4:], y[4:]))
+    optimizer.step()
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
 def _discovering_optimizer() -> tuple[nn.Module, JDSGD, Tensor, set[int]]:
     """Backward-then-step keeps the engine's discovery hook (a global forward hook) on."""
     table = nn.modules.module._global_forward_hooks
