@@ -97,6 +97,9 @@ class RankAwarePath(Path):
     def start_watching(self) -> None:
         self.local.start_watching()
 
+    def watch_first_forward(self) -> None:
+        self.local.watch_first_forward()
+
     def stop_watching(self) -> None:
         self.local.stop_watching()
 

@@ -180,6 +180,7 @@ class JacobianDescent(Optimizer):
         self._path = across_ranks(path, process_group, self._modules, grad_scaler)
         self._multi_task = shared_params is not None
         self.register_state_dict_post_hook(_add_jd_state)
+        self._path.watch_first_forward()
 
     # --- sharing the wrapped optimizer's bookkeeping -------------------------------------------
 
@@ -337,9 +338,9 @@ class JacobianDescent(Optimizer):
         them: calling it on ``k`` micro-batches and stepping once is exactly the step on the whole
         batch. Clip, unscale or inspect ``.grad`` between this and :meth:`step`.
 
-        The engine must see the forward pass: with ``modules=`` it always does; otherwise it starts
-        watching module calls at the first ``backward`` (that first step takes an exact but
-        slower route). With a ``GradScaler``, pass ``scaler.scale(losses)``; an overflowing step
+        The engine must see the forward pass: with ``modules=`` it always does; otherwise it
+        watches module calls from the optimizer's construction on (a forward run before the
+        optimizer was built takes an exact but slower route). With a ``GradScaler``, pass ``scaler.scale(losses)``; an overflowing step
         leaves non-finite ``.grad`` for the scaler to skip. Returns :attr:`last_step`.
         """
         given = losses if features is None else (losses, features)

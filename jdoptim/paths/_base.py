@@ -98,6 +98,10 @@ class Path(ABC):
     def start_watching(self) -> None:  # noqa: B027 - optional for paths that need no forward hooks
         """Backward-then-step: from now on, observe forward passes the user runs himself."""
 
+    def watch_first_forward(self) -> None:  # noqa: B027 - optional, as start_watching
+        """Called when the optimizer is built: observe forward passes until the first step, so
+        that a first ``backward`` finds the layers of the forward before it already known."""
+
     def begin(self) -> None:  # noqa: B027 - optional: paths that keep per-step bookkeeping
         """Called when a step (or a ``backward``) starts."""
 

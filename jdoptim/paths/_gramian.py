@@ -74,6 +74,7 @@ class GramianPath(Path):
         if self._backward_mode:
             self._watch_forward()  # on the current engine (it is rebuilt when params change)
             return nullcontext()
+        self._watch.close()  # the watch of the first forward: the closure's capture takes over
         if not wants_gramian(self.weighting):
             return nullcontext()
         return self.context.engine().capture()
@@ -82,6 +83,11 @@ class GramianPath(Path):
         """Backward-then-step: forward passes run outside any closure, and micro-batches may
         accumulate (so even shape-only weightings keep the engine's terms)."""
         self._backward_mode = True
+        self._watch_forward()
+
+    def watch_first_forward(self) -> None:
+        """Without it, a first ``backward`` after a forward the engine did not see would take the
+        exact per-row route (slow, and heavy on memory for large batches)."""
         self._watch_forward()
 
     def _watch_forward(self) -> None:

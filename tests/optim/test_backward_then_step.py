@@ -22,6 +22,7 @@ from jdoptim.aggregation import (
     UPGrad,
     UPGradWeighting,
 )
+from jdoptim.autogram import Route
 from jdoptim.optim import JDSGD, JacobianDescent
 from jdoptim.scalarization import GeometricMean
 from tests.optim._models import assert_same_params, per_instance_losses, regression_problem
@@ -345,3 +346,13 @@ def test_accumulated_losses_of_gradient_paths_keep_their_meaning(
     assert record is not None and record.losses.shape == expected_shape
     expected = parts[0] + parts[1] if options["batch_dim"] is None else torch.cat(parts)
     torch.testing.assert_close(record.losses, expected)
+
+
+def test_the_first_backward_finds_the_layers_of_its_forward() -> None:
+    """The optimizer watches forward passes from its construction on, so the first backward (with
+    no modules= given) takes the layers' closed forms, not the exact per-row route."""
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+    routes = {report.route for report in optimizer._get_engine().route_report()}
+    assert routes and Route.EXACT not in routes

@@ -358,12 +358,12 @@ def test_a_non_finite_micro_batch_spoils_its_whole_accumulation_window() -> None
 
 
 def _discovering_optimizer() -> tuple[nn.Module, JDSGD, Tensor, set[int]]:
-    """Backward-then-step keeps the engine's discovery hook (a global forward hook) on."""
+    """Until its first step, an optimizer watches forward passes with the engine's discovery hook
+    (a global forward hook)."""
     table = nn.modules.module._global_forward_hooks
     before = set(table)
-    model, inputs, targets = regression_problem(steps=1)
+    model, inputs, _ = regression_problem(steps=1)
     optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
-    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
     added = set(table) - before
     assert added
     return model, optimizer, inputs[0], added
