@@ -250,8 +250,11 @@ class _Exponents:
         """The terms with each floating factor divided by ``2^e`` (exact)."""
         if not self.per_factor.numel():
             return list(terms)
-        powers = _exact_power_of_two(-self.per_factor)
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        # 2^-e in two halves: a float32 factor's e reaches -148 (subnormals) and 2^148 is no
+        # float32, but each half (at most 2^75) is, and each product stays exact.
+        half = -self.per_factor // 2
+        halves = (_exact_power_of_two(half), _exact_power_of_two(-self.per_factor - half))
+        by_dtype: dict[torch.dtype, list[tuple[Tensor, Tensor]]] = {}
         result = []
         for term, positions in zip(terms, self.owners, strict=True):
             tensors = []
@@ -260,8 +263,10 @@ class _Exponents:
                     tensors.append(tensor)
                     continue
                 if tensor.dtype not in by_dtype:
-                    by_dtype[tensor.dtype] = list(powers.to(tensor.dtype).unbind())
-                tensors.append(tensor * by_dtype[tensor.dtype][position])
+                    first, second = (power.to(tensor.dtype).unbind() for power in halves)
+                    by_dtype[tensor.dtype] = list(zip(first, second, strict=True))
+                first_half, second_half = by_dtype[tensor.dtype][position]
+                tensors.append(tensor * first_half * second_half)
             result.append(term.with_factors(tensors))
         return result
 

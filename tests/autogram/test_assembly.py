@@ -98,7 +98,11 @@ def test_normal_ranges_are_bit_identical_to_the_direct_sum() -> None:
     assert float(jacobian_scale(terms)) == 1.0
 
 
-@pytest.mark.parametrize(("scale_a", "scale_b"), [(1e-20, 1e-5), (1e20, 1.0), (1e25, 1e-30)])
+@pytest.mark.parametrize(
+    ("scale_a", "scale_b"),
+    # 1e-40: subnormal float32 factors, whose normalising power of two is no float32
+    [(1e-20, 1e-5), (1e20, 1.0), (1e25, 1e-30), (1e-40, 1.0), (1.0, 1e-41)],
+)
 def test_scaled_gramian_of_extreme_factors(scale_a: float, scale_b: float) -> None:
     terms = _terms(scale_a, scale_b)
     s = jacobian_scale(terms)
