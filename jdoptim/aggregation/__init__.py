@@ -13,6 +13,7 @@ from jdoptim.aggregation._bases import (
     WeightedAggregator,
     Weighting,
 )
+from jdoptim.aggregation._state_rows import StateSizeError
 from jdoptim.aggregation.aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from jdoptim.aggregation.cagrad import CAGrad, CAGradWeighting
 from jdoptim.aggregation.config import ConFIG, ConFIGWeighting
@@ -85,6 +86,7 @@ __all__ = [
     "Random",
     "RandomWeighting",
     "SDMGradWeighting",
+    "StateSizeError",
     "Sum",
     "SumWeighting",
     "TrimmedMean",

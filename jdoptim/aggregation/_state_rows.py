@@ -5,10 +5,15 @@ from __future__ import annotations
 from torch import Tensor
 
 
+class StateSizeError(ValueError):
+    """A stateful method's state was learnt for another number of objectives than its input has."""
+
+
 def check_state_rows(owner: object, state: Tensor, rows: int) -> None:
-    """Raises ``ValueError`` if ``state`` (first dim = objectives) was learnt for another ``m``."""
+    """Raises :class:`StateSizeError` if ``state`` (first dim = objectives) was learnt for another
+    ``m``."""
     if state.shape[0] != rows:
-        raise ValueError(
+        raise StateSizeError(
             f"{owner!r} holds state for {state.shape[0]} objectives but got an input with {rows} "
             "rows; call reset() before changing the number of objectives."
         )

@@ -58,7 +58,7 @@ class DistributedGramianPath(DistributedPath):
         with comm.guard("the weighting"):
             try:
                 gramian = self.local.gramian(global_terms, layout.shape, part.scale)
-                weights = weights_for(self.local.weighting, gramian).to(dtype)
+                weights = weights_for(self.local.weighting, gramian, instances=True).to(dtype)
             except NonFiniteGramianError:
                 weights = overflow_as_nan(weights)
         weights, global_losses = comm.all_reduce_sum(

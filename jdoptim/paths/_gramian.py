@@ -139,7 +139,7 @@ class GramianPath(Path):
     def apply(self, part: Part) -> StepRecord:
         if isinstance(part, TermsPart):
             gramian = self.gramian(part.terms, tuple(part.losses.shape), part.scale)
-            weights = weights_for(self.weighting, gramian)
+            weights = weights_for(self.weighting, gramian, instances=True)
             self.write_grad(part, weights)
             return StepRecord(part.losses, weights, _gramian=lambda: gramian)
         if isinstance(part, LossesPart):

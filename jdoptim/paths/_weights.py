@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 
-from jdoptim.aggregation import Flattening, GeneralizedWeighting, Weighting
+from jdoptim._stateful import Stateful
+from jdoptim.aggregation import Flattening, GeneralizedWeighting, StateSizeError, Weighting
 from jdoptim.linalg import check_finite
 from jdoptim.paths._base import NonFiniteGramianError
 from jdoptim.paths._method import needs_gramian
 
 
-def weights_for(weighting: Weighting | GeneralizedWeighting, gramian: Tensor) -> Tensor:
-    """The weights for ``gramian``; a plain weighting is flattened for losses with ndim > 1."""
+def weights_for(
+    weighting: Weighting | GeneralizedWeighting, gramian: Tensor, *, instances: bool = False
+) -> Tensor:
+    """The weights for ``gramian``; a plain weighting is flattened for losses with ndim > 1.
+
+    With ``instances`` (the losses are per instance), a stateful weighting whose state was learnt
+    for another number of losses (a smaller last batch) restarts its state, with a warning:
+    per-instance state cannot follow a batch of another size.
+    """
+    try:
+        return _weights(weighting, gramian)
+    except StateSizeError:
+        if not instances or not isinstance(weighting, Stateful):
+            raise
+        losses = math.prod(gramian.shape[: gramian.ndim // 2])
+        warnings.warn(
+            f"{weighting!r} kept state for another number of losses than the {losses} of this "
+            "step. They are per instance (batch_dim is set), and per-instance state cannot carry "
+            "over to a batch of another size (such as a smaller last batch): it starts afresh.",
+            stacklevel=2,
+        )
+        weighting.reset()
+        return _weights(weighting, gramian)
+
+
+def _weights(weighting: Weighting | GeneralizedWeighting, gramian: Tensor) -> Tensor:
     if isinstance(weighting, Weighting) and gramian.ndim != 2:
         return Flattening(weighting)(gramian)
     return weighting(gramian)

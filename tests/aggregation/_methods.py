@@ -73,6 +73,7 @@ BUILDING_BLOCKS = {
     "WeightedAggregator",
     "GramianWeightedAggregator",
     "Flattening",
+    "StateSizeError",
 }
 
 

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from jdoptim.aggregation import (
+    GradVacWeighting,
     MeanWeighting,
+    StateSizeError,
     TrimmedMean,
     UPGrad,
     UPGradWeighting,
@@ -356,3 +358,34 @@ def test_the_first_backward_finds_the_layers_of_its_forward() -> None:
     optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
     routes = {report.route for report in optimizer._get_engine().route_report()}
     assert routes and Route.EXACT not in routes
+
+
+def test_a_smaller_last_batch_restarts_per_instance_state_with_a_warning() -> None:
+    """Stateful weightings learn state per objective; per-instance objectives change with every
+    batch, and a batch of another size (the last one of an epoch) restarts the state, exactly as a
+    fresh weighting would step, instead of raising."""
+    model, inputs, targets = regression_problem(steps=3)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=GradVacWeighting(), batch_dim=0)
+    for x, y in zip(inputs[:2], targets[:2], strict=True):
+        optimizer.backward(per_instance_losses(model, x, y))
+        optimizer.step()
+        optimizer.zero_grad()
+    x, y = inputs[2][:5], targets[2][:5]
+    fresh_model = copy.deepcopy(model)
+    fresh = JDSGD(fresh_model.parameters(), lr=0.1, weighting=GradVacWeighting(), batch_dim=0)
+    fresh.backward(per_instance_losses(fresh_model, x, y))
+    fresh.step()
+    with pytest.warns(UserWarning, match="starts afresh"):
+        optimizer.backward(per_instance_losses(model, x, y))
+    optimizer.step()
+    assert_same_params(model, fresh_model)
+
+
+def test_per_task_state_still_refuses_another_number_of_tasks() -> None:
+    model = nn.Linear(3, 3)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=GradVacWeighting())
+    x = torch.randn(4, 3)
+    optimizer.backward(model(x).pow(2).mean(dim=0))
+    optimizer.step()
+    with pytest.raises(StateSizeError, match="reset"):
+        optimizer.backward(model(x).pow(2).mean(dim=0)[:2])
