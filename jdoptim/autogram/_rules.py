@@ -269,11 +269,23 @@ def closed_form_rule(module: nn.Module) -> ClosedFormRule | None:
     """The closed form for ``module``, or ``None`` if it needs a generic exact route.
 
     Only the stock ``forward`` of each type qualifies: a subclass overriding it may use its
-    parameters differently.
+    parameters differently. So does only a module whose ``weight`` and ``bias`` are its own
+    parameters, and its only ones: a parametrized weight (``weight_norm``, ``spectral_norm``,
+    ``torch.nn.utils.parametrize``) is computed from other parameters, which the closed form
+    would miss.
     """
     for cls in type(module).__mro__:
         rule = CLOSED_FORMS.get(cls)
         if rule is not None:
             stock = type(module).forward is getattr(cls, "forward", None)
-            return rule if stock and rule.accepts(module) else None
+            return rule if stock and _plain_parameters(module) and rule.accepts(module) else None
     return None
+
+
+def _plain_parameters(module: nn.Module) -> bool:
+    """Whether the tensors the stock forward reads, ``weight`` and ``bias``, are the module's own
+    parameters, and the module has no other."""
+    own = dict(module.named_parameters(recurse=False))
+    if not set(own) <= {"weight", "bias"}:
+        return False
+    return all(getattr(module, name, None) is own.get(name) for name in ("weight", "bias"))
