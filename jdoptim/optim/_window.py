@@ -38,7 +38,8 @@ class AccumulationWindow:
         self.parts = []
         self.base = [p.grad for p in params]
         self.written = list(self.base)
-        held = [grad for grad in self.base if grad is not None]
+        # A sparse .grad (nn.Embedding(sparse=True)) is finite where its stored values are.
+        held = [g._values() if g.is_sparse else g for g in self.base if g is not None]
         self.base_finite = not held or bool(
             torch.stack([torch.isfinite(grad).all() for grad in held]).all()
         )

@@ -389,3 +389,17 @@ def test_per_task_state_still_refuses_another_number_of_tasks() -> None:
     optimizer.step()
     with pytest.raises(StateSizeError, match="reset"):
         optimizer.backward(model(x).pow(2).mean(dim=0)[:2])
+
+
+def test_a_sparse_gradient_left_from_the_last_step_opens_the_next_window() -> None:
+    """Without zero_grad, the next window starts on the .grad left in place, sparse ones too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 1))
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    ids = torch.randint(0, 10, (6, 2))
+    for _ in range(3):
+        optimizer.backward(model(ids).squeeze(1) ** 2)
+        optimizer.step()
+    grad = model[0].weight.grad
+    assert grad is not None and grad.is_sparse
+    assert all(p.isfinite().all() for p in model.parameters())
