@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.optim import Optimizer
+
 JD_STATE_KEY = "jdoptim"
 
 _LEGACY_KEYS = {"optimizer", "method", "steps"}
@@ -47,3 +49,30 @@ def check_method_type(jd_state: dict[str, Any], method_type: str) -> None:
             f"The state dict holds the state of {saved}, but this optimizer's method is "
             f"{method_type}; load a checkpoint saved with the same method."
         )
+
+
+def check_groups_match(inner: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Raises ``ValueError`` unless ``state_dict`` fits ``inner``'s groups (count, options, sizes)."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or "state" not in state_dict:
+        raise ValueError(
+            "Not an optimizer state dict: it needs 'state' and 'param_groups' (as saved by "
+            "state_dict())."
+        )
+    if len(groups) != len(inner.param_groups):
+        raise ValueError(
+            f"The state dict has {len(groups)} parameter groups, this optimizer "
+            f"{len(inner.param_groups)}."
+        )
+    for index, (saved, group) in enumerate(zip(groups, inner.param_groups, strict=True)):
+        missing = sorted(set(inner.defaults) - set(saved))
+        if missing:
+            raise ValueError(
+                f"param_groups[{index}] of the state dict lacks {missing}: it was saved by "
+                f"another kind of optimizer than {type(inner).__name__}."
+            )
+        if len(saved.get("params", [])) != len(group["params"]):
+            raise ValueError(
+                f"param_groups[{index}] of the state dict has {len(saved.get('params', []))} "
+                f"parameters, this optimizer's {len(group['params'])}."
+            )

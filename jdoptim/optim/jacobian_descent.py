@@ -30,8 +30,10 @@ from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggreg
 from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
+from jdoptim.optim._delegation import inner_or, set_inner_or
 from jdoptim.optim._state import (
     JD_STATE_KEY,
+    check_groups_match,
     check_method_type,
     jd_state_of,
     split_legacy_state_dict,
@@ -186,20 +188,20 @@ class JacobianDescent(Optimizer):
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        groups: list[dict[str, Any]] = _inner_or(self, "param_groups", "_init_groups")
+        groups: list[dict[str, Any]] = inner_or(self, "param_groups", "_init_groups")
         return groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        _set_inner_or(self, "param_groups", "_init_groups", value)
+        set_inner_or(self, "param_groups", "_init_groups", value)
 
     @property
     def state(self) -> Any:
-        return _inner_or(self, "state", "_init_state")
+        return inner_or(self, "state", "_init_state")
 
     @state.setter
     def state(self, value: Any) -> None:
-        _set_inner_or(self, "state", "_init_state", value)
+        set_inner_or(self, "state", "_init_state", value)
 
     @property
     def method(self) -> nn.Module:
@@ -524,7 +526,7 @@ class JacobianDescent(Optimizer):
         method's state and the step count. Everything is checked before anything changes.
         """
         state_dict = split_legacy_state_dict(state_dict)
-        self._check_groups_match(state_dict)
+        check_groups_match(self.optimizer, state_dict)
         jd_state = state_dict.get(JD_STATE_KEY)
         saved_jd_state = self.jd_state_dict()
         if jd_state is not None:
@@ -572,31 +574,6 @@ class JacobianDescent(Optimizer):
             raise
         self._steps = int(jd_state["steps"])
 
-    def _check_groups_match(self, state_dict: dict[str, Any]) -> None:
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or "state" not in state_dict:
-            raise ValueError(
-                "Not an optimizer state dict: it needs 'state' and 'param_groups' (as saved by "
-                "state_dict())."
-            )
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"The state dict has {len(groups)} parameter groups, this optimizer "
-                f"{len(self.param_groups)}."
-            )
-        for index, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
-            missing = sorted(set(self.optimizer.defaults) - set(saved))
-            if missing:
-                raise ValueError(
-                    f"param_groups[{index}] of the state dict lacks {missing}: it was saved by "
-                    f"another kind of optimizer than {type(self.optimizer).__name__}."
-                )
-            if len(saved.get("params", [])) != len(group["params"]):
-                raise ValueError(
-                    f"param_groups[{index}] of the state dict has {len(saved.get('params', []))} "
-                    f"parameters, this optimizer's {len(group['params'])}."
-                )
-
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: the wrapped optimizer, the options, and
         :meth:`jd_state_dict`. As with torch's optimizers, hooks are not kept; the engine, the last
@@ -633,40 +610,6 @@ def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str,
     assert isinstance(optimizer, JacobianDescent)
     state_dict[JD_STATE_KEY] = optimizer.jd_state_dict()
     return state_dict
-
-
-def _inner_or(optimizer: Optimizer, name: str, fallback: str) -> Any:
-    """``name`` of the wrapped optimizer; until it is set, what ``Optimizer.__init__`` stored."""
-    inner = optimizer.__dict__.get("optimizer")
-    if inner is not None:
-        return getattr(inner, name)
-    if fallback in optimizer.__dict__:
-        return optimizer.__dict__[fallback]
-    # A wrapper whose class subclasses ours without running our __init__ (Lightning's
-    # LightningOptimizer): AttributeError makes Python ask the wrapper's __getattr__, which forwards.
-    raise AttributeError(name)
-
-
-def _set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) -> None:
-    inner = optimizer.__dict__.get("optimizer")
-    if inner is None and fallback not in optimizer.__dict__:
-        inner = _forwarded_inner(optimizer)
-    if inner is not None:
-        setattr(inner, name, value)
-        return
-    optimizer.__dict__[fallback] = value
-
-
-def _forwarded_inner(optimizer: Optimizer) -> Optimizer | None:
-    """The wrapped torch optimizer, reached through a forwarding wrapper's ``__getattr__``."""
-    forward = getattr(type(optimizer), "__getattr__", None)
-    if forward is None:
-        return None
-    try:
-        inner = forward(optimizer, "optimizer")
-    except AttributeError:
-        return None
-    return inner if isinstance(inner, Optimizer) else None
 
 
 def _full_precision(like: Tensor | None) -> AbstractContextManager[Any]:
