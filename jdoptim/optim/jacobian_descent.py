@@ -13,6 +13,7 @@ The kind of method decides the path (:mod:`jdoptim.paths`), chosen once here;
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -119,6 +120,12 @@ class JacobianDescent(Optimizer):
             )
         if isinstance(optimizer, JacobianDescent):
             raise TypeError("optimizer is already a JacobianDescent; wrap the inner optimizer.")
+        if _step_needs_a_closure(optimizer):
+            raise TypeError(
+                f"{type(optimizer).__name__}.step needs a closure that re-evaluates the loss (a "
+                "line search): Jacobian descent gives it one direction per step, from .grad. Wrap "
+                "an optimizer that updates from .grad alone (SGD, Adam, RMSprop...)."
+            )
         if gramian_weighting is not None:
             if weighting is not None:
                 raise ValueError("gramian_weighting= is an alias of weighting=; give only one.")
@@ -647,3 +654,12 @@ def _method_parts(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, WeightedAggregator) and isinstance(inner, nn.Module):
         parts.append(inner)
     return parts
+
+
+def _step_needs_a_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given a closure (``LBFGS``)."""
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step torch cannot inspect: assume it updates from .grad
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty

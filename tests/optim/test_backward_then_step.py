@@ -403,3 +403,37 @@ def test_a_sparse_gradient_left_from_the_last_step_opens_the_next_window() -> No
     grad = model[0].weight.grad
     assert grad is not None and grad.is_sparse
     assert all(p.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda p: torch.optim.RMSprop(p, lr=0.01),
+        lambda p: torch.optim.Adagrad(p, lr=0.1),
+        lambda p: torch.optim.NAdam(p, lr=0.01),
+        lambda p: torch.optim.Rprop(p, lr=0.01),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    ],
+    ids=["RMSprop", "Adagrad", "NAdam", "Rprop", "SGD-nesterov"],
+)
+def test_any_torch_optimizer_steps_as_on_the_mean_loss_with_the_mean_weighting(
+    inner: Callable[[Any], torch.optim.Optimizer],
+) -> None:
+    model, inputs, targets = regression_problem(steps=3)
+    reference = copy.deepcopy(model)
+    optimizer = JacobianDescent(inner(model.parameters()), weighting=MeanWeighting(), batch_dim=0)
+    plain = inner(reference.parameters())
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.backward(per_instance_losses(model, x, y))
+        optimizer.step()
+        optimizer.zero_grad()
+        plain.zero_grad()
+        per_instance_losses(reference, x, y).mean().backward()
+        plain.step()
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_an_optimizer_whose_step_needs_a_closure_is_refused() -> None:
+    model, _, _ = regression_problem(steps=1)
+    with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
+        JacobianDescent(torch.optim.LBFGS(model.parameters()), batch_dim=0)
