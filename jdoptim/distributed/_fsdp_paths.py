@@ -121,6 +121,21 @@ class ShardedPath:
             grad = as_sharded(local, sharded)
             sharded.grad = grad if sharded.grad is None else sharded.grad + grad
 
+    def grad_items(
+        self, grads: Sequence[Tensor | None]
+    ) -> list[tuple[Tensor, Any, Callable[[], Tensor | None]]]:
+        """:meth:`scatter_by_layer`'s items for full gradients listed in :meth:`ShardedModel.pairs`
+        order (``grads[i]`` is pair ``i``'s, in any dtype; missing or ``None``: none)."""
+
+        def full(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
+            def make() -> Tensor | None:
+                grad = grads[index] if index < len(grads) else None
+                return None if grad is None else grad.to(dtype)
+
+            return make
+
+        return [(u, s, full(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
+
     def scatter_by_layer(
         self,
         items: list[tuple[Tensor, Any, Callable[[], Tensor | None]]],
@@ -166,15 +181,7 @@ class ShardedPath:
         """Scalar losses: each rank's gradient, averaged over the ranks (FSDP2's own convention)."""
         comm = self.communicator
         grads = part.grads if isinstance(part, GradsPart) else []
-
-        def full_grad(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
-            def make() -> Tensor | None:
-                grad = grads[index] if index < len(grads) else None
-                return None if grad is None else grad.to(dtype)
-
-            return make
-
-        items = [(u, s, full_grad(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
+        items = self.grad_items(grads)
         scattered = self.scatter_by_layer(items, _shape, "the gradient of the scalar loss")
         new = [(sharded, local / self.world_size) for sharded, local in scattered]
         (total,) = comm.all_reduce_sum([part.losses.reshape(())], kind="losses")
@@ -481,15 +488,7 @@ class ShardedScalarizerPath(ShardedPath, DistributedScalarizerPath):
         finally:
             self.finish_passes()
 
-        def make(index: int, dtype: torch.dtype) -> Callable[[], Tensor | None]:
-            def full() -> Tensor | None:
-                grad = grads[index] if index < len(grads) else None
-                return None if grad is None else grad.to(dtype)
-
-            return full
-
-        items = [(u, s, make(i, s.dtype)) for i, (u, s) in enumerate(self.model.pairs())]
-        scattered = self.scatter_by_layer(items, _shape, "the scalarized gradient")
+        scattered = self.scatter_by_layer(self.grad_items(grads), _shape, "the scalarized gradient")
         extra = [
             grads[len(unsharded) + i] if len(grads) > len(unsharded) + i else None
             for i in range(len(replicated))

@@ -30,6 +30,7 @@ from tests.distributed._scenarios import (
     iwrm_model,
     mtl_batches,
     mtl_model,
+    overflow_history,
     slices,
 )
 from tests.optim._models import EMAWeighting
@@ -635,21 +636,7 @@ def overflow_rank(rank: int, world: int) -> dict[str, Any]:
     model = iwrm_model()
     model = shard(model, [model[0], model[3]])
     optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
-    part = slices([3] * world)[rank]
-    history: list[dict[str, Any]] = []
-    for step, (x, y) in enumerate(iwrm_batches(3 * world, STEPS)):
-        losses = iwrm_losses(model, x[part], y[part])
-        if step == 1 and rank == world - 1:
-            losses = losses * float("inf")
-        record = optimizer.backward(losses)
-        refused = None
-        try:
-            optimizer.step()
-        except ValueError as error:
-            refused = str(error)
-        optimizer.zero_grad()
-        history.append({"finite": record.finite, "refused": refused, "params": full_params(model)})
-    return {"history": history}
+    return overflow_history(model, optimizer, lambda: full_params(model), rank, world)
 
 
 def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ single process can replay the same steps on the concatenated batches.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -544,10 +545,22 @@ def unscaled_overflow_rank(rank: int, world: int) -> dict[str, Any]:
     model = iwrm_model()
     ddp = DistributedDataParallel(model)
     optimizer = JDSGD(ddp.parameters(), lr=0.1, batch_dim=0)
+    return overflow_history(ddp, optimizer, lambda: params_of(model), rank, world)
+
+
+def overflow_history(
+    model: nn.Module,
+    optimizer: JDSGD,
+    read_params: Callable[[], list[Tensor]],
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """Backward-then-step on 3 instances per rank; the last rank's losses are infinite at the
+    second step. Per step: whether backward found it finite, step()'s refusal, the parameters."""
     part = slices([3] * world)[rank]
     history: list[dict[str, Any]] = []
     for step, (x, y) in enumerate(iwrm_batches(3 * world)):
-        losses = iwrm_losses(ddp, x[part], y[part])
+        losses = iwrm_losses(model, x[part], y[part])
         if step == 1 and rank == world - 1:
             losses = losses * float("inf")
         record = optimizer.backward(losses)
@@ -557,8 +570,25 @@ def unscaled_overflow_rank(rank: int, world: int) -> dict[str, Any]:
         except ValueError as error:
             refused = str(error)
         optimizer.zero_grad()
-        history.append({"finite": record.finite, "refused": refused, "params": params_of(model)})
+        history.append({"finite": record.finite, "refused": refused, "params": read_params()})
     return {"history": history}
+
+
+def same(actual: list[Tensor], expected: list[Tensor]) -> bool:
+    return all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
+def assert_every_rank_skipped_the_overflow(histories: list[list[dict[str, Any]]]) -> None:
+    """What :func:`overflow_history` must give on every rank: the second step skipped and refused
+    with nothing changed, the others taken, and the ranks alike at the end."""
+    for history in histories:
+        assert [h["finite"] for h in history] == [True, False, True]
+        assert history[1]["refused"] is not None and "non-finite" in history[1]["refused"]
+        assert history[0]["refused"] is None and history[2]["refused"] is None
+        assert same(history[0]["params"], history[1]["params"])
+        assert not same(history[1]["params"], history[2]["params"])
+    for history in histories[1:]:
+        assert same(history[-1]["params"], histories[0][-1]["params"])
 
 
 def scaled_key(method: str, mode: str, overflow: str) -> str:

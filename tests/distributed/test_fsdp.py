@@ -13,6 +13,7 @@ import torch
 
 from tests.distributed import _fsdp_scenarios as scenarios
 from tests.distributed._launch import ok, rank_fixtures
+from tests.distributed._scenarios import assert_every_rank_skipped_the_overflow
 
 TOLERANCE = 1e-10
 
@@ -167,24 +168,12 @@ def test_a_failing_rank_makes_every_rank_raise_with_nothing_changed(launch: Any)
                 assert torch.equal(a, b), key
 
 
-def _same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
-    return all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
-
-
 def test_losses_that_overflow_on_one_rank_make_every_rank_skip_the_step(launch: Any) -> None:
     """Backward-then-step, infinite losses on the last rank at the second step: every rank's
     backward gives a skipped step (no rank waits for the others' passes or exchanges), every
     rank's step() refuses it with nothing changed, and training goes on alike."""
     _, ranks = launch
-    histories = [ok(rank["overflow"])["history"] for rank in ranks]
-    for history in histories:
-        assert [h["finite"] for h in history] == [True, False, True]
-        assert history[1]["refused"] is not None and "non-finite" in history[1]["refused"]
-        assert history[0]["refused"] is None and history[2]["refused"] is None
-        assert _same(history[0]["params"], history[1]["params"])
-        assert not _same(history[1]["params"], history[2]["params"])
-    for history in histories[1:]:
-        assert _same(history[-1]["params"], histories[0][-1]["params"])
+    assert_every_rank_skipped_the_overflow([ok(rank["overflow"])["history"] for rank in ranks])
 
 
 @pytest.mark.parametrize("how", ["dcp", "local"])

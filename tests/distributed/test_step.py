@@ -20,15 +20,12 @@ from jdoptim import _global_hooks as global_hooks
 from jdoptim.aggregation import SDMGradWeighting
 from tests.distributed import _scenarios as scenarios
 from tests.distributed._launch import ok, rank_fixtures
+from tests.distributed._scenarios import assert_every_rank_skipped_the_overflow, same
 
 TOLERANCE = 1e-10
 
 
 two_ranks, three_ranks, launch = rank_fixtures(scenarios.all_scenarios_rank, "ranks")
-
-
-def _same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
-    return all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
 
 
 def _close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -224,14 +221,14 @@ def test_an_overflow_on_one_rank_makes_every_rank_skip_the_step(
     histories = [ok(rank[key])["history"] for rank in ranks]
     for history in histories:
         before, skipped, after = history[step - 1], history[step], history[step + 1]
-        assert _same(before["params"], skipped["params"])
+        assert same(before["params"], skipped["params"])
         assert skipped["scale"] == before["scale"] / 2
-        assert not _same(skipped["params"], after["params"])
+        assert not same(skipped["params"], after["params"])
         for got, expected in zip(history, reference["history"], strict=True):
             _close(got["params"], expected["params"])
             assert got["scale"] == expected["scale"]
     for got, expected in zip(histories[1], histories[0], strict=True):
-        assert _same(got["params"], expected["params"])
+        assert same(got["params"], expected["params"])
 
 
 def test_losses_that_overflow_on_one_rank_without_a_scaler_are_skipped_by_every_rank(
@@ -240,15 +237,9 @@ def test_losses_that_overflow_on_one_rank_without_a_scaler_are_skipped_by_every_
     """Backward-then-step treats non-finite losses as an overflow, scaler or not: every rank's
     backward skips the step and every rank's step() refuses it, then training goes on alike."""
     _, ranks = launch
-    histories = [ok(rank["unscaled-overflow"])["history"] for rank in ranks]
-    for history in histories:
-        assert [h["finite"] for h in history] == [True, False, True]
-        assert history[1]["refused"] is not None and "non-finite" in history[1]["refused"]
-        assert history[0]["refused"] is None and history[2]["refused"] is None
-        assert _same(history[0]["params"], history[1]["params"])
-        assert not _same(history[1]["params"], history[2]["params"])
-    for history in histories[1:]:
-        assert _same(history[-1]["params"], histories[0][-1]["params"])
+    assert_every_rank_skipped_the_overflow(
+        [ok(rank["unscaled-overflow"])["history"] for rank in ranks]
+    )
 
 
 def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ranks: Any) -> None:
