@@ -47,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +139,20 @@ METHODS = [
 ]
 
 
+def _engine_step(
+    optimizer: torch.optim.Optimizer, losses: Callable[[], Tensor], engine: Any, weighting: Any
+) -> Step:
+    """A step by hand on ``engine``: its Gramian, ``weighting``'s weights, the fused ``.grad``."""
+
+    def step() -> None:
+        optimizer.zero_grad()
+        weights = weighting(engine.compute_gramian(losses()))
+        engine.backward(weights)
+        optimizer.step()
+
+    return step
+
+
 def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
     """One training step of ``method`` on ``model`` (raises if the method rejects the model)."""
     targets = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
@@ -165,14 +180,7 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
 
             return gramian
 
-        def jd() -> None:
-            optimizer.zero_grad()
-            values = losses()
-            weights = weighting(engine.compute_gramian(values))
-            engine.backward(weights)
-            optimizer.step()
-
-        return jd
+        return _engine_step(optimizer, losses, engine, weighting)
     if method == "jdsgd-upgrad":
         from jdoptim import JDSGD
 
@@ -223,14 +231,7 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
         before_engine = before_autogram.Engine(model, batch_dim=0)
         before_weighting = before_aggregation.UPGradWeighting()
 
-        def before_jd() -> None:
-            optimizer.zero_grad()
-            values = losses()
-            weights = before_weighting(before_engine.compute_gramian(values))
-            before_engine.backward(weights)
-            optimizer.step()
-
-        return before_jd
+        return _engine_step(optimizer, losses, before_engine, before_weighting)
     if method == "before-jdsgd-upgrad":
         import importlib
 

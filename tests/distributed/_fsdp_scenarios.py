@@ -32,6 +32,7 @@ from tests.distributed._scenarios import (
     mtl_model,
     overflow_history,
     slices,
+    train_tasks,
 )
 from tests.optim._models import EMAWeighting
 
@@ -160,21 +161,6 @@ def routes_rank(rank: int, world: int) -> dict[str, Any]:
     }
 
 
-def train_tasks(model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice) -> Tensor:
-    """UPGrad on per-task losses (no batch_dim): the mean over each rank's instances per task."""
-    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting())
-    losses = torch.empty(0)
-    for x, y in batches:
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            outputs, _ = model(x[part])
-            return ((outputs - y[part]) ** 2).mean(dim=0)
-
-        losses = optimizer.step(closure)
-    return losses
-
-
 def tasks_rank(rank: int, world: int, batch: int) -> dict[str, Any]:
     model = mtl_model()
     model = shard(model, [model.trunk[0], *model.heads])
@@ -250,6 +236,13 @@ def encoder_batches(total: int) -> list[tuple[Tensor, Tensor]]:
 
 def train_encoder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], part: slice) -> Tensor:
     optimizer = JDSGD(model.parameters(), lr=0.05, weighting=UPGradWeighting(), batch_dim=0)
+    return step_instance_losses(model, optimizer, batches, part)
+
+
+def step_instance_losses(
+    model: nn.Module, optimizer: JDSGD, batches: list[tuple[Tensor, Tensor]], part: slice
+) -> Tensor:
+    """``step(closure)`` on each batch, the closure returning one squared error per instance."""
     losses = torch.empty(0)
     for x, y in batches:
 
@@ -585,14 +578,7 @@ def train_deep(
             args[0].register_hook(lambda grad: probe("backward"))
 
     handles = [layer.register_forward_pre_hook(in_layer) for layer in [*model.hidden, model.head]]
-    losses = torch.empty(0)
-    for x, y in batches:
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            return (model(x[part]) - y[part]) ** 2
-
-        losses = optimizer.step(closure)
+    losses = step_instance_losses(model, optimizer, batches, part)
     for handle in handles:
         handle.remove()
     return losses, peaks, seen

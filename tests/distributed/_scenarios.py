@@ -200,16 +200,7 @@ def train_famo(
 ) -> Tensor:
     """A task-loss scalarizer that recomputes the losses after each step (``info.evaluate()``)."""
     optimizer = JDSGD(model.parameters(), lr=0.1, scalarizer=FAMO(2), **options)
-    losses = torch.empty(0)
-    for x, y in batches:
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            outputs, _ = model(x[part])
-            return ((outputs - y[part]) ** 2).mean(dim=0)
-
-        losses = optimizer.step(closure)
-    return losses
+    return step_task_losses(model, optimizer, batches, part)
 
 
 def train_tasks(
@@ -217,16 +208,7 @@ def train_tasks(
 ) -> Tensor:
     """UPGrad on per-task losses without shared_params or batch_dim (the [T, n] Jacobian path)."""
     optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), **options)
-    losses = torch.empty(0)
-    for x, y in batches:
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            outputs, _ = model(x[part])
-            return ((outputs - y[part]) ** 2).mean(dim=0)
-
-        losses = optimizer.step(closure)
-    return losses
+    return step_task_losses(model, optimizer, batches, part)
 
 
 def train_uw(
@@ -236,6 +218,13 @@ def train_uw(
     uw = UW(2).double()
     params = [*model.parameters(), *uw.parameters()]
     optimizer = JDSGD(params, lr=0.1, scalarizer=uw, **options)
+    return step_task_losses(model, optimizer, batches, part)
+
+
+def step_task_losses(
+    model: nn.Module, optimizer: JDSGD, batches: list[tuple[Tensor, Tensor]], part: slice
+) -> Tensor:
+    """``step(closure)`` on each batch, the closure returning the mean loss per task."""
     losses = torch.empty(0)
     for x, y in batches:
 
