@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch._guards import CompileContext
 from torch.utils.hooks import RemovableHandle
 
 _deferred: list[RemovableHandle] = []
@@ -52,10 +53,6 @@ def remove_deferred_hooks() -> None:
 
 def compiling() -> bool:
     """Whether dynamo is compiling a frame right now (torch's compile context is set)."""
-    try:
-        from torch._guards import CompileContext
-    except ImportError:  # pragma: no cover - a torch without it cannot be told apart: wait
-        return True
     return CompileContext.try_get() is not None
 
 
