@@ -15,12 +15,18 @@ again; when a row's number of wrong signs stops falling it swaps one variable at
 rule: the largest wrong index), which terminates for positive-definite ``G``.
 
 The systems of all rows share ``G``, so they are solved together, each round continuing from the
-previous round's slacks: by one batched Cholesky for small ``m``, otherwise by conjugate gradient
-with one matrix product ``S G`` per iteration for the whole batch, run in float32 on corrections to
-the float64 residual (mixed-precision iterative refinement). The problem is first rescaled to a unit diagonal (``G → DGD``, ``u → D⁻¹u``, ``D = diag(G)^-½``, which changes
-no solution) and each row of ``U`` to unit size (``v(c u) = c v(u)`` for ``c > 0``). A row is
-accepted only when its KKT residuals are below tolerance, so the result is exact to that tolerance
-or a ``RuntimeError`` says so; it never returns an unconverged row.
+previous round's slacks. A system is solved directly on the smaller of its two sides when that is
+small in every row: ``G_FF`` itself (few free variables), or through the inverse ``H = G⁻¹``, since
+``(G_FF)⁻¹ = H_FF − H_FA (H_AA)⁻¹ H_AF`` needs only a system in ``H_AA`` (few active bounds, the
+common case for the Gramians of real models, and one whose conditioning does not degrade with the
+rank of ``G``). Both are compacted to the largest such side, so their cost does not grow with
+``m``. Otherwise conjugate gradient runs with one matrix product ``S G`` per iteration for the
+whole batch, in float32 on corrections to the float64 residual (mixed-precision iterative
+refinement). The problem is first rescaled to a unit diagonal (``G → DGD``, ``u → D⁻¹u``,
+``D = diag(G)^-½``, which changes no solution) and each row of ``U`` to unit size
+(``v(c u) = c v(u)`` for ``c > 0``). A row is accepted only when its KKT residuals are below
+tolerance, so the result is exact to that tolerance or a ``RuntimeError`` says so; it never returns
+an unconverged row.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ _SIGN_TOLERANCE = 1e-9
 _RESIDUAL_TOLERANCE = 1e-10
 # Full exchanges allowed without progress before a row falls back to single exchanges.
 _BACKUP_EXCHANGES = 3
-# Up to this size, the inner systems are factorised (one small batched Cholesky per round), which
-# costs less than the many small steps of conjugate gradient.
-_DIRECT_MAX_SIZE = 64
+# Inner systems are factorised when the smaller of their two sides (free variables, or active
+# bounds through the inverse) has at most this many unknowns in every row: a batched Cholesky of
+# that size costs less than a round of conjugate gradient (benchmarks/bench_dual_cone.py).
+_DIRECT_MAX_UNKNOWNS = 48
 # Residual reduction of one inner solve (one refinement step).
 _INNER_REDUCTION = 1e-3
 # Conjugate-gradient iterations between two reads of the rows' progress on the host: every
@@ -148,13 +155,11 @@ def _solve_lcp(
     indices = torch.arange(q.shape[1], device=q.device)
     residual_tolerance = _RESIDUAL_TOLERANCE * q.abs().amax(dim=1).clamp(min=1.0)
 
+    inverse = _LazyInverse(gramian)
     for _ in range(max_rounds):
         mask = free.to(q.dtype)
         before = -multiplier * mask
-        if q.shape[1] <= _DIRECT_MAX_SIZE:
-            correction = _masked_direct_solve(gramian, before, free)
-        else:
-            correction = _masked_conjugate_gradient(inner_gramian, before, free, max_cg)
+        correction = _solve_free_systems(gramian, inverse, inner_gramian, before, free, max_cg)
         s = s + correction.to(s.dtype) * mask
         multiplier = q + s @ gramian
         stationarity = (multiplier * mask).abs().amax(dim=1)
@@ -194,17 +199,82 @@ def _solve_lcp(
     return slack, pending
 
 
-def _masked_direct_solve(gramian: Tensor, rhs: Tensor, free: Tensor) -> Tensor:
-    """Solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row by a batched Cholesky.
+class _LazyInverse:
+    """``G⁻¹`` in float64, computed on first use (``None`` if ``G`` is not positive definite)."""
 
-    Each row's system is padded to ``m x m`` with the identity off ``F``. A row whose ``G_FF`` is
-    singular (possible only without regularisation) gets no correction, so it stalls visibly.
+    def __init__(self, gramian: Tensor) -> None:
+        self._gramian = gramian
+        self._inverse: Tensor | None = None
+        self._computed = False
+
+    def get(self) -> Tensor | None:
+        if not self._computed:
+            factor, info = torch.linalg.cholesky_ex(self._gramian)
+            self._inverse = torch.cholesky_inverse(factor) if int(info) == 0 else None
+            self._computed = True
+        return self._inverse
+
+
+def _solve_free_systems(
+    gramian: Tensor,
+    inverse: _LazyInverse,
+    inner_gramian: Tensor,
+    rhs: Tensor,
+    free: Tensor,
+    max_cg: int,
+) -> Tensor:
+    """Solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row, by the cheapest route.
+
+    Exactly (to round-off) when every row has few free variables or few active bounds, otherwise
+    approximately by conjugate gradient (see the module docstring).
     """
-    mask = free.to(gramian.dtype)
-    systems = gramian * mask[:, :, None] * mask[:, None, :] + torch.diag_embed(1 - mask)
-    factor, info = torch.linalg.cholesky_ex(systems)
-    solution = torch.cholesky_solve((rhs * mask).unsqueeze(-1), factor).squeeze(-1)
-    return torch.where((info == 0)[:, None], solution * mask, 0.0)
+    free_count = free.sum(dim=1)
+    largest_free, largest_fixed = torch.stack(
+        [free_count.amax(), free.shape[1] - free_count.amin()]
+    ).tolist()
+    if largest_fixed < min(largest_free, _DIRECT_MAX_UNKNOWNS + 1):
+        matrix = inverse.get()
+        if matrix is not None:
+            return _solve_through_inverse(matrix, rhs, free, largest_fixed)
+    if largest_free <= _DIRECT_MAX_UNKNOWNS:
+        return _compact_cholesky_solve(gramian, rhs, free, largest_free)
+    # Conjugate gradient on H_AA instead would have to reduce its residual relative to rhs, not
+    # to (H rhs)_A, which is far larger when G is ill-conditioned: measured slower at every m.
+    return _masked_conjugate_gradient(inner_gramian, rhs, free, max_cg)
+
+
+def _solve_through_inverse(
+    inverse: Tensor, rhs: Tensor, free: Tensor, largest_fixed: int
+) -> Tensor:
+    """``x_F = (G_FF)⁻¹ rhs_F`` from ``H = G⁻¹`` and one system in ``H_AA`` (``A`` = not ``F``).
+
+    ``x = H (r + λ)`` with ``λ`` on ``A`` chosen so that ``x_A = 0``: ``H_AA λ_A = −(H r)_A``.
+    """
+    mask = free.to(inverse.dtype)
+    through = torch.mm(rhs * mask, inverse)  # H is symmetric
+    multiplier = _compact_cholesky_solve(inverse, -through, ~free, largest_fixed)
+    return (through + torch.mm(multiplier, inverse)) * mask
+
+
+def _compact_cholesky_solve(matrix: Tensor, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
+    """Solves ``M_CC x_C = rhs_C`` (``x = 0`` off ``C``) for every row, ``|C| ≤ size``.
+
+    Each row's system is gathered into a ``size x size`` block (padded with the identity) and
+    factorised in one batched Cholesky. A row whose block is not positive definite (possible only
+    without regularisation) gets no correction, so it stalls visibly.
+    """
+    if size == 0:
+        return torch.zeros_like(rhs)
+    # The chosen indices of each row first, in order; the rest pad the block.
+    order = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :size]
+    valid = torch.gather(chosen, 1, order)
+    block = torch.take(matrix, order.unsqueeze(2) * matrix.shape[1] + order.unsqueeze(1))
+    identity = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    block = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), block, identity)
+    factor, info = torch.linalg.cholesky_ex(block)
+    compact = torch.cholesky_solve((torch.gather(rhs, 1, order) * valid).unsqueeze(2), factor)
+    compact = torch.where(valid & (info == 0).unsqueeze(1), compact.squeeze(2), 0.0)
+    return torch.zeros_like(rhs).scatter_(1, order, compact)
 
 
 def _masked_conjugate_gradient(

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation import UPGradWeighting
+from jdoptim.linalg import _dual_cone_batched as batched
 from jdoptim.linalg import prepare_dual_cone_gramian, project_to_dual_cone
 from jdoptim.linalg._dual_cone import choose_dual_cone_solver
 from jdoptim.linalg._dual_cone_batched import DualConeConvergenceError, solve_dual_cone_batched
@@ -249,3 +250,48 @@ def test_progress_read_interval_does_not_change_the_accepted_solution(
     monkeypatch.setattr("jdoptim.linalg._dual_cone_batched._CPU_CHECK_EVERY", check_every)
     gramian = rank_deficient_gramian(90, rank=12, seed=4)
     assert_agrees_with_quadprog(gramian, torch.eye(90, dtype=torch.float64))
+
+
+def correlated_gramian(size: int, kind: str, seed: int) -> Tensor:
+    """Rows sharing a component (few conflicts: few free variables) or with it removed (many)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(size, 3 * size, generator=generator, dtype=torch.float64)
+    if kind == "aligned":
+        jacobian = noise + 0.2 * torch.randn(1, 3 * size, generator=generator, dtype=torch.float64)
+    else:
+        jacobian = noise - 0.7 * noise.mean(dim=0, keepdim=True)
+    return jacobian @ jacobian.T
+
+
+@pytest.mark.parametrize(
+    ("kind", "direct_max", "route"),
+    [
+        ("aligned", 48, "_compact_cholesky_solve"),  # few free variables: G_FF factorised
+        ("conflicting", 48, "_solve_through_inverse"),  # few active bounds: H_AA factorised
+        ("conflicting", 0, "_masked_conjugate_gradient"),  # neither small enough
+    ],
+)
+def test_each_inner_route_is_taken_and_exact(
+    kind: str, direct_max: int, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batched, "_DIRECT_MAX_UNKNOWNS", direct_max)
+    calls: list[str] = []
+    for name in ("_compact_cholesky_solve", "_solve_through_inverse", "_masked_conjugate_gradient"):
+        original = getattr(batched, name)
+
+        def spy(*args: object, _name: str = name, _original: object = original) -> object:
+            calls.append(_name)
+            return _original(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(batched, name, spy)
+    gramian = correlated_gramian(90, kind, seed=3)
+    bounds = torch.eye(90, dtype=torch.float64)
+    batched_solution = project_to_dual_cone(gramian, bounds, solver="batched")
+    assert route in calls
+    if route != "_masked_conjugate_gradient":
+        assert "_masked_conjugate_gradient" not in calls
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    # Well-conditioned: the solvers' exactness rule (1e-8 of quadprog) holds.
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(batched_solution, reference, rtol=0, atol=1e-8 * scale)
+    assert_kkt(gramian, bounds, batched_solution)
