@@ -46,6 +46,10 @@ _BACKUP_EXCHANGES = 3
 # bounds through the inverse) has at most this many unknowns in every row: a batched Cholesky of
 # that size costs less than a round of conjugate gradient (benchmarks/bench_dual_cone.py).
 _DIRECT_MAX_UNKNOWNS = 48
+# Conjugate gradient is preconditioned by H_FF (H = G⁻¹) after a round that took more iterations
+# than this (an ill-conditioned G): it then cuts the iterations by more than the second product per
+# iteration costs. Well-conditioned Gramians (random ones take 10 to 11 per round) never pay for H.
+_PRECONDITION_AFTER = 16
 # Residual reduction of one inner solve (one refinement step).
 _INNER_REDUCTION = 1e-3
 # Conjugate-gradient iterations between two reads of the rows' progress on the host: every
@@ -140,7 +144,7 @@ def _solve_lcp(
     if pending.numel() == 0:
         return slack, pending
 
-    inner_gramian = gramian.to(torch.float32)
+    inner = _InnerSolver(gramian, max_cg)
     q = linear[pending]
     if initial_slack is None:
         free = q < 0
@@ -155,18 +159,17 @@ def _solve_lcp(
     indices = torch.arange(q.shape[1], device=q.device)
     residual_tolerance = _RESIDUAL_TOLERANCE * q.abs().amax(dim=1).clamp(min=1.0)
 
-    inverse = _LazyInverse(gramian)
     for _ in range(max_rounds):
         mask = free.to(q.dtype)
         before = -multiplier * mask
-        correction = _solve_free_systems(gramian, inverse, inner_gramian, before, free, max_cg)
+        correction = inner.solve(before, free)
         s = s + correction.to(s.dtype) * mask
         multiplier = q + s @ gramian
         stationarity = (multiplier * mask).abs().amax(dim=1)
         start = before.abs().amax(dim=1)
         stalled = (stationarity > 0.1 * start) & (start > residual_tolerance)
-        if inner_gramian.dtype != gramian.dtype and bool(stalled.any()):
-            inner_gramian = gramian
+        if inner.in_float32 and bool(stalled.any()):
+            inner.use_float64()
         wrong = (free & (s < -_SIGN_TOLERANCE)) | (~free & (multiplier < -_SIGN_TOLERANCE))
         wrong_count = wrong.sum(dim=1)
         accurate = stationarity <= residual_tolerance
@@ -199,48 +202,65 @@ def _solve_lcp(
     return slack, pending
 
 
-class _LazyInverse:
-    """``G⁻¹`` in float64, computed on first use (``None`` if ``G`` is not positive definite)."""
+class _InnerSolver:
+    """Solves each round's systems ``G_FF x_F = rhs_F`` by the cheapest route (module docstring).
 
-    def __init__(self, gramian: Tensor) -> None:
+    Keeps what the rounds of one call share: the float32 copy of ``G`` for conjugate gradient
+    (float64 once refinement stalls), ``H = G⁻¹`` (computed on first need, ``None`` if ``G`` is
+    not positive definite), and whether conjugate gradient is preconditioned by ``H_FF``: from
+    the first round whose conjugate gradient took more than ``_PRECONDITION_AFTER`` iterations
+    (an ill-conditioned ``G``; a well-conditioned one never pays for ``H``).
+    """
+
+    def __init__(self, gramian: Tensor, max_cg: int) -> None:
         self._gramian = gramian
+        self._inner = gramian.to(torch.float32)
+        self._max_cg = max_cg
         self._inverse: Tensor | None = None
-        self._computed = False
+        self._inverted = False
+        self._preconditioner: Tensor | None = None
 
-    def get(self) -> Tensor | None:
-        if not self._computed:
+    def use_float64(self) -> None:
+        """Conjugate gradient in float64 from now on (float32 is too coarse for ``G``)."""
+        self._inner = self._gramian
+        if self._preconditioner is not None:
+            self._preconditioner = self._inverse
+
+    @property
+    def in_float32(self) -> bool:
+        return self._inner.dtype != self._gramian.dtype
+
+    def inverse(self) -> Tensor | None:
+        if not self._inverted:
             factor, info = torch.linalg.cholesky_ex(self._gramian)
             self._inverse = torch.cholesky_inverse(factor) if int(info) == 0 else None
-            self._computed = True
+            self._inverted = True
         return self._inverse
 
-
-def _solve_free_systems(
-    gramian: Tensor,
-    inverse: _LazyInverse,
-    inner_gramian: Tensor,
-    rhs: Tensor,
-    free: Tensor,
-    max_cg: int,
-) -> Tensor:
-    """Solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row, by the cheapest route.
-
-    Exactly (to round-off) when every row has few free variables or few active bounds, otherwise
-    approximately by conjugate gradient (see the module docstring).
-    """
-    free_count = free.sum(dim=1)
-    largest_free, largest_fixed = torch.stack(
-        [free_count.amax(), free.shape[1] - free_count.amin()]
-    ).tolist()
-    if largest_fixed < min(largest_free, _DIRECT_MAX_UNKNOWNS + 1):
-        matrix = inverse.get()
-        if matrix is not None:
-            return _solve_through_inverse(matrix, rhs, free, largest_fixed)
-    if largest_free <= _DIRECT_MAX_UNKNOWNS:
-        return _compact_cholesky_solve(gramian, rhs, free, largest_free)
-    # Conjugate gradient on H_AA instead would have to reduce its residual relative to rhs, not
-    # to (H rhs)_A, which is far larger when G is ill-conditioned: measured slower at every m.
-    return _masked_conjugate_gradient(inner_gramian, rhs, free, max_cg)
+    def solve(self, rhs: Tensor, free: Tensor) -> Tensor:
+        """``x`` with ``G_FF x_F = rhs_F`` and ``x = 0`` off ``F``, for every row: exact (to
+        round-off) when every row has few free variables or few active bounds, otherwise
+        approximate (conjugate gradient, reducing the residual by ``_INNER_REDUCTION``)."""
+        free_count = free.sum(dim=1)
+        largest_free, largest_fixed = torch.stack(
+            [free_count.amax(), free.shape[1] - free_count.amin()]
+        ).tolist()
+        if largest_fixed < min(largest_free, _DIRECT_MAX_UNKNOWNS + 1):
+            inverse = self.inverse()
+            if inverse is not None:
+                return _solve_through_inverse(inverse, rhs, free, largest_fixed)
+        if largest_free <= _DIRECT_MAX_UNKNOWNS:
+            return _compact_cholesky_solve(self._gramian, rhs, free, largest_free)
+        # Conjugate gradient on H_AA instead would have to reduce its residual relative to rhs,
+        # not to (H rhs)_A, far larger when G is ill-conditioned: measured slower at every m.
+        solution, iterations = _masked_conjugate_gradient(
+            self._inner, rhs, free, self._max_cg, self._preconditioner
+        )
+        if self._preconditioner is None and iterations > _PRECONDITION_AFTER:
+            inverse = self.inverse()
+            if inverse is not None:
+                self._preconditioner = inverse.to(self._inner.dtype)
+        return solution
 
 
 def _solve_through_inverse(
@@ -278,26 +298,34 @@ def _compact_cholesky_solve(matrix: Tensor, rhs: Tensor, chosen: Tensor, size: i
 
 
 def _masked_conjugate_gradient(
-    gramian: Tensor, rhs: Tensor, free: Tensor, max_iterations: int
-) -> Tensor:
+    gramian: Tensor,
+    rhs: Tensor,
+    free: Tensor,
+    max_iterations: int,
+    preconditioner: Tensor | None = None,
+) -> tuple[Tensor, int]:
     """Approximately solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row, from zero.
 
-    A row is done once its residual has fallen by ``_INNER_REDUCTION``. Progress is read on the host
-    every iteration on the CPU, every ``_ACCELERATOR_CHECK_EVERY`` elsewhere, and each iteration is a dozen whole-batch operations
-    (on the CPU their count, not the product, dominates up to m of a few hundred). Rows that are
-    done are dropped from the batch in bulk, so the products shrink with them.
+    A row is done once its residual has fallen by ``_INNER_REDUCTION``. With a ``preconditioner``
+    ``P`` (``H = G⁻¹``), each iteration also applies ``P_FF`` (a second product). Progress is read
+    on the host every iteration on the CPU, every ``_ACCELERATOR_CHECK_EVERY`` elsewhere. Rows that
+    are done are dropped from the batch in bulk, so the products shrink with them. Also returns
+    the number of iterations run.
     """
     mask = free.to(gramian.dtype)
     r = rhs.to(gramian.dtype) * mask
     rr = (r * r).sum(dim=1, keepdim=True)
     threshold = rr * _INNER_REDUCTION**2
+    z = r if preconditioner is None else torch.mm(r, preconditioner).mul_(mask)
+    rz = rr if preconditioner is None else (r * z).sum(dim=1, keepdim=True)
     x = torch.zeros_like(r)
-    p = r.clone()
+    p = z.clone()
     zeros = torch.zeros_like(rr)
     infinite = torch.full_like(rr, torch.inf)
     active = torch.arange(r.shape[0], device=r.device)
     result = torch.zeros_like(r)
     check_every = _CPU_CHECK_EVERY if r.device.type == "cpu" else _ACCELERATOR_CHECK_EVERY
+    iteration = 0
     for iteration in range(max_iterations):
         if iteration % check_every == 0:
             unconverged = (rr > threshold).squeeze(1)
@@ -313,18 +341,24 @@ def _masked_conjugate_gradient(
                     r[unconverged],
                     p[unconverged],
                 )
-                rr, mask, threshold = rr[unconverged], mask[unconverged], threshold[unconverged]
+                rr, rz, mask = rr[unconverged], rz[unconverged], mask[unconverged]
+                threshold = threshold[unconverged]
                 zeros, infinite = zeros[unconverged], infinite[unconverged]
         product = torch.mm(p, gramian).mul_(mask)
         curvature = (p * product).sum(dim=1, keepdim=True)
         # A singular G_FF (only without regularisation) stalls the row instead of making NaNs.
         positive = curvature > 0
-        step = torch.where(positive, rr / curvature, zeros)
+        step = torch.where(positive, rz / curvature, zeros)
         threshold = torch.where(positive, threshold, infinite)
         x.addcmul_(step, p)
         r.addcmul_(step, product, value=-1)
-        rr_next = (r * r).sum(dim=1, keepdim=True)
-        p = torch.addcmul(r, torch.where(rr > 0, rr_next / rr, zeros), p)
-        rr = rr_next
+        rr = (r * r).sum(dim=1, keepdim=True)
+        if preconditioner is None:
+            z, rz_next = r, rr
+        else:
+            z = torch.mm(r, preconditioner).mul_(mask)
+            rz_next = (r * z).sum(dim=1, keepdim=True)
+        p = torch.addcmul(z, torch.where(rz > 0, rz_next / rz, zeros), p)
+        rz = rz_next
     result[active] = x
-    return result
+    return result, iteration

@@ -295,3 +295,31 @@ def test_each_inner_route_is_taken_and_exact(
     scale = float(reference.abs().max())
     torch.testing.assert_close(batched_solution, reference, rtol=0, atol=1e-8 * scale)
     assert_kkt(gramian, bounds, batched_solution)
+
+
+def test_ill_conditioned_gramians_get_a_preconditioned_conjugate_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rank 12 of 120 (cond about 1e4 after regularisation): plain conjugate gradient needs many
+    # iterations per round, so the later rounds precondition with H_FF; the result is as exact.
+    monkeypatch.setattr(batched, "_DIRECT_MAX_UNKNOWNS", 0)
+    preconditioned: list[bool] = []
+    original = batched._masked_conjugate_gradient
+
+    def spy(*args: Tensor | int | None) -> tuple[Tensor, int]:
+        preconditioned.append(len(args) > 4 and args[4] is not None)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batched, "_masked_conjugate_gradient", spy)
+    gramian = rank_deficient_gramian(120, rank=12, seed=5)
+    bounds = torch.eye(120, dtype=torch.float64)
+    solution = project_to_dual_cone(gramian, bounds, solver="batched")
+    assert not preconditioned[0] and any(preconditioned)
+    reference = project_to_dual_cone(gramian, bounds, solver="quadprog")
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(solution, reference, rtol=0, atol=1e-6 * scale)
+    assert_kkt(gramian, bounds, solution)
+    # A well-conditioned Gramian never pays for the inverse.
+    preconditioned.clear()
+    project_to_dual_cone(random_gramian(120, 240, seed=5), bounds, solver="batched")
+    assert preconditioned and not any(preconditioned)
