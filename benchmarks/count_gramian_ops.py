@@ -14,9 +14,9 @@ normalising, the attention core), ``gramian: <layer>`` (that layer's term Gramia
 (the sum of the terms' Gramians and its layout; for a step also the scale), ``.grad: <layer>`` (the
 fused gradient), ``weighting`` and, for ``compute_gramian`` alone, ``other`` (the rest).
 
-    python benchmarks/count_gramian_ops.py                 # compute_gramian, B = 32
-    python benchmarks/count_gramian_ops.py --step          # + one JDSGD(UPGradWeighting) step
-    python benchmarks/count_gramian_ops.py --models mlp --batch 128
+    python -m benchmarks.count_gramian_ops                 # compute_gramian, B = 32
+    python -m benchmarks.count_gramian_ops --step          # + one JDSGD(UPGradWeighting) step
+    python -m benchmarks.count_gramian_ops --models mlp --batch 128
 """
 
 from __future__ import annotations
