@@ -2,16 +2,19 @@
 
 Side by side in one process, with interleaved repeats (every repeat calls each solver once, in
 turn, so a load change on the shared CPU hits all of them alike), medians and ratios. The Gramians
-are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, and of a rank-deficient ``J`` of rank
-``m / 8``. A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit``
+are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, of a rank-deficient ``J`` of rank ``m / 8``,
+and (kinds ``mlp``, ``cnn``, ``transformer``) those of the per-instance cross-entropy losses of
+``bench_autogram.py``'s models on a batch of ``m`` instances, as jdoptim's engine computes them. A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit``
 seconds is skipped and reported as such. Every jdoptim weighting is reset before each call (a cold
 start) except ``auto-warm``, which keeps its state from call to call. Repeat ``t`` runs every
 solver on step ``t`` of a slowly drifting Gramian sequence (``J_t = J_0 + 1e-3 · t · mean|J_0| · E``
-with a fixed random ``E``), as consecutive training steps would give. ``active_set`` is the fixed-budget solver ``"auto"`` picks on CUDA.
+with a fixed random ``E``), as consecutive training steps would give; for a model, step ``t`` is
+a new batch, as in training on per-instance losses (so a warm start has little to reuse). ``active_set`` is the fixed-budget solver ``"auto"`` picks on CUDA.
 
     python benchmarks/bench_dual_cone.py            # m = 8 ... 1024, float32 and float64
     python benchmarks/bench_dual_cone.py --small    # m = 8, 32, 128: a quick run
     python benchmarks/bench_dual_cone.py --device cuda
+    python benchmarks/bench_dual_cone.py --kinds mlp cnn transformer --sizes 32 64 128
     python benchmarks/bench_dual_cone.py --before /tmp/bp    # against an earlier version (see
                                                              # docs/performance.md)
     python benchmarks/bench_dual_cone.py --sizes 512 --kinds random --dtypes float64 \
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
 
 from jdoptim.aggregation import UPGradWeighting
@@ -38,6 +41,8 @@ Solver = Callable[[Tensor], Tensor]
 
 def make_gramian(kind: str, size: int, dtype: torch.dtype, device: str, step: int = 0) -> Tensor:
     """Step ``t`` of a slowly drifting sequence: ``J_t = J_0 + 1e-3 · t · mean|J_0| · E``."""
+    if kind in MODELS:
+        return model_gramian(kind, size, step).to(dtype=dtype, device=device)
     generator = torch.Generator().manual_seed(size)
     if kind == "random":
         jacobian = torch.randn(size, 2 * size, generator=generator, dtype=torch.float64)
@@ -49,6 +54,23 @@ def make_gramian(kind: str, size: int, dtype: torch.dtype, device: str, step: in
     jacobian = jacobian + 1e-3 * step * jacobian.abs().mean() * direction
     gramian = jacobian @ jacobian.T
     return ((gramian + gramian.T) / 2).to(dtype=dtype, device=device)
+
+
+MODELS = ("mlp", "cnn", "transformer")
+
+
+def model_gramian(kind: str, size: int, step: int) -> Tensor:
+    """The Gramian of a model's per-instance losses on batch ``step`` of ``size`` instances."""
+    from bench_autogram import Case  # this folder, as when run as a script
+
+    from jdoptim.autogram import Engine
+
+    model, example = Case(kind, size).build()
+    generator = torch.Generator().manual_seed(step)
+    inputs = torch.randn(example.shape, generator=generator)
+    targets = torch.randint(0, 10, (size,), generator=generator)
+    losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
+    return Engine(model, batch_dim=0).compute_gramian(losses).detach().to(torch.float64)
 
 
 def synchronized(solver: Solver, device: str) -> Solver:
