@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -83,12 +84,17 @@ def synchronized(solver: Solver, device: str) -> Solver:
     return run
 
 
-def cold(weighting: UPGradWeighting) -> Solver:
+def cold(weighting: Any) -> Solver:
     def run(gramian: Tensor) -> Tensor:
         weighting.reset()
         return weighting(gramian)
 
     return run
+
+
+def baseline(name: str) -> str:
+    """What a compared solver's time is divided by: the warm default for a warm one."""
+    return "auto-warm" if name.endswith("-warm") else "auto"
 
 
 def time_call(solver: Solver, gramian: Tensor) -> tuple[float, Tensor]:
@@ -136,13 +142,17 @@ def main() -> None:
     if args.before:
         sys.path.insert(0, args.before)
         earlier = importlib.import_module("jdoptim_before.aggregation").UPGradWeighting
-        solvers["before"] = synchronized(earlier(), args.device)
+        # Cold like "auto" (an earlier version may keep a warm start too), and warm.
+        solvers["before"] = synchronized(cold(earlier()), args.device)
+        solvers["before-warm"] = synchronized(earlier(), args.device)
     for name in args.without:
         del solvers[name]
     print(f"device {args.device}, torch threads {args.threads}, {repeats} interleaved repeats")
     compared = [name for name in ("before", "torchjd", "quadprog") if name in solvers]
+    if "before-warm" in solvers and "auto-warm" in solvers:
+        compared.append("before-warm")
     header = "| Gramian | dtype | m | " + " | ".join(solvers) + " | "
-    header += "".join(f"{name} / auto | " for name in compared) + "max rel. diff |"
+    header += "".join(f"{name} / {baseline(name)} | " for name in compared) + "max rel. diff |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind in args.kinds:
@@ -151,8 +161,9 @@ def main() -> None:
             for size in sizes:
                 gramian = make_gramian(kind, size, dtype, args.device)
                 solvers["auto"](gramian)  # warm-up: first-call allocations and dispatch
-                if "auto-warm" in solvers:
-                    solvers["auto-warm"](gramian)
+                for name in ("auto-warm", "before-warm"):
+                    if name in solvers:
+                        solvers[name](gramian)
                 times: dict[str, list[float]] = {name: [] for name in solvers}
                 weights: dict[str, Tensor] = {}
                 skipped = set()
@@ -184,13 +195,14 @@ def main() -> None:
                         if name != "torchjd"
                     )
                     difference = f"{error:.1e}"
-                auto = medians["auto"]
-                ratios = [
-                    f"{earlier / auto:.3g}x"
-                    if auto is not None and (earlier := medians.get(name)) is not None
-                    else "n/a"
-                    for name in compared
-                ]
+                ratios = []
+                for name in compared:
+                    earlier, auto = medians.get(name), medians[baseline(name)]
+                    ratios.append(
+                        f"{earlier / auto:.3g}x"
+                        if earlier is not None and auto is not None
+                        else "n/a"
+                    )
                 cells = [format_seconds(medians[name]) for name in solvers]
                 dtype_name = str(dtype).removeprefix("torch.")
                 row = [kind, dtype_name, str(size), *cells, *ratios, difference]
