@@ -16,6 +16,10 @@ class WarmStarted(Stateful):
     saved before these methods kept state (no ``_extra_state`` entry) loads as a cold start.
     """
 
+    #: The state is only a warm start: dropping it (``reset()``) changes no result. Callers whose
+    #: rows are other objectives at every call (per-instance losses) reset it before each call.
+    state_is_a_warm_start = True
+
     def _warm_start(self) -> Tensor | None:
         previous: Tensor | None = self._state.get("solutions")
         return previous

@@ -24,8 +24,14 @@ def weights_for(
 
     With ``instances`` (the losses are per instance), a stateful weighting whose state was learnt
     for another number of losses (a smaller last batch) restarts its state, with a warning:
-    per-instance state cannot follow a batch of another size.
+    per-instance state cannot follow a batch of another size. And a weighting whose state is only a
+    warm start (UPGrad's and DualProj's last projections) starts cold: each step's instances are
+    other objectives, so the last step's solutions would only mislead its solver (UPGrad on the
+    Gramian of an MLP's 128 per-instance losses, a new batch each call: 12.8 ms from the last
+    batch's solutions, 5.9 ms cold; benchmarks/bench_dual_cone.py --kinds mlp).
     """
+    if instances:
+        _start_cold(weighting)
     try:
         return _weights(weighting, gramian)
     except StateSizeError:
@@ -40,6 +46,12 @@ def weights_for(
         )
         weighting.reset()
         return _weights(weighting, gramian)
+
+
+def _start_cold(weighting: Weighting | GeneralizedWeighting) -> None:
+    for module in weighting.modules():
+        if isinstance(module, Stateful) and getattr(module, "state_is_a_warm_start", False):
+            module.reset()
 
 
 def _weights(weighting: Weighting | GeneralizedWeighting, gramian: Tensor) -> Tensor:

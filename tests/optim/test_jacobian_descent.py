@@ -81,6 +81,31 @@ def test_upgrad_equals_the_hand_written_engine_loop(
     assert_same_params(model, reference, atol=1e-10)
 
 
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_per_instance_losses_start_the_dual_cone_solver_cold(
+    batch_dim: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Per-instance rows are other objectives every step: the last step's projections would only
+    # mislead the solver. Per-task rows (batch_dim=None here: each loss its own objective) keep the
+    # warm start. Either way the state is kept (for a checkpoint) and the steps are the same.
+    import jdoptim.aggregation.upgrad as upgrad_module
+
+    starts: list[bool] = []
+    original = upgrad_module.project_to_dual_cone
+
+    def spy(*args: Any, **kwargs: Any) -> Tensor:
+        starts.append(kwargs.get("warm_start") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(upgrad_module, "project_to_dual_cone", spy)
+    model, inputs, targets = regression_problem(steps=3)
+    weighting = UPGradWeighting()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting, batch_dim=batch_dim)
+    run_jd(optimizer, model, inputs, targets)
+    assert starts == ([False, False, False] if batch_dim == 0 else [False, True, True])
+    assert weighting.state_dict()["_extra_state"]["solutions"].shape[0] == inputs.shape[1]
+
+
 def test_upgrad_equals_the_hand_written_autojac_loop() -> None:
     model, inputs, targets = regression_problem(steps=3)
     reference = clone_model(model)
