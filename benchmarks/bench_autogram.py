@@ -22,6 +22,11 @@ on the mean loss. Methods:
   ``jdsgd-upgrad`` run by another jdoptim, imported as ``jdoptim_before`` from ``DIR`` (a copy with
   the package renamed, see docs/performance.md), side by side with this one.
 
+Every step sees a new batch (four batches in turn, drawn up front), as in training; the hand-written
+UPGrad steps (``jd-upgrad``, ``func-upgrad``) start the weighting's solver cold at every step
+(``reset()``), as jdoptim's optimizers do for per-instance losses: a warm start from another batch's
+solutions only slows it down (docs/performance.md).
+
 A method whose warm-up step takes over ``SLOW_SECONDS`` is timed once instead of ``repeats`` times
 (its median is then that one step): enough to show a 100x gap, and the run stays short.
 
@@ -56,6 +61,28 @@ from jdoptim.aggregation import MeanWeighting, UPGradWeighting
 from jdoptim.autogram import Engine
 
 Step = Callable[[], None]
+
+
+class Batches:
+    """Four batches of the shape of ``x`` (the first is ``x``), taken in turn: one per step."""
+
+    @property
+    def current(self) -> tuple[Tensor, Tensor]:
+        return self._batches[self._index]
+
+    def __init__(self, x: Tensor) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self._batches = [
+            (
+                x if i == 0 else torch.randn(x.shape, generator=generator),
+                torch.randint(0, 10, (x.shape[0],), generator=generator),
+            )
+            for i in range(4)
+        ]
+        self._index = 0
+
+    def advance(self) -> None:
+        self._index = (self._index + 1) % len(self._batches)
 
 
 class GRUClassifier(nn.Module):
@@ -140,12 +167,18 @@ METHODS = [
 
 
 def _engine_step(
-    optimizer: torch.optim.Optimizer, losses: Callable[[], Tensor], engine: Any, weighting: Any
+    optimizer: torch.optim.Optimizer,
+    losses: Callable[[], Tensor],
+    engine: Any,
+    weighting: Any,
+    cold: bool = False,
 ) -> Step:
     """A step by hand on ``engine``: its Gramian, ``weighting``'s weights, the fused ``.grad``."""
 
     def step() -> None:
         optimizer.zero_grad()
+        if cold:
+            weighting.reset()
         weights = weighting(engine.compute_gramian(losses()))
         engine.backward(weights)
         optimizer.step()
@@ -155,12 +188,23 @@ def _engine_step(
 
 def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
     """One training step of ``method`` on ``model`` (raises if the method rejects the model)."""
-    targets = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    batches = Batches(x)
+    step = _make_step(method, model, batches)
+
+    def on_the_next_batch() -> None:
+        batches.advance()
+        step()
+
+    return on_the_next_batch
+
+
+def _make_step(method: str, model: nn.Module, batches: Batches) -> Step:
     criterion = nn.CrossEntropyLoss(reduction="none")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def losses() -> Tensor:
-        return criterion(model(x), targets)
+        inputs, targets = batches.current
+        return criterion(model(inputs), targets)
 
     if method == "sgd":
 
@@ -180,7 +224,7 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
 
             return gramian
 
-        return _engine_step(optimizer, losses, engine, weighting)
+        return _engine_step(optimizer, losses, engine, weighting, cold=True)
     if method == "jdsgd-upgrad":
         from jdoptim import JDSGD
 
@@ -249,13 +293,12 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
             before_jdsgd.step(before_closure)
 
         return before_jdsgd_step
-    return _func_step(model, x, targets, criterion, optimizer, upgrad=method == "func-upgrad")
+    return _func_step(model, batches, criterion, optimizer, upgrad=method == "func-upgrad")
 
 
 def _func_step(
     model: nn.Module,
-    x: Tensor,
-    targets: Tensor,
+    batches: Batches,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     upgrad: bool,
@@ -273,10 +316,12 @@ def _func_step(
     weighting = UPGradWeighting()
 
     def func_upgrad() -> None:
+        x, targets = batches.current
         params = {name: p.detach() for name, p in model.named_parameters()}
         grads = per_sample(params, x, targets)
         rows = [grads[name].reshape(x.shape[0], -1) for name in names]
         gramian = sum(r @ r.T for r in rows)
+        weighting.reset()
         weights = weighting((gramian + gramian.T) / 2)
         for name, p in zip(names, model.parameters(), strict=True):
             p.grad = torch.tensordot(weights, grads[name], dims=1)
@@ -286,6 +331,7 @@ def _func_step(
         return func_upgrad
 
     def func() -> None:
+        x, targets = batches.current
         params = {name: p.detach() for name, p in model.named_parameters()}
         grads = per_sample(params, x, targets)
         for name, p in zip(names, model.parameters(), strict=True):
