@@ -1,7 +1,8 @@
 """A whole optimizer step, JDSGD against SGD, side by side in one process (interleaved, medians).
 
 Measures what the optimizer adds around the engine: the closure, the path's bookkeeping, the
-weighting and the update. Ratios are to an SGD step on the mean loss of the same batch.
+weighting and the update. Ratios are to an SGD step on the mean loss of the same batch. Each repeat
+takes the next of four batches (every method the same one), as in training.
 
     python benchmarks/bench_optimizer_step.py [--batch 128] [--repeats 30] [--before DIR]
 
@@ -36,7 +37,12 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="a folder holding jdoptim_before")
     args = parser.parse_args()
     torch.manual_seed(0)
-    x, y = torch.randn(args.batch, 64), torch.randint(10, (args.batch,))
+    batches = [(torch.randn(args.batch, 64), torch.randint(10, (args.batch,))) for _ in range(4)]
+    current = [0]
+
+    def data() -> tuple[torch.Tensor, torch.Tensor]:
+        return batches[current[0] % len(batches)]
+
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     steps: dict[str, Callable[[], None]] = {}
 
@@ -45,6 +51,7 @@ def main() -> None:
 
     def sgd_step() -> None:
         sgd.zero_grad()
+        x, y = data()
         loss_fn(model(x), y).mean().backward()
         sgd.step()
 
@@ -54,6 +61,7 @@ def main() -> None:
         optimizer = JDSGD(jd_model.parameters(), lr=1e-3, weighting=weighting, batch_dim=0)
 
         def step(m: nn.Module = jd_model, o: JDSGD = optimizer) -> None:
+            x, y = data()
             o.step(lambda: loss_fn(m(x), y))
 
         steps[name] = step
@@ -70,14 +78,17 @@ def main() -> None:
         )
 
         def before_step() -> None:
+            x, y = data()
             before_optimizer.step(lambda: loss_fn(before_model(x), y))
 
         steps["jdsgd-upgrad-before"] = before_step
-    for step in steps.values():
-        for _ in range(3):
+    for _ in range(3):
+        current[0] += 1
+        for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):
+        current[0] += 1
         for name, step in steps.items():
             start = time.perf_counter()
             step()
