@@ -26,10 +26,9 @@ DualConeSolver = Literal["auto", "quadprog", "batched", "active_set"]
 _SOLVERS = ("auto", "quadprog", "batched", "active_set")
 
 # "auto" on the CPU, from benchmarks/bench_dual_cone.py (see docs/performance.md): quadprog up to
-# this many objectives (at m = 32 it beat the batched solver on 5 of 7 Gramians, synthetic and of
-# real models; at m = 48 it lost on 6 of 7), then the batched solver, whose products and compacted
-# factorisations beat the active-set solver's padded ones (about m⁴ flops a round) at every m here.
-_CPU_QUADPROG_MAX_SIZE = 32
+# this many objectives, then the batched pivoting solver, whose conjugate-gradient products beat
+# the active-set solver's padded batched factorisations (about m⁴ flops a round) at every m here.
+_CPU_QUADPROG_MAX_SIZE = 24
 # "auto" on CUDA (reasoned, not measured: see docs/performance.md): quadprog after a host copy
 # (tens of µs) while its CPU time (1.6 ms at m = 32 here) stays below the active-set solver's ~250
 # kernel launches (5-10 µs each), then the active-set solver while its padded systems (k m²

@@ -142,8 +142,8 @@ def test_iteration_bound_raises(size: int) -> None:
 def test_auto_dispatch() -> None:
     small, large = torch.eye(8), torch.eye(200)
     assert choose_dual_cone_solver(small, 1e-4, "auto") == "quadprog"
-    assert choose_dual_cone_solver(torch.eye(32), 1e-4, "auto") == "quadprog"
-    assert choose_dual_cone_solver(torch.eye(33), 1e-4, "auto") == "batched"
+    assert choose_dual_cone_solver(torch.eye(24), 1e-4, "auto") == "quadprog"
+    assert choose_dual_cone_solver(torch.eye(25), 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 1e-4, "auto") == "batched"
     assert choose_dual_cone_solver(large, 0.0, "auto") == "quadprog"
     assert choose_dual_cone_solver(torch.empty(32, 32, device="meta"), 1e-4, "auto") == "quadprog"
