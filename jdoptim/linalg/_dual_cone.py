@@ -26,8 +26,10 @@ DualConeSolver = Literal["auto", "quadprog", "batched", "active_set"]
 _SOLVERS = ("auto", "quadprog", "batched", "active_set")
 
 # "auto" on the CPU, from benchmarks/bench_dual_cone.py (see docs/performance.md): quadprog up to
-# this many objectives, then the batched pivoting solver, whose conjugate-gradient products beat
-# the active-set solver's padded batched factorisations (about m⁴ flops a round) at every m here.
+# this many objectives, then the batched solver. At m = 25 to 32 cold calls are a toss-up (quadprog
+# won on 5 of 7 Gramians at m = 32, by up to 2.7x, and lost by up to 1.6x), while the batched
+# solver's warm start (per-task losses) is 2.3x faster than quadprog there; the active-set
+# solver's padded factorisations are slower than the batched solver at every m here.
 _CPU_QUADPROG_MAX_SIZE = 24
 # "auto" on CUDA (reasoned, not measured: see docs/performance.md): quadprog after a host copy
 # (tens of µs) while its CPU time (1.6 ms at m = 32 here) stays below the active-set solver's ~250
