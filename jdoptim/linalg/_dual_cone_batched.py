@@ -46,6 +46,8 @@ _BACKUP_EXCHANGES = 3
 # bounds through the inverse) has at most this many unknowns in every row: a batched Cholesky of
 # that size costs less than a round of conjugate gradient (benchmarks/bench_dual_cone.py).
 _DIRECT_MAX_UNKNOWNS = 48
+# Up to this m, every row's system padded to m x m (no gathering, no host read) costs less.
+_PADDED_MAX_SIZE = 32
 # Conjugate gradient is preconditioned by H_FF (H = G⁻¹) after a round that took more iterations
 # than this (an ill-conditioned G): it then cuts the iterations by more than the second product per
 # iteration costs. Well-conditioned Gramians (random ones take 10 to 11 per round) never pay for H.
@@ -241,6 +243,8 @@ class _InnerSolver:
         """``x`` with ``G_FF x_F = rhs_F`` and ``x = 0`` off ``F``, for every row: exact (to
         round-off) when every row has few free variables or few active bounds, otherwise
         approximate (conjugate gradient, reducing the residual by ``_INNER_REDUCTION``)."""
+        if free.shape[1] <= _PADDED_MAX_SIZE:
+            return _padded_cholesky_solve(self._gramian, rhs, free)
         free_count = free.sum(dim=1)
         # Both sizes in one host read (an .item(), which benchmarks/count_ops.py counts).
         width = free.shape[1] + 1
@@ -275,6 +279,19 @@ def _solve_through_inverse(
     through = torch.mm(rhs * mask, inverse)  # H is symmetric
     multiplier = _compact_cholesky_solve(inverse, -through, ~free, largest_fixed)
     return (through + torch.mm(multiplier, inverse)) * mask
+
+
+def _padded_cholesky_solve(gramian: Tensor, rhs: Tensor, free: Tensor) -> Tensor:
+    """Solves ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) for every row, each padded to ``m x m``.
+
+    The identity pads each row's system off ``F``; one batched Cholesky. A row whose ``G_FF`` is
+    singular (possible only without regularisation) gets no correction, so it stalls visibly.
+    """
+    mask = free.to(gramian.dtype)
+    systems = gramian * mask[:, :, None] * mask[:, None, :] + torch.diag_embed(1 - mask)
+    factor, info = torch.linalg.cholesky_ex(systems)
+    solution = torch.cholesky_solve((rhs * mask).unsqueeze(-1), factor).squeeze(-1)
+    return torch.where((info == 0)[:, None], solution * mask, 0.0)
 
 
 def _compact_cholesky_solve(matrix: Tensor, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
