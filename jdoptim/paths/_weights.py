@@ -48,8 +48,10 @@ def weights_for(
         return _weights(weighting, gramian)
 
 
-def _start_cold(weighting: Weighting | GeneralizedWeighting) -> None:
-    for module in weighting.modules():
+def _start_cold(method: nn.Module) -> None:
+    """Drops the state of every module of ``method`` whose state is only a warm start: the next
+    call starts cold (for per-instance rows, which are other objectives at every step)."""
+    for module in method.modules():
         if isinstance(module, Stateful) and getattr(module, "state_is_a_warm_start", False):
             module.reset()
 
