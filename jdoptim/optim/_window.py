@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -53,3 +57,43 @@ class AccumulationWindow:
             if base is not None:
                 param.grad = base.clone() if param.grad is None else param.grad + base
         self.written = [p.grad for p in params]
+
+
+class DifferentiatedLosses:
+    """The loss tensors already given to ``backward``, held weakly (by identity, not value).
+
+    torch frees a graph after its backward, so a second ``loss.backward()`` raises; jdoptim's
+    passes retain the graph, so without this a second ``backward`` on the same losses would
+    silently add them twice.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, weakref.ref[Tensor]] = {}
+
+    def check(self, losses: Any) -> None:
+        if any(self._seen_before(tensor) for tensor in _tensors(losses)):
+            raise RuntimeError(
+                "backward() was already called on these losses. torch frees a graph after its "
+                "backward and raises on a second one; jdoptim refuses it too rather than add the "
+                "same losses twice. Run the forward pass again for another micro-batch."
+            )
+
+    def add(self, losses: Any) -> None:
+        for tensor in _tensors(losses):
+            self._seen[id(tensor)] = weakref.ref(tensor, self._forget(id(tensor)))
+
+    def _forget(self, key: int) -> Callable[[weakref.ref[Tensor]], None]:
+        def forget(_: weakref.ref[Tensor]) -> None:
+            self._seen.pop(key, None)
+
+        return forget
+
+    def _seen_before(self, tensor: Tensor) -> bool:
+        reference = self._seen.get(id(tensor))
+        return reference is not None and reference() is tensor
+
+
+def _tensors(losses: Any) -> list[Tensor]:
+    """The tensors of ``losses``: one tensor, or a list or tuple of per-task tensors."""
+    items = losses if isinstance(losses, list | tuple) else [losses]
+    return [item for item in items if isinstance(item, Tensor)]

@@ -39,7 +39,7 @@ from jdoptim.optim._state import (
     jd_state_of,
     split_legacy_state_dict,
 )
-from jdoptim.optim._window import AccumulationWindow
+from jdoptim.optim._window import AccumulationWindow, DifferentiatedLosses
 from jdoptim.paths import (
     NonFiniteGramianError,
     NonFiniteLossesError,
@@ -162,6 +162,7 @@ class JacobianDescent(Optimizer):
         self.last_step: StepRecord | None = None
         """What the last step computed: losses, weights, Gramian and a conflict summary."""
         self._window = AccumulationWindow()
+        self._differentiated = DifferentiatedLosses()
         self._backward_calls = 0
         self._warned: set[str] = set()
         # Optimizer.__init__ installs the step hooks and profiling; param_groups, state and defaults
@@ -353,6 +354,8 @@ class JacobianDescent(Optimizer):
         leaves non-finite ``.grad`` for the scaler to skip. Returns :attr:`last_step`.
         """
         given = losses if features is None else (losses, features)
+        self._differentiated.check(losses)
+        given_losses = losses
         try:
             losses, features = self._checked(given)
         except NonFiniteLossesError:
@@ -364,6 +367,7 @@ class JacobianDescent(Optimizer):
             self._window.finite = False
             self.last_step = self._skip_step(overflowed)
             self._backward_calls += 1
+            self._differentiated.add(given_losses)
             return self.last_step
         self._path.begin()
         self._path.start_watching()
@@ -398,6 +402,7 @@ class JacobianDescent(Optimizer):
             window.clear()
             window.finite = False
         self._backward_calls += 1
+        self._differentiated.add(given_losses)
         self.last_step = record
         return record
 

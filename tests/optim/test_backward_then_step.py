@@ -195,6 +195,47 @@ def test_zero_grad_or_step_starts_a_new_window_and_other_gradients_are_kept() ->
         torch.testing.assert_close(param.grad, a + b, atol=1e-12, rtol=0.0)
 
 
+def test_a_second_backward_on_the_same_losses_is_refused_as_torch_does() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    losses = per_instance_losses(model, inputs[0], targets[0])
+    losses.sum().backward()
+    with pytest.raises(RuntimeError):  # torch: the graph was freed by the first backward
+        losses.sum().backward()
+    model.zero_grad()
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    losses = per_instance_losses(model, inputs[0], targets[0])
+    optimizer.backward(losses)
+    once = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="already called on these losses"):
+        optimizer.backward(losses)
+    # Refused before touching anything: .grad is the first backward's.
+    for param, grad in zip(model.parameters(), once, strict=True):
+        assert torch.equal(param.grad, grad)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="already called on these losses"):
+        optimizer.backward(losses)
+    # A new forward pass (even on the same inputs) is a new graph.
+    optimizer.zero_grad()
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+
+    # A backward that failed consumed nothing: the same losses may be given again.
+    class FailsOnce(MeanWeighting):
+        failed = False
+
+        def forward(self, gramian: Tensor, /) -> Tensor:
+            if not self.failed:
+                self.failed = True
+                raise ValueError("once")
+            return super().forward(gramian)
+
+    other = JDSGD(model.parameters(), lr=0.1, weighting=FailsOnce(), batch_dim=0)
+    other.zero_grad()
+    losses = per_instance_losses(model, inputs[1], targets[1])
+    with pytest.raises(ValueError, match="once"):
+        other.backward(losses)
+    other.backward(losses)
+
+
 def test_a_closure_without_zero_grad_gives_the_same_step() -> None:
     model, inputs, targets = regression_problem(steps=3)
     reference = copy.deepcopy(model)
