@@ -351,7 +351,8 @@ class JacobianDescent(Optimizer):
         The engine must see the forward pass: with ``modules=`` it always does; otherwise it
         watches module calls from the optimizer's construction on (a forward run before the
         optimizer was built takes an exact but slower route). With a ``GradScaler``, pass ``scaler.scale(losses)``; an overflowing step
-        leaves non-finite ``.grad`` for the scaler to skip. Returns :attr:`last_step`.
+        leaves non-finite ``.grad`` for the scaler to skip. As with ``loss.backward()``, each losses
+        tensor can be given once (a second time raises). Returns :attr:`last_step`.
         """
         given = losses if features is None else (losses, features)
         self._differentiated.check(losses)
