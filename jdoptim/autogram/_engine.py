@@ -129,9 +129,9 @@ class Engine:
         self._last_report: list[_Reported] = []
         # Draws the probe weights of the independence check (seeded: runs are reproducible).
         self._probe_generator = torch.Generator().manual_seed(0)
-        self._rules: weakref.WeakKeyDictionary[nn.Module, tuple[bool, ClosedFormRule | None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._rules: weakref.WeakKeyDictionary[
+            nn.Module, tuple[tuple[type, tuple[str, ...]], bool, ClosedFormRule | None]
+        ] = weakref.WeakKeyDictionary()
         self._closed = False
         # Tables of nn.Embedding(sparse=True): autograd gives them sparse gradients, so does backward.
         self._sparse_params = {
@@ -245,6 +245,23 @@ class Engine:
                 "Gramians again."
             )
 
+    def _warn_if_uncovered(self, module: nn.Module) -> None:
+        """A module whose parameters changed since the engine saw it (``weight_norm``,
+        ``parametrize`` with ``right_inverse``) may hold parameters the engine does not cover."""
+        new = [
+            name
+            for name, p in module.named_parameters()
+            if p.requires_grad and id(p) not in self._param_ids
+        ]
+        if new:
+            warnings.warn(
+                f"{type(module).__name__} has parameters the engine was not built with ({new}; "
+                "added by a parametrization or weight_norm after the engine was built, for "
+                "example): the Gramian leaves them out. Build a new Engine after changing the "
+                "model's parameters.",
+                stacklevel=3,
+            )
+
     def _owns_covered(self, module: nn.Module) -> bool:
         return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
 
@@ -256,12 +273,18 @@ class Engine:
             self._sparse_params.add(id(module.weight))
         if self._batch_dim is None:
             return
+        # Keyed on the module's class and parameter names too: parametrizing a layer after its
+        # first call (parametrize, weight_norm) changes both, and its closed form no longer holds.
+        signature = (type(module), tuple(module._parameters))
         known = self._rules.get(module)
-        if known is None:
+        if known is None or known[0] != signature:
+            if known is not None:
+                self._warn_if_uncovered(module)
             owns = self._owns_covered(module)
-            known = (owns or _is_batch_norm(module), closed_form_rule(module) if owns else None)
+            rule = closed_form_rule(module) if owns else None
+            known = (signature, owns or _is_batch_norm(module), rule)
             self._rules[module] = known
-        relevant, rule = known
+        _, relevant, rule = known
         if relevant:
             record_call(module, rule, args, kwargs, output)
 
