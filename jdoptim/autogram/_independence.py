@@ -62,25 +62,32 @@ def scaled_dims(
     ``task_grads[k]`` is ``[T, *y.shape]``; ``probe_grads[k]`` is ``[P * T, *y.shape]``, row
     ``p * T + t`` being task ``t``'s losses weighted by ``weights[p]``.
     """
-    checks: list[Tensor] = []
-    owners: list[tuple[int, int]] = []
     converted: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-    for index, (plain, probed, dims) in enumerate(
-        zip(task_grads, probe_grads, candidates, strict=True)
-    ):
-        if not dims:
-            continue
+
+    def check(index: int, dim: int) -> Tensor:
+        plain, probed = task_grads[index], probe_grads[index]
         key = (plain.device, plain.dtype)
         if key not in converted:
             converted[key] = weights.to(plain.device, plain.dtype)
-        rows = weights.shape[0]
         # [P, T, *y.shape]: every probe row against the plain gradient, in three operations.
-        expected = probed.reshape(rows, *plain.shape)
-        for dim in dims:
-            scale = _along(converted[key], dim, plain.ndim)
-            checks.append((plain * scale == expected).all())  # NaN never passes
-            owners.append((index, dim))
-    return _first_passing(checks, owners, len(task_grads))
+        expected = probed.reshape(weights.shape[0], *plain.shape)
+        scale = _along(converted[key], dim, plain.ndim)
+        return (plain * scale == expected).all()  # NaN never passes
+
+    # The first candidate of every output holds almost always (the instance dim is the leading
+    # one): check those first, and the other candidates only of the outputs where it failed.
+    first = [(index, dims[0]) for index, dims in enumerate(candidates) if dims]
+    result = _first_passing([check(*owner) for owner in first], first, len(task_grads))
+    rest = [
+        (index, dim)
+        for index, dims in enumerate(candidates)
+        if dims and result[index] is None
+        for dim in dims[1:]
+    ]
+    if rest:
+        later = _first_passing([check(*owner) for owner in rest], rest, len(task_grads))
+        result = [a if a is not None else b for a, b in zip(result, later, strict=True)]
+    return result
 
 
 def bit_masks(batch: int) -> Tensor:
