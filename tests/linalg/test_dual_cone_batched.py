@@ -89,11 +89,13 @@ def test_condition_number_1e12(size: int) -> None:
     assert_agrees_with_quadprog(gramian, bounds)
 
 
-def test_duplicated_rows() -> None:
+@pytest.mark.parametrize("base", [10, 40])  # m = 16 (padded systems), 64 (gathered ones)
+def test_duplicated_rows(base: int) -> None:
     generator = torch.Generator().manual_seed(3)
-    jacobian = torch.randn(10, 30, generator=generator, dtype=torch.float64)
-    jacobian = torch.cat([jacobian, jacobian[:4], -jacobian[:2]])
-    assert_agrees_with_quadprog(jacobian @ jacobian.T, torch.eye(16, dtype=torch.float64))
+    jacobian = torch.randn(base, 3 * base, generator=generator, dtype=torch.float64)
+    jacobian = torch.cat([jacobian, jacobian[: 2 * base // 5], -jacobian[: base // 5]])
+    size = jacobian.shape[0]
+    assert_agrees_with_quadprog(jacobian @ jacobian.T, torch.eye(size, dtype=torch.float64))
 
 
 def test_zero_gramian_gives_positive_part_of_bounds() -> None:
