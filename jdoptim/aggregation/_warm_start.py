@@ -12,6 +12,9 @@ from jdoptim._stateful import Stateful
 class WarmStarted(Stateful):
     """Keeps the last solutions of a dual-cone projection as state.
 
+    The next solve starts from their free sets ``{j : v_j > u_j}`` (the batched solver also from
+    their slacks), which consecutive steps on the same objectives change little.
+
     The state only decides where the next solve starts, never what it accepts, so a checkpoint
     saved before these methods kept state (no ``_extra_state`` entry) loads as a cold start.
     """

@@ -32,14 +32,10 @@ class UPGradWeighting(WarmStarted, Weighting):
             fastest measured for the device and ``m``); see
             :func:`jdoptim.linalg.project_to_dual_cone`.
 
-    State (a warm start): the last call's projections ``v`` (``[k, m]``), from whose free sets
-    ``{j : v_j > u_j}`` (and slacks) the next call's solver starts; consecutive training steps on
-    the same objectives (per-task losses) change few of them. It only decides where the solver
-    starts, not what it accepts (the same KKT tolerance), is kept across ``state_dict()`` round
-    trips, and is replaced when ``m`` changes or dropped by :meth:`reset`. Per-instance losses are
-    other objectives at every step, where another batch's solutions only slow the solver down
-    (about 2x measured): jdoptim's optimizers then reset it before each call, and a hand-written
-    loop should call :meth:`reset` before each call too.
+    State: the last call's projections ``v``, a warm start for the next call (same result to the
+    solvers' tolerance; kept by ``state_dict()``, replaced when ``m`` changes, dropped by
+    :meth:`reset`). It pays on per-task losses; on per-instance losses the optimizers reset it
+    before each call, and a hand-written loop should too (docs/performance.md, "Warm start").
     """
 
     scale_invariant = True
