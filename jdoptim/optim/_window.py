@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,10 +67,11 @@ class DifferentiatedLosses:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, weakref.ref[Tensor]] = {}
+        # By id: a tensor's == is elementwise. An entry goes when its tensor is freed.
+        self._seen: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 
     def check(self, losses: Any) -> None:
-        if any(self._seen_before(tensor) for tensor in _tensors(losses)):
+        if any(self._seen.get(id(tensor)) is tensor for tensor in _tensors(losses)):
             raise RuntimeError(
                 "backward() was already called on these losses. torch frees a graph after its "
                 "backward and raises on a second one; jdoptim refuses it too rather than add the "
@@ -80,17 +80,7 @@ class DifferentiatedLosses:
 
     def add(self, losses: Any) -> None:
         for tensor in _tensors(losses):
-            self._seen[id(tensor)] = weakref.ref(tensor, self._forget(id(tensor)))
-
-    def _forget(self, key: int) -> Callable[[weakref.ref[Tensor]], None]:
-        def forget(_: weakref.ref[Tensor]) -> None:
-            self._seen.pop(key, None)
-
-        return forget
-
-    def _seen_before(self, tensor: Tensor) -> bool:
-        reference = self._seen.get(id(tensor))
-        return reference is not None and reference() is tensor
+            self._seen[id(tensor)] = tensor
 
 
 def _tensors(losses: Any) -> list[Tensor]:
