@@ -66,10 +66,6 @@ Step = Callable[[], None]
 class Batches:
     """Four batches of the shape of ``x`` (the first is ``x``), taken in turn: one per step."""
 
-    @property
-    def current(self) -> tuple[Tensor, Tensor]:
-        return self._batches[self._index]
-
     def __init__(self, x: Tensor) -> None:
         generator = torch.Generator().manual_seed(1)
         self._batches = [
@@ -80,6 +76,10 @@ class Batches:
             for i in range(4)
         ]
         self._index = 0
+
+    @property
+    def current(self) -> tuple[Tensor, Tensor]:
+        return self._batches[self._index]
 
     def advance(self) -> None:
         self._index = (self._index + 1) % len(self._batches)

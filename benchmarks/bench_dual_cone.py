@@ -4,12 +4,14 @@ Side by side in one process, with interleaved repeats (every repeat calls each s
 turn, so a load change on the shared CPU hits all of them alike), medians and ratios. The Gramians
 are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, of a rank-deficient ``J`` of rank ``m / 8``,
 and (kinds ``mlp``, ``cnn``, ``transformer``) those of the per-instance cross-entropy losses of
-``bench_autogram.py``'s models on a batch of ``m`` instances, as jdoptim's engine computes them. A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit``
-seconds is skipped and reported as such. Every jdoptim weighting is reset before each call (a cold
+``bench_autogram.py``'s models on a batch of ``m`` instances, as jdoptim's engine computes them.
+A solver whose previous size, scaled by ``m⁴``, predicts one call over ``--limit`` seconds is
+skipped and reported as such. Every jdoptim weighting is reset before each call (a cold
 start) except ``auto-warm``, which keeps its state from call to call. Repeat ``t`` runs every
 solver on step ``t`` of a slowly drifting Gramian sequence (``J_t = J_0 + 1e-3 · t · mean|J_0| · E``
 with a fixed random ``E``), as consecutive training steps would give; for a model, step ``t`` is
-a new batch, as in training on per-instance losses (so a warm start has little to reuse). ``active_set`` is the fixed-budget solver ``"auto"`` picks on CUDA.
+a new batch, as in training on per-instance losses (so a warm start has little to reuse).
+``active_set`` is the fixed-budget solver ``"auto"`` picks on CUDA.
 
     python benchmarks/bench_dual_cone.py            # m = 8 ... 1024, float32 and float64
     python benchmarks/bench_dual_cone.py --small    # m = 8, 32, 128: a quick run

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_autogram import Batches  # this folder, as when run as a script
 from torch import nn
 
 from jdoptim import JDSGD
@@ -37,12 +38,7 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="a folder holding jdoptim_before")
     args = parser.parse_args()
     torch.manual_seed(0)
-    batches = [(torch.randn(args.batch, 64), torch.randint(10, (args.batch,))) for _ in range(4)]
-    current = [0]
-
-    def data() -> tuple[torch.Tensor, torch.Tensor]:
-        return batches[current[0] % len(batches)]
-
+    batches = Batches(torch.randn(args.batch, 64))
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     steps: dict[str, Callable[[], None]] = {}
 
@@ -51,7 +47,7 @@ def main() -> None:
 
     def sgd_step() -> None:
         sgd.zero_grad()
-        x, y = data()
+        x, y = batches.current
         loss_fn(model(x), y).mean().backward()
         sgd.step()
 
@@ -61,7 +57,7 @@ def main() -> None:
         optimizer = JDSGD(jd_model.parameters(), lr=1e-3, weighting=weighting, batch_dim=0)
 
         def step(m: nn.Module = jd_model, o: JDSGD = optimizer) -> None:
-            x, y = data()
+            x, y = batches.current
             o.step(lambda: loss_fn(m(x), y))
 
         steps[name] = step
@@ -78,17 +74,17 @@ def main() -> None:
         )
 
         def before_step() -> None:
-            x, y = data()
+            x, y = batches.current
             before_optimizer.step(lambda: loss_fn(before_model(x), y))
 
         steps["jdsgd-upgrad-before"] = before_step
     for _ in range(3):
-        current[0] += 1
+        batches.advance()
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):
-        current[0] += 1
+        batches.advance()
         for name, step in steps.items():
             start = time.perf_counter()
             step()
