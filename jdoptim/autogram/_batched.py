@@ -21,6 +21,7 @@ from jdoptim.autogram._independence import bit_masks, masked_dims, scaled_dims, 
 from jdoptim.autogram._jacobian import batched_vjp, exact_terms, runs_per_row
 from jdoptim.autogram._records import CallRecord
 from jdoptim.autogram._replay import replay_rows
+from jdoptim.autogram._structure import proven_batch_dims
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 # A call output whose batch dim could not be established: its parameters take an exact path.
@@ -105,6 +106,16 @@ class BatchedPass:
             self._candidates(record, shape)
             for record, shape in zip(_repeat_records(records), shapes, strict=True)
         ]
+        proven = proven_batch_dims(self.output, self.batch_dim, edges, shapes)
+        if proven is not None and all(
+            dim in dims for dim, dims in zip(proven, candidates, strict=True) if dims
+        ):
+            # The graph's structure proves the independence: no probe rows.
+            task_grads = self._activation_gradients(edges, shapes, self._task_rows())
+            return task_grads, [
+                dim if dims and dim is not None else _UNVERIFIED
+                for dim, dims in zip(proven, candidates, strict=True)
+            ]
         half = self.output.dtype == torch.float16 or any(r.half_precision for r in records)
         weights = scaling_weights(self.batch, half, self.generator)
         probe = self._probe_rows(weights)
