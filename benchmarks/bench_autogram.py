@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jdoptim import Stateful
 from jdoptim.aggregation import MeanWeighting, UPGradWeighting
 from jdoptim.autogram import Engine
 
@@ -177,7 +178,7 @@ def _engine_step(
 
     def step() -> None:
         optimizer.zero_grad()
-        if cold:
+        if cold and isinstance(weighting, Stateful):
             weighting.reset()
         weights = weighting(engine.compute_gramian(losses()))
         engine.backward(weights)
@@ -450,8 +451,9 @@ def main() -> None:
         return
     cases = SMALL_CASES if args.small else CASES
     if args.cases:
-        wanted = {tuple(item.split(":")) for item in args.cases.split(",")}
-        cases = [case for case in CASES if (case.name, str(case.batch)) in wanted]
+        cases = [
+            Case(name, int(batch)) for name, batch in (c.split(":") for c in args.cases.split(","))
+        ]
     repeats = args.repeats or (3 if args.small else 9)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
     print("cells: step time / SGD step time [ / peak memory growth over 3 steps ]")
