@@ -19,9 +19,10 @@ from jdoptim.autogram._attention import attention_terms
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
 from jdoptim.autogram._independence import bit_masks, masked_dims, scaled_dims, scaling_weights
 from jdoptim.autogram._jacobian import batched_vjp, exact_terms, runs_per_row
+from jdoptim.autogram._projections import find_projections, projection_terms, usable
 from jdoptim.autogram._records import CallRecord
 from jdoptim.autogram._replay import replay_rows
-from jdoptim.autogram._structure import proven_batch_dims
+from jdoptim.autogram._structure import prove
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 # A call output whose batch dim could not be established: its parameters take an exact path.
@@ -53,6 +54,9 @@ class BatchedPass:
         self.batch = self.shape[batch_dim]
         self.tasks = math.prod(self.shape) // self.batch
         self.dtype = torch.promote_types(output.dtype, torch.float32)
+        # Per generic call (by record id): the terms of its linear projections, where the
+        # structural proof covered them (:mod:`jdoptim.autogram._projections`).
+        self.projected: dict[int, list[tuple[Tensor, Term]]] = {}
 
     def terms(self) -> list[tuple[Tensor, Term]]:
         records = self.plan.records
@@ -106,16 +110,9 @@ class BatchedPass:
             self._candidates(record, shape)
             for record, shape in zip(_repeat_records(records), shapes, strict=True)
         ]
-        proven = proven_batch_dims(self.output, self.batch_dim, edges, shapes)
-        if proven is not None and all(
-            dim in dims for dim, dims in zip(proven, candidates, strict=True) if dims
-        ):
-            # The graph's structure proves the independence: no probe rows.
-            task_grads = self._activation_gradients(edges, shapes, self._task_rows())
-            return task_grads, [
-                dim if dims and dim is not None else _UNVERIFIED
-                for dim, dims in zip(proven, candidates, strict=True)
-            ]
+        proven = self._proven_gradients(records, edges, shapes, candidates)
+        if proven is not None:
+            return proven
         half = self.output.dtype == torch.float16 or any(r.half_precision for r in records)
         weights = scaling_weights(self.batch, half, self.generator)
         probe = self._probe_rows(weights)
@@ -142,6 +139,67 @@ class BatchedPass:
             ):
                 dims[k] = dim
         return task_grads, [_UNVERIFIED if dim is None else dim for dim in dims]
+
+    def _proven_gradients(
+        self,
+        records: list[CallRecord],
+        edges: list[GradientEdge],
+        shapes: list[tuple[int, ...]],
+        candidates: list[list[int]],
+    ) -> tuple[list[Tensor], list[int | None]] | None:
+        """Where the graph's structure proves the independence (:mod:`._structure`): the task
+        gradients and instance dims without probe rows, and the gradients of the linear
+        projections found inside generic calls (kept in ``self.projected``); else ``None``."""
+        found = {}
+        for record in records:
+            if record.rule is None:
+                projections = find_projections(record, self._generic_params(record))
+                if projections:
+                    found[id(record)] = projections
+        extra = [projection for projections in found.values() for projection in projections]
+        proof = prove(self.output, self.batch_dim, edges + [p.edge for p in extra])
+        if proof is None:
+            return None
+        proven = [proof.batch_dim(k, shape) for k, shape in enumerate(shapes)]
+        if not all(
+            dim in allowed for dim, allowed in zip(proven, candidates, strict=True) if allowed
+        ):
+            return None
+        placed = {id(p): usable(p, proof, len(edges) + k) for k, p in enumerate(extra)}
+        kept = {
+            key: projections
+            for key, projections in found.items()
+            if all(placed[id(p)] is not None for p in projections)
+        }
+        flat = [projection for projections in kept.values() for projection in projections]
+        gradients = self._activation_gradients(
+            edges + [p.edge for p in flat],
+            shapes + [(p.inputs.shape[0], p.weight.shape[0]) for p in flat],
+            self._task_rows(),
+        )
+        of = dict(zip(map(id, flat), gradients[len(edges) :], strict=True))
+        self.projected = {
+            key: [
+                term
+                for p in projections
+                for term in projection_terms(p, of[id(p)], placed[id(p)], self.batch, self.dtype)
+            ]
+            for key, projections in kept.items()
+        }
+        dims: list[int | None] = [
+            dim if allowed and dim is not None else _UNVERIFIED
+            for dim, allowed in zip(proven, candidates, strict=True)
+        ]
+        return gradients[: len(edges)], dims
+
+    def _generic_params(self, record: CallRecord) -> list[Tensor]:
+        """The covered parameters that only ``record``'s call uses (its local route's)."""
+        place = generic_place(record)
+        return [
+            p
+            for p in self.plan.generic_params.get(id(record), [])
+            if self.plan.places.get(id(p)) == {place}
+        ]
 
     def _task_rows(self) -> Tensor:
         """``[T, B, T]``: row ``t`` is task ``t``'s losses of every instance."""
@@ -244,13 +302,13 @@ class BatchedPass:
         for record in records:
             if record.rule is not None or not verified[id(record)]:
                 continue
-            place = generic_place(record)
-            params = [
-                p
-                for p in self.plan.generic_params.get(id(record), [])
-                if self.plan.places.get(id(p)) == {place} and id(p) not in done
-            ]
+            params = [p for p in self._generic_params(record) if id(p) not in done]
             if not params:
+                continue
+            projected = self.projected.get(id(record))
+            if projected is not None and {id(p) for p, _ in projected} == {id(p) for p in params}:
+                terms += projected
+                done.update(id(p) for p in params)
                 continue
             replayed = self._replayed_terms(record, by_record[id(record)], params)
             if replayed:

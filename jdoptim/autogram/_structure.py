@@ -47,31 +47,45 @@ class _Unproven(Exception):
     """The structure does not prove independence; the probes decide."""
 
 
-def proven_batch_dims(
-    output: Tensor,
-    batch_dim: int,
-    edges: Sequence[GradientEdge],
-    shapes: Sequence[tuple[int, ...]],
-) -> list[int | None] | None:
-    """Per edge, the dim the graph's structure proves to hold the instances; ``None`` if unproven.
+@dataclass
+class Proof:
+    """What a successful walk established: where the instances lie in each edge, and how many
+    operations of the graph consume each node's outputs."""
 
-    ``edges`` are layer outputs in ``output``'s graph and ``shapes`` their shapes; ``output`` holds
-    ``B >= 2`` instances along ``batch_dim``. An edge's dim is ``None`` where the instances lie in a
-    merged dim; the whole result is ``None`` when the walk meets anything it cannot prove.
+    batch: int
+    strides: list[int | None]
+    consumers: dict[int, int]
+
+    def position(self, index: int, shape: tuple[int, ...]) -> Position | None:
+        """The instances' ``(dim, inner)`` in edge ``index`` (of ``shape``), if it was reached."""
+        stride = self.strides[index]
+        return None if stride is None else _locate(shape, stride, self.batch)
+
+    def batch_dim(self, index: int, shape: tuple[int, ...]) -> int | None:
+        """The dim of edge ``index`` that is exactly the instance dim, if there is one."""
+        position = self.position(index, shape)
+        if position is None or position[1] != 1 or shape[position[0]] != self.batch:
+            return None
+        return position[0]
+
+    def used_once(self, node: Node) -> bool:
+        """Whether exactly one operation of the graph consumes ``node``'s outputs."""
+        return self.consumers.get(id(node), 0) == 1
+
+
+def prove(output: Tensor, batch_dim: int, edges: Sequence[GradientEdge]) -> Proof | None:
+    """The structural proof that ``output``'s losses reach only their own instance's slice of
+    every edge, or ``None`` when the walk meets anything it cannot prove.
+
+    ``edges`` are tensors in ``output``'s graph (layer outputs); ``output`` holds ``B >= 2``
+    instances along ``batch_dim``.
     """
-    batch = output.shape[batch_dim]
     try:
-        strides = _Walk(output, batch_dim, edges).strides()
-    except _Unproven:
+        return _Walk(output, batch_dim, edges).proof()
+    except (_Unproven, AttributeError, TypeError, IndexError, RuntimeError):
+        # Attribute or type errors: an overload without the saved dims its rule reads (a full
+        # reduction, for example); runtime errors: shapes that cannot be read (nested tensors).
         return None
-    dims: list[int | None] = []
-    for stride, shape in zip(strides, shapes, strict=True):
-        position = None if stride is None else _locate(shape, stride, batch)
-        if position is None or position[1] != 1 or shape[position[0]] != batch:
-            dims.append(None)
-        else:
-            dims.append(position[0])
-    return dims
 
 
 class _Walk:
@@ -88,20 +102,21 @@ class _Walk:
             (id(root.node), root.output_nr): [_stride(tuple(output.shape), batch_dim, 1)]
         }
 
-    def strides(self) -> list[int | None]:
+    def proof(self) -> Proof:
         order = _post_order(self.root)
         relevant: set[int] = set()
+        consumers: dict[int, int] = {}
         for node in order:
-            if any(
-                child is not None and (id(child) in relevant or (id(child), nr) in self.targets)
-                for child, nr in node.next_functions
-            ):
-                relevant.add(id(node))
+            for child, nr in node.next_functions:
+                if child is not None:
+                    consumers[id(child)] = consumers.get(id(child), 0) + 1
+                    if id(child) in relevant or (id(child), nr) in self.targets:
+                        relevant.add(id(node))
         # Reversed post-order is topological: every consumer of a node comes before it.
         for node in reversed(order):
             if id(node) in relevant:
                 self._visit(node, relevant)
-        return [self._agreed(key) for key in self.edges]
+        return Proof(self.batch, [self._agreed(key) for key in self.edges], consumers)
 
     def _visit(self, node: Node, relevant: set[int]) -> None:
         rule = _RULES.get(type(node).__name__)
@@ -125,11 +140,7 @@ class _Walk:
             None if edge is None else tuple(edge[0]._input_metadata[edge[1]].shape)
             for edge in children
         ]
-        try:
-            claims = rule(_Site(node, outputs, positions, shapes, self.batch))
-        except (AttributeError, TypeError, IndexError) as error:
-            # An overload without the saved dims the rule reads (a full reduction, for example).
-            raise _Unproven from error
+        claims = rule(_Site(node, outputs, positions, shapes, self.batch))
         for edge, child_shape, position in zip(children, shapes, claims, strict=True):
             if edge is None:
                 continue
@@ -482,6 +493,7 @@ def _table() -> dict[str, Rule]:
         Gather=_along_one_dim,
         Softmax=_along_one_dim,
         LogSoftmax=_along_one_dim,
+        SafeSoftmax=_along_one_dim,
         Cumsum=_along_one_dim,
         Cat=_concatenated,
         Stack=_stacked,

@@ -16,24 +16,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jdoptim.autogram import Engine, _batched
-from jdoptim.autogram._structure import _locate
+from jdoptim.autogram._structure import Proof, _locate
 from tests.autogram._reference import loop_gramian, relative_error
 
-Proofs = list[list[int | None] | None]
+Proofs = list[Proof | None]
 
 
 @pytest.fixture
 def proofs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Proofs]:
     """What each Gramian pass's structural proof returned."""
     seen: Proofs = []
-    original = _batched.proven_batch_dims
+    original = _batched.prove
 
-    def recording(*args: object) -> list[int | None] | None:
+    def recording(*args: object) -> Proof | None:
         result = original(*args)  # type: ignore[arg-type]
         seen.append(result)
         return result
 
-    monkeypatch.setattr(_batched, "proven_batch_dims", recording)
+    monkeypatch.setattr(_batched, "prove", recording)
     yield seen
 
 
@@ -139,7 +139,8 @@ def test_standard_models_are_proven_without_probe_rows(name: str, proofs: Proofs
         torch.set_default_dtype(torch.float32)
     engine = Engine(model, batch_dim=batch_dim)
     _exact(engine, model, losses(model))
-    assert proofs and all(p is not None and None not in p for p in proofs)
+    assert proofs and all(p is not None and None not in p.strides for p in proofs)
+    assert "exact" not in set(engine._last_routes.values())
 
 
 Mix = Callable[[nn.Module, Tensor], Tensor]
@@ -245,7 +246,7 @@ def test_mixing_is_never_proven(name: str, proofs: Proofs) -> None:
     engine = Engine(model, batch_dim=0)
     output = MIXES[name](model, torch.randn(6, 5, dtype=torch.float64))
     _exact(engine, model, output)
-    assert proofs[-1] is None or None in proofs[-1]
+    assert proofs[-1] is None
     assert engine._last_routes[id(model[0].weight)] == "exact"
 
 

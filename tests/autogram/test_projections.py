@@ -1,0 +1,141 @@
+"""Linear projections inside calls without a closed form take their gradients from the one backward
+pass (no replay, no per-instance passes) where the structure proves them, and nowhere else.
+
+Ground truth: per-loss ``autograd.grad`` on the same graph, and the fused ``.grad`` against
+``losses.backward(weights)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jdoptim.autogram import Engine, _batched
+from tests.autogram._reference import loop_gramian, relative_error
+
+Projected = list[int]
+
+
+@pytest.fixture
+def projected(monkeypatch: pytest.MonkeyPatch) -> Iterator[Projected]:
+    """Per Gramian pass, how many generic calls took their terms from projections."""
+    seen: Projected = []
+    original = _batched.BatchedPass.terms
+
+    def recording(self: _batched.BatchedPass) -> list[tuple[Tensor, object]]:
+        result = original(self)
+        seen.append(len(self.projected))
+        return result  # type: ignore[return-value]
+
+    monkeypatch.setattr(_batched.BatchedPass, "terms", recording)
+    yield seen
+
+
+def _check(model: nn.Module, losses: Callable[[], Tensor], batch_dim: int = 0) -> Engine:
+    engine = Engine(model, batch_dim=batch_dim)
+    output = losses()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gramian = engine.compute_gramian(output)
+    assert relative_error(gramian, loop_gramian(output, params)) <= 1e-10
+    weights = torch.rand(output.shape, dtype=output.dtype)
+    engine.backward(weights)
+    fused = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    model.zero_grad()
+    losses().backward(weights)
+    for mine, expected in zip(fused, [p.grad for p in params], strict=True):
+        assert expected is not None
+        assert relative_error(mine, expected) <= 1e-10
+    return engine
+
+
+ATTENTION_CALLS: dict[str, dict[str, object]] = {
+    "plain": {},
+    "no_bias": {"bias": False},
+    "sequence_first": {"batch_first": False},
+    "padding_mask": {"key_padding_mask": True},
+    "causal_mask": {"attn_mask": True},
+    "dropout_in_training": {"dropout": 0.3},
+    "with_weights": {"need_weights": True},
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CALLS))
+def test_self_attention_is_projected(name: str, projected: Projected) -> None:
+    options = ATTENTION_CALLS[name]
+    torch.manual_seed(0)
+    batch_first = bool(options.get("batch_first", True))
+    layer = nn.MultiheadAttention(
+        8,
+        2,
+        bias=bool(options.get("bias", True)),
+        batch_first=batch_first,
+        dropout=float(options.get("dropout", 0.0)),  # type: ignore[arg-type]
+    ).double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)  # [B, L, E]
+    if not batch_first:
+        x = x.transpose(0, 1)
+    kwargs: dict[str, object] = {"need_weights": bool(options.get("need_weights", False))}
+    if options.get("key_padding_mask"):
+        padding = torch.zeros(4, 5, dtype=torch.bool)
+        padding[1, 3:] = True
+        kwargs["key_padding_mask"] = padding
+    if options.get("attn_mask"):
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(5, dtype=x.dtype)
+
+    def losses() -> Tensor:
+        torch.manual_seed(1)  # the same dropout masks in every forward pass
+        out, weights = layer(x, x, x, **kwargs)
+        total = out.pow(2).sum(dim=(1, 2) if batch_first else (0, 2))
+        if weights is not None:
+            total = total + weights.pow(2).sum(dim=(1, 2))
+        return total  # type: ignore[no-any-return]
+
+    _check(layer, losses)
+    assert projected[0] == 1
+
+
+class _Projected(nn.Module):
+    """A custom layer with weights used as ``F.linear`` on 3-d inputs, and a shared gate."""
+
+    def __init__(self, mix: str = "") -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(6, 4))
+        self.up_bias = nn.Parameter(torch.randn(6))
+        self.down = nn.Parameter(torch.randn(3, 6))
+        self.mix = mix
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.linear(x, self.up, self.up_bias))  # [B, S, 6]
+        if self.mix == "across_instances":
+            h = h + h.flip(0)
+        if self.mix == "weight_twice":
+            h = h + F.linear(h, self.up @ self.up.T)
+        return F.linear(h, self.down)
+
+
+@pytest.mark.parametrize("mix", ["", "across_instances", "weight_twice"])
+def test_a_custom_layer_is_projected_unless_it_mixes_or_reuses(
+    mix: str, projected: Projected
+) -> None:
+    torch.manual_seed(0)
+    layer = _Projected(mix).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    _check(layer, lambda: layer(x).pow(2).sum(dim=(1, 2)))
+    assert projected[0] == (1 if mix == "" else 0)
+
+
+def test_a_projection_in_a_recurrent_loop_is_not_searched(projected: Projected) -> None:
+    torch.manual_seed(0)
+    model = nn.GRU(3, 4, batch_first=True).double()
+    x = torch.randn(5, 70, 3, dtype=torch.float64)  # hundreds of nodes inside the call
+
+    def losses() -> Tensor:
+        out, _ = model(x)
+        return out[:, -1].pow(2).sum(dim=1)  # type: ignore[no-any-return]
+
+    _check(model, losses)
+    assert projected == [0]
