@@ -214,6 +214,25 @@ def _mixes() -> dict[str, Mix]:
         h = hidden(m, x)
         return head(m, h.sum(dim=0, keepdim=True).expand_as(h))
 
+    def full_sum(m: nn.Module, x: Tensor) -> Tensor:
+        h = hidden(m, x)
+        return head(m, h * h.sum())
+
+    def max_over_batch(m: nn.Module, x: Tensor) -> Tensor:
+        h = hidden(m, x)
+        return head(m, h - h.max(dim=0, keepdim=True).values)
+
+    def softmax_after_transpose(m: nn.Module, x: Tensor) -> Tensor:
+        return head(m, hidden(m, x).T.softmax(dim=-1).T)
+
+    def normalized_over_batch(m: nn.Module, x: Tensor) -> Tensor:
+        return head(m, F.normalize(hidden(m, x), dim=0))
+
+    def batched_product_second_factor(m: nn.Module, x: Tensor) -> Tensor:
+        h = hidden(m, x)  # [B, 4]: the instances in the columns of the second factor
+        mixed = torch.bmm(torch.ones(1, h.shape[0], h.shape[0], dtype=h.dtype), h[None])
+        return head(m, mixed[0])
+
     def custom_function(m: nn.Module, x: Tensor) -> Tensor:
         return head(m, _Shift.apply(hidden(m, x)))
 
