@@ -19,10 +19,15 @@ from jdoptim.autogram._attention import attention_terms
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
 from jdoptim.autogram._independence import bit_masks, masked_dims, scaled_dims, scaling_weights
 from jdoptim.autogram._jacobian import batched_vjp, exact_terms, runs_per_row
-from jdoptim.autogram._projections import find_projections, projection_terms, usable
+from jdoptim.autogram._projections import (
+    Projection,
+    find_projections,
+    projection_terms,
+    usable,
+)
 from jdoptim.autogram._records import CallRecord
 from jdoptim.autogram._replay import replay_rows
-from jdoptim.autogram._structure import prove
+from jdoptim.autogram._structure import Position, prove
 from jdoptim.autogram._terms import MaterializedTerm, Route, Term
 
 # A call output whose batch dim could not be established: its parameters take an exact path.
@@ -165,26 +170,23 @@ class BatchedPass:
             dim in allowed for dim, allowed in zip(proven, candidates, strict=True) if allowed
         ):
             return None
-        placed = {id(p): usable(p, proof, len(edges) + k) for k, p in enumerate(extra)}
-        kept = {
-            key: projections
-            for key, projections in found.items()
-            if all(placed[id(p)] is not None for p in projections)
-        }
-        flat = [projection for projections in kept.values() for projection in projections]
+        placed: dict[int, tuple[list[Projection], list[Position]]] = {}
+        first = len(edges)
+        for key, projections in found.items():
+            positions = usable(projections, proof, first)
+            if positions is not None:
+                placed[key] = (projections, positions)
+            first += len(projections)
+        kept = [p for projections, _ in placed.values() for p in projections]
         gradients = self._activation_gradients(
-            edges + [p.edge for p in flat],
-            shapes + [(p.inputs.shape[0], p.weight.shape[0]) for p in flat],
-            self._task_rows(),
+            edges + [p.edge for p in kept], shapes + [p.rows for p in kept], self._task_rows()
         )
-        of = dict(zip(map(id, flat), gradients[len(edges) :], strict=True))
+        rest = iter(gradients[len(edges) :])
         self.projected = {
-            key: [
-                term
-                for p in projections
-                for term in projection_terms(p, of[id(p)], placed[id(p)], self.batch, self.dtype)
-            ]
-            for key, projections in kept.items()
+            key: projection_terms(
+                projections, [next(rest) for _ in projections], positions, self.batch, self.dtype
+            )
+            for key, (projections, positions) in placed.items()
         }
         dims: list[int | None] = [
             dim if allowed and dim is not None else _UNVERIFIED

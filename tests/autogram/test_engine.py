@@ -219,7 +219,8 @@ def test_recurrent_batch_first(kind: type[nn.Module]) -> None:
         return out.pow(2).sum(dim=(1, 2))
 
     engine = assert_exact(model, forward, 0)
-    assert set(engine._last_routes.values()) == {"local"}
+    # Their weights are projections used at every step, proven from the graph.
+    assert set(engine._last_routes.values()) == {"closed_form"}
 
 
 def test_lstm_final_state_with_batch_on_dim_1() -> None:
@@ -468,8 +469,20 @@ def test_a_zero_loss_for_instance_0_keeps_the_closed_form() -> None:
         assert set(engine._last_routes.values()) == {"closed_form"}
 
 
+class Gain(nn.Module):
+    """A module of its own whose parameter no closed form covers (the local route)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
 class EveryRoute(nn.Module):
-    """Closed forms (embedding, encoder), replay (cross-attention), local (GRU); 3 losses each."""
+    """Closed forms (embedding, encoder, the GRU's projections), replay (cross-attention), local
+    (a gain); 3 losses each."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -478,13 +491,14 @@ class EveryRoute(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
         self.cross = nn.MultiheadAttention(8, 2, batch_first=True)
         self.gru = nn.GRU(8, 3, batch_first=True)
+        self.gain = Gain(3)
 
     def forward(self, tokens: Tensor) -> Tensor:
         embedded = self.embedding(tokens)
         encoded = self.encoder(embedded)
         mixed, _ = self.cross(encoded, embedded, embedded, need_weights=False)
         out, _ = self.gru(mixed)
-        losses: Tensor = out.pow(2).sum(dim=1)  # [B, 3]
+        losses: Tensor = self.gain(out).pow(2).sum(dim=1)  # [B, 3]
         return losses
 
 

@@ -169,7 +169,9 @@ def test_report_names_parameters_and_routes() -> None:
     assert set(reports) == {name for name, _ in model.named_parameters()}
     assert reports["0.weight"].module == "Linear" and reports["0.weight"].positions == 6
     assert reports["0.bias"].form == "rows" and reports["0.bias"].pairwise_cost is None
-    assert reports["1.weight_ih_l0"].route == "local" and reports["1.weight_ih_l0"].form == "rows"
+    # The GRU's weights: projections at each of the 6 steps (weight_hh) or on all of them at once.
+    assert reports["1.weight_ih_l0"].route == "closed_form"
+    assert reports["1.weight_hh_l0"].positions == 6 and reports["1.weight_ih_l0"].positions == 6
 
     by_parameters = Engine(batch_dim=0, parameters=model.parameters())
     with by_parameters.capture():

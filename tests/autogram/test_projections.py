@@ -128,14 +128,29 @@ def test_a_custom_layer_is_projected_unless_it_mixes_or_reuses(
     assert projected[0] == (1 if mix == "" else 0)
 
 
-def test_a_projection_in_a_recurrent_loop_is_not_searched(projected: Projected) -> None:
+RECURRENT: dict[str, Callable[[], nn.Module]] = {
+    "rnn": lambda: nn.RNN(3, 4, batch_first=True),
+    "gru": lambda: nn.GRU(3, 4, batch_first=True),
+    "lstm": lambda: nn.LSTM(3, 4, batch_first=True),
+    "gru_two_layers_sequence_first": lambda: nn.GRU(3, 4, num_layers=2),
+    "lstm_bidirectional": lambda: nn.LSTM(3, 4, batch_first=True, bidirectional=True),
+    "gru_without_bias": lambda: nn.GRU(3, 4, bias=False, batch_first=True),
+}
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_recurrent_weights_used_at_every_step_are_projected(
+    name: str, projected: Projected
+) -> None:
     torch.manual_seed(0)
-    model = nn.GRU(3, 4, batch_first=True).double()
-    x = torch.randn(5, 70, 3, dtype=torch.float64)  # hundreds of nodes inside the call
+    model = RECURRENT[name]().double()
+    batch_first = getattr(model, "batch_first", True)
+    x = torch.randn(5, 7, 3, dtype=torch.float64)  # [B, S, features]
+    x = x if batch_first else x.transpose(0, 1)
 
     def losses() -> Tensor:
         out, _ = model(x)
-        return out[:, -1].pow(2).sum(dim=1)  # type: ignore[no-any-return]
+        return out.pow(2).sum(dim=(1, 2) if batch_first else (0, 2))  # type: ignore[no-any-return]
 
     _check(model, losses)
-    assert projected == [0]
+    assert projected == [1]
