@@ -155,7 +155,7 @@ class BatchedPass:
         """Where the graph's structure proves the independence (:mod:`._structure`): the task
         gradients and instance dims without probe rows, and the gradients of the linear
         projections found inside generic calls (kept in ``self.projected``); else ``None``."""
-        found = {}
+        found: dict[int, list[Projection]] = {}
         for record in records:
             if record.rule is None:
                 projections = find_projections(record, self._generic_params(record))
@@ -163,6 +163,11 @@ class BatchedPass:
                     found[id(record)] = projections
         extra = [projection for projections in found.values() for projection in projections]
         proof = prove(self.output, self.batch_dim, edges + [p.edge for p in extra])
+        if proof is None and found:
+            # Something inside the calls (a packed sequence, say) may be what stops the proof:
+            # the layer outputs alone may still be proven.
+            found = {}
+            proof = prove(self.output, self.batch_dim, edges)
         if proof is None:
             return None
         proven = [proof.batch_dim(k, shape) for k, shape in enumerate(shapes)]

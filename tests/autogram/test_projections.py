@@ -154,3 +154,37 @@ def test_recurrent_weights_used_at_every_step_are_projected(
 
     _check(model, losses)
     assert projected == [1]
+
+
+class _FlipSandwich(nn.Module):
+    """Per-instance from outside, but its second projection sees the instances in reverse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(6, 4))
+        self.down = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.linear(x, self.up)).flip(0)
+        return F.linear(h, self.down).flip(0)
+
+
+def test_projections_that_cannot_be_proven_leave_the_other_layers_proven(
+    projected: Projected, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_probe(*args: object) -> None:
+        raise AssertionError("the layer outputs are proven: no probe should run")
+
+    monkeypatch.setattr(_batched, "scaled_dims", no_probe)
+    torch.manual_seed(0)
+    model = nn.Sequential(_FlipSandwich(), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    engine = _check(model, lambda: model(x).pow(2).sum(dim=1))
+    assert projected[0] == 0
+    routes = {r.name: r.route for r in engine.route_report()}
+    assert routes == {
+        "0.up": "local",
+        "0.down": "local",
+        "1.weight": "closed_form",
+        "1.bias": "closed_form",
+    }
