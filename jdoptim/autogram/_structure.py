@@ -295,16 +295,27 @@ def _permuted(site: _Site) -> Claims:
 def _selected(site: _Site) -> Claims:
     """``select(dim, i)`` drops ``dim``, which cannot hold the instances."""
     _, (dim, inner) = site.single()
+    return [_reinserted(site, dim, inner)]
+
+
+def _unbound(site: _Site) -> Claims:
+    """``unbind(dim)``: every output lacks ``dim``, and they must agree on the instances."""
+    _, (dim, inner) = site.agreed()
+    return [_reinserted(site, dim, inner)]
+
+
+def _reinserted(site: _Site, dim: int, inner: int) -> Position:
+    """The instances' position in the input of an operation that removed its ``_saved_dim``."""
     source = site.inputs[0]
     if source is None:
         raise _Unproven
     removed = site.dim("_saved_dim", len(source))
-    return [(dim + (dim >= removed), inner)]
+    return (dim + (dim >= removed), inner)
 
 
 def _along_one_dim(site: _Site) -> Claims:
     """Operations that act along one dim only (``softmax``, ``cumsum``, ``index_select``,
-    ``gather``): the instances keep their place, provided they do not lie in that dim."""
+    ``gather``, ``cat``): the instances keep their place, provided they do not lie in that dim."""
     output, position = site.single()
     if position[0] == site.dim("_saved_dim", len(output)):
         raise _Unproven
@@ -317,14 +328,6 @@ def _sliced(site: _Site) -> Claims:
     if site.inputs[0] == output:
         return [position]
     return _along_one_dim(site)
-
-
-def _concatenated(site: _Site) -> Claims:
-    output, position = site.single()
-    joined = site.dim("_saved_dim", len(output))
-    if position[0] == joined:
-        raise _Unproven
-    return [_broadcast(output, position, shape) for shape in site.inputs]
 
 
 def _stacked(site: _Site) -> Claims:
@@ -340,15 +343,6 @@ def _split(site: _Site) -> Claims:
     if position[0] == site.dim("_saved_dim", len(output)):
         raise _Unproven
     return [position] * len(site.inputs)
-
-
-def _unbound(site: _Site) -> Claims:
-    _, (dim, inner) = site.agreed()
-    source = site.inputs[0]
-    if source is None:
-        raise _Unproven
-    removed = site.dim("_saved_dim", len(source))
-    return [(dim + (dim >= removed), inner)]
 
 
 def _reduced(site: _Site) -> Claims:
@@ -495,7 +489,7 @@ def _table() -> dict[str, Rule]:
         LogSoftmax=_along_one_dim,
         SafeSoftmax=_along_one_dim,
         Cumsum=_along_one_dim,
-        Cat=_concatenated,
+        Cat=_along_one_dim,
         Stack=_stacked,
         Split=_split,
         SplitWithSizes=_split,
