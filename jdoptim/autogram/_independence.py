@@ -1,12 +1,13 @@
-"""Checking, on every Gramian pass, that the losses are independent across the batch dim.
+"""Checking numerically that the losses are independent across the batch dim.
 
 The fast routes read instance ``i``'s gradient at a layer output ``Y`` off slice ``i`` of the
 gradient of the summed losses. That is exact if and only if ``∂lossᵢ/∂Y`` vanishes outside slice
 ``i`` (for every ``i``), a property of the whole graph between ``Y`` and the losses that can change
-from one forward pass to the next; so it is checked on every pass, at every output the fast routes
-use, and where it fails the parameters take an exact route.
+from one forward pass to the next; so it is established on every pass, at every output the fast
+routes use, and where it fails the parameters take an exact route. Most passes prove it from the
+graph's structure (:mod:`jdoptim.autogram._structure`); the probes below decide on the others.
 
-**Scaling probe** (every pass, one or two extra rows of the batched backward pass). Row ``p``
+**Scaling probe** (one or two extra rows of the batched backward pass). Row ``p``
 weights instance ``i``'s losses by ``uₚᵢ = ±2^eᵢ``; the rows give every instance a different
 combination of (sign, exponent). Backward passes are linear in their cotangent, and multiplying by a
 power of two or flipping a sign commutes exactly with floating-point rounding, so if the
