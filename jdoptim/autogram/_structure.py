@@ -389,6 +389,35 @@ def _normalized_over_last(site: _Site) -> Claims:
     return [position] + [None] * (len(site.inputs) - 1)
 
 
+def _batch_norm(site: _Site) -> Claims:
+    """Batch norm with running statistics (``eval()``) is an affine map of each entry; with batch
+    statistics it mixes the instances."""
+    if site.node._saved_training:  # type: ignore[attr-defined]
+        raise _Unproven
+    _, position = site.single()
+    return [position] + [None] * (len(site.inputs) - 1)
+
+
+def _padded(site: _Site) -> Claims:
+    """``F.pad(x, pad)`` with a constant: the instances' dim must be neither padded nor cropped."""
+    output, (dim, inner) = site.single()
+    pad = site.node._saved_pad  # type: ignore[attr-defined]
+    side = len(output) - 1 - dim  # pad[2 * side], pad[2 * side + 1] apply to ``dim``
+    if 2 * side < len(pad) and (pad[2 * side] or pad[2 * side + 1]):
+        raise _Unproven
+    return [(dim, inner)]
+
+
+def _repeated(site: _Site) -> Claims:
+    """``repeat(*repeats)`` tiles the input; the instances' dim must not be repeated."""
+    _, (dim, inner) = site.single()
+    repeats = site.node._saved_repeats  # type: ignore[attr-defined]
+    leading = len(repeats) - len(site.node._saved_self_sym_sizes)  # type: ignore[attr-defined]
+    if dim < leading or repeats[dim] != 1:
+        raise _Unproven
+    return [(dim - leading, inner)]
+
+
 def _first_dim_only(site: _Site) -> Claims:
     """Group norm and convolutions: separate along the leading (batch) dim only."""
     _, position = site.single()
@@ -434,7 +463,7 @@ _ELEMENTWISE = """
     Hardswish Hardsigmoid Softplus Exp Exp2 Expm1 Log Log1p Log2 Log10 Sqrt Rsqrt Pow Abs Clamp
     ClampMin ClampMax Sin Cos Erf Reciprocal Where MaskedFill Clone ToCopy Alias Maximum Minimum
     Atan Atan2 Lerp Addcmul Addcdiv Sign Round Floor Ceil NativeDropout Expand Square Softshrink
-    Hardshrink LogSigmoid Sgn Trunc Frac
+    Hardshrink LogSigmoid Sgn Trunc Frac PreluKernel
 """
 _UNREDUCED_LOSSES = "MseLoss HuberLoss SmoothL1Loss BinaryCrossEntropyWithLogits BinaryCrossEntropy"
 _RESHAPES = "View UnsafeView ReshapeAlias Squeeze Unsqueeze"
@@ -502,6 +531,10 @@ def _table() -> dict[str, Rule]:
         Baddbmm=_matrix_product(1, 2),
         NativeLayerNorm=_normalized_over_last,
         NativeGroupNorm=_first_dim_only,
+        NativeBatchNorm=_batch_norm,
+        CudnnBatchNorm=_batch_norm,
+        ConstantPadNd=_padded,
+        Repeat=_repeated,
         Convolution=_first_dim_only,
         NllLoss=_negative_log_likelihood,
         NllLoss2D=_negative_log_likelihood,

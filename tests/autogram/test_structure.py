@@ -59,6 +59,13 @@ class _Attention(nn.Module):
         return self.norm(x + self.out(y.transpose(1, 2).reshape(b, s, 8)))
 
 
+class _Padded(nn.Module):
+    """Pads the width and tiles the channels' maps side by side."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x, (1, 1, 0, 0)).repeat(1, 1, 1, 2)[..., :12]
+
+
 class _ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -95,6 +102,19 @@ def _standard_cases() -> dict[str, Callable[[], Case]]:
         model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         x = torch.randn(3, 4, 8)  # [S, B, E]
         return model, lambda m: m(x).pow(2).sum(dim=(0, 2)), 0
+
+    def frozen_batch_norm_padding_prelu() -> Case:
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.PReLU(3),
+            _Padded(),
+            nn.Flatten(),
+            nn.Linear(3 * 6 * 12, 2),
+        )
+        model[1].eval()  # running statistics: an affine map of each entry
+        x, target = torch.randn(5, 2, 8, 8), torch.randn(5, 2)
+        return model, lambda m: F.huber_loss(m(x), target, reduction="none").mean(dim=1), 0
 
     def gru() -> Case:
         x = torch.randn(5, 6, 4)
@@ -232,6 +252,13 @@ def _mixes() -> dict[str, Mix]:
         h = hidden(m, x)  # [B, 4]: the instances in the columns of the second factor
         mixed = torch.bmm(torch.ones(1, h.shape[0], h.shape[0], dtype=h.dtype), h[None])
         return head(m, mixed[0])
+
+    def padded_along_the_batch(m: nn.Module, x: Tensor) -> Tensor:
+        return head(m, F.pad(hidden(m, x), (0, 0, 1, -1)))  # instance i takes row i - 1
+
+    def repeated_along_the_batch(m: nn.Module, x: Tensor) -> Tensor:
+        h = hidden(m, x)
+        return head(m, h.repeat(2, 1).view(2, -1, h.shape[1])[:, 1:].reshape(-1, h.shape[1])[:6])
 
     def custom_function(m: nn.Module, x: Tensor) -> Tensor:
         return head(m, _Shift.apply(hidden(m, x)))
