@@ -188,3 +188,21 @@ def test_projections_that_cannot_be_proven_leave_the_other_layers_proven(
         "1.weight": "closed_form",
         "1.bias": "closed_form",
     }
+
+
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_projections_with_several_losses_per_instance(batch_dim: int, projected: Projected) -> None:
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(6, 2, batch_first=True).double()
+    recurrent = nn.GRU(6, 3, batch_first=True).double()
+    model = nn.ModuleList([attention, recurrent])
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        attended, _ = attention(x, x, x, need_weights=False)
+        out, _ = recurrent(attended)
+        per_task = torch.stack([out.pow(2).sum(dim=(1, 2)), out.sin().sum(dim=(1, 2))], dim=1)
+        return per_task if batch_dim == 0 else per_task.T  # [B, 2] or [2, B]
+
+    _check(model, losses, batch_dim)
+    assert projected == [2]
