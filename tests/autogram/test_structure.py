@@ -8,33 +8,17 @@ mixing constructions must not be proven), and the Gramian against per-loss ``aut
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram import Engine, _batched
-from jdoptim.autogram._structure import Proof, _locate
+from jdoptim.autogram import Engine
+from jdoptim.autogram._structure import _locate
 from tests.autogram._reference import loop_gramian, relative_error
-
-Proofs = list[Proof | None]
-
-
-@pytest.fixture
-def proofs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Proofs]:
-    """What each Gramian pass's structural proof returned."""
-    seen: Proofs = []
-    original = _batched.prove
-
-    def recording(*args: object) -> Proof | None:
-        result = original(*args)  # type: ignore[arg-type]
-        seen.append(result)
-        return result
-
-    monkeypatch.setattr(_batched, "prove", recording)
-    yield seen
+from tests.autogram.conftest import Proofs
 
 
 def _exact(engine: Engine, model: nn.Module, output: Tensor) -> None:

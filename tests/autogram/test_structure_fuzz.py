@@ -10,16 +10,15 @@ not would give a wrong closed form, which the comparison with per-loss autograd 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram import Engine, _batched
-from jdoptim.autogram._structure import Proof
+from jdoptim.autogram import Engine
 from tests.autogram._reference import loop_gramian, relative_error
+from tests.autogram.conftest import Proofs
 
 BATCH = 3
 Op = Callable[[Tensor, random.Random], Tensor | None]
@@ -146,21 +145,7 @@ def _program(seed: int) -> Callable[[Tensor], Tensor | None]:
     return run
 
 
-@pytest.fixture
-def proofs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Proof | None]]:
-    seen: list[Proof | None] = []
-    original = _batched.prove
-
-    def recording(*args: object) -> Proof | None:
-        result = original(*args)  # type: ignore[arg-type]
-        seen.append(result)
-        return result
-
-    monkeypatch.setattr(_batched, "prove", recording)
-    yield seen
-
-
-def test_random_programs_give_exact_gramians(proofs: list[Proof | None]) -> None:
+def test_random_programs_give_exact_gramians(proofs: Proofs) -> None:
     checked = 0
     for seed in range(1000):
         torch.manual_seed(seed)
