@@ -54,13 +54,15 @@ def find_projections(record: CallRecord, params: list[Tensor]) -> list[Projectio
     stops = {id(edge.node) for edge in record.input_edges}
     found: dict[int, Projection] = {}
     added: dict[int, tuple[Tensor, Node, list[Node]]] = {}
-    seen: set[int] = set()
+    # The nodes themselves, not their ids: a node's Python object lives only while referenced,
+    # and a later object may reuse a freed id.
+    seen: set[Node] = set()
     stack = [edge.node for edge in record.reached_outputs]
     while stack:
         node = stack.pop()
-        if id(node) in seen or id(node) in stops:
+        if node in seen or id(node) in stops:
             continue
-        seen.add(id(node))
+        seen.add(node)
         projection = _as_projection(node, wanted)
         if projection is not None:
             found[id(node)] = projection
