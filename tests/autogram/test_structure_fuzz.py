@@ -165,3 +165,58 @@ def test_random_programs_give_exact_gramians(proofs: Proofs) -> None:
     proven = sum(p is not None for p in proofs)
     # Not vacuous: many programs ran, and the proof went through on a good share of them.
     assert checked >= 600 and proven >= checked // 4, (checked, proven)
+
+
+class _RandomLayer(nn.Module):
+    """A module of its own whose weights a random program uses: as ``F.linear`` weights (once or
+    several times, with or without the bias), and sometimes otherwise (a plain product, an
+    elementwise factor), between operations that keep or mix the instances."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+        self.other = nn.Parameter(torch.randn(4, 4) / 2)
+        self.bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, h: Tensor) -> Tensor:
+        rng = random.Random(self.seed)
+        weights = [self.weight, self.other]
+        h = F.linear(h, self.weight)
+        for _ in range(rng.randint(1, 5)):
+            w = rng.choice(weights)
+            kind = rng.choice(
+                ["linear", "linear", "linear_bias", "matmul", "scale", "tanh", "swap", "mix"]
+            )
+            if kind == "linear":
+                h = F.linear(h, w)
+            elif kind == "linear_bias":
+                h = F.linear(h, w, self.bias)
+            elif kind == "matmul":
+                h = h @ w  # W itself as the second factor: not a projection
+            elif kind == "scale":
+                h = h * w[0]
+            elif kind == "tanh":
+                h = torch.tanh(h)
+            elif kind == "swap" and h.ndim == 3:
+                h = h.transpose(1, 2).softmax(dim=-1).transpose(1, 2)
+            elif kind == "mix":
+                h = h + rng.choice([lambda u: u.flip(0), lambda u: u.mean(0, keepdim=True)])(h)
+        return h
+
+
+def test_random_layers_with_projections_give_exact_gramians() -> None:
+    projected = 0
+    for seed in range(300):
+        torch.manual_seed(seed)
+        layer = _RandomLayer(seed).double()
+        x = torch.randn(BATCH, *([4] if seed % 2 else []), 4, dtype=torch.float64)
+        with Engine(layer, batch_dim=0) as engine:
+            losses = layer(x).pow(2).reshape(BATCH, -1).sum(dim=1)
+            gramian = engine.compute_gramian(losses)
+            routes = set(engine._last_routes.values())
+        expected = loop_gramian(losses, list(layer.parameters()))
+        assert relative_error(gramian, expected) <= 1e-9, f"program {seed}"
+        projected += routes == {"closed_form"}
+    # Projections were taken (97 of the 300 programs), not only refused.
+    assert projected >= 60, projected
