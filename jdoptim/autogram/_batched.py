@@ -20,8 +20,9 @@ from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
 from jdoptim.autogram._independence import bit_masks, masked_dims, scaled_dims, scaling_weights
 from jdoptim.autogram._jacobian import batched_vjp, exact_terms, runs_per_row
 from jdoptim.autogram._projections import (
-    Projection,
+    Use,
     find_projections,
+    output_shape,
     projection_terms,
     usable,
 )
@@ -155,14 +156,14 @@ class BatchedPass:
         """Where the graph's structure proves the independence (:mod:`._structure`): the task
         gradients and instance dims without probe rows, and the gradients of the linear
         projections found inside generic calls (kept in ``self.projected``); else ``None``."""
-        found: dict[int, list[Projection]] = {}
+        found: dict[int, list[Use]] = {}
         for record in records:
             if record.rule is None:
-                projections = find_projections(record, self._generic_params(record))
-                if projections:
-                    found[id(record)] = projections
-        extra = [projection for projections in found.values() for projection in projections]
-        proof = prove(self.output, self.batch_dim, edges + [p.edge for p in extra])
+                uses = find_projections(record, self._generic_params(record))
+                if uses:
+                    found[id(record)] = uses
+        extra = [use for uses in found.values() for use in uses]
+        proof = prove(self.output, self.batch_dim, edges + [use.edge for use in extra])
         if proof is None and found:
             # Something inside the calls (a packed sequence, say) may be what stops the proof:
             # the layer outputs alone may still be proven.
@@ -175,23 +176,25 @@ class BatchedPass:
             dim in allowed for dim, allowed in zip(proven, candidates, strict=True) if allowed
         ):
             return None
-        placed: dict[int, tuple[list[Projection], list[Position]]] = {}
+        placed: dict[int, tuple[list[Use], list[Position]]] = {}
         first = len(edges)
-        for key, projections in found.items():
-            positions = usable(projections, proof, first)
+        for key, uses in found.items():
+            positions = usable(uses, proof, first)
             if positions is not None:
-                placed[key] = (projections, positions)
-            first += len(projections)
-        kept = [p for projections, _ in placed.values() for p in projections]
+                placed[key] = (uses, positions)
+            first += len(uses)
+        kept = [use for uses, _ in placed.values() for use in uses]
         gradients = self._activation_gradients(
-            edges + [p.edge for p in kept], shapes + [p.rows for p in kept], self._task_rows()
+            edges + [use.edge for use in kept],
+            shapes + [output_shape(use) for use in kept],
+            self._task_rows(),
         )
         rest = iter(gradients[len(edges) :])
         self.projected = {
             key: projection_terms(
-                projections, [next(rest) for _ in projections], positions, self.batch, self.dtype
+                uses, [next(rest) for _ in uses], positions, self.batch, self.dtype
             )
-            for key, (projections, positions) in placed.items()
+            for key, (uses, positions) in placed.items()
         }
         dims: list[int | None] = [
             dim if allowed and dim is not None else _UNVERIFIED

@@ -1,13 +1,21 @@
-"""Linear projections inside a call without a closed form, found in the autograd graph.
+"""Parameters inside a call without a closed form whose per-instance gradients one backward pass
+gives, found in the autograd graph.
 
-Inside a call the engine has no rule for (``nn.MultiheadAttention``, a recurrent layer, a custom
-module calling ``F.linear``), a covered weight ``W`` used only as the right factor of row-wise
-products ``Yᵤ = Xᵤ Wᵀ (+ b)`` has the per-instance gradients of a ``Linear`` layer whose positions
-are all the rows of all those products: ``Σᵤ Σₛ dYᵤᵢₛ ⊗ Xᵤᵢₛ`` (and ``Σᵤ Σₛ dYᵤᵢₛ`` for ``b``).
-Each ``Xᵤ`` is saved by its product's backward node, and each ``dYᵤ`` comes out of the Gramian
-pass's backward pass when the products' outputs are requested with the layer outputs; where each
-instance's rows lie in ``Yᵤ`` is proven like for any layer output
-(:mod:`jdoptim.autogram._structure`), and so is that nothing else uses ``W`` or ``b``. So the call
+Inside a call the engine has no rule for (``nn.MultiheadAttention``, a recurrent layer, a module
+with parameters of its own such as a ViT's class token and position table, a custom module calling
+``F.linear``), two uses of a covered parameter are enough:
+
+- a weight ``W`` used as the right factor of row-wise products ``Yᵤ = Xᵤ Wᵀ (+ b)`` has the
+  per-instance gradients of a ``Linear`` layer whose positions are all the rows of all those
+  products: ``Σᵤ Σₛ dYᵤᵢₛ ⊗ Xᵤᵢₛ`` (and ``Σᵤ Σₛ dYᵤᵢₛ`` for ``b``), each ``Xᵤ`` saved by its
+  product's backward node;
+- a parameter ``P`` shared by the instances, added to an activation (``Y = Z + P``) or expanded
+  into one (``E = P.expand(...)``), has as instance ``i``'s gradient slice ``i`` of ``dY`` (``dE``)
+  summed to ``P``'s shape.
+
+Each ``dY`` comes out of the Gramian pass's backward pass when these outputs are requested with the
+layer outputs; where each instance lies in them is proven like for any layer output
+(:mod:`jdoptim.autogram._structure`), and so is that nothing else uses the parameters. So the call
 needs neither a replay nor per-instance backward passes: self-attention does not recompute its
 core, a GRU unrolled over 32 steps is 32 products per weight.
 """
@@ -47,13 +55,27 @@ class Projection:
         return (self.inputs.shape[0], self.weight.shape[0])
 
 
-def find_projections(record: CallRecord, params: list[Tensor]) -> list[Projection] | None:
-    """The products inside ``record``'s call whose weight (and bias) are among ``params``, if
-    together they hold every one of ``params``; ``None`` otherwise."""
+@dataclass
+class Broadcast:
+    """A parameter shared by every instance in an activation: ``Y = Z + P`` or ``E = P.expand()``."""
+
+    edge: GradientEdge  # Y or E
+    shape: tuple[int, ...]  # its shape
+    param: Tensor
+    param_node: Node  # P's accumulator
+
+
+Use = Projection | Broadcast
+
+
+def find_projections(record: CallRecord, params: list[Tensor]) -> list[Use] | None:
+    """The products and broadcasts inside ``record``'s call that use ``params``, if together they
+    hold every one of ``params``; ``None`` otherwise."""
     wanted = {id(p) for p in params}
     stops = {id(edge.node) for edge in record.input_edges}
     found: dict[int, Projection] = {}
     added: dict[int, tuple[Tensor, Node, list[Node]]] = {}
+    broadcasts: list[Broadcast] = []
     # The nodes themselves, not their ids: a node's Python object lives only while referenced,
     # and a later object may reuse a freed id.
     seen: set[Node] = set()
@@ -70,6 +92,8 @@ def find_projections(record: CallRecord, params: list[Tensor]) -> list[Projectio
         if addition is not None:
             product, bias, accumulator, views = addition
             added[id(product)] = (bias, accumulator, views)
+        else:
+            broadcasts += _as_broadcasts(node, wanted)
         stack.extend(child for child, _ in node.next_functions if child is not None)
     for key, (bias, accumulator, views) in added.items():
         projection = found.get(key)
@@ -79,12 +103,14 @@ def find_projections(record: CallRecord, params: list[Tensor]) -> list[Projectio
             return None
         projection.bias, projection.bias_node = bias, accumulator
         projection.private += views
-    held = {id(p.weight) for p in found.values()} | {
-        id(p.bias) for p in found.values() if p.bias is not None
-    }
+    held = (
+        {id(p.weight) for p in found.values()}
+        | {id(p.bias) for p in found.values() if p.bias is not None}
+        | {id(b.param) for b in broadcasts}
+    )
     if held != wanted:
         return None  # a parameter used another way
-    return list(found.values())
+    return [*found.values(), *broadcasts]
 
 
 def _as_projection(node: Node, wanted: set[int]) -> Projection | None:
@@ -140,73 +166,122 @@ def _added_bias(node: Node, wanted: set[int]) -> tuple[Node, Tensor, Node, list[
     return None
 
 
-def usable(projections: list[Projection], proof: Proof, first: int) -> list[Position] | None:
-    """Where the instances' rows lie in each product's output (edge ``first + k`` of the proof),
-    if the proof covers them all and no operation but these products uses their parameters."""
-    uses: dict[int, int] = {}
-    for projection in projections:
-        for node in (projection.weight_node, projection.bias_node):
-            if node is not None:
-                uses[id(node)] = uses.get(id(node), 0) + 1
-    shared = [p.weight_node for p in projections] + [
-        p.bias_node for p in projections if p.bias_node is not None
-    ]
-    if any(proof.consumers.get(id(node), 0) != uses[id(node)] for node in shared):
+def _as_broadcasts(node: Node, wanted: set[int]) -> list[Broadcast]:
+    """``P.expand(...)``, or ``Z + P`` with ``P`` itself an operand, for ``P`` in ``wanted``."""
+    name = type(node).__name__
+    if name == "ExpandBackward0" or (
+        name == "AddBackward0" and node._saved_alpha == 1  # type: ignore[attr-defined]
+    ):
+        shape = tuple(node._input_metadata[0].shape)
+        return [
+            Broadcast(GradientEdge(node, 0), shape, param, child)
+            for child, _ in node.next_functions
+            if child is not None
+            and (param := getattr(child, "variable", None)) is not None
+            and id(param) in wanted
+        ]
+    return []
+
+
+def usable(uses: list[Use], proof: Proof, first: int) -> list[Position] | None:
+    """Where the instances lie in each use's output (edge ``first + k`` of the proof), if the
+    proof covers them all (rows of a product; a dim a broadcast parameter is shared along) and no
+    operation but these uses reads their parameters."""
+    counted: dict[int, int] = {}
+    shared: list[Node] = []
+    for use in uses:
+        nodes = [use.param_node] if isinstance(use, Broadcast) else [use.weight_node]
+        if isinstance(use, Projection) and use.bias_node is not None:
+            nodes.append(use.bias_node)
+        for node in nodes:
+            counted[id(node)] = counted.get(id(node), 0) + 1
+            shared.append(node)
+    if any(proof.consumers.get(id(node), 0) != counted[id(node)] for node in shared):
         return None
-    if not all(proof.used_once(node) for p in projections for node in p.private):
+    private = [node for use in uses if isinstance(use, Projection) for node in use.private]
+    if not all(proof.used_once(node) for node in private):
         return None
     positions = []
-    for k, projection in enumerate(projections):
-        position = proof.position(first + k, projection.rows)
-        if position is None or position[0] != 0:
+    for k, use in enumerate(uses):
+        position = proof.position(first + k, output_shape(use))
+        if position is None:
             return None
+        if isinstance(use, Projection) and position[0] != 0:
+            return None
+        if isinstance(use, Broadcast):
+            dim = position[0] - (len(use.shape) - use.param.ndim)
+            if dim >= 0 and use.param.shape[dim] != 1:
+                return None  # one entry per instance: not shared
         positions.append(position)
     return positions
 
 
+def output_shape(use: Use) -> tuple[int, ...]:
+    """The shape of the use's output edge."""
+    return use.rows if isinstance(use, Projection) else use.shape
+
+
 def projection_terms(
-    projections: list[Projection],
+    uses: list[Use],
     gradients: list[Tensor],
     positions: list[Position],
     batch: int,
     dtype: torch.dtype,
 ) -> list[tuple[Tensor, Term]]:
-    """Each weight's and bias's term, from the products' output gradients ``[T, R, k]`` whose rows
-    hold the instances at ``positions`` (dim 0, digit of stride ``inner``)."""
+    """Each parameter's term, from its uses' output gradients ``[T, *shape]`` whose instances lie
+    at ``positions``."""
     weights: dict[int, tuple[Tensor, list[Tensor], list[Tensor]]] = {}
-    biases: dict[int, tuple[Tensor, list[Tensor]]] = {}
-    for projection, gradient, (_, inner) in zip(projections, gradients, positions, strict=True):
+    sums: dict[int, tuple[Tensor, list[Tensor]]] = {}  # biases and broadcasts: [T, B, numel]
+    for use, gradient, position in zip(uses, gradients, positions, strict=True):
+        if isinstance(use, Broadcast):
+            per_instance = _instances_first(gradient.to(dtype), position, batch)
+            target = (*per_instance.shape[:2], *([1] * (per_instance.ndim - 2 - use.param.ndim)))
+            summed = per_instance.sum_to_size(*target, *use.param.shape)
+            _, parts = sums.setdefault(id(use.param), (use.param, []))
+            parts.append(summed.reshape(*summed.shape[:2], -1))
+            continue
         tasks, rows, width = gradient.shape
+        inner = position[1]
         outer = rows // (batch * inner)
-        per_instance = (
+        per_row = (
             gradient.to(dtype)
             .reshape(tasks, outer, batch, inner, width)
             .transpose(1, 2)
             .reshape(tasks, batch, outer * inner, width)
         )
         inputs = (
-            projection.inputs.to(dtype)
+            use.inputs.to(dtype)
             .reshape(outer, batch, inner, -1)
             .transpose(0, 1)
             .reshape(batch, outer * inner, -1)
         )
-        _, outputs_of, inputs_of = weights.setdefault(
-            id(projection.weight), (projection.weight, [], [])
-        )
-        outputs_of.append(per_instance)
+        _, outputs_of, inputs_of = weights.setdefault(id(use.weight), (use.weight, [], []))
+        outputs_of.append(per_row)
         inputs_of.append(inputs)
-        if projection.bias is not None:
-            _, sums = biases.setdefault(id(projection.bias), (projection.bias, []))
-            sums.append(per_instance.sum(dim=2))  # [T, B, k]
+        if use.bias is not None:
+            _, parts = sums.setdefault(id(use.bias), (use.bias, []))
+            parts.append(per_row.sum(dim=2))  # [T, B, k]
     terms: list[tuple[Tensor, Term]] = []
     for weight, outputs_of, inputs_of in weights.values():
         a, b = _joined(outputs_of, dim=2), _joined(inputs_of, dim=1)
         terms.append((weight, OuterTerm(a, b, tuple(weight.shape))))
-    for bias, sums in biases.values():
-        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum(dim=0)
+    for param, parts in sums.values():
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
         per_row = total.transpose(0, 1).reshape(-1, total.shape[-1])  # instance-major rows
-        terms.append((bias, MaterializedTerm(per_row, tuple(bias.shape))))
+        terms.append((param, MaterializedTerm(per_row, tuple(param.shape))))
     return terms
+
+
+def _instances_first(gradient: Tensor, position: Position, batch: int) -> Tensor:
+    """``[T, *shape]`` to ``[T, B, *shape']``: the instance digit taken out of its dim."""
+    dim, inner = position
+    shape = gradient.shape[1:]
+    outer = shape[dim] // (batch * inner)
+    split = gradient.reshape(
+        gradient.shape[0], *shape[:dim], outer, batch, inner, *shape[dim + 1 :]
+    )
+    moved = split.movedim(2 + dim, 1)  # [T, B, *shape[:dim], outer, inner, *rest]
+    return moved.reshape(gradient.shape[0], batch, *shape[:dim], outer * inner, *shape[dim + 1 :])
 
 
 def _joined(parts: list[Tensor], dim: int) -> Tensor:

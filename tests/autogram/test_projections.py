@@ -206,3 +206,44 @@ def test_projections_with_several_losses_per_instance(batch_dim: int, projected:
 
     _check(model, losses, batch_dim)
     assert projected == [2]
+
+
+class _TinyViT(nn.Module):
+    """A class token expanded into the batch and a position table added to it: parameters of the
+    top module, used around its children."""
+
+    def __init__(self, offset: str = "") -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(2, 8, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 5, 8))
+        self.offset = nn.Parameter(torch.randn(4 if offset == "per_instance" else 1, 1, 8))
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+        self.kind = offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = self.patch(x).flatten(2).transpose(1, 2)  # [B, 4, 8]
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1) + self.pos
+        if self.kind == "twice":
+            tokens = tokens * self.offset  # the offset used otherwise than added
+        tokens = tokens + self.offset
+        return self.head(self.encoder(tokens)[:, 0])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("offset", ["", "per_instance", "twice"])
+def test_broadcast_parameters_are_projected_when_shared_and_only_added(
+    offset: str, projected: Projected
+) -> None:
+    torch.manual_seed(0)
+    model = _TinyViT(offset).double()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    engine = _check(model, lambda: model(x).pow(2).sum(dim=1))
+    routes = {r.name: r.route for r in engine.route_report()}
+    if offset == "":
+        assert set(routes.values()) == {"closed_form"}
+    else:  # one parameter of the call refused: the call's parameters take the local route
+        assert {routes[name] for name in ("cls", "pos", "offset")} == {"local"}
+    # One generic call, the model's own (its encoder's attention is inside it).
+    assert projected == [1 if offset == "" else 0]
