@@ -162,13 +162,8 @@ class BatchedPass:
                 uses = find_projections(record, self._generic_params(record))
                 if uses:
                     found[id(record)] = uses
-        extra = [use for uses in found.values() for use in uses]
-        proof = prove(self.output, self.batch_dim, edges + [use.edge for use in extra])
-        if proof is None and found:
-            # Something inside the calls (a packed sequence, say) may be what stops the proof:
-            # the layer outputs alone may still be proven.
-            found = {}
-            proof = prove(self.output, self.batch_dim, edges)
+        extra = [use.edge for uses in found.values() for use in uses]
+        proof = prove(self.output, self.batch_dim, edges, extra)
         if proof is None:
             return None
         proven = [proof.batch_dim(k, shape) for k, shape in enumerate(shapes)]

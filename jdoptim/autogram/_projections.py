@@ -9,9 +9,10 @@ with parameters of its own such as a ViT's class token and position table, a cus
   per-instance gradients of a ``Linear`` layer whose positions are all the rows of all those
   products: ``Σᵤ Σₛ dYᵤᵢₛ ⊗ Xᵤᵢₛ`` (and ``Σᵤ Σₛ dYᵤᵢₛ`` for ``b``), each ``Xᵤ`` saved by its
   product's backward node;
-- a parameter ``P`` shared by the instances, added to an activation (``Y = Z + P``) or expanded
-  into one (``E = P.expand(...)``), has as instance ``i``'s gradient slice ``i`` of ``dY`` (``dE``)
-  summed to ``P``'s shape.
+- a parameter ``P`` shared by the instances, added to an activation (``Y = Z + P``), expanded into
+  one (``E = P.expand(...)``) or scaling one (``Y = Z * P``: a layer scale, the weight of an RMS
+  norm), has as instance ``i``'s gradient slice ``i`` of ``dY`` (``dE``; ``dY * Z``) summed to
+  ``P``'s shape.
 
 Each ``dY`` comes out of the Gramian pass's backward pass when these outputs are requested with the
 layer outputs; where each instance lies in them is proven like for any layer output
@@ -57,12 +58,14 @@ class Projection:
 
 @dataclass
 class Broadcast:
-    """A parameter shared by every instance in an activation: ``Y = Z + P`` or ``E = P.expand()``."""
+    """A parameter shared by every instance in an activation: ``Y = Z + P``, ``E = P.expand()``,
+    or ``Y = Z * P`` (then ``factor`` is ``Z``, saved by the product)."""
 
     edge: GradientEdge  # Y or E
     shape: tuple[int, ...]  # its shape
     param: Tensor
     param_node: Node  # P's accumulator
+    factor: Tensor | None = None
 
 
 Use = Projection | Broadcast
@@ -167,20 +170,28 @@ def _added_bias(node: Node, wanted: set[int]) -> tuple[Node, Tensor, Node, list[
 
 
 def _as_broadcasts(node: Node, wanted: set[int]) -> list[Broadcast]:
-    """``P.expand(...)``, or ``Z + P`` with ``P`` itself an operand, for ``P`` in ``wanted``."""
+    """``P.expand(...)``, ``Z + P`` or ``Z * P`` with ``P`` itself an operand, ``P`` in ``wanted``."""
     name = type(node).__name__
-    if name == "ExpandBackward0" or (
-        name == "AddBackward0" and node._saved_alpha == 1  # type: ignore[attr-defined]
-    ):
-        shape = tuple(node._input_metadata[0].shape)
-        return [
-            Broadcast(GradientEdge(node, 0), shape, param, child)
-            for child, _ in node.next_functions
-            if child is not None
-            and (param := getattr(child, "variable", None)) is not None
-            and id(param) in wanted
-        ]
-    return []
+    added = name == "AddBackward0" and node._saved_alpha == 1  # type: ignore[attr-defined]
+    if name not in ("ExpandBackward0", "MulBackward0") and not added:
+        return []
+    shape = tuple(node._input_metadata[0].shape)
+    found = []
+    for index, (child, _) in enumerate(node.next_functions):
+        param = getattr(child, "variable", None)
+        if child is None or param is None or id(param) not in wanted:
+            continue
+        factor = None
+        if name == "MulBackward0":
+            try:  # the other operand, saved for P's gradient
+                factor = getattr(node, "_saved_other" if index == 0 else "_saved_self")
+            except RuntimeError:  # modified in place since the forward pass
+                return []
+            if not isinstance(factor, Tensor):
+                return []
+        detached = None if factor is None else factor.detach()
+        found.append(Broadcast(GradientEdge(node, 0), shape, param, child, detached))
+    return found
 
 
 def usable(uses: list[Use], proof: Proof, first: int) -> list[Position] | None:
@@ -234,6 +245,8 @@ def projection_terms(
     sums: dict[int, tuple[Tensor, list[Tensor]]] = {}  # biases and broadcasts: [T, B, numel]
     for use, gradient, position in zip(uses, gradients, positions, strict=True):
         if isinstance(use, Broadcast):
+            if use.factor is not None:
+                gradient = gradient * use.factor.to(gradient.dtype)
             per_instance = _instances_first(gradient.to(dtype), position, batch)
             target = (*per_instance.shape[:2], *([1] * (per_instance.ndim - 2 - use.param.ndim)))
             summed = per_instance.sum_to_size(*target, *use.param.shape)

@@ -73,38 +73,62 @@ class Proof:
         return self.consumers.get(id(node), 0) == 1
 
 
-def prove(output: Tensor, batch_dim: int, edges: Sequence[GradientEdge]) -> Proof | None:
+# What ends a proof: no rule, a mixing input, disagreeing consumers (_Unproven); an overload
+# without the saved dims its rule reads, such as a full reduction (attribute and type errors);
+# shapes that cannot be read, such as a nested tensor's (runtime errors).
+_FAILURES = (_Unproven, AttributeError, TypeError, IndexError, RuntimeError)
+
+
+def prove(
+    output: Tensor,
+    batch_dim: int,
+    edges: Sequence[GradientEdge],
+    extra: Sequence[GradientEdge] = (),
+) -> Proof | None:
     """The structural proof that ``output``'s losses reach only their own instance's slice of
     every edge, or ``None`` when the walk meets anything it cannot prove.
 
     ``edges`` are tensors in ``output``'s graph (layer outputs); ``output`` holds ``B >= 2``
-    instances along ``batch_dim``.
+    instances along ``batch_dim``. ``extra`` are more tensors (outputs of operations inside
+    calls) wanted where they can be proven: what cannot be proven on the way to them only leaves
+    their stride ``None`` (after the edges' in :attr:`Proof.strides`).
     """
     try:
-        return _Walk(output, batch_dim, edges).proof()
-    except (_Unproven, AttributeError, TypeError, IndexError, RuntimeError):
-        # Attribute or type errors: an overload without the saved dims its rule reads (a full
-        # reduction, for example); runtime errors: shapes that cannot be read (nested tensors).
+        return _Walk(output, batch_dim, edges, extra).proof()
+    except _FAILURES:
         return None
 
 
 class _Walk:
     """One walk from the losses to the edges, carrying the instances' stride in every tensor."""
 
-    def __init__(self, output: Tensor, batch_dim: int, edges: Sequence[GradientEdge]) -> None:
+    def __init__(
+        self,
+        output: Tensor,
+        batch_dim: int,
+        edges: Sequence[GradientEdge],
+        extra: Sequence[GradientEdge],
+    ) -> None:
         self.batch = output.shape[batch_dim]
         self.edges = [(id(edge.node), edge.output_nr) for edge in edges]
-        self.targets = set(self.edges)
+        self.extra = [(id(edge.node), edge.output_nr) for edge in extra]
+        self.required = set(self.edges)
+        self.targets = self.required | set(self.extra)
         root = get_gradient_edge(output)
         self.root = root.node
         # Strides claimed for each tensor (node id, output number) by each of its consumers.
         self.claims: dict[tuple[int, int], list[int]] = {
             (id(root.node), root.output_nr): [_stride(tuple(output.shape), batch_dim, 1)]
         }
+        # Tensors off the paths to the edges whose gradients may mix instances (from an
+        # operation the walk could not prove), and the nodes that produced them.
+        self.poisoned: set[tuple[int, int]] = set()
+        self.poisoned_nodes: set[int] = set()
 
     def proof(self) -> Proof:
         order = _post_order(self.root)
-        relevant: set[int] = set()
+        relevant: set[int] = set()  # nodes that reach a target
+        needed: set[int] = set()  # nodes that reach an edge: where every failure is final
         consumers: dict[int, int] = {}
         for node in order:
             for child, nr in node.next_functions:
@@ -112,13 +136,51 @@ class _Walk:
                     consumers[id(child)] = consumers.get(id(child), 0) + 1
                     if id(child) in relevant or (id(child), nr) in self.targets:
                         relevant.add(id(node))
+                    if id(child) in needed or (id(child), nr) in self.required:
+                        needed.add(id(node))
         # Reversed post-order is topological: every consumer of a node comes before it.
         for node in reversed(order):
             if id(node) in relevant:
-                self._visit(node, relevant)
-        return Proof(self.batch, [self._agreed(key) for key in self.edges], consumers)
+                self._visit(node, relevant, needed)
+        strides = [self._agreed(key) for key in self.edges]
+        for key in self.extra:
+            try:
+                strides.append(None if key in self.poisoned else self._agreed(key))
+            except _Unproven:
+                strides.append(None)
+        return Proof(self.batch, strides, consumers)
 
-    def _visit(self, node: Node, relevant: set[int]) -> None:
+    def _visit(self, node: Node, relevant: set[int], needed: set[int]) -> None:
+        # Only the inputs that lead to a target need a position (and a shape).
+        children = [
+            (child, nr)
+            if child is not None and (id(child) in relevant or (id(child), nr) in self.targets)
+            else None
+            for child, nr in node.next_functions
+        ]
+        try:
+            if id(node) in self.poisoned_nodes:
+                raise _Unproven
+            shapes, claims = self._claims(node, children)
+        except _FAILURES:
+            if id(node) in needed:
+                raise
+            self._poison(children)
+            return
+        for edge, child_shape, position in zip(children, shapes, claims, strict=True):
+            if edge is None:
+                continue
+            if position is None or child_shape is None:
+                if id(edge[0]) in needed or _edge_key(edge) in self.required:
+                    raise _Unproven
+                self._poison([edge])
+                continue
+            self.claims.setdefault(_edge_key(edge), []).append(_stride(child_shape, *position))
+
+    def _claims(
+        self, node: Node, children: list[tuple[Node, int] | None]
+    ) -> tuple[list[tuple[int, ...] | None], Claims]:
+        """The shapes of the relevant inputs and the positions the node's rule gives them."""
         rule = _RULES.get(type(node).__name__)
         if rule is None or isinstance(node, BackwardCFunction):
             raise _Unproven  # no rule, or a custom autograd Function borrowing a builtin's name
@@ -129,25 +191,17 @@ class _Walk:
             positions.append(
                 None if stride is None else _required(_locate(shape, stride, self.batch))
             )
-        # Only the inputs that lead to a layer output need a position (and a shape).
-        children = [
-            (child, nr)
-            if child is not None and (id(child) in relevant or (id(child), nr) in self.targets)
-            else None
-            for child, nr in node.next_functions
-        ]
         shapes = [
             None if edge is None else tuple(edge[0]._input_metadata[edge[1]].shape)
             for edge in children
         ]
-        claims = rule(_Site(node, outputs, positions, shapes, self.batch))
-        for edge, child_shape, position in zip(children, shapes, claims, strict=True):
-            if edge is None:
-                continue
-            if position is None or child_shape is None:
-                raise _Unproven
-            key = (id(edge[0]), edge[1])
-            self.claims.setdefault(key, []).append(_stride(child_shape, *position))
+        return shapes, rule(_Site(node, outputs, positions, shapes, self.batch))
+
+    def _poison(self, children: list[tuple[Node, int] | None]) -> None:
+        for edge in children:
+            if edge is not None:
+                self.poisoned.add(_edge_key(edge))
+                self.poisoned_nodes.add(id(edge[0]))
 
     def _agreed(self, key: tuple[int, int]) -> int | None:
         claimed = self.claims.get(key)
@@ -156,6 +210,10 @@ class _Walk:
         if any(stride != claimed[0] for stride in claimed):
             raise _Unproven
         return claimed[0]
+
+
+def _edge_key(edge: tuple[Node, int]) -> tuple[int, int]:
+    return (id(edge[0]), edge[1])
 
 
 def _post_order(root: Node) -> list[Node]:

@@ -227,13 +227,15 @@ class _TinyViT(nn.Module):
         patches = self.patch(x).flatten(2).transpose(1, 2)  # [B, 4, 8]
         tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1) + self.pos
         if self.kind == "twice":
-            tokens = tokens * self.offset  # the offset used otherwise than added
+            tokens = tokens * self.offset  # also scaling: a second use of a supported kind
+        if self.kind == "through_a_function":
+            tokens = tokens + torch.tanh(self.offset)  # not the parameter itself
         tokens = tokens + self.offset
         return self.head(self.encoder(tokens)[:, 0])  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("offset", ["", "per_instance", "twice"])
-def test_broadcast_parameters_are_projected_when_shared_and_only_added(
+@pytest.mark.parametrize("offset", ["", "twice", "per_instance", "through_a_function"])
+def test_broadcast_parameters_are_projected_when_shared_and_used_directly(
     offset: str, projected: Projected
 ) -> None:
     torch.manual_seed(0)
@@ -241,9 +243,39 @@ def test_broadcast_parameters_are_projected_when_shared_and_only_added(
     x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
     engine = _check(model, lambda: model(x).pow(2).sum(dim=1))
     routes = {r.name: r.route for r in engine.route_report()}
-    if offset == "":
+    taken = offset in ("", "twice")
+    if taken:
         assert set(routes.values()) == {"closed_form"}
     else:  # one parameter of the call refused: the call's parameters take the local route
         assert {routes[name] for name in ("cls", "pos", "offset")} == {"local"}
     # One generic call, the model's own (its encoder's attention is inside it).
-    assert projected == [1 if offset == "" else 0]
+    assert projected == [1 if taken else 0]
+
+
+class _ScaledBlock(nn.Module):
+    """RMS norm, a linear map and a layer scale: parameters scaling activations."""
+
+    def __init__(self, squared: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(6)
+        self.linear = nn.Linear(6, 6)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.squared = squared
+
+    def forward(self, x: Tensor) -> Tensor:
+        gamma = self.gamma * self.gamma if self.squared else self.gamma
+        return x + self.linear(self.norm(x)) * gamma
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_scaling_parameters_are_projected(squared: bool, projected: Projected) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledBlock(squared), _ScaledBlock()).double()
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    engine = _check(model, lambda: model(x).pow(2).sum(dim=(1, 2)))
+    routes = {r.name: r.route for r in engine.route_report()}
+    assert routes["1.norm.weight"] == routes["1.gamma"] == "closed_form"
+    # gamma * gamma holds no instance: its uses cannot be placed, and only that block's call
+    # takes the local route (the other one's projections still go through).
+    assert routes["0.gamma"] == ("local" if squared else "closed_form")
+    assert projected == [1 if squared else 2]  # the blocks' calls (each holding its norm's)
