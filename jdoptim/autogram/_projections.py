@@ -79,11 +79,11 @@ def find_projections(record: CallRecord, params: list[Tensor]) -> list[Use] | No
         return None
     wanted = {id(p) for p in params}
     stops = {id(edge.node) for edge in record.input_edges}
-    found: dict[int, Projection] = {}
-    added: dict[int, tuple[Tensor, Node, list[Node]]] = {}
+    # Keyed by the nodes themselves, not their ids: a node's Python object lives only while
+    # referenced, and a later object may reuse a freed id.
+    found: dict[Node, Projection] = {}
+    added: dict[Node, tuple[Tensor, Node, list[Node]]] = {}
     broadcasts: list[Broadcast] = []
-    # The nodes themselves, not their ids: a node's Python object lives only while referenced,
-    # and a later object may reuse a freed id.
     seen: set[Node] = set()
     stack = [edge.node for edge in record.reached_outputs]
     while stack:
@@ -93,16 +93,16 @@ def find_projections(record: CallRecord, params: list[Tensor]) -> list[Use] | No
         seen.add(node)
         projection = _as_projection(node, wanted)
         if projection is not None:
-            found[id(node)] = projection
+            found[node] = projection
         addition = _added_bias(node, wanted)
         if addition is not None:
             product, bias, accumulator, views = addition
-            added[id(product)] = (bias, accumulator, views)
+            added[product] = (bias, accumulator, views)
         else:
             broadcasts += _as_broadcasts(node, wanted)
         stack.extend(child for child, _ in node.next_functions if child is not None)
-    for key, (bias, accumulator, views) in added.items():
-        projection = found.get(key)
+    for product, (bias, accumulator, views) in added.items():
+        projection = found.get(product)
         if projection is None or projection.bias is not None:
             return None
         if bias.shape != projection.weight.shape[:1]:
