@@ -279,3 +279,24 @@ def test_scaling_parameters_are_projected(squared: bool, projected: Projected) -
     # takes the local route (the other one's projections still go through).
     assert routes["0.gamma"] == ("local" if squared else "closed_form")
     assert projected == [1 if squared else 2]  # the blocks' calls (each holding its norm's)
+
+
+class _Affine(nn.Module):
+    """A custom layer whose output is its product itself (the same edge as the call's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_a_product_that_is_the_call_output(projected: Projected) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_Affine(), nn.Tanh(), _Affine()).double()
+    model[2].weight = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    _check(model, lambda: model(x).pow(2).sum(dim=1))
+    assert projected == [2]
