@@ -364,6 +364,7 @@ class Engine:
             raise ValueError(f"output has no entries (shape {shape}); nothing to differentiate.")
         batch_dim = self._normalized_batch_dim(output)
         covered = {id(p): p for p in self._params if p.requires_grad}
+        _check_real(covered.values())
         if batch_dim is None:
             _check_visible(walk_graph(output, covered))
             terms = exact_terms(output, list(covered.values()), instance_major_order(shape, None))
@@ -587,3 +588,16 @@ class _InertHook:
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         return None
+
+
+def _check_real(params: Iterable[Tensor]) -> None:
+    """Complex parameters are refused: the inner products of their gradients would need the real
+    and imaginary parts as separate coordinates, which no route computes."""
+    for p in params:
+        if p.is_complex():
+            raise TypeError(
+                f"The engine covers real parameters only; got a {p.dtype} parameter of shape "
+                f"{tuple(p.shape)}. Keep its real and imaginary parts as two real parameters "
+                "(torch.view_as_complex in the forward pass), or leave it out of the engine "
+                "(Engine(parameters=...))."
+            )

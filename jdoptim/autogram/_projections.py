@@ -73,10 +73,7 @@ Use = Projection | Broadcast
 
 def find_projections(record: CallRecord, params: list[Tensor]) -> list[Use] | None:
     """The products and broadcasts inside ``record``'s call that use ``params``, if together they
-    hold every one of ``params``; ``None`` otherwise (complex parameters too: their gradients
-    conjugate the factors)."""
-    if any(p.is_complex() for p in params):
-        return None
+    hold every one of ``params``; ``None`` otherwise."""
     wanted = {id(p) for p in params}
     stops = {id(edge.node) for edge in record.input_edges}
     # Keyed by the nodes themselves, not their ids: a node's Python object lives only while

@@ -109,3 +109,34 @@ def test_constructor_arguments() -> None:
     ]
     for engine in spellings:
         assert [id(p) for p in engine.parameters] == [id(p) for p in model.parameters()]
+
+
+class _ComplexScale(nn.Module):
+    """Scales a complex signal by a complex parameter, held as one or as its real pairs."""
+
+    def __init__(self, as_pairs: bool) -> None:
+        super().__init__()
+        values = torch.randn(3, 2, dtype=torch.float64)
+        self.as_pairs = as_pairs
+        self.scale = nn.Parameter(values if as_pairs else torch.view_as_complex(values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.view_as_complex(self.scale) if self.as_pairs else self.scale
+        return (x * scale).abs().pow(2).sum(dim=1)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_complex_parameters_are_refused_and_their_real_pairs_are_exact(
+    batch_dim: int | None,
+) -> None:
+    """Their Gramian would need the real and imaginary parts as separate coordinates: refused
+    rather than computed from the real parts alone (silently wrong); as real pairs it is exact."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.complex128)
+    refused = _ComplexScale(as_pairs=False)
+    with pytest.raises(TypeError, match="real parameters only"):
+        Engine(refused, batch_dim=batch_dim).compute_gramian(refused(x))
+    pairs = _ComplexScale(as_pairs=True)
+    output = pairs(x)
+    gramian = Engine(pairs, batch_dim=batch_dim).compute_gramian(output)
+    assert relative_error(gramian, loop_gramian(output, [pairs.scale])) <= 1e-10
