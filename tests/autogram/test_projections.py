@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jdoptim.autogram import Engine, _batched
-from tests.autogram._reference import loop_gramian, relative_error
+from tests.autogram._reference import engine_gramian_and_grads, loop_gramian, relative_error
 
 Projected = list[int]
 
@@ -36,19 +36,19 @@ def projected(monkeypatch: pytest.MonkeyPatch) -> Iterator[Projected]:
 
 
 def _check(model: nn.Module, losses: Callable[[], Tensor], batch_dim: int = 0) -> Engine:
+    """The Gramian against per-loss autograd, the fused ``.grad`` of every parameter against
+    ``losses.backward(weights)``; ``losses()`` runs the same forward pass each time."""
     engine = Engine(model, batch_dim=batch_dim)
-    output = losses()
+    gramian, fused, expected = engine_gramian_and_grads(engine, model, lambda _: losses())
     params = [p for p in model.parameters() if p.requires_grad]
-    gramian = engine.compute_gramian(output)
-    assert relative_error(gramian, loop_gramian(output, params)) <= 1e-10
-    weights = torch.rand(output.shape, dtype=output.dtype)
-    engine.backward(weights)
-    fused = [p.grad.clone() for p in params]  # type: ignore[union-attr]
-    model.zero_grad()
-    losses().backward(weights)
-    for mine, expected in zip(fused, [p.grad for p in params], strict=True):
-        assert expected is not None
-        assert relative_error(mine, expected) <= 1e-10
+    assert relative_error(gramian, loop_gramian(losses(), params)) <= 1e-10
+    assert (
+        fused.keys()
+        == expected.keys()
+        == {n for n, p in model.named_parameters() if p.requires_grad}
+    )
+    for name, grad in expected.items():
+        assert relative_error(fused[name], grad) <= 1e-10
     return engine
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jdoptim.autogram import Engine
-from tests.autogram._reference import loop_gramian, relative_error
+from tests.autogram._reference import engine_gramian_and_grads, loop_gramian, relative_error
 from tests.autogram.conftest import Proofs
 
 BATCH = 3
@@ -225,21 +225,19 @@ def test_random_layers_with_projections_give_exact_gramians() -> None:
         torch.manual_seed(seed)
         layer = _RandomLayer(seed).double()
         x = torch.randn(BATCH, *([4] if seed % 2 else []), 4, dtype=torch.float64)
-        params = list(layer.parameters())
-        weights = torch.rand(BATCH, dtype=torch.float64)
+
+        def losses(m: Callable[..., Tensor]) -> Tensor:
+            return m(x).pow(2).reshape(BATCH, -1).sum(dim=1)
+
         with Engine(layer, batch_dim=0) as engine:
-            losses = layer(x).pow(2).reshape(BATCH, -1).sum(dim=1)
-            gramian = engine.compute_gramian(losses)
+            gramian, fused, expected = engine_gramian_and_grads(engine, layer, losses)
             routes = set(engine._last_routes.values())
-            engine.backward(weights)
-        fused = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-        expected = loop_gramian(losses, params)
-        assert relative_error(gramian, expected) <= 1e-9, f"program {seed}"
-        layer.zero_grad(set_to_none=False)
-        losses.backward(weights)
-        for mine, p in zip(fused, params, strict=True):
-            reference = torch.zeros_like(p) if p.grad is None else p.grad  # None: unused
-            torch.testing.assert_close(mine, reference, rtol=1e-9, atol=1e-12)
+        assert (
+            relative_error(gramian, loop_gramian(losses(layer), list(layer.parameters()))) <= 1e-9
+        ), f"program {seed}"
+        assert fused.keys() == expected.keys(), f"program {seed}"  # unused parameters: neither
+        for name, grad in expected.items():
+            torch.testing.assert_close(fused[name], grad, rtol=1e-9, atol=1e-12)
         projected += routes == {"closed_form"}
     # The uses were taken (121 of the 300 programs), not only refused.
     assert projected >= 80, projected
