@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram._terms import MaterializedTerm, OuterTerm, Term
+from jdoptim.autogram._rules import bias_term
+from jdoptim.autogram._terms import OuterTerm, Term
 
 _ARGUMENTS = (
     "query",
@@ -84,9 +85,9 @@ def attention_terms(
         "out_proj.weight": OuterTerm(dy, attended.detach(), tuple(out_weight.shape)),
     }
     if in_bias is not None:
-        terms["in_proj_bias"] = _sums(d_qkv)
+        terms["in_proj_bias"] = bias_term(d_qkv, tuple(in_bias.shape))
     if module.out_proj.bias is not None:
-        terms["out_proj.bias"] = _sums(dy)
+        terms["out_proj.bias"] = bias_term(dy, tuple(module.out_proj.bias.shape))
     return terms
 
 
@@ -140,8 +141,3 @@ def _core(qkv: Tensor, heads: int, mask: Tensor | None) -> Tensor:
         scores = scores + mask
     attended = torch.softmax(scores, dim=-1) @ v  # [B, h, L, d]
     return attended.transpose(1, 2).reshape(batch, length, embed)
-
-
-def _sums(a: Tensor) -> MaterializedTerm:
-    sums = a.sum(dim=2)  # [T, B, k]
-    return MaterializedTerm(sums.transpose(0, 1).reshape(-1, sums.shape[-1]), (sums.shape[-1],))

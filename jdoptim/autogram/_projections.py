@@ -30,8 +30,9 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from jdoptim.autogram._records import CallRecord
+from jdoptim.autogram._rules import bias_term
 from jdoptim.autogram._structure import Position, Proof
-from jdoptim.autogram._terms import MaterializedTerm, OuterTerm, Term
+from jdoptim.autogram._terms import OuterTerm, Term
 
 _VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
@@ -242,7 +243,8 @@ def projection_terms(
     """Each parameter's term, from its uses' output gradients ``[T, *shape]`` whose instances lie
     at ``positions``."""
     weights: dict[int, tuple[Tensor, list[Tensor], list[Tensor]]] = {}
-    sums: dict[int, tuple[Tensor, list[Tensor]]] = {}  # biases and broadcasts: [T, B, numel]
+    # Biases and broadcast parameters: per-instance rows to sum over positions, [T, B, S, numel].
+    sums: dict[int, tuple[Tensor, list[Tensor]]] = {}
     for use, gradient, position in zip(uses, gradients, positions, strict=True):
         if isinstance(use, Broadcast):
             if use.factor is not None:
@@ -251,52 +253,36 @@ def projection_terms(
             target = (*per_instance.shape[:2], *([1] * (per_instance.ndim - 2 - use.param.ndim)))
             summed = per_instance.sum_to_size(*target, *use.param.shape)
             _, parts = sums.setdefault(id(use.param), (use.param, []))
-            parts.append(summed.reshape(*summed.shape[:2], -1))
+            parts.append(summed.reshape(*summed.shape[:2], 1, -1))
             continue
-        tasks, rows, width = gradient.shape
-        inner = position[1]
-        outer = rows // (batch * inner)
-        per_row = (
-            gradient.to(dtype)
-            .reshape(tasks, outer, batch, inner, width)
-            .transpose(1, 2)
-            .reshape(tasks, batch, outer * inner, width)
-        )
-        inputs = (
-            use.inputs.to(dtype)
-            .reshape(outer, batch, inner, -1)
-            .transpose(0, 1)
-            .reshape(batch, outer * inner, -1)
-        )
+        per_row = _instances_first(gradient.to(dtype), position, batch)  # [T, B, S, k]
+        inputs = _instances_first(use.inputs.to(dtype), position, batch, leading=0)
         _, outputs_of, inputs_of = weights.setdefault(id(use.weight), (use.weight, [], []))
         outputs_of.append(per_row)
         inputs_of.append(inputs)
         if use.bias is not None:
             _, parts = sums.setdefault(id(use.bias), (use.bias, []))
-            parts.append(per_row.sum(dim=2))  # [T, B, k]
+            parts.append(per_row)
     terms: list[tuple[Tensor, Term]] = []
     for weight, outputs_of, inputs_of in weights.values():
         a, b = _joined(outputs_of, dim=2), _joined(inputs_of, dim=1)
         terms.append((weight, OuterTerm(a, b, tuple(weight.shape))))
     for param, parts in sums.values():
-        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
-        per_row = total.transpose(0, 1).reshape(-1, total.shape[-1])  # instance-major rows
-        terms.append((param, MaterializedTerm(per_row, tuple(param.shape))))
+        terms.append((param, bias_term(_joined(parts, dim=2), tuple(param.shape))))
     return terms
 
 
-def _instances_first(gradient: Tensor, position: Position, batch: int) -> Tensor:
-    """``[T, *shape]`` to ``[T, B, *shape']``: the instance digit taken out of its dim."""
+def _instances_first(tensor: Tensor, position: Position, batch: int, leading: int = 1) -> Tensor:
+    """``[*lead, *shape]`` to ``[*lead, B, *shape']``: the instance digit at ``position`` of
+    ``shape`` taken out of its dim (``leading`` dims before it, the tasks of a gradient)."""
     dim, inner = position
-    shape = gradient.shape[1:]
+    lead, shape = tensor.shape[:leading], tensor.shape[leading:]
     outer = shape[dim] // (batch * inner)
-    split = gradient.reshape(
-        gradient.shape[0], *shape[:dim], outer, batch, inner, *shape[dim + 1 :]
-    )
-    moved = split.movedim(2 + dim, 1)  # [T, B, *shape[:dim], outer, inner, *rest]
-    return moved.reshape(gradient.shape[0], batch, *shape[:dim], outer * inner, *shape[dim + 1 :])
+    split = tensor.reshape(*lead, *shape[:dim], outer, batch, inner, *shape[dim + 1 :])
+    moved = split.movedim(leading + dim + 1, leading)  # [*lead, B, *shape[:dim], outer, inner, ...]
+    return moved.reshape(*lead, batch, *shape[:dim], outer * inner, *shape[dim + 1 :])
 
 
 def _joined(parts: list[Tensor], dim: int) -> Tensor:
-    """The positions of every product of one weight, side by side."""
+    """The positions of every use of one parameter, side by side."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

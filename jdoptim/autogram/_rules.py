@@ -66,7 +66,9 @@ def _instance_rows(
     return a.reshape(a.shape[0], a.shape[1], -1, k), b.reshape(b.shape[0], -1, d)
 
 
-def _bias_term(a: Tensor, shape: tuple[int, ...]) -> MaterializedTerm:
+def bias_term(a: Tensor, shape: tuple[int, ...]) -> MaterializedTerm:
+    """The term of a parameter whose per-row gradient is ``Σₛ a[t, i, s]`` (a bias), instance-major
+    rows, from ``a [T, B, S, k]``."""
     sums = a.sum(dim=2)  # [T, B, k]
     return MaterializedTerm(sums.transpose(0, 1).reshape(-1, sums.shape[-1]), shape)
 
@@ -85,7 +87,7 @@ class LinearRule(ClosedFormRule):
         b = _cat([p[1] for p in parts], dim=1)
         terms: dict[str, Term] = {"weight": OuterTerm(a, b, (k, d))}
         if module.bias is not None:
-            terms["bias"] = _bias_term(a, (k,))
+            terms["bias"] = bias_term(a, (k,))
         return terms
 
 
@@ -125,7 +127,7 @@ class ConvRule(ClosedFormRule):
         a, b = _cat(a_parts, dim=2), _cat(b_parts, dim=1)
         terms: dict[str, Term] = {"weight": OuterTerm(a, b, tuple(module.weight.shape))}
         if module.bias is not None:
-            terms["bias"] = _bias_term(a, (k,))
+            terms["bias"] = bias_term(a, (k,))
         return terms
 
 
