@@ -163,8 +163,8 @@ def install_labels() -> None:
     for rule in {id(r): r for r in CLOSED_FORMS.values()}.values():
         _tagging(type(rule), "terms", lambda self, module, *a, **k: type(module).__name__)
     _tagging(batched, "attention_terms", lambda *a, **k: "MultiheadAttention")
-    for cls in (terms.MaterializedTerm, terms.OuterTerm, terms.EmbeddingTerm):
-        _wrap(cls, "gramian", lambda self: f"gramian: {_term_owner.get(id(self), 'other')}")
+    for cls in (terms.MaterializedTerm, terms.OuterTerm, terms.EmbeddingTerm, terms.BiasTerm):
+        _wrap(cls, "gramian", lambda self, **k: f"gramian: {_term_owner.get(id(self), 'other')}")
         _wrap(cls, "weighted_grad", lambda self, w: f".grad: {_term_owner.get(id(self), 'other')}")
     import jdoptim.paths._gramian as gramian_path
 

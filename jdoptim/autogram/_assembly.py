@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from jdoptim.autogram._terms import Term
+from jdoptim.autogram._terms import Term, term_gramians
 from jdoptim.linalg import reshape_gramian
 
 
@@ -119,28 +119,31 @@ def _assemble(
         # One host synchronisation: in normal ranges the factors are used as they are.
         extreme = exponents.per_factor.abs() > _SAFE_EXPONENT
         rescale = bool(extreme.any() | (per_term != exponents.per_term).any())
+        # Normalised terms keep their own powers of two: a bias is folded into its weight's
+        # Gramian only when the factors are used as they are.
         used = exponents.normalized(terms) if rescale else terms
-        gramians = [term.gramian() for term in used]
+        gramians = [term.gramian() for term in used] if rescale else term_gramians(used)
         for term, gramian in zip(terms, gramians, strict=True):
-            if tuple(gramian.shape) != (rows, rows):
+            if gramian is not None and tuple(gramian.shape) != (rows, rows):
                 raise ValueError(
                     f"A {type(term).__name__} has {gramian.shape[0]} rows, but losses of shape "
                     f"{shape} have {rows}: the terms do not belong to these losses."
                 )
+        present = [gramian for gramian in gramians if gramian is not None]
         if dtype is None:
-            dtype = torch.promote_types(gramians[0].dtype, torch.float32)
+            dtype = torch.promote_types(present[0].dtype, torch.float32)
         if rescale:
             # A term's Gramian is 2^(2e) times its normalised one: 2^e twice, each in float range.
             factors = _exact_power_of_two(per_term).to(dtype)
-            gramians = [
+            present = [
                 gramian.to(dtype) * factor * factor
-                for gramian, factor in zip(gramians, factors.unbind(), strict=True)
+                for gramian, factor in zip(present, factors.unbind(), strict=True)
             ]
         else:
-            gramians = [gramian.to(dtype) for gramian in gramians]
+            present = [gramian.to(dtype) for gramian in present]
     assert dtype is not None
-    total = gramians[0]
-    for gramian in gramians[1:]:
+    total = present[0]
+    for gramian in present[1:]:
         total = total + gramian
     total = (total + total.T) / 2
     if not shape:

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram._rules import bias_term
-from jdoptim.autogram._terms import OuterTerm, Term
+from jdoptim.autogram._terms import BiasTerm, OuterTerm, Term
 
 _ARGUMENTS = (
     "query",
@@ -85,9 +84,9 @@ def attention_terms(
         "out_proj.weight": OuterTerm(dy, attended.detach(), tuple(out_weight.shape)),
     }
     if in_bias is not None:
-        terms["in_proj_bias"] = bias_term(d_qkv, tuple(in_bias.shape))
+        terms["in_proj_bias"] = BiasTerm(d_qkv, tuple(in_bias.shape))
     if module.out_proj.bias is not None:
-        terms["out_proj.bias"] = bias_term(dy, tuple(module.out_proj.bias.shape))
+        terms["out_proj.bias"] = BiasTerm(dy, tuple(module.out_proj.bias.shape))
     return terms
 
 

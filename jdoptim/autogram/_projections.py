@@ -30,9 +30,8 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from jdoptim.autogram._records import CallRecord
-from jdoptim.autogram._rules import bias_term
 from jdoptim.autogram._structure import Position, Proof
-from jdoptim.autogram._terms import OuterTerm, Term
+from jdoptim.autogram._terms import BiasTerm, OuterTerm, Term
 
 _VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
@@ -264,11 +263,17 @@ def projection_terms(
             _, parts = sums.setdefault(id(use.bias), (use.bias, []))
             parts.append(per_row)
     terms: list[tuple[Tensor, Term]] = []
+    # A bias added in exactly its weight's products shares the weight's joined output gradients,
+    # so that the assembly folds its Gramian into the weight's (term_gramians).
+    joined: dict[tuple[int, ...], Tensor] = {}  # ids of the (live) parts -> their join
     for weight, outputs_of, inputs_of in weights.values():
         a, b = _joined(outputs_of, dim=2), _joined(inputs_of, dim=1)
+        joined[tuple(map(id, outputs_of))] = a
         terms.append((weight, OuterTerm(a, b, tuple(weight.shape))))
     for param, parts in sums.values():
-        terms.append((param, bias_term(_joined(parts, dim=2), tuple(param.shape))))
+        shared = joined.get(tuple(map(id, parts)))
+        a = shared if shared is not None else _joined(parts, dim=2)
+        terms.append((param, BiasTerm(a, tuple(param.shape))))
     return terms
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram._terms import EmbeddingTerm, MaterializedTerm, OuterTerm, Term
+from jdoptim.autogram._terms import BiasTerm, EmbeddingTerm, MaterializedTerm, OuterTerm, Term
 
 #: One call of a layer: its saved input ``x``, the task gradients ``dY`` ``[T, *y.shape]`` and
 #: the verified batch dim of ``y`` (``None`` for batch size 1).
@@ -66,13 +66,6 @@ def _instance_rows(
     return a.reshape(a.shape[0], a.shape[1], -1, k), b.reshape(b.shape[0], -1, d)
 
 
-def bias_term(a: Tensor, shape: tuple[int, ...]) -> MaterializedTerm:
-    """The term of a parameter whose per-row gradient is ``Σₛ a[t, i, s]`` (a bias), instance-major
-    rows, from ``a [T, B, S, k]``."""
-    sums = a.sum(dim=2)  # [T, B, k]
-    return MaterializedTerm(sums.transpose(0, 1).reshape(-1, sums.shape[-1]), shape)
-
-
 class LinearRule(ClosedFormRule):
     """``nn.Linear`` on any leading dims: ``gᵢ = Σₛ dYᵢₛ ⊗ Xᵢₛ``."""
 
@@ -87,7 +80,7 @@ class LinearRule(ClosedFormRule):
         b = _cat([p[1] for p in parts], dim=1)
         terms: dict[str, Term] = {"weight": OuterTerm(a, b, (k, d))}
         if module.bias is not None:
-            terms["bias"] = bias_term(a, (k,))
+            terms["bias"] = BiasTerm(a, (k,))
         return terms
 
 
@@ -127,7 +120,7 @@ class ConvRule(ClosedFormRule):
         a, b = _cat(a_parts, dim=2), _cat(b_parts, dim=1)
         terms: dict[str, Term] = {"weight": OuterTerm(a, b, tuple(module.weight.shape))}
         if module.bias is not None:
-            terms["bias"] = bias_term(a, (k,))
+            terms["bias"] = BiasTerm(a, (k,))
         return terms
 
 

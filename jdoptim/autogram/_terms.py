@@ -161,12 +161,18 @@ class OuterTerm(Term):
         fits = (batch * tasks * positions) ** 2 <= _MAX_PAIRWISE_ELEMENTS
         return "pairwise" if fits and pairwise <= materialized else "materialized"
 
-    def gramian(self) -> Tensor:
+    def gramian(self, *, with_bias: bool = False) -> Tensor:
+        """``Jₚ Jₚᵀ``; with ``with_bias`` (pairwise form only), plus the Gramian of the bias term
+        on the same ``a`` (:class:`BiasTerm`): a bias is a weight on a constant input 1, so both
+        come from the one kernel ``b bᵀ + 1``."""
         tasks, batch, positions, k = self.a.shape
         d = self.b.shape[-1]
         if self.form == "pairwise":
             b_flat = self.b.reshape(batch * positions, d)
-            return _pairwise_kernel_gramian(self.a, b_flat @ b_flat.T)
+            kernel = b_flat @ b_flat.T
+            return _pairwise_kernel_gramian(self.a, kernel.add_(1) if with_bias else kernel)
+        if with_bias:
+            raise ValueError("OuterTerm.gramian(with_bias=True) needs the pairwise form.")
         per_row = torch.einsum("tbsk,bsd->btkd", self.a, self.b).reshape(batch * tasks, k * d)
         if per_row.numel() <= _CACHED_ROWS_RATIO * (self.a.numel() + self.b.numel()):
             self._rows = per_row
@@ -185,6 +191,61 @@ class OuterTerm(Term):
 
     def _factor_names(self) -> tuple[str, ...]:
         return ("a", "b")
+
+
+@dataclass
+class BiasTerm(Term):
+    """Per-row gradients ``g[i, t] = Σₛ a[t, i, s]``: a bias added at every position of a layer's
+    output, kept as that output's gradient ``a [T, B, S, k]``.
+
+    The layer's weight term (:class:`OuterTerm`) holds the same ``a``; :func:`term_gramians` then
+    forms both Gramians from one product.
+    """
+
+    a: Tensor  # [T, B, S, k]
+    shape: tuple[int, ...]
+    route: Route = Route.CLOSED_FORM
+
+    def gramian(self) -> Tensor:
+        sums = self.a.sum(dim=2)  # [T, B, k]
+        rows = sums.transpose(0, 1).reshape(-1, sums.shape[-1])
+        return rows @ rows.T
+
+    def weighted_grad(self, weights: Tensor) -> Tensor:
+        return torch.einsum("tbsk,bt->k", self.a, weights.to(self.a.dtype)).reshape(self.shape)
+
+    def factors(self) -> list[tuple[Tensor, int]]:
+        return [(self.a, 1)]
+
+    def _factor_names(self) -> tuple[str, ...]:
+        return ("a",)
+
+
+def term_gramians(terms: Sequence[Term]) -> list[Tensor | None]:
+    """Each term's Gramian ``Jₚ Jₚᵀ``, with every :class:`BiasTerm` whose ``a`` is the very tensor of
+    an :class:`OuterTerm` in pairwise form folded into that term's Gramian (``None`` in its place):
+    the sum of the list is unchanged, and the bias costs no product of its own."""
+    weights = {
+        id(term.a): index
+        for index, term in enumerate(terms)
+        if isinstance(term, OuterTerm) and term.form == "pairwise"
+    }
+    folded: dict[int, int] = {}  # weight index -> bias index
+    for index, term in enumerate(terms):
+        owner = weights.get(id(term.a)) if isinstance(term, BiasTerm) else None
+        if owner is not None and owner not in folded:
+            folded[owner] = index
+    skipped = set(folded.values())
+    result: list[Tensor | None] = []
+    for index, term in enumerate(terms):
+        if index in skipped:
+            result.append(None)
+        elif index in folded:
+            assert isinstance(term, OuterTerm)
+            result.append(term.gramian(with_bias=True))
+        else:
+            result.append(term.gramian())
+    return result
 
 
 @dataclass

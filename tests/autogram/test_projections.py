@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jdoptim.autogram import Engine, _batched
+from jdoptim.autogram._terms import BiasTerm
 from tests.autogram._reference import engine_gramian_and_grads, loop_gramian, relative_error
 
 Projected = list[int]
@@ -300,3 +301,25 @@ def test_a_product_that_is_the_call_output(projected: Projected) -> None:
     x = torch.randn(5, 4, dtype=torch.float64)
     _check(model, lambda: model(x).pow(2).sum(dim=1))
     assert projected == [2]
+
+
+@pytest.mark.parametrize("name", ["rnn", "linear_model"])
+def test_biases_share_their_weights_output_gradients(name: str) -> None:
+    """A bias added in exactly its weight's products keeps the weight's factor ``a`` itself (one
+    product for both Gramians), also when the products are many (a recurrent weight)."""
+    torch.manual_seed(0)
+    if name == "rnn":
+        model: nn.Module = nn.RNN(3, 4, batch_first=True).double()
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 7, 3, dtype=torch.float64)
+    engine = Engine(model, batch_dim=0)
+    output = model(x)
+    losses = (output[0] if isinstance(output, tuple) else output).pow(2).sum(dim=(1, 2))
+    terms = dict((id(p), t) for p, t in engine.compute_terms(losses))
+    named = dict(model.named_parameters())
+    pairs = [(n, n.replace("bias", "weight")) for n in named if "bias" in n]
+    assert pairs
+    for bias, weight in pairs:
+        assert isinstance(terms[id(named[bias])], BiasTerm)
+        assert terms[id(named[bias])].a is terms[id(named[weight])].a  # type: ignore[attr-defined]

@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from jdoptim.autogram import Engine, Term, concat_terms, grad_from_terms, gramian_from_terms
-from jdoptim.autogram._terms import EmbeddingTerm, MaterializedTerm, OuterTerm
+from jdoptim.autogram._terms import (
+    BiasTerm,
+    EmbeddingTerm,
+    MaterializedTerm,
+    OuterTerm,
+    term_gramians,
+)
 
 
 class SequenceModel(nn.Module):
@@ -135,3 +141,52 @@ def test_terms_of_different_types_are_rejected() -> None:
         concat_terms([[a], [b]])
     with pytest.raises(ValueError, match="one term per parameter"):
         concat_terms([[a], [a, a]])
+
+
+def _per_row_bias_and_weight(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row gradients written out: weight ``Σₛ a[t,i,s] ⊗ b[i,s]``, bias ``Σₛ a[t,i,s]``."""
+    weight = torch.einsum("tbsk,bsd->btkd", a, b).reshape(a.shape[1] * a.shape[0], -1)
+    bias = a.sum(dim=2).transpose(0, 1).reshape(a.shape[1] * a.shape[0], -1)
+    return weight, bias
+
+
+@pytest.mark.parametrize("tasks,positions", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_bias_term_and_its_fold_into_the_weight_term(tasks: int, positions: int) -> None:
+    generator = torch.Generator().manual_seed(tasks * 10 + positions)
+    a = torch.randn(tasks, 5, positions, 8, generator=generator, dtype=torch.float64)
+    b = torch.randn(5, positions, 10, generator=generator, dtype=torch.float64)
+    weight_rows, bias_rows = _per_row_bias_and_weight(a, b)
+    weight, bias = OuterTerm(a, b, (8, 10)), BiasTerm(a, (8,))
+    assert weight.form == "pairwise"
+    torch.testing.assert_close(bias.gramian(), bias_rows @ bias_rows.T)
+    weights = torch.randn(5, tasks, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(bias.weighted_grad(weights), weights.reshape(-1) @ bias_rows)
+
+    # The same tensor a: one Gramian for both, the bias's slot empty; the sum is unchanged.
+    folded = term_gramians([weight, bias])
+    assert folded[1] is None and folded[0] is not None
+    expected = weight_rows @ weight_rows.T + bias_rows @ bias_rows.T
+    torch.testing.assert_close(folded[0], expected)
+    # Another tensor with the same values, or a weight term in materialised form: no fold.
+    apart = term_gramians([weight, BiasTerm(a.clone(), (8,))])
+    assert all(g is not None for g in apart)
+    torch.testing.assert_close(apart[0], weight_rows @ weight_rows.T)
+    total = gramian_from_terms([weight, bias], (5, tasks), 0)
+    separate = gramian_from_terms([weight, BiasTerm(a.clone(), (8,))], (5, tasks), 0)
+    torch.testing.assert_close(total, separate)
+
+
+def test_bias_fold_skips_materialized_weights_and_second_biases() -> None:
+    generator = torch.Generator().manual_seed(3)
+    # Many positions, few instances: the per-row gradients are cheaper than the pairwise kernel.
+    a = torch.randn(1, 2, 40, 2, generator=generator, dtype=torch.float64)
+    b = torch.randn(2, 40, 2, generator=generator, dtype=torch.float64)
+    weight = OuterTerm(a, b, (2, 2))
+    assert weight.form == "materialized"
+    assert all(g is not None for g in term_gramians([weight, BiasTerm(a, (2,))]))
+    pairwise = OuterTerm(a[:, :, :1], b[:, :1], (2, 2))
+    first, second = BiasTerm(pairwise.a, (2,)), BiasTerm(pairwise.a, (2,))
+    gramians = term_gramians([first, pairwise, second])
+    assert gramians[0] is None and gramians[1] is not None and gramians[2] is not None
+    with pytest.raises(ValueError, match="pairwise"):
+        weight.gramian(with_bias=True)
