@@ -276,7 +276,7 @@ def correlated_gramian(size: int, kind: str, seed: int) -> Tensor:
 def test_each_inner_route_is_taken_and_exact(
     kind: str, direct_max: int, route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(batched, "_DIRECT_MAX_UNKNOWNS", direct_max)
+    monkeypatch.setattr(batched, "_direct_max_unknowns", lambda size: direct_max)
     calls: list[str] = []
     for name in ("_compact_cholesky_solve", "_solve_through_inverse", "_masked_conjugate_gradient"):
         original = getattr(batched, name)
@@ -304,7 +304,7 @@ def test_ill_conditioned_gramians_get_a_preconditioned_conjugate_gradient(
 ) -> None:
     # Rank 12 of 120 (cond about 1e4 after regularisation): plain conjugate gradient needs many
     # iterations per round, so the later rounds precondition with H_FF; the result is as exact.
-    monkeypatch.setattr(batched, "_DIRECT_MAX_UNKNOWNS", 0)
+    monkeypatch.setattr(batched, "_direct_max_unknowns", lambda size: 0)
     preconditioned: list[bool] = []
     original = batched._masked_conjugate_gradient
 
@@ -325,3 +325,40 @@ def test_ill_conditioned_gramians_get_a_preconditioned_conjugate_gradient(
     preconditioned.clear()
     project_to_dual_cone(random_gramian(120, 240, seed=5), bounds, solver="batched")
     assert preconditioned and not any(preconditioned)
+
+
+def test_direct_routes_grow_with_m_within_their_memory_bound() -> None:
+    assert batched._direct_max_unknowns(64) == 48
+    assert batched._direct_max_unknowns(128) == 48
+    assert batched._direct_max_unknowns(512) == 108
+    # The blocks of all rows stay within 2^24 entries: 128 unknowns at m = 1024, 90 at m = 2048.
+    assert batched._direct_max_unknowns(1024) == 128
+    assert batched._direct_max_unknowns(2048) == 90
+    for size in (33, 100, 700, 1500, 4096):
+        assert size * batched._direct_max_unknowns(size) ** 2 <= 2**24
+
+
+@pytest.mark.parametrize(("kind", "size", "seed"), [("aligned", 220, 1), ("conflicting", 200, 3)])
+def test_direct_routes_beyond_48_unknowns_are_exact(
+    kind: str, size: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From m ≈ 150 the direct routes take more than 48 unknowns (here up to 61 and 58): the KKT
+    conditions hold, and the solution is the one of the routes capped at 48 (conjugate gradient
+    where they exceed it)."""
+    sizes: list[int] = []
+    original = batched._compact_cholesky_solve
+
+    def spy(matrix: Tensor, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
+        sizes.append(size)
+        return original(matrix, rhs, chosen, size)
+
+    monkeypatch.setattr(batched, "_compact_cholesky_solve", spy)
+    gramian = correlated_gramian(size, kind, seed=seed)
+    bounds = torch.eye(size, dtype=torch.float64)
+    solution = project_to_dual_cone(gramian, bounds, solver="batched")
+    assert_kkt(gramian, bounds, solution)
+    assert 48 < max(sizes) <= batched._direct_max_unknowns(size)
+    monkeypatch.setattr(batched, "_direct_max_unknowns", lambda size: 48)
+    capped = project_to_dual_cone(gramian, bounds, solver="batched")
+    error = (solution - capped).abs().max() / capped.abs().max()
+    assert float(error) <= AGREEMENT_TOLERANCE
