@@ -205,14 +205,23 @@ class BiasTerm(Term):
     a: Tensor  # [T, B, S, k]
     shape: tuple[int, ...]
     route: Route = Route.CLOSED_FORM
+    _rows: Tensor | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def rows(self) -> Tensor:
+        """The per-row gradients ``[M, k]``, instance-major (summed once, then kept)."""
+        if self._rows is None:
+            sums = self.a.sum(dim=2)  # [T, B, k]
+            self._rows = sums.transpose(0, 1).reshape(-1, sums.shape[-1])
+        return self._rows
 
     def gramian(self) -> Tensor:
-        sums = self.a.sum(dim=2)  # [T, B, k]
-        rows = sums.transpose(0, 1).reshape(-1, sums.shape[-1])
+        rows = self.rows()
         return rows @ rows.T
 
     def weighted_grad(self, weights: Tensor) -> Tensor:
-        return torch.einsum("tbsk,bt->k", self.a, weights.to(self.a.dtype)).reshape(self.shape)
+        # A sum then a product: einsum over (t, b, s) was 30x slower here on a convolution's a.
+        rows = self.rows()
+        return (weights.reshape(-1).to(rows.dtype) @ rows).reshape(self.shape)
 
     def factors(self) -> list[tuple[Tensor, int]]:
         return [(self.a, 1)]
