@@ -1,7 +1,8 @@
 """UPGrad weights at batch scale: quadprog per row, the torch solvers, and TorchJD 0.18's UPGrad.
 
 Side by side in one process, with interleaved repeats (every repeat calls each solver once, in
-turn, so a load change on the shared CPU hits all of them alike), medians and ratios. The Gramians
+turn, so a load change on the shared CPU hits all of them alike; each repeat starts with the next
+solver, so that none is always the first after the Gramian is built), medians and ratios. The Gramians
 are ``J Jᵀ`` of a random ``J`` with ``n = 2m`` columns, of a rank-deficient ``J`` of rank ``m / 8``,
 and (kinds ``mlp``, ``cnn``, ``transformer``) those of the per-instance cross-entropy losses of
 ``bench_autogram.py``'s models on a batch of ``m`` instances, as jdoptim's engine computes them.
@@ -174,9 +175,14 @@ def main() -> None:
                         previous_size, previous_time = last[name]
                         if previous_time * (size / previous_size) ** 4 > args.limit:
                             skipped.add(name)
+                names = list(solvers)
                 for repeat in range(repeats):
                     gramian = make_gramian(kind, size, dtype, args.device, step=repeat + 1)
-                    for name, solver in solvers.items():
+                    # Each repeat starts with another solver: the first call after the Gramian is
+                    # built (for the model kinds, a forward and a Gramian pass) finds colder caches.
+                    start = repeat % len(names)
+                    for name in names[start:] + names[:start]:
+                        solver = solvers[name]
                         if name in skipped or (repeat > 0 and sum(times[name]) > args.limit):
                             continue
                         seconds, weights[name] = time_call(solver, gramian)
