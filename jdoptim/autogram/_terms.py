@@ -325,6 +325,9 @@ def concat_terms(batches: Sequence[Sequence[Term]]) -> list[Term]:
             f"Every batch must have one term per parameter, in the same order; got {sizes} terms."
         )
     result: list[Term] = []
+    # Factors shared by several terms of a batch (a bias's and its weight's output gradients) stay
+    # shared once concatenated, so the concatenated terms are folded as a whole batch's would be.
+    joined: dict[tuple[tuple[int, int], ...], Tensor] = {}  # (id, dim) of the live parts -> join
     for index in range(count):
         group = [terms[index] for terms in batches]
         first = group[0]
@@ -334,8 +337,13 @@ def concat_terms(batches: Sequence[Sequence[Term]]) -> list[Term]:
                 f"Term {index} has different types across batches ({', '.join(kinds)}); the batches "
                 "must come from the same model, with the same engine routes."
             )
-        per_factor = zip(*(term.factors() for term in group), strict=True)
-        result.append(first.with_factors([_concat_padded(list(f)) for f in per_factor]))
+        tensors = []
+        for parts in zip(*(term.factors() for term in group), strict=True):
+            key = tuple((id(tensor), dim) for tensor, dim in parts)
+            if key not in joined:
+                joined[key] = _concat_padded(list(parts))
+            tensors.append(joined[key])
+        result.append(first.with_factors(tensors))
     return result
 
 

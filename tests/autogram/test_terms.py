@@ -190,3 +190,22 @@ def test_bias_fold_skips_materialized_weights_and_second_biases() -> None:
     assert gramians[0] is None and gramians[1] is not None and gramians[2] is not None
     with pytest.raises(ValueError, match="pairwise"):
         weight.gramian(with_bias=True)
+
+
+def test_concatenated_terms_keep_a_bias_folded_with_its_weight() -> None:
+    """Micro-batches (and ranks) are combined by concat_terms: a factor shared by a bias and its
+    weight stays one tensor, so the combined Gramian is computed as the whole batch's, bit for
+    bit (gradient accumulation must equal the whole-batch step exactly)."""
+    generator = torch.Generator().manual_seed(5)
+    whole_a = torch.randn(1, 6, 1, 8, generator=generator)
+    whole_b = torch.randn(6, 1, 10, generator=generator)
+    halves = [
+        [OuterTerm(a, b, (8, 10)), BiasTerm(a, (8,))]
+        for a, b in ((whole_a[:, :3].clone(), whole_b[:3]), (whole_a[:, 3:].clone(), whole_b[3:]))
+    ]
+    combined = concat_terms(halves)
+    assert isinstance(combined[1], BiasTerm) and isinstance(combined[0], OuterTerm)
+    assert combined[1].a is combined[0].a
+    assert term_gramians(combined)[1] is None
+    whole = [OuterTerm(whole_a, whole_b, (8, 10)), BiasTerm(whole_a, (8,))]
+    assert torch.equal(gramian_from_terms(combined, (6,), 0), gramian_from_terms(whole, (6,), 0))
