@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import replace
 
 import torch
@@ -51,7 +52,7 @@ class DistributedGramianPath(DistributedPath):
         if layout is None:
             return self.scalar_step(part)
         assert isinstance(part, TermsPart)
-        global_terms = _rebuild(part, gathered)
+        global_terms = _rebuild(part.terms, gathered)
         dtype = torch.promote_types(part.losses.dtype, torch.float32)
         weights = part.losses.new_zeros(layout.shape, dtype=dtype)
         gramian = weights.new_zeros(())
@@ -73,14 +74,17 @@ class DistributedGramianPath(DistributedPath):
     def _gather_factors(
         self, part: Part, kind: StepKind, losses: Tensor | None, agreed: bool
     ) -> tuple[list[Tensor], Layout | None]:
-        """Every rank's term factors, concatenated along instances, and the global layout.
+        """Every rank's distinct term factors, concatenated along instances, and the global
+        layout (a factor that several terms share, such as a bias's and its weight's output
+        gradients, travels once; :func:`_rebuild` shares it again).
 
         Raises :class:`_FormsDiffer` on every rank, before any factor moves, when the ranks' terms
         take different forms (``agreed``: after :meth:`_with_agreed_forms`, a ``ValueError``).
         """
         terms = part.terms if isinstance(part, TermsPart) else []
-        factors = [tensor for term in terms for tensor, _ in term.factors()]
-        dims = [dim for term in terms for _, dim in term.factors()]
+        factors, dims, slots = _distinct_factors(terms)
+        # The forms and the sharing must match between ranks for the factors to line up.
+        digest = zlib.crc32(repr(slots).encode(), forms_digest(terms))
         layouts: list[Layout | None] = []
 
         def check(headers: list[list[int]]) -> None:
@@ -95,7 +99,7 @@ class DistributedGramianPath(DistributedPath):
             )
 
         gathered = self.communicator.all_gather_padded(
-            factors, dims, header=header(kind, losses, forms_digest(terms)), check=check
+            factors, dims, header=header(kind, losses, digest), check=check
         )
         return gathered, layouts[0]
 
@@ -168,14 +172,31 @@ class DistributedGramianPath(DistributedPath):
         return StepRecord(global_losses.to(part.losses.dtype), weights)
 
 
-def _rebuild(part: TermsPart, gathered: list[Tensor]) -> list[Term]:
-    """The part's terms around the gathered (global) factors."""
-    remaining = iter(gathered)
-    terms = []
-    for term in part.terms:
-        count = len(term.factors())
-        terms.append(term.with_factors([next(remaining) for _ in range(count)]))
-    return terms
+def _distinct_factors(terms: list[Term]) -> tuple[list[Tensor], list[int], list[int]]:
+    """The terms' factor tensors with each distinct one once, their instance dims, and for every
+    factor of every term, in order, its position in that list."""
+    position: dict[tuple[int, int], int] = {}  # (id of a live factor, its dim) -> position
+    tensors: list[Tensor] = []
+    dims: list[int] = []
+    slots: list[int] = []
+    for term in terms:
+        for tensor, dim in term.factors():
+            key = (id(tensor), dim)
+            if key not in position:
+                position[key] = len(tensors)
+                tensors.append(tensor)
+                dims.append(dim)
+            slots.append(position[key])
+    return tensors, dims, slots
+
+
+def _rebuild(terms: list[Term], gathered: list[Tensor]) -> list[Term]:
+    """The terms around the gathered (global) factors, shared where the local ones were."""
+    _, _, slots = _distinct_factors(terms)
+    remaining = iter(slots)
+    return [
+        term.with_factors([gathered[next(remaining)] for _ in term.factors()]) for term in terms
+    ]
 
 
 class _FormsDiffer(Exception):

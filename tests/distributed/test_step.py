@@ -245,15 +245,14 @@ def test_losses_that_overflow_on_one_rank_without_a_scaler_are_skipped_by_every_
 def test_bytes_sent_per_step_are_the_factors_the_weights_and_one_gradient(two_ranks: Any) -> None:
     """Hand count for Linear(5, 6), LayerNorm(6), Linear(6, 1), 4 instances per rank, float64."""
     _, ranks = two_ranks
+    # A bias's term shares its weight's output gradients, which travel once.
     factors = (
         4 * 6
-        + 4 * 5
-        + 4 * 6  # first Linear: output gradients, inputs, bias rows
+        + 4 * 5  # first Linear: output gradients (weight and bias), inputs
         + 4 * 6
         + 4 * 6  # LayerNorm: weight rows, bias rows
         + 4 * 1
-        + 4 * 6
-        + 4 * 1  # last Linear
+        + 4 * 6  # last Linear
     )
     parameters = 5 * 6 + 6 + 6 + 6 + 6 + 1
     for rank in ranks:
