@@ -25,9 +25,8 @@ conjugate gradient runs with one matrix product ``S G`` per iteration for the wh
 float32 on corrections to the float64 residual (mixed-precision iterative refinement). The
 problem is first rescaled to a unit diagonal (``G → DGD``, ``u → D⁻¹u``, ``D = diag(G)^-½``,
 which changes no solution) and each row of ``U`` to unit size (``v(c u) = c v(u)`` for
-``c > 0``). A row is accepted only when its KKT residuals are below
-tolerance, so the result is exact to that tolerance or a ``RuntimeError`` says so; it never returns
-an unconverged row.
+``c > 0``). A row is accepted only when its KKT residuals are below tolerance, so the result is
+exact to that tolerance or a ``RuntimeError`` says so; it never returns an unconverged row.
 """
 
 from __future__ import annotations
