@@ -215,17 +215,20 @@ class _InnerSolver:
 
     Keeps what the rounds of one call share: the float32 copy of ``G`` for conjugate gradient
     (float64 once refinement stalls), ``H = G⁻¹`` (computed on first need, ``None`` if ``G`` is
-    not positive definite), and whether conjugate gradient is preconditioned by ``H_FF``: from
-    the first round whose conjugate gradient took more than ``_PRECONDITION_AFTER`` iterations
-    (an ill-conditioned ``G``; a well-conditioned one never pays for ``H``).
+    not positive definite), the direct routes' :class:`_Blocks` of ``G`` and ``H`` (built on
+    first need), and whether conjugate gradient is preconditioned by ``H_FF``: from the first
+    round whose conjugate gradient took more than ``_PRECONDITION_AFTER`` iterations (an
+    ill-conditioned ``G``; a well-conditioned one never pays for ``H``).
     """
 
     def __init__(self, gramian: Tensor, max_cg: int) -> None:
         self._gramian = gramian
         self._inner = gramian.to(torch.float32)
         self._max_cg = max_cg
+        self._direct_max = _direct_max_unknowns(gramian.shape[0])
         self._inverse: Tensor | None = None
         self._inverted = False
+        self._blocks: dict[str, _Blocks] = {}
         self._preconditioner: Tensor | None = None
 
     def use_float64(self) -> None:
@@ -245,6 +248,12 @@ class _InnerSolver:
             self._inverted = True
         return self._inverse
 
+    def blocks(self, name: str, matrix: Tensor) -> _Blocks:
+        """The :class:`_Blocks` of ``matrix`` (``"gramian"`` or ``"inverse"``), built once."""
+        if name not in self._blocks:
+            self._blocks[name] = _Blocks(matrix, self._direct_max)
+        return self._blocks[name]
+
     def solve(self, rhs: Tensor, free: Tensor) -> Tensor:
         """``x`` with ``G_FF x_F = rhs_F`` and ``x = 0`` off ``F``, for every row: exact (to
         round-off) when every row has few free variables or few active bounds, otherwise
@@ -256,13 +265,14 @@ class _InnerSolver:
         width = free.shape[1] + 1
         packed = free_count.amax() * width + (free.shape[1] - free_count.amin())
         largest_free, largest_fixed = divmod(int(packed.item()), width)
-        direct_max = _direct_max_unknowns(free.shape[1])
-        if largest_fixed < min(largest_free, direct_max + 1):
+        if largest_fixed < min(largest_free, self._direct_max + 1):
             inverse = self.inverse()
             if inverse is not None:
-                return _solve_through_inverse(inverse, rhs, free, largest_fixed)
-        if largest_free <= direct_max:
-            return _compact_cholesky_solve(self._gramian, rhs, free, largest_free)
+                blocks = self.blocks("inverse", inverse)
+                return _solve_through_inverse(inverse, blocks, rhs, free, largest_fixed)
+        if largest_free <= self._direct_max:
+            blocks = self.blocks("gramian", self._gramian)
+            return _compact_cholesky_solve(blocks, rhs, free, largest_free)
         # Conjugate gradient on H_AA instead would have to reduce its residual relative to rhs,
         # not to (H rhs)_A, far larger when G is ill-conditioned: measured slower at every m.
         solution, iterations = _masked_conjugate_gradient(
@@ -288,15 +298,16 @@ def _direct_max_unknowns(size: int) -> int:
 
 
 def _solve_through_inverse(
-    inverse: Tensor, rhs: Tensor, free: Tensor, largest_fixed: int
+    inverse: Tensor, blocks: _Blocks, rhs: Tensor, free: Tensor, largest_fixed: int
 ) -> Tensor:
-    """``x_F = (G_FF)⁻¹ rhs_F`` from ``H = G⁻¹`` and one system in ``H_AA`` (``A`` = not ``F``).
+    """``x_F = (G_FF)⁻¹ rhs_F`` from ``H = G⁻¹`` and one system in ``H_AA`` (``A`` = not ``F``;
+    ``blocks`` are ``H``'s).
 
     ``x = H (r + λ)`` with ``λ`` on ``A`` chosen so that ``x_A = 0``: ``H_AA λ_A = −(H r)_A``.
     """
     mask = free.to(inverse.dtype)
     through = torch.mm(rhs * mask, inverse)  # H is symmetric
-    multiplier = _compact_cholesky_solve(inverse, -through, ~free, largest_fixed)
+    multiplier = _compact_cholesky_solve(blocks, -through, ~free, largest_fixed)
     return (through + torch.mm(multiplier, inverse)) * mask
 
 
@@ -311,31 +322,47 @@ def _padded_cholesky_solve(gramian: Tensor, rhs: Tensor, free: Tensor) -> Tensor
     return _cholesky_solve_each(systems, rhs * mask) * mask
 
 
-def _compact_cholesky_solve(matrix: Tensor, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
+class _Blocks:
+    """``M`` with an identity block appended, ``[[M, 0], [0, I]]`` (``I`` of the direct routes'
+    largest size), built once per call: each row's principal block of ``M`` over its chosen
+    indices is then one gather, already padded with the identity (the padding slots point into
+    ``I``, one each), with no masking pass over ``[rows, k, k]``."""
+
+    def __init__(self, matrix: Tensor, most: int) -> None:
+        self.size, self.width = matrix.shape[0], matrix.shape[0] + most
+        augmented = matrix.new_zeros(self.width, self.width)
+        augmented[: self.size, : self.size] = matrix
+        augmented.diagonal()[self.size :] = 1.0
+        self.flat = augmented.reshape(-1)
+        # Flat positions in int32 where they fit, then index_select: 3x faster than take here.
+        self.positions = torch.int32 if self.width**2 < 2**31 else torch.int64
+
+    def gather(self, order: Tensor, valid: Tensor) -> Tensor:
+        """``[rows, k, k]``: the blocks over ``order`` (``[rows, k]``), identity where not
+        ``valid``."""
+        size = order.shape[1]
+        slots = torch.arange(self.size, self.size + size, device=order.device)
+        index = torch.where(valid, order, slots).to(self.positions)
+        flat = (index.unsqueeze(2) * self.width + index.unsqueeze(1)).reshape(-1)
+        return self.flat.index_select(0, flat).reshape(*order.shape, size)
+
+
+def _compact_cholesky_solve(blocks: _Blocks, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
     """Solves ``M_CC x_C = rhs_C`` (``x = 0`` off ``C``) for every row, ``|C| ≤ size``.
 
-    Each row's system is gathered into a ``size x size`` block (padded with the identity) and
-    factorised in one batched Cholesky. A row whose block is not positive definite (possible only
-    without regularisation) gets no correction, so it stalls visibly.
+    Each row's system is gathered from ``blocks`` (of ``M``) into a ``size x size`` block
+    (padded with the identity) and factorised in one batched Cholesky. A row whose block is not
+    positive definite (possible only without regularisation) gets no correction, so it stalls
+    visibly.
     """
     if size == 0:
         return torch.zeros_like(rhs)
     # ``size`` distinct indices per row, the chosen ones among them (in no particular order; topk
-    # costs a third of a stable argsort here). The others point into an identity block appended
-    # to the matrix, one slot each, so the gathered blocks come out padded with the identity.
+    # costs a third of a stable argsort here); the others pad the block.
     order = torch.topk(chosen.to(torch.uint8), size, dim=1, sorted=False).indices
     valid = torch.gather(chosen, 1, order)
-    n, width = matrix.shape[0], matrix.shape[0] + size
-    augmented = matrix.new_zeros(width, width)
-    augmented[:n, :n] = matrix
-    augmented.diagonal()[n:] = 1.0
-    # Flat positions in int32 where they fit, then index_select: 3x faster than take here.
-    positions = torch.int32 if width * width < 2**31 else torch.int64
-    slots = torch.arange(n, width, device=order.device)
-    index = torch.where(valid, order, slots).to(positions)
-    flat = (index.unsqueeze(2) * width + index.unsqueeze(1)).reshape(-1)
-    block = augmented.reshape(-1).index_select(0, flat).reshape(*order.shape, size)
-    mask = valid.to(matrix.dtype)
+    mask = valid.to(rhs.dtype)
+    block = blocks.gather(order, valid)
     compact = _cholesky_solve_each(block, torch.gather(rhs, 1, order) * mask)
     return torch.zeros_like(rhs).scatter_(1, order, compact * mask)
 

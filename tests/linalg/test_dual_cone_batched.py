@@ -348,9 +348,9 @@ def test_direct_routes_beyond_48_unknowns_are_exact(
     sizes: list[int] = []
     original = batched._compact_cholesky_solve
 
-    def spy(matrix: Tensor, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
+    def spy(blocks: object, rhs: Tensor, chosen: Tensor, size: int) -> Tensor:
         sizes.append(size)
-        return original(matrix, rhs, chosen, size)
+        return original(blocks, rhs, chosen, size)  # type: ignore[arg-type]
 
     monkeypatch.setattr(batched, "_compact_cholesky_solve", spy)
     gramian = correlated_gramian(size, kind, seed=seed)
