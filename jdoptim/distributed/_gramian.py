@@ -74,9 +74,9 @@ class DistributedGramianPath(DistributedPath):
     def _gather_factors(
         self, part: Part, kind: StepKind, losses: Tensor | None, agreed: bool
     ) -> tuple[list[Tensor], Layout | None]:
-        """Every rank's distinct term factors, concatenated along instances, and the global
-        layout (a factor that several terms share, such as a bias's and its weight's output
-        gradients, travels once; :func:`_rebuild` shares it again).
+        """Every rank's term factors, concatenated along instances, in the terms' order, and the
+        global layout. A factor that several terms share (a bias's and its weight's output
+        gradients) travels once, and its global tensor is shared by the same terms again.
 
         Raises :class:`_FormsDiffer` on every rank, before any factor moves, when the ranks' terms
         take different forms (``agreed``: after :meth:`_with_agreed_forms`, a ``ValueError``).
@@ -101,7 +101,7 @@ class DistributedGramianPath(DistributedPath):
         gathered = self.communicator.all_gather_padded(
             factors, dims, header=header(kind, losses, digest), check=check
         )
-        return gathered, layouts[0]
+        return [gathered[slot] for slot in slots], layouts[0]
 
     def _with_agreed_forms(self, part: TermsPart) -> TermsPart:
         """``part`` with per-row gradients for each parameter whose term form differs between
@@ -191,12 +191,9 @@ def _distinct_factors(terms: list[Term]) -> tuple[list[Tensor], list[int], list[
 
 
 def _rebuild(terms: list[Term], gathered: list[Tensor]) -> list[Term]:
-    """The terms around the gathered (global) factors, shared where the local ones were."""
-    _, _, slots = _distinct_factors(terms)
-    remaining = iter(slots)
-    return [
-        term.with_factors([gathered[next(remaining)] for _ in term.factors()]) for term in terms
-    ]
+    """The terms around the gathered (global) factors, given in the terms' order."""
+    remaining = iter(gathered)
+    return [term.with_factors([next(remaining) for _ in term.factors()]) for term in terms]
 
 
 class _FormsDiffer(Exception):

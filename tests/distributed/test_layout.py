@@ -53,7 +53,7 @@ def test_a_factor_shared_by_two_terms_travels_once_and_is_shared_again() -> None
     assert len(tensors) == 3 and tensors[0] is a and tensors[1] is b
     assert dims == [1, 0, 1] and slots == [0, 1, 0, 2]
     gathered = [torch.cat([t, t], dim=d) for t, d in zip(tensors, dims, strict=True)]
-    rebuilt = _rebuild(terms, gathered)
+    rebuilt = _rebuild(terms, [gathered[slot] for slot in slots])  # as _gather_factors gives them
     assert rebuilt[1].a is rebuilt[0].a  # type: ignore[attr-defined]
     assert rebuilt[2].a is not rebuilt[0].a  # type: ignore[attr-defined]
     assert term_gramians(rebuilt)[1] is None
