@@ -124,6 +124,9 @@ class _Walk:
         # operation the walk could not prove), and the nodes that produced them.
         self.poisoned: set[tuple[int, int]] = set()
         self.poisoned_nodes: set[int] = set()
+        # Each node's input-metadata shapes (the shapes of the tensors it outputs), read once:
+        # every consumer of a node needs them again.
+        self.shapes: dict[int, list[tuple[int, ...]]] = {}
 
     def proof(self) -> Proof:
         order = _post_order(self.root)
@@ -184,18 +187,22 @@ class _Walk:
         rule = _RULES.get(type(node).__name__)
         if rule is None or isinstance(node, BackwardCFunction):
             raise _Unproven  # no rule, or a custom autograd Function borrowing a builtin's name
-        outputs = [tuple(meta.shape) for meta in node._input_metadata]
+        outputs = self._shapes_of(node)
         positions: list[Position | None] = []
         for nr, shape in enumerate(outputs):
             stride = self._agreed((id(node), nr))
             positions.append(
                 None if stride is None else _required(_locate(shape, stride, self.batch))
             )
-        shapes = [
-            None if edge is None else tuple(edge[0]._input_metadata[edge[1]].shape)
-            for edge in children
-        ]
+        shapes = [None if edge is None else self._shapes_of(edge[0])[edge[1]] for edge in children]
         return shapes, rule(_Site(node, outputs, positions, shapes, self.batch))
+
+    def _shapes_of(self, node: Node) -> list[tuple[int, ...]]:
+        shapes = self.shapes.get(id(node))
+        if shapes is None:
+            shapes = [tuple(meta.shape) for meta in node._input_metadata]
+            self.shapes[id(node)] = shapes
+        return shapes
 
     def _poison(self, children: list[tuple[Node, int] | None]) -> None:
         for edge in children:
@@ -207,9 +214,10 @@ class _Walk:
         claimed = self.claims.get(key)
         if not claimed:
             return None
-        if any(stride != claimed[0] for stride in claimed):
+        first = claimed[0]
+        if len(claimed) > 1 and claimed.count(first) != len(claimed):
             raise _Unproven
-        return claimed[0]
+        return first
 
 
 def _edge_key(edge: tuple[Node, int]) -> tuple[int, int]:
