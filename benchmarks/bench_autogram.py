@@ -36,8 +36,14 @@ three more steps: the transient memory of a step, on top of the model and optimi
 to map every block of 16 KiB or more on its own (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave
 the resident set at once and the high-water mark follows live memory.
 
+On CUDA (``--device cuda``) every step ends with ``torch.cuda.synchronize()``, the default cases
+are the GPU targets' (batch 128, ResNet-18 with GroupNorm added), and the peak memory is measured in
+process: the growth of ``torch.cuda.max_memory_allocated`` over three steps, above what was
+allocated before them.
+
     python benchmarks/bench_autogram.py            # every model and batch size
     python benchmarks/bench_autogram.py --small    # MLP at batch 32 and the GRU: a quick run
+    python benchmarks/bench_autogram.py --device cuda
     python benchmarks/bench_autogram.py --methods sgd jd-upgrad func-upgrad --before /tmp/bp
 """
 
@@ -71,8 +77,8 @@ class Batches:
         generator = torch.Generator().manual_seed(1)
         self._batches = [
             (
-                x if i == 0 else torch.randn(x.shape, generator=generator),
-                torch.randint(0, 10, (x.shape[0],), generator=generator),
+                x if i == 0 else torch.randn(x.shape, generator=generator).to(x.device),
+                torch.randint(0, 10, (x.shape[0],), generator=generator).to(x.device),
             )
             for i in range(4)
         ]
@@ -108,6 +114,43 @@ class TransformerClassifier(nn.Module):
         return self.head(self.encoder(x).mean(dim=1))
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and a residual connection (a 1x1 projection when the
+    shape changes)."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(32, outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(32, outputs)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.GroupNorm(32, outputs)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18_gn() -> nn.Module:
+    """ResNet-18 for 3x32x32 images (a 3x3 stem, no max pool), GroupNorm instead of BatchNorm
+    (batch statistics would mix the instances): 11.2 M parameters."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+        nn.GroupNorm(32, 64),
+        nn.ReLU(),
+    ]
+    inputs = 64
+    for outputs, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [_BasicBlock(inputs, outputs, stride), _BasicBlock(outputs, outputs, 1)]
+        inputs = outputs
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers)
+
+
 def small_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1),
@@ -129,6 +172,11 @@ class Case:
     batch: int
 
     def build(self) -> tuple[nn.Module, Tensor]:
+        """The model and a first batch, on :data:`DEVICE`."""
+        model, x = self._build()
+        return model.to(DEVICE), x.to(DEVICE)
+
+    def _build(self) -> tuple[nn.Module, Tensor]:
         torch.manual_seed(0)
         if self.name == "mlp":
             model: nn.Module = nn.Sequential(
@@ -139,7 +187,11 @@ class Case:
             return small_cnn(), torch.randn(self.batch, 3, 32, 32)
         if self.name == "transformer":
             return TransformerClassifier(), torch.randn(self.batch, 32, 128)
-        return GRUClassifier(), torch.randn(self.batch, 32, 32)
+        if self.name == "resnet18-gn":
+            return resnet18_gn(), torch.randn(self.batch, 3, 32, 32)
+        if self.name == "gru":
+            return GRUClassifier(), torch.randn(self.batch, 32, 32)
+        raise ValueError(f"unknown model {self.name!r}: mlp, cnn, transformer, resnet18-gn or gru.")
 
 
 CASES = [
@@ -152,6 +204,18 @@ CASES = [
     Case("gru", 32),
 ]
 SMALL_CASES = [Case("mlp", 32), Case("gru", 32)]
+# On CUDA: the cases of the GPU targets (docs/performance.md).
+CUDA_CASES = [
+    Case("mlp", 32),
+    Case("mlp", 128),
+    Case("mlp", 512),
+    Case("cnn", 128),
+    Case("transformer", 128),
+    Case("resnet18-gn", 128),
+    Case("gru", 32),
+]
+# Where models and batches live (``--device``); steps are timed to the device's completion.
+DEVICE = torch.device("cpu")
 # A method whose warm-up step takes longer than this is timed once, not ``repeats`` times.
 SLOW_SECONDS = 2.0
 METHODS = [
@@ -195,6 +259,8 @@ def make_step(method: str, model: nn.Module, x: Tensor) -> Step:
     def on_the_next_batch() -> None:
         batches.advance()
         step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
 
     return on_the_next_batch
 
@@ -370,6 +436,24 @@ def time_case(case: Case, repeats: int) -> dict[str, float | str]:
     return result
 
 
+def cuda_peak_memory(case: Case, method: str) -> float | str:
+    """Peak CUDA memory growth (MiB) of three steps over what was allocated before them."""
+    try:
+        model, x = case.build()
+        step = make_step(method, model, x)
+        step()
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        for _ in range(3):
+            step()
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    except Exception:  # a rejected model is a result, not a crash
+        return "fails"
+    finally:
+        torch.cuda.empty_cache()
+
+
 def peak_memory(case: Case, method: str) -> float | str:
     """Peak memory growth (MiB) of three steps, measured in a fresh subprocess."""
     command = [sys.executable, __file__, "--memory-of", case.name, str(case.batch), method]
@@ -435,7 +519,10 @@ def main() -> None:
     parser.add_argument(
         "--before", default=None, help="a folder holding jdoptim_before: adds the before-* methods"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.before:
         sys.path.insert(0, args.before)
         os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -449,13 +536,16 @@ def main() -> None:
         name, batch, method = args.memory_of
         _measure_memory(name, int(batch), method)
         return
-    cases = SMALL_CASES if args.small else CASES
+    cases = SMALL_CASES if args.small else CUDA_CASES if DEVICE.type == "cuda" else CASES
     if args.cases:
         cases = [
             Case(name, int(batch)) for name, batch in (c.split(":") for c in args.cases.split(","))
         ]
     repeats = args.repeats or (3 if args.small else 9)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
+    print(
+        f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, repeats {repeats}"
+    )
     print("cells: step time / SGD step time [ / peak memory growth over 3 steps ]")
     print("| model | sgd | " + " | ".join(METHODS[1:]) + " |")
     print("|---" * (len(METHODS) + 1) + "|")
@@ -463,7 +553,8 @@ def main() -> None:
         memory: dict[str, float | str] = {}
         if args.no_timing:
             for method in METHODS:
-                memory[method] = peak_memory(case, method)
+                cuda = DEVICE.type == "cuda"
+                memory[method] = (cuda_peak_memory if cuda else peak_memory)(case, method)
             cells = [
                 f"{method}: {value if isinstance(value, str) else f'{value:.0f} MiB'}"
                 for method, value in memory.items()
@@ -471,7 +562,11 @@ def main() -> None:
             print(f"| {case.name} B={case.batch} | " + " | ".join(cells) + " |", flush=True)
             continue
         result = time_case(case, repeats)
-        if not args.no_memory and os.path.exists("/proc/self/clear_refs"):
+        if not args.no_memory and DEVICE.type == "cuda":
+            for method in METHODS:
+                if isinstance(result.get(method), float):
+                    memory[method] = cuda_peak_memory(case, method)
+        elif not args.no_memory and os.path.exists("/proc/self/clear_refs"):
             for method in METHODS:
                 if isinstance(result.get(method), float):
                     memory[method] = peak_memory(case, method)
