@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
 
 from jdoptim.aggregation import UPGradWeighting
 
@@ -140,8 +139,11 @@ def main() -> None:
         "active_set": synchronized(cold(UPGradWeighting(solver="active_set")), args.device),
         "auto": synchronized(cold(UPGradWeighting(solver="auto")), args.device),
         "auto-warm": synchronized(UPGradWeighting(solver="auto"), args.device),
-        "torchjd": synchronized(PeerUPGradWeighting(), args.device),
     }
+    if "torchjd" not in args.without:  # the peer is optional (the bench extra)
+        from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
+
+        solvers["torchjd"] = synchronized(PeerUPGradWeighting(), args.device)
     if args.before:
         sys.path.insert(0, args.before)
         earlier = importlib.import_module("jdoptim_before.aggregation").UPGradWeighting
@@ -149,7 +151,7 @@ def main() -> None:
         solvers["before"] = synchronized(cold(earlier()), args.device)
         solvers["before-warm"] = synchronized(earlier(), args.device)
     for name in args.without:
-        del solvers[name]
+        solvers.pop(name, None)
     print(f"device {args.device}, torch threads {args.threads}, {repeats} interleaved repeats")
     compared = [name for name in ("before", "torchjd", "quadprog") if name in solvers]
     if "before-warm" in solvers and "auto-warm" in solvers:
