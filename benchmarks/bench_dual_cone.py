@@ -140,10 +140,13 @@ def main() -> None:
         "auto": synchronized(cold(UPGradWeighting(solver="auto")), args.device),
         "auto-warm": synchronized(UPGradWeighting(solver="auto"), args.device),
     }
-    if "torchjd" not in args.without:  # the peer is optional (the bench extra)
-        from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
-
-        solvers["torchjd"] = synchronized(PeerUPGradWeighting(), args.device)
+    if "torchjd" not in args.without:
+        try:  # the peer is optional (the bench extra), and a GPU machine may lack it
+            from torchjd.aggregation import UPGradWeighting as PeerUPGradWeighting
+        except ImportError:
+            print("torchjd is not installed: its column is left out")
+        else:
+            solvers["torchjd"] = synchronized(PeerUPGradWeighting(), args.device)
     if args.before:
         sys.path.insert(0, args.before)
         earlier = importlib.import_module("jdoptim_before.aggregation").UPGradWeighting
