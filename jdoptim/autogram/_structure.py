@@ -124,17 +124,18 @@ class _Walk:
         # operation the walk could not prove), and the nodes that produced them.
         self.poisoned: set[tuple[int, int]] = set()
         self.poisoned_nodes: set[int] = set()
-        # Each node's input-metadata shapes (the shapes of the tensors it outputs), read once:
-        # every consumer of a node needs them again.
+        # Each node's inputs (``next_functions``) and input-metadata shapes (the shapes of the
+        # tensors it outputs), each read once: every pass, and every consumer, needs them again.
+        self.inputs: dict[int, tuple[tuple[Node | None, int], ...]] = {}
         self.shapes: dict[int, list[tuple[int, ...]]] = {}
 
     def proof(self) -> Proof:
-        order = _post_order(self.root)
+        order = _post_order(self.root, self.inputs)
         relevant: set[int] = set()  # nodes that reach a target
         needed: set[int] = set()  # nodes that reach an edge: where every failure is final
         consumers: dict[int, int] = {}
         for node in order:
-            for child, nr in node.next_functions:
+            for child, nr in self.inputs[id(node)]:
                 if child is not None:
                     consumers[id(child)] = consumers.get(id(child), 0) + 1
                     if id(child) in relevant or (id(child), nr) in self.targets:
@@ -159,7 +160,7 @@ class _Walk:
             (child, nr)
             if child is not None and (id(child) in relevant or (id(child), nr) in self.targets)
             else None
-            for child, nr in node.next_functions
+            for child, nr in self.inputs[id(node)]
         ]
         try:
             if id(node) in self.poisoned_nodes:
@@ -224,21 +225,21 @@ def _edge_key(edge: tuple[Node, int]) -> tuple[int, int]:
     return (id(edge[0]), edge[1])
 
 
-def _post_order(root: Node) -> list[Node]:
-    """Every node of the graph, each after all the nodes it reaches."""
+def _post_order(root: Node, inputs: dict[int, tuple[tuple[Node | None, int], ...]]) -> list[Node]:
+    """Every node of the graph, each after all the nodes it reaches; fills ``inputs`` with each
+    node's ``next_functions``."""
     order: list[Node] = []
-    seen: set[int] = set()
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
-        if id(node) in seen:
+        if id(node) in inputs:
             continue
-        seen.add(id(node))
+        children = inputs[id(node)] = node.next_functions
         stack.append((node, True))
-        stack.extend((child, False) for child, _ in node.next_functions if child is not None)
+        stack.extend((child, False) for child, _ in children if child is not None)
     return order
 
 
