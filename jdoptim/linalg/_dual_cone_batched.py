@@ -174,17 +174,19 @@ def _solve_lcp(
         s = s + correction.to(s.dtype) * mask
         multiplier = q + s @ gramian
         stationarity = (multiplier * mask).abs().amax(dim=1)
-        start = before.abs().amax(dim=1)
-        stalled = (stationarity > 0.1 * start) & (start > residual_tolerance)
-        if inner.in_float32 and bool(stalled.any()):
-            inner.use_float64()
+        if inner.in_float32 and inner.iterative:  # the direct routes are exact in float64
+            start = before.abs().amax(dim=1)
+            stalled = (stationarity > 0.1 * start) & (start > residual_tolerance)
+            if bool(stalled.any()):
+                inner.use_float64()
         wrong = (free & (s < -_SIGN_TOLERANCE)) | (~free & (multiplier < -_SIGN_TOLERANCE))
         wrong_count = wrong.sum(dim=1)
         accurate = stationarity <= residual_tolerance
         done = (wrong_count == 0) & accurate
-        if bool(done.any()):
-            slack[pending[done]] = s[done].clamp(min=0)
-            keep = ~done
+        finished_count = int(done.sum())
+        if finished_count > 0:
+            keep, finished = _split_rows(~done, done.numel() - finished_count)
+            slack[pending[finished]] = s[finished].clamp(min=0)
             pending, q, s, free, wrong = pending[keep], q[keep], s[keep], free[keep], wrong[keep]
             multiplier = multiplier[keep]
             best, backups, wrong_count = best[keep], backups[keep], wrong_count[keep]
@@ -230,6 +232,8 @@ class _InnerSolver:
         self._inverted = False
         self._blocks: dict[str, _Blocks] = {}
         self._preconditioner: Tensor | None = None
+        #: Whether the last round's systems were solved by conjugate gradient (approximately).
+        self.iterative = False
 
     def use_float64(self) -> None:
         """Conjugate gradient in float64 from now on (float32 is too coarse for ``G``)."""
@@ -258,6 +262,7 @@ class _InnerSolver:
         """``x`` with ``G_FF x_F = rhs_F`` and ``x = 0`` off ``F``, for every row: exact (to
         round-off) when every row has few free variables or few active bounds, otherwise
         approximate (conjugate gradient, reducing the residual by ``_INNER_REDUCTION``)."""
+        self.iterative = False
         if free.shape[1] <= _PADDED_MAX_SIZE:
             return _padded_cholesky_solve(self._gramian, rhs, free)
         free_count = free.sum(dim=1)
@@ -275,6 +280,7 @@ class _InnerSolver:
             return _compact_cholesky_solve(blocks, rhs, free, largest_free)
         # Conjugate gradient on H_AA instead would have to reduce its residual relative to rhs,
         # not to (H rhs)_A, far larger when G is ill-conditioned: measured slower at every m.
+        self.iterative = True
         solution, iterations = _masked_conjugate_gradient(
             self._inner, rhs, free, self._max_cg, self._preconditioner
         )
@@ -381,6 +387,14 @@ def _cholesky_solve_each(systems: Tensor, rhs: Tensor) -> Tensor:
     return torch.where((info == 0).unsqueeze(1), solution, 0.0)
 
 
+def _split_rows(keep: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    """The indices of the rows where ``keep`` holds (``kept`` of them, a count the host already
+    read) and of the others, each in order. Indexing by these costs no host synchronisation,
+    where indexing by the boolean mask itself would (its size must reach the host)."""
+    order = torch.argsort((~keep).to(torch.int8), stable=True)
+    return order[:kept], order[kept:]
+
+
 def _masked_conjugate_gradient(
     gramian: Tensor,
     rhs: Tensor,
@@ -418,16 +432,12 @@ def _masked_conjugate_gradient(
                 break
             # Dropping rows costs copies; drop them in bulk, and let the few in between iterate on.
             if 4 * (unconverged.numel() - remaining) >= unconverged.numel():
-                result[active[~unconverged]] = x[~unconverged]
-                active, x, r, p = (
-                    active[unconverged],
-                    x[unconverged],
-                    r[unconverged],
-                    p[unconverged],
-                )
-                rr, rz, mask = rr[unconverged], rz[unconverged], mask[unconverged]
-                threshold = threshold[unconverged]
-                zeros, infinite = zeros[unconverged], infinite[unconverged]
+                keep, converged = _split_rows(unconverged, remaining)
+                result[active[converged]] = x[converged]
+                active, x, r, p = active[keep], x[keep], r[keep], p[keep]
+                rr, rz, mask = rr[keep], rz[keep], mask[keep]
+                threshold = threshold[keep]
+                zeros, infinite = zeros[keep], infinite[keep]
         product = torch.mm(p, gramian).mul_(mask)
         curvature = (p * product).sum(dim=1, keepdim=True)
         # A singular G_FF (only without regularisation) stalls the row instead of making NaNs.

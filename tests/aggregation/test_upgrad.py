@@ -8,7 +8,7 @@ import torchjd.aggregation as peer
 from hypothesis import given, settings
 from torch import Tensor
 
-from benchmarks.count_ops import count, drifting_gramians
+from benchmarks.count_ops import MASK_INDEXING, count, drifting_gramians
 from jdoptim.aggregation import UPGrad, UPGradWeighting
 from tests.aggregation._jacobians import (
     gramian,
@@ -170,6 +170,28 @@ def test_active_set_solver_operation_counts(kind: str, size: int) -> None:
     for gramian_t in following:
         warm = count(weighting, gramian_t)
         assert warm.operations < cold.operations and warm.syncs <= cold.syncs
+
+
+def test_boolean_mask_indexing_counts_as_a_sync() -> None:
+    """``t[mask]`` and ``t[mask] = v`` run a ``nonzero`` inside the indexing kernel (the host must
+    learn the size), which a dispatch mode does not see: the counter counts them itself."""
+    values, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+
+    def by_mask() -> None:
+        values[mask] = values[mask] + 1
+
+    assert count(by_mask).syncs == 2
+    assert count(lambda: values[mask.nonzero().flatten()]).syncs == 1
+
+
+@pytest.mark.parametrize("kind", ["random", "low-rank", "near-duplicate"])
+def test_batched_solver_never_indexes_by_a_mask(kind: str) -> None:
+    """Rows leave the batched solver, and its conjugate gradient, at different rounds: they are
+    dropped through indices built from a count the host already read, never through boolean
+    masks (a hidden host synchronisation each; there were 13 to 200 per call)."""
+    for size in (40, 128):
+        counter = count(UPGradWeighting(solver="batched"), drifting_gramians(kind, size, 1)[0])
+        assert counter.counts[MASK_INDEXING] == 0
 
 
 def test_checkpoint_without_state_loads_as_a_cold_start() -> None:
