@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from benchmarks.bench_autogram import Case
-from benchmarks.count_ops import SYNC_OPS, OpCounter
+from benchmarks.count_ops import MASK_INDEXING, SYNC_OPS, OpCounter, indexes_by_mask
 
 HOST_READS = ("tolist", "numpy")
 
@@ -65,7 +65,10 @@ class PhaseCounter(OpCounter):  # type: ignore[no-untyped-call]
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        self.charge(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        self.charge(name)
+        if indexes_by_mask(name, args):
+            self.charge(MASK_INDEXING)
         return func(*args, **(kwargs or {}))
 
     def charge(self, name: str) -> None:
@@ -90,7 +93,7 @@ class PhaseCounter(OpCounter):  # type: ignore[no-untyped-call]
         """``{phase: (operations, host reads)}``."""
         return {
             label: (
-                sum(counts.values()),
+                sum(counts.values()) - counts[MASK_INDEXING],
                 sum(counts[name] for name in (*SYNC_OPS, *HOST_READS)),
             )
             for label, counts in self.by_phase.items()

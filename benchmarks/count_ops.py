@@ -54,7 +54,7 @@ class OpCounter(TorchDispatchMode):
     ) -> Any:
         name = func.overloadpacket.__name__
         self.counts[name] += 1
-        if name in _INDEXING and _has_mask(args[1]):
+        if indexes_by_mask(name, args):
             self.counts[MASK_INDEXING] += 1
         return func(*args, **(kwargs or {}))
 
@@ -67,11 +67,13 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts[name] for name in SYNC_OPS)
 
 
-def _has_mask(indices: Any) -> bool:
-    """Whether an indexing operation's indices hold a boolean (or uint8) mask."""
+def indexes_by_mask(name: str, args: tuple[Any, ...]) -> bool:
+    """Whether the operation ``name`` called with ``args`` indexes by a boolean (or uint8) mask."""
+    if name not in _INDEXING or len(args) < 2:
+        return False
+    indices = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
     return any(
-        isinstance(index, Tensor) and index.dtype in (torch.bool, torch.uint8)
-        for index in (indices if isinstance(indices, (list, tuple)) else [indices])
+        isinstance(index, Tensor) and index.dtype in (torch.bool, torch.uint8) for index in indices
     )
 
 
