@@ -23,9 +23,10 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Operations that make the host wait for the device: a copy of a value to the host, and the
-# operations whose output size depends on the data (the host must learn it to allocate), among
-# them indexing by a boolean mask (``t[mask]``, ``t[mask] = v``), which runs its ``nonzero`` inside
-# the indexing kernel, out of the counter's sight: it is counted under MASK_INDEXING.
+# operations whose output size depends on the data (the host must learn it to allocate): a
+# conversion to a sparse tensor (its number of entries), and indexing by a boolean mask
+# (``t[mask]``, ``t[mask] = v``), which runs its ``nonzero`` inside the indexing kernel, out of the
+# counter's sight: it is counted under MASK_INDEXING.
 MASK_INDEXING = "index (boolean mask)"
 SYNC_OPS = (
     "_local_scalar_dense",
@@ -33,6 +34,7 @@ SYNC_OPS = (
     "masked_select",
     "unique_dim",
     "_unique2",
+    "_to_sparse",
     MASK_INDEXING,
 )
 _INDEXING = ("index", "index_put", "index_put_", "_index_put_impl_")
