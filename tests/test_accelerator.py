@@ -41,33 +41,32 @@ def model_and_batch(name: str, batch: int) -> tuple[nn.Module, Tensor, Tensor]:
     return model.double(), inputs.double(), targets
 
 
-def on(device: torch.device, *items: nn.Module | Tensor) -> list[nn.Module | Tensor]:
-    return [copy.deepcopy(item).to(device) for item in items]
+def on_both(name: str, batch: int) -> list[tuple[nn.Module, Tensor, Tensor]]:
+    """The model and a batch (float64), once on the CPU and once on the device."""
+    model, inputs, targets = model_and_batch(name, batch)
+    return [
+        (copy.deepcopy(model).to(device), inputs.to(device), targets.to(device))
+        for device in (torch.device("cpu"), DEVICE)
+    ]
 
 
 @pytest.mark.parametrize(("name", "batch"), MODELS)
 def test_gramian_matches_the_cpu(name: str, batch: int) -> None:
-    model, inputs, targets = model_and_batch(name, batch)
     results = []
-    for device in (torch.device("cpu"), DEVICE):
-        here, x, y = on(device, model, inputs, targets)
-        assert isinstance(here, nn.Module)
-        gramian = Engine(here, batch_dim=0).compute_gramian(criterion(here(x), y))
-        assert gramian.device.type == device.type
+    for model, x, y in on_both(name, batch):
+        gramian = Engine(model, batch_dim=0).compute_gramian(criterion(model(x), y))
+        assert gramian.device == x.device
         results.append(gramian.cpu())
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(("name", "batch"), MODELS)
 def test_jdsgd_step_matches_the_cpu(name: str, batch: int) -> None:
-    model, inputs, targets = model_and_batch(name, batch)
     updated = []
-    for device in (torch.device("cpu"), DEVICE):
-        here, x, y = on(device, model, inputs, targets)
-        assert isinstance(here, nn.Module)
-        optimizer = JDSGD(here.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
-        optimizer.step(lambda here=here, x=x, y=y: criterion(here(x), y))
-        updated.append([p.detach().cpu() for p in here.parameters()])
+    for model, x, y in on_both(name, batch):
+        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+        optimizer.step(lambda model=model, x=x, y=y: criterion(model(x), y))
+        updated.append([p.detach().cpu() for p in model.parameters()])
     for on_device, on_cpu in zip(updated[1], updated[0], strict=True):
         torch.testing.assert_close(on_device, on_cpu, rtol=1e-8, atol=1e-10)
 
@@ -143,14 +142,12 @@ def test_loss_scaling_forms_agree() -> None:
 
 def test_optimizer_state_moves_between_devices() -> None:
     """A ``JDAdam`` checkpoint taken on the device resumes on the CPU, step for step."""
-    model, inputs, targets = model_and_batch("mlp", 6)
-    device_model, x, y = on(DEVICE, model, inputs, targets)
-    assert isinstance(device_model, nn.Module)
+    (cpu_model, inputs, targets), (device_model, x, y) = on_both("mlp", 6)
     optimizer = JDAdam(device_model.parameters(), lr=1e-3, weighting=UPGradWeighting(), batch_dim=0)
     optimizer.step(lambda: criterion(device_model(x), y))
     state = copy.deepcopy(optimizer.state_dict())  # as torch.save would: no shared tensors
 
-    cpu_model = copy.deepcopy(device_model).cpu()
+    cpu_model.load_state_dict(device_model.state_dict())
     resumed = JDAdam(cpu_model.parameters(), lr=1e-3, weighting=UPGradWeighting(), batch_dim=0)
     resumed.load_state_dict(state)
     for value in resumed.state.values():
