@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jdoptim.autogram import Engine
-from jdoptim.autogram._structure import _locate
+from jdoptim.autogram import Engine, _batched
+from jdoptim.autogram._structure import Proof, _locate, _Walk, prove
 from tests.autogram._reference import loop_gramian, relative_error
 from tests.autogram.conftest import Proofs
 
@@ -145,6 +145,37 @@ def test_standard_models_are_proven_without_probe_rows(name: str, proofs: Proofs
     _exact(engine, model, losses(model))
     assert proofs and all(p is not None and None not in p.strides for p in proofs)
     assert "exact" not in set(engine._last_routes.values())
+
+
+@pytest.mark.parametrize("name", list(STANDARD))
+def test_the_elementwise_shortcut_gives_the_general_proof(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Elementwise operations whose inputs have their output's shape pass the stride on without
+    their rule (``_Walk._passes_through``); the proof is the one the rules give."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, losses, batch_dim = STANDARD[name]()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    calls: list[tuple[object, ...]] = []
+    original = _batched.prove
+
+    def recording(*args: object) -> Proof | None:
+        calls.append(args)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_batched, "prove", recording)
+    engine = Engine(model, batch_dim=batch_dim)
+    engine.compute_gramian(losses(model))
+    shortcut = [prove(*args) for args in calls]  # type: ignore[arg-type]
+    monkeypatch.setattr(_Walk, "_passes_through", lambda self, node, children: False)
+    general = [prove(*args) for args in calls]  # type: ignore[arg-type]
+    assert shortcut and all(p is not None for p in shortcut)
+    for fast, slow in zip(shortcut, general, strict=True):
+        assert fast is not None and slow is not None
+        assert fast.strides == slow.strides and fast.consumers == slow.consumers
 
 
 Mix = Callable[[nn.Module, Tensor], Tensor]
