@@ -236,13 +236,20 @@ class _Exponents:
             self.owners.append(positions)
         device = next((t.device for t in floats), torch.device("cpu"))
         if floats:
+            # A tensor several terms share (a bias's output gradients and its weight's) is read
+            # once: ``slots[i]`` is factor i's place among the distinct tensors.
+            places: dict[int, int] = {}
+            slots = [places.setdefault(id(f), len(places)) for f in floats]
+            distinct = list({id(f): f for f in floats}.values())
             # max |f| as max(max f, -min f): no |f| temporary (and far faster on the CPU
             # than an infinity norm); two reductions per factor, the rest on the stacked values
             with torch.no_grad():
                 # (torch.stack promotes mixed dtypes; float64 holds every float32 exactly)
-                highest = torch.stack([f.amax() for f in floats]).double()
-                lowest = torch.stack([f.amin() for f in floats]).double()
+                highest = torch.stack([f.amax() for f in distinct]).double()
+                lowest = torch.stack([f.amin() for f in distinct]).double()
             largest = torch.maximum(highest, lowest.neg())
+            if len(distinct) < len(floats):
+                largest = largest[torch.tensor(slots).to(device, non_blocking=True)]
             self.per_factor = torch.frexp(largest).exponent.to(torch.int64)
         else:
             self.per_factor = torch.zeros(0, dtype=torch.int64, device=device)

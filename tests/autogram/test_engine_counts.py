@@ -57,15 +57,16 @@ def test_host_reads_per_call_do_not_grow_with_the_layers() -> None:
     }
     assert len(per_layer) == 1
     # Linear + ReLU: backward, terms, Gramians, factor ranges, sum ...
-    # 29 with a product of its own for each bias, 40 with the probe's rows and check, 56 before
-    # those were batched
-    assert per_layer.pop() <= 24
+    # 24 with the range of the output gradients read for the bias too, 29 with a product of its
+    # own for each bias, 40 with the probe's rows and check, 56 before those were batched
+    assert per_layer.pop() <= 22
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-@pytest.mark.parametrize(("name", "bound"), [("mlp", 103), ("cnn", 157), ("transformer", 539)])
+@pytest.mark.parametrize(("name", "bound"), [("mlp", 99), ("cnn", 151), ("transformer", 523)])
 def test_counts_of_the_benchmark_models(name: str, bound: int) -> None:
-    """``python -m benchmarks.count_gramian_ops`` at B = 32 (118, 167, 544 with a product of its own
+    """``python -m benchmarks.count_gramian_ops`` at B = 32 (103, 157, 539 with the range of a
+    factor shared by two terms read twice; 118, 167, 544 with a product of its own
     for each bias; 175, 236, 793 with the probe rows and
     two reads, the transformer 625 with its attention core replayed; 227, 305, 1079 before the
     probe rows were batched)."""
