@@ -164,10 +164,10 @@ def _solve_lcp(
         multiplier = q + s @ gramian
     best = free.sum(dim=1)
     backups = torch.full_like(best, _BACKUP_EXCHANGES)
-    indices = torch.arange(q.shape[1], device=q.device)
+    ranks = torch.arange(1, q.shape[1] + 1, device=q.device)  # Murty's rule: the largest wins
     residual_tolerance = _RESIDUAL_TOLERANCE * q.abs().amax(dim=1).clamp(min=1.0)
 
-    for _ in range(max_rounds):
+    for round_index in range(max_rounds):
         mask = free.to(q.dtype)
         before = -multiplier * mask
         correction = inner.solve(before, free)
@@ -179,7 +179,8 @@ def _solve_lcp(
             stalled = (stationarity > 0.1 * start) & (start > residual_tolerance)
             if bool(stalled.any()):
                 inner.use_float64()
-        wrong = (free & (s < -_SIGN_TOLERANCE)) | (~free & (multiplier < -_SIGN_TOLERANCE))
+        # A slack of F or a multiplier off F below zero.
+        wrong = torch.where(free, s, multiplier) < -_SIGN_TOLERANCE
         wrong_count = wrong.sum(dim=1)
         accurate = stationarity <= residual_tolerance
         done = (wrong_count == 0) & accurate
@@ -196,11 +197,14 @@ def _solve_lcp(
         progress = wrong_count < best
         best = torch.minimum(best, wrong_count)
         backups = torch.where(progress, _BACKUP_EXCHANGES, backups - (wrong_count > 0).long())
-        # Single exchanges (Murty's rule) need exact signs: until the solve is accurate, refine.
-        full_exchange = (backups >= 0)[:, None]
-        largest_wrong = (wrong * (indices + 1)).argmax(dim=1, keepdim=True)
-        single = torch.zeros_like(wrong).scatter_(1, largest_wrong, True) & wrong
-        swap = torch.where(full_exchange, wrong, single & accurate[:, None])
+        swap = wrong
+        # A row swaps singly only once it has gone _BACKUP_EXCHANGES + 1 rounds without progress.
+        if round_index >= _BACKUP_EXCHANGES:
+            # Single exchanges (Murty's rule) need exact signs: until the solve is accurate, refine.
+            full_exchange = (backups >= 0)[:, None]
+            largest_wrong = (wrong * ranks).argmax(dim=1, keepdim=True)
+            single = torch.zeros_like(wrong).scatter_(1, largest_wrong, True) & wrong
+            swap = torch.where(full_exchange, wrong, single & accurate[:, None])
         free = free ^ swap
         # Slacks of F stay as solved (clamping them would undo the refinement of a row that waits
         # for a single exchange); those leaving F drop to zero.
