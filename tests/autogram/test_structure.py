@@ -133,14 +133,19 @@ def _standard_cases() -> dict[str, Callable[[], Case]]:
 STANDARD = _standard_cases()
 
 
-@pytest.mark.parametrize("name", list(STANDARD))
-def test_standard_models_are_proven_without_probe_rows(name: str, proofs: Proofs) -> None:
+def _standard(name: str) -> Case:
+    """The standard case ``name``, built seeded and in float64."""
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float64)
     try:
-        model, losses, batch_dim = STANDARD[name]()
+        return STANDARD[name]()
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("name", list(STANDARD))
+def test_standard_models_are_proven_without_probe_rows(name: str, proofs: Proofs) -> None:
+    model, losses, batch_dim = _standard(name)
     engine = Engine(model, batch_dim=batch_dim)
     _exact(engine, model, losses(model))
     assert proofs and all(p is not None and None not in p.strides for p in proofs)
@@ -153,12 +158,7 @@ def test_the_elementwise_shortcut_gives_the_general_proof(
 ) -> None:
     """Elementwise operations whose inputs have their output's shape pass the stride on without
     their rule (``_Walk._passes_through``); the proof is the one the rules give."""
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.float64)
-    try:
-        model, losses, batch_dim = STANDARD[name]()
-    finally:
-        torch.set_default_dtype(torch.float32)
+    model, losses, batch_dim = _standard(name)
     calls: list[tuple[object, ...]] = []
     original = _batched.prove
 
