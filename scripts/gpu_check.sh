@@ -40,11 +40,11 @@ failed=0
 "$python" -c "import torch; print(torch.__version__, torch.cuda.is_available())" >> "$out/nvidia-smi.txt"
 
 echo "== tests marked cuda"
-timeout 200 "$python" -m pytest -m cuda -p no:cacheprovider tests/test_accelerator.py \
+timeout 180 "$python" -m pytest -m cuda -p no:cacheprovider tests/test_accelerator.py \
     tests/linalg/test_dual_cone_batched.py 2>&1 | tee "$out/cuda-tests.txt" | tail -3 || failed=1
 
 echo "== UPGrad weights on the device"
-timeout 150 "$python" benchmarks/bench_dual_cone.py --device "$device" --sizes "${sizes[@]}" \
+timeout 120 "$python" benchmarks/bench_dual_cone.py --device "$device" --sizes "${sizes[@]}" \
     --kinds "${kinds[@]}" --dtypes float32 --without auto-warm --repeats 5 --limit 5 2>&1 \
     | tee "$out/dual-cone.txt" | tail -3 || failed=1
 
