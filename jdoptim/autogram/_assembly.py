@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from jdoptim.autogram._terms import Term, term_gramians
+from jdoptim.autogram._terms import Term, distinct_factors, term_gramians
 from jdoptim.linalg import reshape_gramian
 
 
@@ -214,47 +214,44 @@ def _upcast(term: Term) -> Term:
 
 
 class _Exponents:
-    """Per floating factor of some terms, ``e`` with ``max |factor| = m 2^e``, ``m ∈ [0.5, 1)``.
+    """Per distinct floating factor of some terms, ``e`` with ``max |factor| = m 2^e``,
+    ``m ∈ [0.5, 1)``: a tensor several terms share (a bias's output gradients and its weight's) is
+    read once.
 
     ``per_term`` sums each term's factor exponents: the exponent of a bound on its per-row
     gradient entries. A few operations per factor, no host synchronisation.
     """
 
     def __init__(self, terms: Sequence[Term]) -> None:
-        self.owners: list[list[int | None]] = []
+        tensors, _, slots = distinct_factors(terms)
+        places: list[int | None] = []  # each distinct tensor's place among the floating ones
         floats: list[Tensor] = []
-        term_of: list[int] = []
-        for index, term in enumerate(terms):
-            positions: list[int | None] = []
-            for tensor, _ in term.factors():
-                if tensor.is_floating_point() and tensor.numel() > 0:
-                    positions.append(len(floats))
-                    floats.append(tensor)
-                    term_of.append(index)
-                else:
-                    positions.append(None)
-            self.owners.append(positions)
+        for tensor in tensors:
+            floating = tensor.is_floating_point() and tensor.numel() > 0
+            places.append(len(floats) if floating else None)
+            if floating:
+                floats.append(tensor)
+        occurrence = iter(slots)
+        self.owners = [[places[next(occurrence)] for _ in term.factors()] for term in terms]
         device = next((t.device for t in floats), torch.device("cpu"))
         if floats:
-            # A tensor several terms share (a bias's output gradients and its weight's) is read
-            # once: ``slots[i]`` is factor i's place among the distinct tensors.
-            places: dict[int, int] = {}
-            slots = [places.setdefault(id(f), len(places)) for f in floats]
-            distinct = list({id(f): f for f in floats}.values())
             # max |f| as max(max f, -min f): no |f| temporary (and far faster on the CPU
             # than an infinity norm); two reductions per factor, the rest on the stacked values
             with torch.no_grad():
                 # (torch.stack promotes mixed dtypes; float64 holds every float32 exactly)
-                highest = torch.stack([f.amax() for f in distinct]).double()
-                lowest = torch.stack([f.amin() for f in distinct]).double()
+                highest = torch.stack([f.amax() for f in floats]).double()
+                lowest = torch.stack([f.amin() for f in floats]).double()
             largest = torch.maximum(highest, lowest.neg())
-            if len(distinct) < len(floats):
-                largest = largest[torch.tensor(slots).to(device, non_blocking=True)]
             self.per_factor = torch.frexp(largest).exponent.to(torch.int64)
         else:
             self.per_factor = torch.zeros(0, dtype=torch.int64, device=device)
+        term_of = [i for i, owned in enumerate(self.owners) for place in owned if place is not None]
+        factor_of = [place for owned in self.owners for place in owned if place is not None]
+        per_use = self.per_factor
+        if len(factor_of) > len(floats):  # some factor serves several terms
+            per_use = per_use[torch.tensor(factor_of).to(device, non_blocking=True)]
         owner = torch.tensor(term_of, dtype=torch.int64).to(device, non_blocking=True)
-        self.per_term = self.per_factor.new_zeros(len(terms)).index_add_(0, owner, self.per_factor)
+        self.per_term = self.per_factor.new_zeros(len(terms)).index_add_(0, owner, per_use)
 
     def normalized(self, terms: Sequence[Term]) -> list[Term]:
         """The terms with each floating factor divided by ``2^e`` (exact)."""

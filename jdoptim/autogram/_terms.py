@@ -307,6 +307,25 @@ def _pairwise_kernel_gramian(a: Tensor, kernel: Tensor) -> Tensor:
     return products.sum(dim=(2, 5)).reshape(batch * tasks, batch * tasks)
 
 
+def distinct_factors(terms: Sequence[Term]) -> tuple[list[Tensor], list[int], list[int]]:
+    """The terms' factor tensors with each distinct one once (a tensor several terms share, such as
+    a bias's and its weight's output gradients, counts once), their instance dims, and for every
+    factor of every term, in order, its position in that list."""
+    position: dict[tuple[int, int], int] = {}  # (id of a live factor, its dim) -> position
+    tensors: list[Tensor] = []
+    dims: list[int] = []
+    slots: list[int] = []
+    for term in terms:
+        for tensor, dim in term.factors():
+            key = (id(tensor), dim)
+            if key not in position:
+                position[key] = len(tensors)
+                tensors.append(tensor)
+                dims.append(dim)
+            slots.append(position[key])
+    return tensors, dims, slots
+
+
 def concat_terms(batches: Sequence[Sequence[Term]]) -> list[Term]:
     """The terms of several batches concatenated along the instance dim (batch 0's first).
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from jdoptim.autogram import Term
+from jdoptim.autogram import Term, distinct_factors
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._layout import Layout, StepKind, form_code, forms_digest, header
 from jdoptim.distributed._path_base import (
@@ -82,7 +82,7 @@ class DistributedGramianPath(DistributedPath):
         take different forms (``agreed``: after :meth:`_with_agreed_forms`, a ``ValueError``).
         """
         terms = part.terms if isinstance(part, TermsPart) else []
-        factors, dims, slots = _distinct_factors(terms)
+        factors, dims, slots = distinct_factors(terms)
         # The forms and the sharing must match between ranks for the factors to line up.
         digest = zlib.crc32(repr(slots).encode(), forms_digest(terms))
         layouts: list[Layout | None] = []
@@ -170,24 +170,6 @@ class DistributedGramianPath(DistributedPath):
             torch.autograd.backward(part.graph_losses, local)
         self.reduce_grads(params)
         return StepRecord(global_losses.to(part.losses.dtype), weights)
-
-
-def _distinct_factors(terms: list[Term]) -> tuple[list[Tensor], list[int], list[int]]:
-    """The terms' factor tensors with each distinct one once, their instance dims, and for every
-    factor of every term, in order, its position in that list."""
-    position: dict[tuple[int, int], int] = {}  # (id of a live factor, its dim) -> position
-    tensors: list[Tensor] = []
-    dims: list[int] = []
-    slots: list[int] = []
-    for term in terms:
-        for tensor, dim in term.factors():
-            key = (id(tensor), dim)
-            if key not in position:
-                position[key] = len(tensors)
-                tensors.append(tensor)
-                dims.append(dim)
-            slots.append(position[key])
-    return tensors, dims, slots
 
 
 def _rebuild(terms: list[Term], gathered: list[Tensor]) -> list[Term]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jdoptim.autogram import Term, instance_major_order
+from jdoptim.autogram import Term, distinct_factors, instance_major_order
 from jdoptim.autogram._terms import BiasTerm, OuterTerm, term_gramians
-from jdoptim.distributed._gramian import _distinct_factors, _rebuild
+from jdoptim.distributed._gramian import _rebuild
 from jdoptim.distributed._layout import StepKind, header, layout_of, shapes_of
 
 
@@ -49,7 +49,7 @@ def test_a_factor_shared_by_two_terms_travels_once_and_is_shared_again() -> None
     process would."""
     a, b = torch.randn(1, 3, 1, 4), torch.randn(3, 1, 5)
     terms: list[Term] = [OuterTerm(a, b, (4, 5)), BiasTerm(a, (4,)), BiasTerm(a.clone(), (4,))]
-    tensors, dims, slots = _distinct_factors(terms)
+    tensors, dims, slots = distinct_factors(terms)
     assert len(tensors) == 3 and tensors[0] is a and tensors[1] is b
     assert dims == [1, 0, 1] and slots == [0, 1, 0, 2]
     gathered = [torch.cat([t, t], dim=d) for t, d in zip(tensors, dims, strict=True)]
