@@ -162,12 +162,15 @@ class _Walk:
             else None
             for child, nr in self.inputs[id(node)]
         ]
-        if id(node) not in self.poisoned_nodes and self._passes_through(node, children):
+        rule = None if isinstance(node, BackwardCFunction) else _RULES.get(type(node).__name__)
+        poisoned = id(node) in self.poisoned_nodes
+        if not poisoned and rule is _elementwise and self._passes_through(node, children):
             return
         try:
-            if id(node) in self.poisoned_nodes:
+            # No rule, or a custom autograd Function borrowing a builtin's name.
+            if poisoned or rule is None:
                 raise _Unproven
-            shapes, claims = self._claims(node, children)
+            shapes, claims = self._claims(node, rule, children)
         except _FAILURES:
             if id(node) in needed:
                 raise
@@ -184,12 +187,10 @@ class _Walk:
             self.claims.setdefault(_edge_key(edge), []).append(_stride(child_shape, *position))
 
     def _passes_through(self, node: Node, children: list[tuple[Node, int] | None]) -> bool:
-        """The common case on its own: an elementwise operation whose relevant inputs all have its
-        output's shape hands each of them the output's stride as it is (what :meth:`_claims` and
-        :func:`_elementwise` would give, without building the site). ``False``: not this case."""
-        rule = _RULES.get(type(node).__name__)
-        if rule is not _elementwise or isinstance(node, BackwardCFunction):
-            return False
+        """The common case of an elementwise operation on its own: when its relevant inputs all
+        have its output's shape, it hands each of them the output's stride as it is (what
+        :meth:`_claims` and :func:`_elementwise` would give, without building the site).
+        ``False``: not this case."""
         outputs = self._shapes_of(node)
         if len(outputs) != 1:
             return False
@@ -210,12 +211,9 @@ class _Walk:
         return True
 
     def _claims(
-        self, node: Node, children: list[tuple[Node, int] | None]
+        self, node: Node, rule: Rule, children: list[tuple[Node, int] | None]
     ) -> tuple[list[tuple[int, ...] | None], Claims]:
-        """The shapes of the relevant inputs and the positions the node's rule gives them."""
-        rule = _RULES.get(type(node).__name__)
-        if rule is None or isinstance(node, BackwardCFunction):
-            raise _Unproven  # no rule, or a custom autograd Function borrowing a builtin's name
+        """The shapes of the relevant inputs and the positions ``rule`` (the node's) gives them."""
         outputs = self._shapes_of(node)
         positions: list[Position | None] = []
         for nr, shape in enumerate(outputs):
