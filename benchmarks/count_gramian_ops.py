@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from benchmarks.bench_autogram import Case
-from benchmarks.count_ops import MASK_INDEXING, SYNC_OPS, OpCounter, indexes_by_mask
+from benchmarks.count_ops import MASK_INDEXING, SYNC_OPS, OpCounter
 
 HOST_READS = ("tolist", "numpy")
 
@@ -58,21 +58,8 @@ class PhaseCounter(OpCounter):  # type: ignore[no-untyped-call]
         self.by_phase: dict[str, Counter[str]] = {}
         self._reads = _HostReads(self)
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        name = func.overloadpacket.__name__
-        self.charge(name)
-        if indexes_by_mask(name, args):
-            self.charge(MASK_INDEXING)
-        return func(*args, **(kwargs or {}))
-
     def charge(self, name: str) -> None:
-        self.counts[name] += 1
+        super().charge(name)
         label = _labels[-1] if _labels else "other"
         self.by_phase.setdefault(label, Counter())[name] += 1
 

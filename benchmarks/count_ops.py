@@ -55,10 +55,14 @@ class OpCounter(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         name = func.overloadpacket.__name__
-        self.counts[name] += 1
+        self.charge(name)
         if indexes_by_mask(name, args):
-            self.counts[MASK_INDEXING] += 1
+            self.charge(MASK_INDEXING)
         return func(*args, **(kwargs or {}))
+
+    def charge(self, name: str) -> None:
+        """Counts one operation ``name`` (a subclass may also file it elsewhere)."""
+        self.counts[name] += 1
 
     @property
     def operations(self) -> int:
