@@ -436,6 +436,12 @@ def time_case(case: Case, repeats: int) -> dict[str, float | str]:
     return result
 
 
+def step_memory(case: Case, method: str) -> float | str:
+    """Peak memory growth (MiB) of three steps: in process on CUDA, in a fresh subprocess on the
+    CPU."""
+    return cuda_peak_memory(case, method) if DEVICE.type == "cuda" else peak_memory(case, method)
+
+
 def cuda_peak_memory(case: Case, method: str) -> float | str:
     """Peak CUDA memory growth (MiB) of three steps over what was allocated before them."""
     try:
@@ -553,8 +559,7 @@ def main() -> None:
         memory: dict[str, float | str] = {}
         if args.no_timing:
             for method in METHODS:
-                cuda = DEVICE.type == "cuda"
-                memory[method] = (cuda_peak_memory if cuda else peak_memory)(case, method)
+                memory[method] = step_memory(case, method)
             cells = [
                 f"{method}: {value if isinstance(value, str) else f'{value:.0f} MiB'}"
                 for method, value in memory.items()
@@ -562,14 +567,11 @@ def main() -> None:
             print(f"| {case.name} B={case.batch} | " + " | ".join(cells) + " |", flush=True)
             continue
         result = time_case(case, repeats)
-        if not args.no_memory and DEVICE.type == "cuda":
+        measurable = DEVICE.type == "cuda" or os.path.exists("/proc/self/clear_refs")
+        if not args.no_memory and measurable:
             for method in METHODS:
                 if isinstance(result.get(method), float):
-                    memory[method] = cuda_peak_memory(case, method)
-        elif not args.no_memory and os.path.exists("/proc/self/clear_refs"):
-            for method in METHODS:
-                if isinstance(result.get(method), float):
-                    memory[method] = peak_memory(case, method)
+                    memory[method] = step_memory(case, method)
         print(format_row(case, result, memory), flush=True)
 
 
