@@ -36,7 +36,6 @@ from jdoptim.paths._base import (
 from jdoptim.paths._method import PathKind
 from jdoptim.paths._record import StepRecord
 from jdoptim.paths._weights import (
-    check_gramian_finite,
     output_of,
     placeholder_gramian,
     wants_gramian,
@@ -143,7 +142,6 @@ class JacobianPath(Path):
                 weights = GramianWeightedAggregator(module).compute_weights(part.rows)
             else:
                 gramian = reshape_gramian(part.rows @ part.rows.T, tuple(part.losses.shape))
-                check_gramian_finite(gramian)
                 weights = weights_for(module, gramian)
             return weights.reshape(-1).to(part.rows.dtype) @ part.rows, weights
         aggregator = module if isinstance(module, Aggregator) else None

@@ -33,6 +33,19 @@ def weights_for(
     if instances:
         _start_cold(weighting)
     try:
+        return _weights_or_restart(weighting, gramian, instances)
+    except ValueError:
+        # Every weighting validates its input (one host read), a non-finite Gramian included:
+        # only a rejected one is examined again, to tell an overflow (NonFiniteGramianError, which
+        # a loss scaler skips) from a Gramian the weighting cannot take.
+        check_gramian_finite(gramian)
+        raise
+
+
+def _weights_or_restart(
+    weighting: Weighting | GeneralizedWeighting, gramian: Tensor, instances: bool
+) -> Tensor:
+    try:
         return _weights(weighting, gramian)
     except StateSizeError:
         if not instances or not isinstance(weighting, Stateful):
@@ -42,7 +55,7 @@ def weights_for(
             f"{weighting!r} kept state for another number of losses than the {losses} of this "
             "step. They are per instance (batch_dim is set), and per-instance state cannot carry "
             "over to a batch of another size (such as a smaller last batch): it starts afresh.",
-            stacklevel=2,
+            stacklevel=3,
         )
         weighting.reset()
         return _weights(weighting, gramian)
