@@ -182,7 +182,7 @@ class OuterTerm(Term):
         rows = self._rows
         if rows is not None:
             return (weights.reshape(-1).to(rows.dtype) @ rows).reshape(self.shape)
-        weighted = torch.einsum("tbsk,bt->bsk", self.a, weights.to(self.a.dtype))
+        weighted = _weighted_output_gradients(self.a, weights)
         k, d = weighted.shape[-1], self.b.shape[-1]
         return (weighted.reshape(-1, k).T @ self.b.reshape(-1, d)).reshape(self.shape)
 
@@ -210,7 +210,8 @@ class BiasTerm(Term):
     def rows(self) -> Tensor:
         """The per-row gradients ``[M, k]``, instance-major (summed once, then kept)."""
         if self._rows is None:
-            sums = self.a.sum(dim=2)  # [T, B, k]
+            # [T, B, k]; one position (a Linear on [B, d] inputs) needs no summing pass
+            sums = self.a.select(2, 0) if self.a.shape[2] == 1 else self.a.sum(dim=2)
             self._rows = sums.transpose(0, 1).reshape(-1, sums.shape[-1])
         return self._rows
 
@@ -281,7 +282,7 @@ class EmbeddingTerm(Term):
         return _pairwise_kernel_gramian(self.a, same_row)
 
     def weighted_grad(self, weights: Tensor) -> Tensor:
-        weighted = torch.einsum("tbsk,bt->bsk", self.a, weights.to(self.a.dtype))
+        weighted = _weighted_output_gradients(self.a, weights)
         rows = weighted.reshape(-1, self.shape[-1])
         if self.sparse:
             index = self.idx.reshape(1, -1)
@@ -293,6 +294,15 @@ class EmbeddingTerm(Term):
 
     def _factor_names(self) -> tuple[str, ...]:
         return ("a", "idx")
+
+
+def _weighted_output_gradients(a: Tensor, weights: Tensor) -> Tensor:
+    """``Σₜ w[b, t] a[t, b, s, k]``, ``[B, S, k]``: one product for a single task (the usual case),
+    where the general contraction costs several reshaping operations more."""
+    weights = weights.to(a.dtype)
+    if a.shape[0] == 1:
+        return a[0] * weights[:, :1, None]
+    return torch.einsum("tbsk,bt->bsk", a, weights)
 
 
 def _pairwise_kernel_gramian(a: Tensor, kernel: Tensor) -> Tensor:
