@@ -1,4 +1,4 @@
-"""Removing global module hooks without breaking a ``torch.compile`` that is under way.
+"""Removing module hooks without breaking a ``torch.compile`` that is under way.
 
 The optimizers put global module hooks on while they watch forward passes (the engine's discovery,
 DDP and ``fully_shard`` detection) and take them off when done, or when garbage collection drops
@@ -34,8 +34,9 @@ def guarded(hook: Callable[..., None]) -> tuple[Callable[..., None], Callable[[]
     return call, turn_off
 
 
-def remove_global_hook(handle: RemovableHandle) -> None:
-    """Removes a global module hook now, or after the compile under way (its hook must be inert)."""
+def remove_hook(handle: RemovableHandle) -> None:
+    """Removes a module hook, global or not, now, or after the compile under way (its hook must be
+    inert meanwhile): garbage collection may close an engine in the middle of a compile."""
     if compiling():
         _deferred.append(handle)
         return

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_global_hook
+from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_hook
 from jdoptim.autogram._assembly import (
     grad_from_terms,
     gramian_from_terms,
@@ -170,11 +170,11 @@ class Engine:
         Call it before building another engine on the same modules (or use the engine as a context
         manager), so that hooks do not pile up. Closing twice is harmless.
         """
+        self._closed = True  # the hooks go inert at once; a compile under way delays removal
         for handle in self._handles:
-            handle.remove()
+            remove_hook(handle)
         self._handles.clear()
         self._pending = None
-        self._closed = True
 
     def __enter__(self) -> Engine:
         return self
@@ -211,7 +211,7 @@ class Engine:
                 yield
         finally:
             turn_off()
-            remove_global_hook(handle)
+            remove_hook(handle)
 
     def _needs_hook(self, module: nn.Module) -> bool:
         return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
@@ -266,7 +266,7 @@ class Engine:
         return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
 
     def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if hooks_are_suspended():
+        if self._closed or hooks_are_suspended():
             return
         self._pending = None
         if _is_sparse_table(module):

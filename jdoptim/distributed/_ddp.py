@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_global_hook
+from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_hook
 
 
 def ddp_process_group(modules: Iterable[nn.Module] | None) -> dist.ProcessGroup | None:
@@ -55,6 +55,6 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
         yield
     finally:
         turn_off()
-        remove_global_hook(handle)
+        remove_hook(handle)
         for module, previous in silenced.values():
             module.require_backward_grad_sync = previous

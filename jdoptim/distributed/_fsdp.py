@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_global_hook
+from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_hook
 
 
 def is_fsdp(module: nn.Module) -> bool:
@@ -70,7 +70,7 @@ def watch_fsdp(on_fsdp: Callable[[nn.Module], None]) -> Iterator[None]:
         yield
     finally:
         turn_off()
-        remove_global_hook(handle)
+        remove_hook(handle)
 
 
 def sharded_model(root: nn.Module) -> tuple[ShardedModel, bool]:

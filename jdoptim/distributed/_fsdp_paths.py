@@ -198,6 +198,8 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
         super().__init__(local, model.group)
         self.model = model
         self._engine: Engine | None = None
+        # Closes the engine (its hooks leave the model) when replaced or when this is collected.
+        self._close_engine: weakref.finalize[[], Any] | None = None
         self._engine_key: tuple[int, ...] = ()
         self._watch = ExitStack()
 
@@ -209,10 +211,11 @@ class ShardedGramianPath(ShardedPath, DistributedGramianPath):
             return None
         if self._engine is None or key != self._engine_key:
             watching = self._engine is not None
-            if self._engine is not None:
+            if self._close_engine is not None:
                 self._watch.close()
-                self._engine.close()
+                self._close_engine()
             self._engine = Engine(batch_dim=self.local.batch_dim, parameters=unsharded)
+            self._close_engine = weakref.finalize(self, self._engine.close)
             self._engine_key = key
             if watching:
                 self._watch.enter_context(self._engine.capture())

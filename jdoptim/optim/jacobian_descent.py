@@ -157,6 +157,8 @@ class JacobianDescent(Optimizer):
         self.parallel_chunk_size = parallel_chunk_size
         self.grad_scaler = grad_scaler
         self._engine: Engine | None = None
+        # Closes the engine (its hooks leave the model) when replaced or when this is collected.
+        self._close_engine: weakref.finalize[[], Any] | None = None
         self._engine_key: tuple[int, ...] = ()
         self._steps = 0
         self.last_step: StepRecord | None = None
@@ -503,13 +505,14 @@ class JacobianDescent(Optimizer):
         params = self.params()
         key = tuple(id(p) for p in params)
         if self._engine is None or key != self._engine_key:
-            if self._engine is not None:
+            if self._close_engine is not None:
                 self._path.stop_watching()
-                self._engine.close()
+                self._close_engine()
             if self._modules is not None:
                 self._engine = Engine(*self._modules, batch_dim=self.batch_dim)
             else:
                 self._engine = Engine(batch_dim=self.batch_dim, parameters=params)
+            self._close_engine = weakref.finalize(self, self._engine.close)
             self._engine_key = key
         return self._engine
 

@@ -392,6 +392,43 @@ def test_a_collection_during_a_compile_leaves_torchs_hook_table_alone(
     assert not added & set(nn.modules.module._global_forward_hooks)
 
 
+def _module_hooks(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def test_a_collected_optimizer_takes_its_engines_hooks_off_the_model() -> None:
+    """The engine's hooks on the layers hold the engine, not the optimizer: without a finalizer
+    they stayed on the model, recording every forward pass, one more set per optimizer built."""
+    model, inputs, targets = regression_problem(steps=1)
+    for _ in range(3):
+        optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+        assert _module_hooks(model) > 0
+        del optimizer
+        gc.collect()
+        assert _module_hooks(model) == 0
+
+
+def test_a_collection_during_a_compile_leaves_the_engines_hooks_inert_until_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    engine = optimizer._engine
+    assert engine is not None
+    monkeypatch.setattr(global_hooks, "compiling", lambda: True)
+    del optimizer
+    gc.collect()
+    hooks = _module_hooks(model)
+    assert hooks > 0 and engine.closed
+    model(inputs[0])  # the hooks left until the compile ends record nothing
+    assert engine._pending is None
+    monkeypatch.setattr(global_hooks, "compiling", lambda: False)
+    global_hooks.remove_deferred_hooks()
+    assert _module_hooks(model) == 0
+
+
 def test_compiling_is_true_exactly_while_dynamo_compiles() -> None:
     seen: list[bool] = []
 
