@@ -32,6 +32,7 @@ from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
 from jdoptim.optim._delegation import inner_or, set_inner_or
+from jdoptim.optim._loss_scale import grad_scaler_scale
 from jdoptim.optim._state import (
     JD_STATE_KEY,
     check_groups_match,
@@ -312,6 +313,8 @@ class JacobianDescent(Optimizer):
                 if self.grad_scaler is None:
                     raise
                 overflowed = check_losses(first_result, self._multi_task, finite=False)[0]
+                # The scaler must have a scale to back off, even on a first step that overflows.
+                self._loss_scale(overflowed)
             else:
                 scale = self._loss_scale(losses)
         if overflowed is not None:
@@ -352,8 +355,10 @@ class JacobianDescent(Optimizer):
 
         The engine must see the forward pass: with ``modules=`` it always does; otherwise it
         watches module calls from the optimizer's construction on (a forward run before the
-        optimizer was built takes an exact but slower route). With a ``GradScaler``, pass ``scaler.scale(losses)``; an overflowing step
-        leaves non-finite ``.grad`` for the scaler to skip. As with ``loss.backward()``, each losses
+        optimizer was built takes an exact but slower route). With a ``GradScaler``, pass
+        ``scaler.scale(losses)``: the weights are computed on the unscaled losses (recognised in their
+        graph, or from ``grad_scaler=``), and an overflowing step leaves non-finite ``.grad`` for the
+        scaler to skip. As with ``loss.backward()``, each losses
         tensor can be given once (a second time raises). Returns :attr:`last_step`.
         """
         given = losses if features is None else (losses, features)
@@ -364,6 +369,7 @@ class JacobianDescent(Optimizer):
         except NonFiniteLossesError:
             # Under a GradScaler this is an overflow to skip: non-finite .grad, and step() refuses.
             overflowed = check_losses(given, self._multi_task, finite=False)[0]
+            self._loss_scale(overflowed)  # a scaler given, it has a scale to back off
             self._path.begin()
             self._path.overflowed(overflowed)  # across ranks: every rank skips this step
             self._window.clear()
@@ -379,6 +385,8 @@ class JacobianDescent(Optimizer):
         if window.interrupted(params):
             window.open(params)
         scale = self._loss_scale(losses)
+        if self.grad_scaler is None:
+            scale = grad_scaler_scale(losses) or scale  # losses from scaler.scale(...)
         unscaled = losses / scale if scale != 1.0 else losses
         saved_method_state = self._method.module.state_dict()
         with _full_precision(losses):

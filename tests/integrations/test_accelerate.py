@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from jdoptim.aggregation import UPGradWeighting
+from jdoptim.aggregation import NashMTLWeighting, UPGradWeighting
 from jdoptim.optim import JDSGD
 from jdoptim.paths import StepRecord
 from tests.integrations._problem import (
@@ -153,6 +153,26 @@ def test_loss_scaling_with_the_accelerator_grad_scaler() -> None:
         optimizer.zero_grad()
     assert max_difference(net, by_hand) == 0.0
     assert max_difference(net, make_net()) > 1e-3
+
+
+def test_loss_scaling_leaves_a_scale_dependent_weighting_unchanged() -> None:
+    """NashMTL's weights depend on the losses' scale: the optimizer weighs the losses the
+    accelerator's scaler scaled as unscaled (it used to step 2^10 times too short here)."""
+    data = make_data()
+    scaled, plain = make_net(), make_net()
+    for net, scaler in ((scaled, torch.amp.GradScaler("cpu", init_scale=2.0**10)), (plain, None)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = accelerate.Accelerator(cpu=True)
+        accelerator.scaler = scaler
+        optimizer = JDSGD(net.parameters(), lr=0.1, weighting=NashMTLWeighting(), batch_dim=0)
+        model, optimizer, loaded = accelerator.prepare(net, optimizer, loader(*data))
+        for x, y in loaded:
+            backward(accelerator, optimizer, instance_losses(model, x, y))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert max_difference(scaled, plain) < 1e-6
+    assert max_difference(scaled, make_net()) > 1e-3
 
 
 def test_a_torch_optimizer_is_refused_with_a_clear_error() -> None:

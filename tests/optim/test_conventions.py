@@ -21,9 +21,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from jdoptim import _global_hooks as global_hooks
-from jdoptim.aggregation import UPGradWeighting
+from jdoptim.aggregation import NashMTLWeighting, UPGradWeighting
 from jdoptim.autogram import Engine
 from jdoptim.optim import JDSGD, JDAdam
+from jdoptim.optim._loss_scale import grad_scaler_scale
 from tests.optim._models import (
     EMAWeighting,
     assert_same_params,
@@ -325,6 +326,55 @@ def test_backward_then_step_under_a_grad_scaler_skips_an_overflow() -> None:
     assert scaler.get_scale() == scale / 2
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     step()
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_backward_weighs_the_losses_a_grad_scaler_scaled_as_unscaled() -> None:
+    """NashMTL's weights fall as the losses grow: weighing scaler.scale(losses) as given made the
+    step 2^10 times too small once the scaler unscaled .grad. The optimizer recognises the scale in
+    the losses' graph and weighs losses / s, as it does with grad_scaler=."""
+    results = []
+    for scaled in (False, True):
+        model, inputs, targets = regression_problem(steps=2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=NashMTLWeighting(), batch_dim=0)
+        for x, y in zip(inputs, targets, strict=True):
+            optimizer.zero_grad()
+            losses = per_instance_losses(model, x, y)
+            if scaled:
+                optimizer.backward(scaler.scale(losses))
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.backward(losses)
+                optimizer.step()
+        results.append(model)
+    assert_same_params(results[1], results[0], atol=1e-6)
+
+
+def test_only_a_grad_scalers_kind_of_factor_is_taken_for_a_loss_scale() -> None:
+    losses = torch.rand(4, requires_grad=True) + 1
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    assert grad_scaler_scale(scaler.scale(losses)) == 2.0**12
+    assert grad_scaler_scale(losses * torch.tensor(2.0**12)) == 2.0**12  # indistinguishable
+    assert grad_scaler_scale(losses * torch.tensor(3.0)) is None  # not a power of two
+    assert grad_scaler_scale(losses * 4.0) is None  # a Python number, not a scaler's tensor
+    assert grad_scaler_scale(losses * torch.tensor(4.0, dtype=torch.float64)) is None
+    assert grad_scaler_scale(losses * torch.tensor(4.0, requires_grad=True)) is None
+    assert grad_scaler_scale(losses * torch.full((4,), 4.0)) is None
+    assert grad_scaler_scale(losses.detach()) is None
+
+
+def test_a_first_step_whose_losses_overflow_is_skipped_under_a_grad_scaler() -> None:
+    """The scaler had no scale yet (scale() never ran), and its step() failed on the skip."""
+    model, inputs, targets = regression_problem(steps=1)
+    params = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler)
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]) * float("inf"))
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
     assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
 
 
