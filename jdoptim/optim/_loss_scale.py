@@ -23,8 +23,8 @@ def grad_scaler_scale(losses: Tensor) -> float | None:
     if node is None or node.name() != "MulBackward0":
         return None
     try:
-        factor = node._saved_other  # the right operand of x * s
-    except (AttributeError, RuntimeError):  # not saved, or freed by a backward
+        factor = getattr(node, "_saved_other", None)  # the right operand of x * s
+    except RuntimeError:  # freed by a backward
         return None
     if (
         not isinstance(factor, Tensor)
