@@ -236,7 +236,9 @@ class JacobianDescent(Optimizer):
         ``step(closure)``: the closure returns the losses (``(losses, features)`` in multi-task
         mode) and is called under ``torch.enable_grad()``. The ``.grad`` the update uses is the
         direction of these losses only: whatever the closure left in ``.grad`` (a forgotten
-        ``zero_grad``, its own ``backward``) is discarded. With a cross-Gramian weighting the
+        ``zero_grad``, its own ``backward``) is discarded; a closure whose own ``backward`` freed
+        the losses' graph is a ``ValueError``, except torch's closure on a scalar loss, which
+        updates from the gradient it computed. With a cross-Gramian weighting the
         closure is called three times per step and must draw the next batch at each call. A
         closure that calls ``optimizer.backward(losses)`` itself (as a trainer's does), or returns
         ``None`` after such a call, makes the step update from that ``.grad``. Returns the losses.
@@ -264,8 +266,20 @@ class JacobianDescent(Optimizer):
                 # after backward() filled .grad: update from .grad, as torch optimizers do.
                 self._step_from_grad()
                 return None if self.last_step is None else self.last_step.losses
-            self._discard_closure_grads(params, saved_grads)
-            record = self._run(result, closure)
+            backpropagated = _grads_changed(params, saved_grads)
+            if backpropagated and isinstance(result, Tensor) and result.ndim == 0:
+                # torch's closure (loss.backward(); return loss): the step of one loss is its
+                # gradient, which .grad holds; its graph is gone, so nothing else could be done.
+                self._warn_once("scalar-closure-backward", _SCALAR_CLOSURE_BACKWARD)
+                self._step_from_grad(warn=False)
+                return result.detach()
+            self._discard_closure_grads(params, backpropagated)
+            try:
+                record = self._run(result, closure)
+            except RuntimeError as error:
+                if backpropagated and "freed" in str(error):
+                    raise ValueError(_CLOSURE_FREED_GRAPH) from error
+                raise
         except BaseException:
             self._method.module.load_state_dict(saved_method_state)
             for param, grad in zip(params, saved_grads, strict=True):
@@ -328,10 +342,7 @@ class JacobianDescent(Optimizer):
                 raise
             return self._skip_step(losses)
 
-    def _discard_closure_grads(self, params: list[Tensor], before: list[Tensor | None]) -> None:
-        changed = any(
-            p.grad is not None and p.grad is not g for p, g in zip(params, before, strict=True)
-        )
+    def _discard_closure_grads(self, params: list[Tensor], changed: bool) -> None:
         if changed:
             self._warn_once(
                 "closure-backward",
@@ -417,7 +428,7 @@ class JacobianDescent(Optimizer):
         self.last_step = record
         return record
 
-    def _step_from_grad(self) -> None:
+    def _step_from_grad(self, *, warn: bool = True) -> None:
         window = self._window
         if not window.finite:
             raise ValueError(
@@ -426,7 +437,7 @@ class JacobianDescent(Optimizer):
                 "(scaler.step(optimizer)), which skips such steps and lowers the scale."
             )
         if not window.parts:
-            if any(p.grad is not None for p in self.params()) and any(
+            if warn and any(p.grad is not None for p in self.params()) and any(
                 g.get("lr", 1) != 0 for g in self.param_groups
             ):
                 self._warn_once(
@@ -642,6 +653,22 @@ def _full_precision(like: Tensor | None) -> AbstractContextManager[Any]:
     if like is None:  # a failed closure on this rank: nothing runs but the exchanges
         return nullcontext()
     return torch.autocast(like.device.type, enabled=False)
+
+
+_SCALAR_CLOSURE_BACKWARD = (
+    "The closure called backward() on a scalar loss itself (torch's closure convention): "
+    "step(closure) updates from that gradient, a plain gradient step. For Jacobian descent, return "
+    "one loss per instance or per task without calling backward."
+)
+_CLOSURE_FREED_GRAPH = (
+    "The closure called backward() on its losses itself, which freed their graph, so step(closure) "
+    "cannot differentiate them by Jacobian descent. Return the losses without calling backward "
+    "(step(closure) computes .grad from them), or call optimizer.backward(losses) in the closure."
+)
+
+
+def _grads_changed(params: list[Tensor], before: list[Tensor | None]) -> bool:
+    return any(p.grad is not None and p.grad is not g for p, g in zip(params, before, strict=True))
 
 
 def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:

@@ -340,6 +340,56 @@ def test_grad_scaler_step_matches_the_unscaled_step() -> None:
     assert_same_params(model, reference, atol=1e-10)
 
 
+def test_a_closure_that_backpropagates_its_losses_itself() -> None:
+    """Its gradients are discarded (with a warning) while the graph lives; once its backward freed
+    the graph, a ValueError says what to do (it was the engine's error about compute_gramian)."""
+    model, inputs, targets = regression_problem(steps=1)
+    reference = clone_model(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+
+    def retaining() -> Tensor:
+        losses = per_instance_losses(model, inputs[0], targets[0])
+        losses.mean().backward(retain_graph=True)
+        return losses
+
+    with pytest.warns(UserWarning, match="computed gradients itself"):
+        optimizer.step(retaining)
+    run_jd(JDSGD(reference.parameters(), lr=0.1, batch_dim=0), reference, inputs, targets)
+    assert_same_params(model, reference, atol=1e-12)
+
+    def freeing() -> Tensor:
+        optimizer.zero_grad()
+        losses = per_instance_losses(model, inputs[0], targets[0])
+        losses.mean().backward()
+        return losses
+
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="freed their graph"):
+        optimizer.step(freeing)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_torchs_closure_on_a_scalar_loss_steps_from_its_gradient() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    reference = clone_model(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = per_instance_losses(model, inputs[0], targets[0]).mean()
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="scalar loss itself"):
+        returned = optimizer.step(closure)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    loss = per_instance_losses(reference, inputs[0], targets[0]).mean()
+    loss.backward()
+    sgd.step()
+    assert returned is not None and torch.equal(returned, loss.detach())
+    assert_same_params(model, reference, atol=0.0)
+
+
 # --- failures leave everything as it was ---------------------------------------------------------
 
 
