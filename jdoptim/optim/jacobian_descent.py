@@ -135,6 +135,13 @@ class JacobianDescent(Optimizer):
             isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
         ):
             raise TypeError(f"batch_dim must be an int or None, got {type(batch_dim).__name__}.")
+        if grad_scaler is not None and not all(
+            callable(getattr(grad_scaler, name, None))
+            for name in ("scale", "unscale_", "step", "update", "is_enabled")
+        ):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
+            )
         self._method = resolve_method(weighting, aggregator, scalarizer)
         self._modules = None if modules is None else _as_module_list(modules)
         shared = None if shared_params is None else list(shared_params)
@@ -437,8 +444,10 @@ class JacobianDescent(Optimizer):
                 "(scaler.step(optimizer)), which skips such steps and lowers the scale."
             )
         if not window.parts:
-            if warn and any(p.grad is not None for p in self.params()) and any(
-                g.get("lr", 1) != 0 for g in self.param_groups
+            if (
+                warn
+                and any(p.grad is not None for p in self.params())
+                and any(g.get("lr", 1) != 0 for g in self.param_groups)
             ):
                 self._warn_once(
                     "no-backward",

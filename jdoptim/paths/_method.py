@@ -59,6 +59,11 @@ def resolve_method(
             "to combine the losses)."
         )
     if scalarizer is not None:
+        if isinstance(scalarizer, Weighting | GeneralizedWeighting | Aggregator):
+            kind = "aggregator" if isinstance(scalarizer, Aggregator) else "weighting"
+            raise TypeError(
+                f"scalarizer= got {type(scalarizer).__name__}, a {kind}: pass it as {kind}=."
+            )
         if not isinstance(scalarizer, nn.Module) or not callable(scalarizer):
             raise TypeError(f"scalarizer must be a Scalarizer module, got {scalarizer!r}.")
         return Method(scalarizer, PathKind.SCALARIZER)

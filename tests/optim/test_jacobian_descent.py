@@ -449,6 +449,12 @@ def test_bad_arguments_are_rejected() -> None:
         JDSGD(model.parameters(), modules=model[0])
     with pytest.raises(ValueError, match="lacks"):  # another kind of optimizer's state
         JDSGD(model.parameters()).load_state_dict(Adam(model.parameters()).state_dict())
+    with pytest.raises(TypeError, match="pass it as weighting="):
+        JDSGD(model.parameters(), scalarizer=MeanWeighting())
+    with pytest.raises(TypeError, match="pass it as aggregator="):
+        JDSGD(model.parameters(), scalarizer=Mean())
+    with pytest.raises(TypeError, match="GradScaler, got bool"):
+        JDSGD(model.parameters(), grad_scaler=True)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("modules", [True, False], ids=["modules=", "discovered"])
