@@ -252,8 +252,11 @@ class BatchedPass:
         raise ValueError(
             f"output has batch size {self.batch} along batch_dim={self.batch_dim} (shape "
             f"{self.shape}), but no covered module processed a batch of that size (their outputs "
-            f"have shapes such as {shapes}). Check batch_dim, or that output comes from this "
-            "forward pass."
+            f"have shapes such as {shapes}). Check batch_dim, and that output comes from one "
+            "forward pass of the whole batch: losses concatenated from several forward passes, "
+            "or a slice of one pass's losses, are not one batch of instances (run one forward "
+            "pass on the concatenated inputs, or use batch_dim=None, which treats every loss as "
+            "its own objective)."
         )
 
     def _closed_form_terms(
