@@ -163,7 +163,6 @@ def install_labels() -> None:
         for name in ("gramian_from_terms", "scaled_gramian_from_terms", "jacobian_scale"):
             if hasattr(module, name):
                 _wrap(module, name, lambda *a, **k: "assembly")
-    _wrap(gramian_path, "check_gramian_finite", lambda *a, **k: "assembly")
     _wrap(gramian_path, "weights_for", lambda *a, **k: "weighting")
 
 
