@@ -31,7 +31,7 @@ from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggreg
 from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
-from jdoptim.optim._delegation import inner_or, set_inner_or
+from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or
 from jdoptim.optim._loss_scale import grad_scaler_scale
 from jdoptim.optim._state import (
     JD_STATE_KEY,
@@ -455,11 +455,13 @@ class JacobianDescent(Optimizer):
                     "filled it since the last step: this is a plain gradient step, not Jacobian "
                     "descent. Call optimizer.backward(losses) first (or step(closure)).",
                 )
-            self.optimizer.step()
+            with global_step_hooks_held():
+                self.optimizer.step()
             return None
         saved_method_state = self._method.module.state_dict()
         with self._method_state_restored_on_error(saved_method_state):
-            self.optimizer.step()
+            with global_step_hooks_held():
+                self.optimizer.step()
             self._steps += 1
             losses = self.last_step.losses if self.last_step is not None else None
             window.clear()
@@ -488,10 +490,12 @@ class JacobianDescent(Optimizer):
         return StepRecord(losses.detach(), finite=False)
 
     def _update(self) -> None:
-        if self.grad_scaler is None:
-            self.optimizer.step()
-        else:
-            self.grad_scaler.step(self.optimizer)
+        with global_step_hooks_held():
+            if self.grad_scaler is None:
+                self.optimizer.step()
+            else:
+                self.grad_scaler.step(self.optimizer)
+        if self.grad_scaler is not None:
             self.grad_scaler.update()
 
     def _loss_scale(self, like: Tensor) -> float:

@@ -479,6 +479,35 @@ def test_a_collection_during_a_compile_leaves_the_engines_hooks_inert_until_it_e
     assert _module_hooks(model) == 0
 
 
+def test_torchs_global_step_hooks_run_once_per_step_with_the_jd_optimizer() -> None:
+    """The wrapped optimizer's step is a torch optimizer's step: torch's global hooks ran for it
+    too, twice per step of training, the second time with the wrapped optimizer."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model, inputs, targets = regression_problem(steps=1)
+    calls: list[tuple[str, str]] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("post", type(o).__name__))),
+    ]
+    try:
+        optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+        own: list[str] = []
+        optimizer.optimizer.register_step_post_hook(lambda o, a, k: own.append(type(o).__name__))
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+        optimizer.zero_grad()
+        optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+        optimizer.step()
+        assert calls == [("pre", "JDSGD"), ("post", "JDSGD")] * 2
+        assert own == ["SGD", "SGD"]  # the wrapped optimizer's own hooks still run
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_compiling_is_true_exactly_while_dynamo_compiles() -> None:
     seen: list[bool] = []
 
