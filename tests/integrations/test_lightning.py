@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from jdoptim.aggregation import ConFIG, UPGradWeighting
+from jdoptim.aggregation import ConFIG, NashMTLWeighting, UPGradWeighting
 from jdoptim.optim import JDSGD, JacobianDescent, JDAdam
 from tests.integrations._problem import (
     BATCH,
@@ -242,6 +242,26 @@ def test_float16_loss_scaling_through_lightning_mixed_precision_plugin(
     assert max_difference(module.net, net) == 0.0
     assert plugin.scaler is not None and plugin.scaler.get_scale() == scaler.get_scale() == 2.0**10
     assert max_difference(net, make_net()) > 1e-3  # the steps were taken
+
+
+class NashMTLRegression(Regression):
+    def configure_optimizers(self) -> Any:
+        return JDSGD(self.net.parameters(), lr=0.1, weighting=NashMTLWeighting(), batch_dim=0)
+
+
+def test_float16_loss_scaling_leaves_a_scale_dependent_weighting_unchanged() -> None:
+    """NashMTL's weights depend on the losses' scale; the plugin scales them before backward. The
+    optimizer recognises the scaled losses and weighs them unscaled, as if given the scaler (the
+    step was 2^10 times too short)."""
+    data = make_data()
+    module = NashMTLRegression(make_net())
+    fit(module, data, plugins=[fp16_plugin()])
+
+    net = make_net()
+    method = {"weighting": NashMTLWeighting(), "batch_dim": 0}
+    scaled_loop(net, data, method=method, scaler_in_optimizer=True)
+    assert max_difference(module.net, net) == 0.0
+    assert max_difference(net, make_net()) > 1e-3
 
 
 class ManualRegression(Regression):
