@@ -17,11 +17,13 @@ class IMTLGWeighting(Weighting):
     IMTL-G looks for ``d = wᵀJ`` with ``Σ wᵢ = 1`` whose projection on every unit gradient
     ``gᵢ / ‖gᵢ‖`` is the same. With ``G = J Jᵀ`` and ``s = sqrt(diag G)`` (the norms), the condition
     reads ``G w = c s``, so ``w = v / Σ vᵢ`` with ``v = G⁺ s``: the paper's closed form, written on
-    the Gramian. The pseudo-inverse handles singular Gramians (duplicated rows share their weight)
-    and zero rows (which get weight 0; their direction is undefined).
+    the Gramian, and solved on the unit gradients' Gramian (their cosines) so that a short gradient
+    counts as much as a long one. The pseudo-inverse handles singular Gramians (duplicated
+    directions share their weight) and zero rows (which get weight 0; their direction is
+    undefined).
 
-    When ``Σ vᵢ`` vanishes (for instance when the gradients positively span a subspace, such as
-    ``e₁, e₂, −e₁−e₂``) no such ``d`` exists and the weights are all zero. As in the paper,
+    When the unit gradients positively span a subspace (such as ``e₁, e₂, −e₁−e₂``), no such ``d``
+    exists but ``0`` and the weights are all zero. As in the paper,
     ``Σ wᵢ = 1`` is enforced even when ``Σ vᵢ < 0``; then the common projection is negative.
     """
 
@@ -33,11 +35,24 @@ class IMTLGWeighting(Weighting):
         # w is invariant to G -> kG; normalising keeps huge or tiny Gramians finite.
         matrix = normalize_gramian(gramian)
         norms = matrix.diagonal().clamp(min=0).sqrt()
+        present = norms > 0
+        inverse_norms = present / torch.where(present, norms, 1.0)
+        # G w = c s is C y = c 1 for the unit gradients' Gramian C = S⁻¹ G S⁻¹ (their cosines) and
+        # w = S⁻¹ y. The pseudo-inverse's cutoff then judges the directions alone: on G itself it
+        # dropped every gradient much shorter than the longest (below 1/50 of it in float32),
+        # however independent its direction, which IMTL-G exists to weigh impartially.
+        cosines = inverse_norms[:, None] * matrix * inverse_norms[None, :]
         # Eigenvalues below this relative level are round-off of a rank-deficient Gramian.
         rtol = math.sqrt(torch.finfo(gramian.dtype).eps)
-        unnormalized: Tensor = torch.linalg.pinv(matrix, rtol=rtol, hermitian=True) @ norms
+        pseudo_inverse = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True)
+        ones = present.to(matrix.dtype)
+        scaled = pseudo_inverse @ ones
+        unnormalized: Tensor = inverse_norms * scaled
         total = unnormalized.sum()
-        if not bool(total.abs() > rtol * unnormalized.abs().sum()):
+        # C y = 1 has no solution when the unit gradients positively span a subspace (only d = 0
+        # projects equally on all of them); pinv then returns a least-squares y, not IMTL-G's.
+        consistent = (cosines @ scaled - ones).abs().amax() <= math.sqrt(rtol)
+        if not bool(consistent & (total.abs() > rtol * unnormalized.abs().sum())):
             return torch.zeros_like(norms)
         return unnormalized / total
 

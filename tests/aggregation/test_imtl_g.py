@@ -80,3 +80,23 @@ def test_float32_rank_deficient_gramian_stays_sensible() -> None:
 
 def test_repr() -> None:
     assert repr(IMTLG()) == "IMTLG()" and str(IMTLGWeighting()) == "IMTLG"
+
+
+def test_a_short_gradient_counts_as_much_as_a_long_one() -> None:
+    """The pseudo-inverse's cutoff on G itself took a gradient 100 times shorter than another for
+    round-off and gave it no weight (from 1/54 of the longest in float32, 1/8000 in float64)."""
+    for dtype, short in ((torch.float32, 1e-2), (torch.float64, 1e-4)):
+        matrix = torch.tensor([[1.0, 0.0, 0.0], [0.0, short, 0.0]], dtype=dtype)
+        weights = IMTLGWeighting()(gramian(matrix))
+        expected = torch.tensor([short, 1.0], dtype=dtype) / (1 + short)
+        assert torch.allclose(weights, expected, rtol=1e-5)
+
+
+def test_float32_projections_are_equal_across_gradient_scales() -> None:
+    torch.manual_seed(0)
+    scales = torch.logspace(-3, 0, 6, dtype=torch.float64)
+    matrix = torch.randn(6, 40, dtype=torch.float64) * scales[:, None]
+    direction = IMTLG()(matrix.float()).double()
+    projections = (matrix / matrix.norm(dim=1, keepdim=True)) @ direction
+    assert torch.allclose(projections, projections.mean().expand(6), rtol=1e-3)
+    assert torch.allclose(direction, IMTLG()(matrix), rtol=1e-3, atol=1e-6)
