@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from torch import nn
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 #: Takes an assigned value and returns the value to store, or raises saying what is accepted.
 Validator = Callable[[Any], Any]
@@ -38,3 +40,22 @@ class Named(nn.Module):
 
     def __str__(self) -> str:
         return type(self).__name__.removesuffix("Weighting")
+
+
+def tensor_repr(tensor: Tensor | None) -> str:
+    """A constructor tensor as the ``tensor(...)`` call that rebuilds it exactly (``from torch
+    import tensor``): each entry in the fewest digits that round-trip in its dtype, so that two
+    settings never print alike (a ``repr`` names runs)."""
+    if tensor is None:
+        return "None"
+    values = tensor.detach().cpu()
+    single = values.dtype == torch.float32
+
+    def nested(entries: object) -> str:
+        if isinstance(entries, list):
+            return "[" + ", ".join(nested(entry) for entry in entries) + "]"
+        value = float(entries)  # type: ignore[arg-type]  # a leaf of tolist()
+        return str(np.float32(value)) if single else repr(value)
+
+    suffix = "" if single else f", dtype={values.dtype}"
+    return "tensor(" + nested(values.tolist()) + suffix + ")"

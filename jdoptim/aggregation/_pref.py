@@ -38,9 +38,3 @@ def pref_weights(pref_vector: Tensor | None, like: Tensor) -> Tensor:
             "one preference per row of the Jacobian."
         )
     return pref_vector.to(dtype=like.dtype, device=like.device)
-
-
-def pref_repr(pref_vector: Tensor | None) -> str:
-    if pref_vector is None:
-        return "None"
-    return "tensor([" + ", ".join(f"{v:.3g}" for v in pref_vector.tolist()) + "])"

@@ -7,9 +7,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import one_of, validators
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.aggregation._pref import check_pref_vector, pref_weights
 
 ScaleMode = Literal["min", "median", "rmse"]
 _SCALE_MODES = ("min", "median", "rmse")
@@ -70,7 +71,7 @@ class AlignedMTLWeighting(Weighting):
         return eigenvalues.mean().sqrt()
 
     def _repr_args(self) -> str:
-        return f"pref_vector={pref_repr(self.pref_vector)}, scale_mode={self.scale_mode!r}"
+        return f"pref_vector={tensor_repr(self.pref_vector)}, scale_mode={self.scale_mode!r}"
 
 
 class AlignedMTL(GramianWeightedAggregator):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import validators
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.aggregation._pref import check_pref_vector, pref_weights
 
 
 class ConFIGWeighting(Weighting):
@@ -55,7 +56,7 @@ class ConFIGWeighting(Weighting):
         return _scaled(coefficients, projections, squared_norm).to(gramian.dtype)
 
     def _repr_args(self) -> str:
-        return f"pref_vector={pref_repr(self.pref_vector)}"
+        return f"pref_vector={tensor_repr(self.pref_vector)}"
 
 
 class ConFIG(GramianWeightedAggregator):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import validators
-from jdoptim.aggregation._pref import pref_repr
 from jdoptim.linalg import check_finite, check_tensor
 
 
@@ -47,7 +47,7 @@ class ConstantWeighting(Weighting):
         return weights.to(dtype=gramian.dtype, device=gramian.device)
 
     def _repr_args(self) -> str:
-        return f"weights={pref_repr(self.weights)}"
+        return f"weights={tensor_repr(self.weights)}"
 
 
 class Constant(GramianWeightedAggregator):

@@ -6,9 +6,10 @@ from typing import get_args
 
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import non_negative, one_of, validators
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.aggregation._pref import check_pref_vector, pref_weights
 from jdoptim.aggregation._warm_start import WarmStarted
 from jdoptim.linalg import DualConeSolver, project_to_dual_cone
 
@@ -69,7 +70,7 @@ class DualProjWeighting(WarmStarted, Weighting):
         return solution[0]
 
     def _repr_args(self) -> str:
-        return f"pref_vector={pref_repr(self.pref_vector)}, reg_eps={self.reg_eps}, solver={self.solver!r}"
+        return f"pref_vector={tensor_repr(self.pref_vector)}, reg_eps={self.reg_eps}, solver={self.solver!r}"
 
 
 class DualProj(GramianWeightedAggregator):

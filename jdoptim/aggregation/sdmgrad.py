@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim._stateful import Stateful
 from jdoptim.aggregation._bases import Weighting
 from jdoptim.aggregation._hyper import (
@@ -14,7 +15,7 @@ from jdoptim.aggregation._hyper import (
     unit_interval,
     validators,
 )
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim.aggregation._pref import check_pref_vector, pref_weights
 from jdoptim.aggregation._state_rows import check_state_rows
 from jdoptim.linalg import project_onto_simplex
 
@@ -102,7 +103,7 @@ class SDMGradWeighting(Stateful, Weighting):
     def _repr_args(self) -> str:
         return (
             f"lr={self.lr}, momentum={self.momentum}, n_iter={self.n_iter}, "
-            f"lambda_={self.lambda_}, pref_vector={pref_repr(self.pref_vector)}"
+            f"lambda_={self.lambda_}, pref_vector={tensor_repr(self.pref_vector)}"
         )
 
 

@@ -101,19 +101,6 @@ def numbers_table(**positive_by_name: bool) -> Mapping[str, Callable[[object], f
     return MappingProxyType({n: validator(n, p) for n, p in positive_by_name.items()})
 
 
-def short_repr(tensor: Tensor | None) -> str:
-    """A one-line repr of a small constructor tensor (values rounded to 3 significant digits)."""
-    if tensor is None:
-        return "None"
-    return "tensor(" + _nested(tensor.tolist()) + ")"
-
-
-def _nested(values: object) -> str:
-    if isinstance(values, list):
-        return "[" + ", ".join(_nested(v) for v in values) + "]"
-    return f"{values:.3g}"
-
-
 class PreferenceScalarizer(Scalarizer):
     """A scalarizer parametrised by per-loss constants: ``weights`` and, optionally, ``reference``.
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from jdoptim.scalarization._bases import PreferenceScalarizer, short_repr
+from jdoptim._named import tensor_repr
+from jdoptim.scalarization._bases import PreferenceScalarizer
 
 
 class Constant(PreferenceScalarizer):
@@ -24,4 +25,4 @@ class Constant(PreferenceScalarizer):
         return (self._matched(weights, values, "weights") * values).sum()
 
     def _repr_args(self) -> str:
-        return f"weights={short_repr(self.weights)}"
+        return f"weights={tensor_repr(self.weights)}"

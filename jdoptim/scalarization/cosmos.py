@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.scalarization._bases import (
     PreferenceScalarizer,
     check_number,
     numbers_table,
-    short_repr,
 )
 
 
@@ -47,4 +47,4 @@ class COSMOS(PreferenceScalarizer):
         return linear - self.lambda_ * cosine
 
     def _repr_args(self) -> str:
-        return f"lambda_={self.lambda_:g}, weights={short_repr(self.weights)}"
+        return f"lambda_={self.lambda_:g}, weights={tensor_repr(self.weights)}"

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepInfo
 from jdoptim.linalg import check_finite, check_tensor
@@ -18,7 +19,6 @@ from jdoptim.scalarization._bases import (
     check_number,
     check_value_shape,
     numbers_table,
-    short_repr,
 )
 
 # Keeps the logarithms finite when a loss reaches its lower bound (as in the authors' code).
@@ -155,6 +155,6 @@ class FAMO(Stateful, Scalarizer):
     def _repr_args(self) -> str:
         bounds = None if not bool(self.min_losses.any()) else self.min_losses
         return (
-            f"shape={list(self.shape)}, min_losses={short_repr(bounds)}, lr={self.lr:g}, "
+            f"shape={list(self.shape)}, min_losses={tensor_repr(bounds)}, lr={self.lr:g}, "
             f"weight_decay={self.weight_decay:g}"
         )

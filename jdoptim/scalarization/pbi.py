@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.linalg import power_of_two_scale
 from jdoptim.scalarization._bases import (
     PreferenceScalarizer,
     check_number,
     numbers_table,
-    short_repr,
 )
 
 # Added under the square root of d₂ so that its gradient stays finite when the losses lie exactly
@@ -56,6 +56,6 @@ class PBI(PreferenceScalarizer):
 
     def _repr_args(self) -> str:
         return (
-            f"theta={self.theta:g}, weights={short_repr(self.weights)}, "
-            f"reference={short_repr(self.reference)}"
+            f"theta={self.theta:g}, weights={tensor_repr(self.weights)}, "
+            f"reference={tensor_repr(self.reference)}"
         )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim._named import tensor_repr
 from jdoptim.scalarization._bases import (
     PreferenceScalarizer,
     check_number,
     numbers_table,
-    short_repr,
 )
 
 
@@ -46,6 +46,6 @@ class STCH(PreferenceScalarizer):
 
     def _repr_args(self) -> str:
         return (
-            f"mu={self.mu:g}, weights={short_repr(self.weights)}, "
-            f"reference={short_repr(self.reference)}"
+            f"mu={self.mu:g}, weights={tensor_repr(self.weights)}, "
+            f"reference={tensor_repr(self.reference)}"
         )

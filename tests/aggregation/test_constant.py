@@ -49,5 +49,5 @@ def test_bad_weights(weights: object, error: type[Exception], match: str) -> Non
 
 def test_repr() -> None:
     constant = Constant(torch.tensor([1.0, 0.5]))
-    assert repr(constant) == "Constant(weights=tensor([1, 0.5]))"
+    assert repr(constant) == "Constant(weights=tensor([1.0, 0.5]))"
     assert str(constant) == "Constant"

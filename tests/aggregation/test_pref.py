@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
+from jdoptim._named import tensor_repr
+from jdoptim.aggregation._pref import check_pref_vector, pref_weights
 
 
 def test_none_is_uniform() -> None:
@@ -39,6 +40,15 @@ def test_bad_pref_vectors(pref: torch.Tensor, error: type[Exception], match: str
         check_pref_vector(pref)
 
 
-def test_repr() -> None:
-    assert pref_repr(None) == "None"
-    assert pref_repr(torch.tensor([0.25, 2.0])) == "tensor([0.25, 2])"
+def test_repr_rebuilds_the_tensor_exactly() -> None:
+    """Rounded to 3 digits, 1 and 1.00001 printed alike, and the int-looking entries made an int64
+    tensor when evaluated."""
+    assert tensor_repr(None) == "None"
+    assert tensor_repr(torch.tensor([0.25, 2.0])) == "tensor([0.25, 2.0])"
+    for value in (
+        torch.tensor([1.0, 1.00001, 1e-8, 1 / 3]),
+        torch.tensor([1 / 3, 2.0], dtype=torch.float64),
+        torch.tensor([[1.0, 2.5], [0.1, 3.0]]),
+    ):
+        rebuilt = eval(tensor_repr(value), {"tensor": torch.tensor, "torch": torch})
+        assert rebuilt.dtype == value.dtype and torch.equal(rebuilt, value)

@@ -106,7 +106,7 @@ def test_bad_arguments() -> None:
 def test_repr() -> None:
     assert repr(UPGrad()) == "UPGrad(pref_vector=None, reg_eps=0.0001, solver='auto')"
     assert repr(UPGradWeighting(torch.tensor([1.0, 2.0]), reg_eps=0.0)) == (
-        "UPGradWeighting(pref_vector=tensor([1, 2]), reg_eps=0.0, solver='auto')"
+        "UPGradWeighting(pref_vector=tensor([1.0, 2.0]), reg_eps=0.0, solver='auto')"
     )
     assert str(UPGrad()) == "UPGrad" and str(UPGradWeighting()) == "UPGrad"
 

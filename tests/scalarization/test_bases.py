@@ -50,7 +50,7 @@ def test_repr_shows_the_constructor_and_str_the_name() -> None:
     assert repr(stch) == "STCH(mu=0.5, weights=tensor([0.25, 0.75]), reference=None)"
     assert str(stch) == "STCH"
     assert repr(Mean()) == "Mean()"
-    assert repr(Constant(torch.tensor([[1.0, 2.0]]))) == "Constant(weights=tensor([[1, 2]]))"
+    assert repr(Constant(torch.tensor([[1.0, 2.0]]))) == "Constant(weights=tensor([[1.0, 2.0]]))"
 
 
 def test_as_shape_and_check_number_reject_bad_hyperparameters() -> None:
