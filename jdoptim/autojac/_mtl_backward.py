@@ -13,7 +13,6 @@ from jdoptim.autojac._graph import (
     check_dense_gradients,
     check_inputs,
     check_outputs,
-    depends_on,
     reachable_leaves,
     reached_by,
     unique,
@@ -57,8 +56,8 @@ def mtl_backward(
         parallel_chunk_size: tasks per batched backward pass through the trunk (see :func:`jac`).
 
     Raises:
-        ValueError: a loss is not a scalar (without ``grad_tensors``) or does not depend on the
-            features, a feature or param does not require grad, a param is both shared and
+        ValueError: a loss is not a scalar (without ``grad_tensors``) or does not require grad, a
+            feature or param does not require grad, a param is both shared and
             task-specific, ``tasks_params`` does not have one entry per loss, or ``grad_tensors``
             does not have one tensor of the right shape per loss.
     """
@@ -72,15 +71,11 @@ def mtl_backward(
     check_outputs(feature_list, "features")
     check_chunk_size(parallel_chunk_size)
     check_dense_gradients(feature_list)
-    for index, loss in enumerate(loss_list):
-        if not depends_on(loss, feature_list):
-            raise ValueError(
-                f"losses[{index}] does not depend on the features; every task's loss must be "
-                "computed from the shared features."
-            )
     shared = _shared_params(shared_params, feature_list)
     heads = _tasks_params(tasks_params, loss_list, feature_list, shared)
 
+    # A loss computed without the features is a task that does not use the trunk: its row of the
+    # trunk's Jacobian is zero, and its head still gets its gradient (as in TorchJD).
     feature_grads: list[list[Tensor]] = [[] for _ in feature_list]
     head_grads = []
     for task, (loss, head) in enumerate(zip(loss_list, heads, strict=True)):
