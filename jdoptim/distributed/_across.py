@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -91,8 +91,22 @@ class RankAwarePath(Path):
     def begin(self) -> None:
         self.active.begin()
 
-    def guard(self, stage: str) -> AbstractContextManager[Any]:
-        return self.active.guard(stage)
+    @contextmanager
+    def guard(self, stage: str) -> Iterator[None]:
+        if self.distributed is not None:
+            with self.distributed.guard(stage):
+                yield
+            return
+        try:
+            yield
+        except BaseException:
+            if self.distributed is None:
+                raise
+            # The first step's forward pass found the DDP model before the closure failed: hold
+            # the error as the distributed guard does, so that every rank raises together at the
+            # step's first exchange (raising here left the other ranks waiting in it).
+            with self.distributed.guard(stage):
+                raise
 
     def start_watching(self) -> None:
         self.local.start_watching()

@@ -44,6 +44,16 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
     def hook(module: nn.Module, args: Any) -> None:
         if not isinstance(module, DistributedDataParallel):
             return
+        if getattr(module, "static_graph", False):
+            # Its reducer then asserts on any backward pass it did not prepare (an internal error
+            # of torch's, raised on every rank), and the steps never use its gradient sync.
+            raise ValueError(
+                "DistributedDataParallel(static_graph=True) cannot run jdoptim's steps: they "
+                "differentiate the losses and reduce the gradients themselves, outside DDP's "
+                "reducer, which in static-graph mode rejects such backward passes. Build the "
+                "model with DistributedDataParallel(model) (static_graph=False); each step stays "
+                "exact on the global batch."
+            )
         on_ddp(module.process_group)
         if silence and id(module) not in silenced:
             silenced[id(module)] = (module, module.require_backward_grad_sync)

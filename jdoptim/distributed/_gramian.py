@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from jdoptim.autogram import Term, distinct_factors
+from jdoptim.autogram import MaterializedTerm, Term, distinct_factors
 from jdoptim.distributed._communicator import from_first_rank
 from jdoptim.distributed._layout import Layout, StepKind, form_code, forms_digest, header
 from jdoptim.distributed._path_base import (
@@ -83,8 +83,10 @@ class DistributedGramianPath(DistributedPath):
         """
         terms = part.terms if isinstance(part, TermsPart) else []
         factors, dims, slots = distinct_factors(terms)
-        # The forms and the sharing must match between ranks for the factors to line up.
-        digest = zlib.crc32(repr(slots).encode(), forms_digest(terms))
+        # The parameters, the forms and the sharing must match between ranks for the factors to
+        # line up (ranks whose instances took different layers reach different parameters).
+        places = self._places(part.params) if isinstance(part, TermsPart) else []
+        digest = zlib.crc32(repr((slots, places)).encode(), forms_digest(terms))
         layouts: list[Layout | None] = []
 
         def check(headers: list[list[int]]) -> None:
@@ -99,15 +101,18 @@ class DistributedGramianPath(DistributedPath):
             )
 
         gathered = self.communicator.all_gather_padded(
-            factors, dims, header=header(kind, losses, digest), check=check
+            factors, dims, header=header(kind, losses, digest, self.method_code), check=check
         )
         return [gathered[slot] for slot in slots], layouts[0]
 
     def _with_agreed_forms(self, part: TermsPart) -> TermsPart:
         """``part`` with per-row gradients for each parameter whose term form differs between
         ranks (a rank with a single instance, or whose independence check sent a layer to
-        another exact route, forms some terms otherwise). Exact; costs two small exchanges."""
+        another exact route, forms some terms otherwise), and zero rows for each parameter that
+        other ranks' instances reached and this rank's did not (a branch its batch did not take).
+        Exact; costs three small exchanges."""
         comm = self.communicator
+        part = self._with_every_ranks_parameters(part)
         if len({row[0] for row in comm.exchange_ints([len(part.terms)])}) > 1:
             raise ValueError(
                 "The ranks' engines formed terms for different numbers of parameters: every rank "
@@ -119,6 +124,42 @@ class DistributedGramianPath(DistributedPath):
             for index, term in enumerate(part.terms)
         ]
         return replace(part, terms=terms)
+
+    def _with_every_ranks_parameters(self, part: TermsPart) -> TermsPart:
+        """``part`` with a zero term for each parameter only other ranks' instances reached: their
+        gradient of this rank's losses is zero, and every rank's terms then line up."""
+        order = self.parameter_order()
+        places = self._places(part.params)
+        if any(place < 0 for place in places):  # a term outside the optimizer's parameters
+            return part
+        reached = [0] * len(order)
+        for place in places:
+            reached[place] = 1
+        anywhere = [
+            max(column) for column in zip(*self.communicator.exchange_ints(reached), strict=True)
+        ]
+        missing = [
+            order[i]
+            for i, (here, any_rank) in enumerate(zip(reached, anywhere, strict=True))
+            if any_rank and not here
+        ]
+        if not missing:
+            return part
+        rows = part.losses.numel()
+        dtype = part.terms[0].factors()[0][0].dtype if part.terms else missing[0].dtype
+        zeros = [
+            MaterializedTerm(
+                torch.zeros(rows, p.numel(), dtype=dtype, device=p.device), tuple(p.shape)
+            )
+            for p in missing
+        ]
+        extended = replace(part, params=[*part.params, *missing], terms=[*part.terms, *zeros])
+        return self._in_parameter_order(extended)
+
+    def _places(self, params: list[Tensor]) -> list[int]:
+        """Each parameter's place in :meth:`parameter_order` (-1: not one of them)."""
+        position = {id(p): index for index, p in enumerate(self.parameter_order())}
+        return [position.get(id(p), -1) for p in params]
 
     def parameter_order(self) -> list[Tensor]:
         """The parameters in an order every rank shares (terms travel in it)."""

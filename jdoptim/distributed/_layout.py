@@ -7,7 +7,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from jdoptim.distributed._communicator import at_offset
 
@@ -43,18 +43,28 @@ class Layout:
         return at_offset(losses, self.shape, self.dim, self.offset)
 
 
-def header(kind: StepKind, losses: Tensor | None, forms: int = 0) -> list[int]:
+def header(kind: StepKind, losses: Tensor | None, forms: int = 0, method: int = 0) -> list[int]:
     """``[kind, ndim, *shape, 0..., forms]``, the same length for any losses (zeros for none).
 
     ``forms`` is a digest of the forms of the engine's terms (:func:`forms_digest`), so ranks learn
-    that theirs differ before any factor moves.
+    that theirs differ before any factor moves; ``method`` (:func:`method_code`) rides in the
+    kind's entry, above its low byte, so ranks learn that they combine the losses differently.
     """
+    entry = int(kind) | (method << 8)
     if losses is None:
-        return [int(kind), *([0] * (MAX_LOSS_DIMS + 1)), forms]
+        return [entry, *([0] * (MAX_LOSS_DIMS + 1)), forms]
     if losses.ndim > MAX_LOSS_DIMS:
         raise ValueError(f"Distributed steps support losses of up to {MAX_LOSS_DIMS} dims.")
     padding = [0] * (MAX_LOSS_DIMS - losses.ndim)
-    return [int(kind), losses.ndim, *losses.shape, *padding, forms]
+    return [entry, losses.ndim, *losses.shape, *padding, forms]
+
+
+def method_code(method: nn.Module) -> int:
+    """A number naming the classes of a method's modules (UPGrad, MGDA...; an aggregator and its
+    weighting), the same on every rank: ranks that weigh differently learn it from the header.
+    Hyper-parameters are left out, since a module's repr may show per-process values."""
+    names = "|".join(type(module).__name__ for module in method.modules())
+    return zlib.crc32(names.encode()) & 0xFFFFFF
 
 
 def form_code(form: object) -> int:
@@ -69,12 +79,18 @@ def forms_digest(forms: Sequence[object]) -> int:
 
 def shapes_of(headers: list[list[int]]) -> list[tuple[int, ...]]:
     """The losses' shapes from every rank's header; the ranks must run the same kind of step."""
-    kinds = {h[0] for h in headers}
+    kinds = {h[0] & 0xFF for h in headers}
     if len(kinds) != 1:
         names = sorted(_kind_name(k) for k in kinds)
         raise ValueError(
             f"The ranks run different kinds of steps ({names}): every rank must build its "
             "optimizer with the same method and options."
+        )
+    if len({h[0] >> 8 for h in headers}) != 1:
+        raise ValueError(
+            "The ranks' optimizers combine the losses with different methods (for instance UPGrad "
+            "on one rank, MGDA on another): every rank must build its optimizer with the same "
+            "method and options."
         )
     return [tuple(h[2 : 2 + h[1]]) for h in headers]
 

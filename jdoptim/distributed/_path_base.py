@@ -17,6 +17,7 @@ into every rank's. Every rank then skips the step alike, and its scaler backs of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -27,7 +28,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from jdoptim.distributed._communicator import Communicator, StepOverflow, from_first_rank
-from jdoptim.distributed._layout import Layout, StepKind, header, layout_of, same_shapes, shapes_of
+from jdoptim.distributed._layout import (
+    Layout,
+    StepKind,
+    header,
+    layout_of,
+    method_code,
+    same_shapes,
+    shapes_of,
+)
 from jdoptim.paths import GradsPart, Part, Path, StepRecord, add_direction
 
 
@@ -118,8 +127,15 @@ class DistributedPath(Path):
 
     def exchange_header(self, kind: StepKind, losses: Tensor | None) -> list[list[int]]:
         """Every rank's header, in an exchange as long as ``all_gather_padded``'s first one."""
-        headers = self.communicator.exchange_ints([0, 0, *header(kind, losses)])
+        headers = self.communicator.exchange_ints(
+            [0, 0, *header(kind, losses, method=self.method_code)]
+        )
         return [h[2:] for h in headers]
+
+    @functools.cached_property
+    def method_code(self) -> int:
+        """:func:`method_code` of this rank's method, sent in every header."""
+        return method_code(self.local.module)
 
     def layout(self, headers: list[list[int]]) -> Layout | None:
         return layout_of(shapes_of(headers), self.context.batch_dim, self.communicator.rank)

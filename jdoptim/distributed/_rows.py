@@ -39,7 +39,7 @@ class DistributedJacobianPath(DistributedPath):
         gathered = comm.all_gather_padded(
             tensors,
             dims,
-            header=header(StepKind.JACOBIAN, losses),
+            header=header(StepKind.JACOBIAN, losses, method=self.method_code),
             check=lambda h: layouts.append(self.layout(h)),
         )
         layout = layouts[0]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from jdoptim import JDSGD, JDAdam
-from jdoptim.aggregation import MeanWeighting, TrimmedMean, UPGradWeighting
+from jdoptim.aggregation import MeanWeighting, MGDAWeighting, TrimmedMean, UPGradWeighting
 from jdoptim.scalarization import FAMO, UW, GeometricMean
 from tests.optim._models import EMAWeighting
 
@@ -50,6 +50,8 @@ def method_options(method: str) -> dict[str, Any]:
         return {"weighting": MeanWeighting()}
     if method == "upgrad":
         return {"weighting": UPGradWeighting()}
+    if method == "mgda":
+        return {"weighting": MGDAWeighting()}
     if method == "ema":
         return {"weighting": EMAWeighting()}
     if method == "trimmed_mean":  # a Jacobian aggregator: the autojac path
@@ -395,6 +397,101 @@ def mismatched_methods_rank(rank: int, world: int) -> Any:
     return None
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two heads; ``routes[i]`` sends instance ``i`` through head ``b`` (else ``a``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.a = nn.Linear(6, 1)
+        self.b = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor, routes: Tensor) -> Tensor:
+        features = self.trunk(x)
+        if bool(routes.all()):
+            return self.b(features).squeeze(-1)
+        if not bool(routes.any()):
+            return self.a(features).squeeze(-1)
+        return torch.where(routes, self.b(features).squeeze(-1), self.a(features).squeeze(-1))
+
+
+def branch_routes(total: int) -> Tensor:
+    """Rank 0's instances (the first half) through head b, rank 1's through head a."""
+    return torch.arange(total) < total // 2
+
+
+def train_branches(model: nn.Module, part: slice, **options: Any) -> dict[str, Any]:
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    for x, y in iwrm_batches(6):
+        routes = branch_routes(6)
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            return (model(x[part], routes[part]) - y[part].squeeze(-1)) ** 2
+
+        optimizer.step(closure)
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return {"params": params_of(inner)}
+
+
+def branch_per_rank_rank(rank: int, world: int) -> Any:
+    """Each rank's instances take another head (a branch DDP's find_unused_parameters is for)."""
+    model = DistributedDataParallel(TwoHeads().double(), find_unused_parameters=True)
+    return train_branches(model, slices([3, 3])[rank])
+
+
+def branch_per_rank_reference() -> dict[str, Any]:
+    return train_branches(TwoHeads().double(), slice(0, 6))
+
+
+def mismatched_gramian_methods_rank(rank: int, world: int) -> Any:
+    """Rank 0 built its optimizer with UPGrad, the others with MGDA: the same kind of step."""
+    model = DistributedDataParallel(iwrm_model())
+    method = "upgrad" if rank == 0 else "mgda"
+    x, y = iwrm_batches(3 * world)[0]
+    part = slices([3] * world)[rank]
+    try:
+        train_iwrm(model, method, [(x, y)], part, 0)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def static_graph_rank(rank: int, world: int) -> Any:
+    model = DistributedDataParallel(iwrm_model(), static_graph=True)
+    x, y = iwrm_batches(3 * world)[0]
+    try:
+        train_iwrm(model, "upgrad", [(x, y)], slices([3] * world)[rank], 0)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def first_step_failure_rank(rank: int, world: int) -> Any:
+    """A plain DDP swap whose closure fails on rank 1 at the very first step, after the forward
+    pass (the optimizer learns of the DDP model from that pass): every rank raises, then trains
+    on."""
+    model = DistributedDataParallel(iwrm_model())
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    outcomes = []
+    for step, (x, y) in enumerate(iwrm_batches(3 * world)):
+        part = slices([3] * world)[rank]
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            losses = iwrm_losses(model, x[part], y[part])
+            if step == 0 and rank == 1:
+                raise RuntimeError("bad batch on rank 1")
+            return losses
+
+        try:
+            outcomes.append(tuple(optimizer.step(closure).shape))
+        except Exception as error:
+            outcomes.append(type(error).__name__)
+    return {"outcomes": outcomes}
+
+
 # --- bytes ---------------------------------------------------------------------------------
 
 
@@ -668,4 +765,8 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("bytes", bytes_rank)
         record("failure-mtl", failing_mtl_rank)
         record("mismatched-methods", mismatched_methods_rank)
+        record("branch-per-rank", branch_per_rank_rank)
+        record("mismatched-gramian-methods", mismatched_gramian_methods_rank)
+        record("static-graph", static_graph_rank)
+        record("first-step-failure", first_step_failure_rank)
     return results

@@ -115,6 +115,41 @@ def test_ranks_with_differently_built_optimizers_all_raise(two_ranks: Any) -> No
         assert isinstance(message, str) and "different kinds of steps" in message, message
 
 
+def test_ranks_whose_instances_take_different_branches_equal_one_process(two_ranks: Any) -> None:
+    """Rank 0's instances go through one head, rank 1's through the other: each rank has terms for
+    another parameter, which were paired by position (a wrong cross-rank Gramian, silently)."""
+    _, ranks = two_ranks
+    reference = scenarios.branch_per_rank_reference()
+    for rank in ranks:
+        _close(ok(rank["branch-per-rank"])["params"], reference["params"])
+
+
+def test_ranks_with_different_gramian_weightings_all_raise(two_ranks: Any) -> None:
+    """UPGrad on one rank, MGDA on the other: the same kind of step, so it went unnoticed and
+    every rank applied rank 0's weights."""
+    _, ranks = two_ranks
+    for rank in ranks:
+        message = rank["mismatched-gramian-methods"]
+        assert isinstance(message, str) and "different methods" in message, message
+
+
+def test_a_static_graph_ddp_model_is_a_clear_error_on_every_rank(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    for rank in ranks:
+        message = rank["static-graph"]
+        assert isinstance(message, str) and "static_graph=True" in message, message
+
+
+def test_a_first_step_failing_after_the_forward_pass_raises_on_every_rank(two_ranks: Any) -> None:
+    """The optimizer learns of the DDP model from the first forward pass; a closure failing after
+    it raised on its rank alone, and the others waited in the step's exchanges."""
+    _, ranks = two_ranks
+    outcomes = [ok(rank["first-step-failure"])["outcomes"] for rank in ranks]
+    assert outcomes[0][0] == "DistributedStepError" and outcomes[1][0] == "RuntimeError"
+    for outcome in outcomes:
+        assert outcome[1:] == [(6,)] * (scenarios.STEPS - 1)
+
+
 def test_a_checkpoint_of_rank_zero_resumes_bit_identically(two_ranks: Any) -> None:
     _, ranks = two_ranks
     for rank in ranks:
