@@ -108,11 +108,15 @@ def test_a_failing_rank_in_multi_task_mode_makes_every_rank_raise(two_ranks: Any
     assert all(outcome["unchanged"] for outcome in outcomes)
 
 
-def test_ranks_with_differently_built_optimizers_all_raise(two_ranks: Any) -> None:
-    _, ranks = two_ranks
+def _every_rank_raised(ranks: list[dict[str, Any]], key: str, words: str) -> None:
+    """Every rank's scenario ``key`` returned a ValueError's message holding ``words``."""
     for rank in ranks:
-        message = rank["mismatched-methods"]
-        assert isinstance(message, str) and "different kinds of steps" in message, message
+        message = rank[key]
+        assert isinstance(message, str) and words in message, message
+
+
+def test_ranks_with_differently_built_optimizers_all_raise(two_ranks: Any) -> None:
+    _every_rank_raised(two_ranks[1], "mismatched-methods", "different kinds of steps")
 
 
 def test_ranks_whose_instances_take_different_branches_equal_one_process(two_ranks: Any) -> None:
@@ -127,17 +131,11 @@ def test_ranks_whose_instances_take_different_branches_equal_one_process(two_ran
 def test_ranks_with_different_gramian_weightings_all_raise(two_ranks: Any) -> None:
     """UPGrad on one rank, MGDA on the other: the same kind of step, so it went unnoticed and
     every rank applied rank 0's weights."""
-    _, ranks = two_ranks
-    for rank in ranks:
-        message = rank["mismatched-gramian-methods"]
-        assert isinstance(message, str) and "different methods" in message, message
+    _every_rank_raised(two_ranks[1], "mismatched-gramian-methods", "different methods")
 
 
 def test_a_static_graph_ddp_model_is_a_clear_error_on_every_rank(two_ranks: Any) -> None:
-    _, ranks = two_ranks
-    for rank in ranks:
-        message = rank["static-graph"]
-        assert isinstance(message, str) and "static_graph=True" in message, message
+    _every_rank_raised(two_ranks[1], "static-graph", "static_graph=True")
 
 
 def test_a_first_step_failing_after_the_forward_pass_raises_on_every_rank(two_ranks: Any) -> None:
