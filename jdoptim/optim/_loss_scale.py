@@ -17,7 +17,7 @@ from torch import Tensor
 
 def grad_scaler_scale(losses: Tensor) -> float | None:
     """``s`` when ``losses`` is ``x * s`` for a tensor ``s`` shaped as a ``GradScaler``'s scale (one
-    float32 entry, a constant, a positive power of two), else ``None``. One host read when the
+    float32 entry, a constant, a power of two from 2 up), else ``None``. One host read when the
     graph matches."""
     node = losses.grad_fn
     if node is None or node.name() != "MulBackward0":
@@ -34,6 +34,8 @@ def grad_scaler_scale(losses: Tensor) -> float | None:
     ):
         return None
     value = float(factor.item())
-    if not value > 0 or not math.isfinite(value) or math.frexp(value)[0] != 0.5:
+    # A scaler's scale starts at 2^16 and halves only on overflows; a factor below 2 is more
+    # likely a loss weight (0.5...), which must not be taken for one.
+    if not value >= 2 or not math.isfinite(value) or math.frexp(value)[0] != 0.5:
         return None
     return value
