@@ -9,6 +9,7 @@ closed form, local per-instance VJPs of one call, or per-row autograd.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -66,7 +67,8 @@ class BatchedPass:
 
     def terms(self) -> list[tuple[Tensor, Term]]:
         records = self.plan.records
-        self._check_batch_size(records)
+        if not self._batch_size_seen(records):
+            return self._exact_terms(set())
         edges = [edge for record in records for edge in record.reached_outputs]
         shapes = [shape for record in records for shape in record.output_shapes]
         gradients, dims = self._verified_gradients(records, edges, shapes)
@@ -86,14 +88,16 @@ class BatchedPass:
         done: set[int] = set()
         terms += self._closed_form_terms(records, by_record, verified, done)
         terms += self._local_terms(records, by_record, verified, done)
+        return terms + self._exact_terms(done)
+
+    def _exact_terms(self, done: set[int]) -> list[tuple[Tensor, Term]]:
+        """The exact route's terms for the covered parameters the graph reaches, but ``done``."""
         leftovers = [
             p for pid, p in self.covered.items() if pid in self.plan.places and pid not in done
         ]
-        if leftovers:
-            terms += exact_terms(
-                self.output, leftovers, instance_major_order(self.shape, self.batch_dim)
-            )
-        return terms
+        if not leftovers:
+            return []
+        return exact_terms(self.output, leftovers, instance_major_order(self.shape, self.batch_dim))
 
     def _verified_gradients(
         self,
@@ -243,21 +247,26 @@ class BatchedPass:
             dims = list(range(len(shape)))
         return [dim for dim in dims if shape[dim] == self.batch]
 
-    def _check_batch_size(self, records: list[CallRecord]) -> None:
+    def _batch_size_seen(self, records: list[CallRecord]) -> bool:
+        """Whether some covered call processed a batch of the output's size. If none did, every
+        parameter takes the exact route (correct for any ``batch_dim``), with a warning: the layers
+        may see the instances flattened with other dims (``[B·S, d]`` rows), or ``output`` may join
+        several forward passes, or ``batch_dim`` may be wrong."""
         if not records or self.batch == 1:
-            return
+            return True
         if any(self._candidates(r, shape) for r in records for shape in r.output_shapes):
-            return
+            return True
         shapes = sorted({s for r in records for s in r.output_shapes})[:4]
-        raise ValueError(
+        warnings.warn(
             f"output has batch size {self.batch} along batch_dim={self.batch_dim} (shape "
             f"{self.shape}), but no covered module processed a batch of that size (their outputs "
-            f"have shapes such as {shapes}). Check batch_dim, and that output comes from one "
-            "forward pass of the whole batch: losses concatenated from several forward passes, "
-            "or a slice of one pass's losses, are not one batch of instances (run one forward "
-            "pass on the concatenated inputs, or use batch_dim=None, which treats every loss as "
-            "its own objective)."
+            f"have shapes such as {shapes}): every parameter takes the exact route, correct but "
+            "slower. Expected when the layers see the instances flattened with other dims "
+            "([B*S, d] rows) or when output joins several forward passes; otherwise check "
+            "batch_dim.",
+            stacklevel=5,
         )
+        return False
 
     def _closed_form_terms(
         self,

@@ -51,12 +51,25 @@ def test_batch_dim_out_of_range(batch_dim: int) -> None:
         engine.compute_gramian(model(torch.randn(3, 5, dtype=torch.float64)).sum())
 
 
-def test_batch_size_mismatch() -> None:
+def test_a_batch_size_no_layer_processed_takes_the_exact_route_with_a_warning() -> None:
+    """A wrong batch_dim, losses from several forward passes, or layers that see the instances
+    flattened ([B*S, d] rows): the exact route is right in each (it was a ValueError)."""
     model = _model()
     engine = Engine(model, batch_dim=1)  # the output's dim 1 holds 2 tasks, not the 3 instances
-    with pytest.raises(ValueError, match="batch size 2"):
-        engine.compute_gramian(model(torch.randn(3, 5, dtype=torch.float64)))
+    output = model(torch.randn(3, 5, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="batch size 2.*exact route"):
+        gramian = engine.compute_gramian(output)
+    assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
     engine = Engine(model, batch_dim=0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)  # a per-token model on flattened rows
+    output = model(x.reshape(12, 5)).reshape(4, 3, 2).pow(2).sum(dim=(1, 2))
+    with pytest.warns(UserWarning, match="exact route"):
+        gramian = engine.compute_gramian(output)
+    assert relative_error(gramian, loop_gramian(output, list(model.parameters()))) <= 1e-10
+    two_passes = torch.cat([model(x[0]), model(x[1])]).pow(2).sum(dim=1)
+    with pytest.warns(UserWarning, match="exact route"):
+        gramian = engine.compute_gramian(two_passes)
+    assert relative_error(gramian, loop_gramian(two_passes, list(model.parameters()))) <= 1e-10
     _still_works(engine, model)
 
 
