@@ -30,6 +30,13 @@ from jdoptim.autogram._replay import hooks_are_suspended
 from jdoptim.autogram._rules import ClosedFormRule, closed_form_rule
 from jdoptim.autogram._terms import MaterializedTerm, OuterTerm, Route, Term
 
+_DONATED_BUFFERS_HINT = (
+    "output was computed by a torch.compile'd function whose backward frees its saved tensors "
+    "after one pass (AOTAutograd's donated buffers, used once shapes vary), while the Gramian "
+    "needs several passes over the graph. Compile the model instead (torch.compile(model), "
+    "which jdoptim's hooks handle), or set torch._functorch.config.donated_buffer = False before "
+    "compiling."
+)
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
     "Run the forward pass again, then call compute_gramian before any backward()."
@@ -343,6 +350,8 @@ class Engine:
             self._pending = None
             if "second time" in str(error) or "already been freed" in str(error):
                 raise RuntimeError(_FREED_GRAPH_HINT) from error
+            if "donated buffers" in str(error):
+                raise ValueError(_DONATED_BUFFERS_HINT) from error
             raise
         except BaseException:
             self._pending = None

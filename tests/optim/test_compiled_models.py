@@ -49,3 +49,20 @@ def test_a_compiled_model_trains_compiled_and_equals_eager(form: str) -> None:
     # Once the engine has hooked every layer, no global hook is left (it would make every later
     # compiled call warn and fire hooks on the compiled wrapper).
     assert not nn.modules.module._has_any_global_hook()
+
+
+def test_a_compiled_loss_function_whose_backward_donates_its_buffers_is_a_clear_error() -> None:
+    """Compiling the loss computation itself (not the model): once the batch size changes,
+    AOTAutograd frees the saved tensors after one backward pass, which the Gramian cannot work
+    with; the error says what to compile instead (it was torch's message about create_graph)."""
+    model = _model()
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+
+    @torch.compile
+    def losses(xs: Tensor, ys: Tensor) -> Tensor:
+        return (model(xs).squeeze(-1) - ys) ** 2
+
+    with pytest.raises(ValueError, match="donated"):
+        for batch in (6, 6, 4, 4):
+            xs, ys = torch.randn(batch, 5), torch.randn(batch)
+            optimizer.step(lambda xs=xs, ys=ys: losses(xs, ys))
