@@ -129,12 +129,10 @@ class DistributedGramianPath(DistributedPath):
         """``part`` with a zero term for each parameter only other ranks' instances reached: their
         gradient of this rank's losses is zero, and every rank's terms then line up."""
         order = self.parameter_order()
-        places = self._places(part.params)
-        if any(place < 0 for place in places):  # a term outside the optimizer's parameters
-            return part
         reached = [0] * len(order)
-        for place in places:
-            reached[place] = 1
+        for place in self._places(part.params):
+            if place >= 0:  # (every rank takes part in the exchange below, whatever it holds)
+                reached[place] = 1
         anywhere = [
             max(column) for column in zip(*self.communicator.exchange_ints(reached), strict=True)
         ]
