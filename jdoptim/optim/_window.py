@@ -16,31 +16,30 @@ class AccumulationWindow:
 
     Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
     is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
-    (the user zeroed or replaced it), the next ``backward`` opens a new window.
+    (the user replaced it, or changed it in place: ``zero_grad(set_to_none=False)``, ``zero_()``,
+    clipping), the next ``backward`` opens a new window on it, as torch's ``.grad`` accumulates.
     """
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
         self.base: list[Tensor | None] = []
-        self.written: list[Tensor | None] = []
+        self.written = GradSnapshot([])
         self.finite = True
         self.base_finite = True
 
     def clear(self) -> None:
-        self.parts, self.base, self.written = [], [], []
+        self.parts, self.base, self.written = [], [], GradSnapshot([])
         self.finite = True
 
     def interrupted(self, params: list[Tensor]) -> bool:
-        if not self.parts or len(params) != len(self.written):
-            return True
-        return any(p.grad is not w for p, w in zip(params, self.written, strict=True))
+        return not self.parts or self.written.differs(params)
 
     def open(self, params: list[Tensor]) -> None:
         """Starts a window on what ``.grad`` holds now; a non-finite base (the NaN ``.grad`` of a
         skipped ``backward`` the user did not zero) keeps the whole window non-finite."""
         self.parts = []
         self.base = [p.grad for p in params]
-        self.written = list(self.base)
+        self.written = GradSnapshot(params)
         # A sparse .grad (nn.Embedding(sparse=True)) is finite where its stored values are.
         held = [g._values() if g.is_sparse else g for g in self.base if g is not None]
         self.base_finite = not held or bool(
@@ -48,14 +47,43 @@ class AccumulationWindow:
         )
 
     def restore(self, params: list[Tensor]) -> None:
-        for param, grad in zip(params, self.written, strict=True):
+        for param, grad in zip(params, self.written.grads, strict=True):
             param.grad = grad
 
     def write(self, params: list[Tensor]) -> None:
         for param, base in zip(params, self.base, strict=True):
             if base is not None:
                 param.grad = base.clone() if param.grad is None else param.grad + base
-        self.written = [p.grad for p in params]
+        self.written = GradSnapshot(params)
+
+
+class GradSnapshot:
+    """The ``.grad`` tensors of some parameters and their versions (in-place changes bump it)."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.grads = [p.grad for p in params]
+        self.versions = [None if g is None else g._version for g in self.grads]
+
+    def differs(self, params: list[Tensor]) -> bool:
+        """Whether some ``.grad`` was replaced or changed in place since the snapshot."""
+        return len(params) != len(self.grads) or any(
+            p.grad is not g or (g is not None and g._version != v)
+            for p, g, v in zip(params, self.grads, self.versions, strict=True)
+        )
+
+    def accumulated(self, params: list[Tensor]) -> bool:
+        """Whether a backward pass added to some ``.grad`` since the snapshot: a new tensor, or the
+        same one changed in place to something non-zero (zeroing it in place adds nothing)."""
+        for param, grad, version in zip(params, self.grads, self.versions, strict=True):
+            now = param.grad
+            if now is None or (now is grad and now._version == version):
+                continue
+            if now is not grad:
+                return True
+            values = now._values() if now.is_sparse else now
+            if bool(values.any()):
+                return True
+        return False
 
 
 class DifferentiatedLosses:

@@ -40,7 +40,7 @@ from jdoptim.optim._state import (
     jd_state_of,
     split_legacy_state_dict,
 )
-from jdoptim.optim._window import AccumulationWindow, DifferentiatedLosses
+from jdoptim.optim._window import AccumulationWindow, DifferentiatedLosses, GradSnapshot
 from jdoptim.paths import (
     NonFiniteGramianError,
     NonFiniteLossesError,
@@ -261,6 +261,7 @@ class JacobianDescent(Optimizer):
         saved_method_state = self._method.module.state_dict()
         params = self.params()
         saved_grads = [p.grad for p in params]
+        before_closure = GradSnapshot(params)
         calls_before = self._backward_calls
         self._path.begin()
         try:
@@ -273,7 +274,7 @@ class JacobianDescent(Optimizer):
                 # after backward() filled .grad: update from .grad, as torch optimizers do.
                 self._step_from_grad()
                 return None if self.last_step is None else self.last_step.losses
-            backpropagated = _grads_changed(params, saved_grads)
+            backpropagated = before_closure.accumulated(params)
             if backpropagated and isinstance(result, Tensor) and result.ndim == 0:
                 # torch's closure (loss.backward(); return loss): the step of one loss is its
                 # gradient, which .grad holds; its graph is gone, so nothing else could be done.
@@ -678,10 +679,6 @@ _CLOSURE_FREED_GRAPH = (
     "cannot differentiate them by Jacobian descent. Return the losses without calling backward "
     "(step(closure) computes .grad from them), or call optimizer.backward(losses) in the closure."
 )
-
-
-def _grads_changed(params: list[Tensor], before: list[Tensor | None]) -> bool:
-    return any(p.grad is not None and p.grad is not g for p, g in zip(params, before, strict=True))
 
 
 def _alive(ref: weakref.ref[JacobianDescent]) -> JacobianDescent:

@@ -195,6 +195,58 @@ def test_zero_grad_or_step_starts_a_new_window_and_other_gradients_are_kept() ->
         torch.testing.assert_close(param.grad, a + b, atol=1e-12, rtol=0.0)
 
 
+@pytest.mark.parametrize(
+    "reset",
+    ["optimizer", "model", "wrapped optimizer", "grad.zero_()"],
+)
+def test_zeroing_grad_in_place_between_backwards_starts_a_new_window(reset: str) -> None:
+    """As torch's .grad accumulates: zeroed in place (zero_grad(set_to_none=False), zero_()),
+    the first micro-batch is gone. The window judged by identity alone kept it, silently."""
+    model, inputs, targets = regression_problem(steps=2)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+    if reset == "optimizer":
+        optimizer.zero_grad(set_to_none=False)
+    elif reset == "model":
+        model.zero_grad(set_to_none=False)
+    elif reset == "wrapped optimizer":
+        optimizer.optimizer.zero_grad(set_to_none=False)
+    else:
+        for param in model.parameters():
+            assert param.grad is not None
+            param.grad.zero_()
+    optimizer.backward(per_instance_losses(model, inputs[1], targets[1]))
+    fresh = copy.deepcopy(model)
+    for param in fresh.parameters():
+        param.grad = None
+    alone = JDSGD(fresh.parameters(), lr=0.1, batch_dim=0)
+    alone.backward(per_instance_losses(fresh, inputs[1], targets[1]))
+    for param, expected in zip(model.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0)
+
+
+def test_torchs_closure_zeroing_in_place_steps_like_torch() -> None:
+    """loss.backward() after zero_grad(set_to_none=False) accumulates into the same .grad
+    tensors: from the second step on, the closure's backward went unseen and the step crashed."""
+    model, inputs, targets = regression_problem(steps=3)
+    reference = copy.deepcopy(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+
+    def closure(net: nn.Module, opt: Any, x: Tensor, y: Tensor) -> Tensor:
+        opt.zero_grad(set_to_none=False)
+        loss = per_instance_losses(net, x, y).mean()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in zip(inputs, targets, strict=True):
+            optimizer.step(lambda x=x, y=y: closure(model, optimizer, x, y))
+            sgd.step(lambda x=x, y=y: closure(reference, sgd, x, y))
+    assert_same_params(model, reference, atol=0.0)
+
+
 def test_a_second_backward_on_the_same_losses_is_refused_as_torch_does() -> None:
     model, inputs, targets = regression_problem(steps=2)
     losses = per_instance_losses(model, inputs[0], targets[0])
