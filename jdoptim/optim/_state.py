@@ -7,6 +7,7 @@ state, its type, the step count and the ``GradScaler`` — travels under :data:`
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch.optim import Optimizer
@@ -64,15 +65,30 @@ def check_groups_match(inner: Optimizer, state_dict: dict[str, Any]) -> None:
             f"The state dict has {len(groups)} parameter groups, this optimizer "
             f"{len(inner.param_groups)}."
         )
-    for index, (saved, group) in enumerate(zip(groups, inner.param_groups, strict=True)):
-        missing = sorted(set(inner.defaults) - set(saved))
+    for index, (saved, group) in enumerate(zip(groups, _as_loaded(inner, groups), strict=True)):
+        missing = sorted(set(inner.defaults) - set(saved) - set(group))
         if missing:
             raise ValueError(
                 f"param_groups[{index}] of the state dict lacks {missing}: it was saved by "
                 f"another kind of optimizer than {type(inner).__name__}."
             )
-        if len(saved.get("params", [])) != len(group["params"]):
+        expected = len(inner.param_groups[index]["params"])
+        if len(saved.get("params", [])) != expected:
             raise ValueError(
                 f"param_groups[{index}] of the state dict has {len(saved.get('params', []))} "
-                f"parameters, this optimizer's {len(group['params'])}."
+                f"parameters, this optimizer's {expected}."
             )
+
+
+def _as_loaded(inner: Optimizer, groups: list[Any]) -> list[dict[str, Any]]:
+    """The saved groups as ``inner``'s own ``__setstate__`` completes them on loading (torch's
+    optimizers fill the options added by later versions, e.g. Adam's ``decoupled_weight_decay``),
+    computed on a copy: a checkpoint of an older torch loads as it does into ``inner`` itself."""
+    probe = copy.copy(inner)
+    try:
+        type(inner).__setstate__(
+            probe, {"state": {}, "param_groups": [dict(group) for group in groups]}
+        )
+    except Exception:  # an optimizer whose __setstate__ needs more: judge the groups as saved
+        return [dict(group) for group in groups]
+    return [dict(group) for group in probe.param_groups]

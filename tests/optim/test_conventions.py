@@ -520,3 +520,22 @@ def test_compiling_is_true_exactly_while_dynamo_compiles() -> None:
     torch.compile(lambda x: x * 2, backend=backend)(torch.ones(2))
     assert seen == [True]
     assert not global_hooks.compiling()
+
+
+def test_a_checkpoint_of_an_older_torch_loads_as_into_torchs_optimizer() -> None:
+    """Adam's groups gained options over torch versions (decoupled_weight_decay...); torch's Adam
+    completes them on loading, and so does the jdoptim optimizer now (it refused them)."""
+    model, inputs, targets = regression_problem(steps=1)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    per_instance_losses(model, inputs[0], targets[0]).mean().backward()
+    adam.step()
+    saved = copy.deepcopy(adam.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("decoupled_weight_decay", "fused", "differentiable", "capturable", "foreach"):
+            group.pop(key, None)
+    torch.optim.Adam(model.parameters(), lr=0.01).load_state_dict(copy.deepcopy(saved))
+    optimizer = JDAdam(model.parameters(), lr=0.01, batch_dim=0)
+    optimizer.load_state_dict(copy.deepcopy(saved))
+    assert optimizer.param_groups[0]["decoupled_weight_decay"] is False
+    with pytest.raises(ValueError, match="lacks"):  # another kind of optimizer: still refused
+        JDSGD(model.parameters(), lr=0.01).load_state_dict(copy.deepcopy(saved))
