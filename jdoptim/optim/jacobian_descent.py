@@ -563,10 +563,24 @@ class JacobianDescent(Optimizer):
     # --- torch.optim citizenship ---------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clears ``.grad`` like torch.optim, and starts a new accumulation window."""
-        super().zero_grad(set_to_none)
+        """Clears ``.grad`` as the wrapped optimizer does (its own ``zero_grad``, overrides
+        included), and starts a new accumulation window."""
+        inner = self.__dict__.get("optimizer")
+        if inner is None:  # a trainer's wrapper around us, without our __init__
+            super().zero_grad(set_to_none)
+        else:
+            inner.zero_grad(set_to_none)
         clear_jac(self.params())
         self._window.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group to the wrapped optimizer through its own ``add_param_group`` (an override
+        that completes or checks groups runs), as it would be added without jdoptim."""
+        inner = self.__dict__.get("optimizer")
+        if inner is None:  # during Optimizer.__init__, or in a trainer's wrapper around us
+            super().add_param_group(param_group)
+        else:
+            inner.add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved (into a fresh optimizer and method, too).

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from jdoptim import _global_hooks as global_hooks
 from jdoptim.aggregation import NashMTLWeighting, UPGradWeighting
 from jdoptim.autogram import Engine
-from jdoptim.optim import JDSGD, JDAdam
+from jdoptim.optim import JDSGD, JacobianDescent, JDAdam
 from jdoptim.optim._loss_scale import grad_scaler_scale
 from tests.optim._models import (
     EMAWeighting,
@@ -539,3 +539,28 @@ def test_a_checkpoint_of_an_older_torch_loads_as_into_torchs_optimizer() -> None
     assert optimizer.param_groups[0]["decoupled_weight_decay"] is False
     with pytest.raises(ValueError, match="lacks"):  # another kind of optimizer: still refused
         JDSGD(model.parameters(), lr=0.01).load_state_dict(copy.deepcopy(saved))
+
+
+def test_the_wrapped_optimizers_own_zero_grad_and_add_param_group_run() -> None:
+    """An optimizer that completes its groups, or clears its own bookkeeping, in overrides of
+    these methods: the jdoptim optimizer ran torch's base code instead, skipping them."""
+    calls: list[str] = []
+
+    class Custom(torch.optim.SGD):
+        def add_param_group(self, param_group: dict[str, Any]) -> None:
+            calls.append("add_param_group")
+            param_group.setdefault("extra", 1)
+            super().add_param_group(param_group)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append("zero_grad")
+            super().zero_grad(set_to_none)
+
+    first, second = nn.Linear(3, 1), nn.Linear(3, 1)
+    inner = Custom(first.parameters(), lr=0.1)
+    optimizer = JacobianDescent(inner, batch_dim=0)
+    calls.clear()
+    optimizer.add_param_group({"params": second.parameters()})
+    optimizer.zero_grad()
+    assert calls == ["add_param_group", "zero_grad"]
+    assert optimizer.param_groups[-1]["extra"] == 1
