@@ -48,8 +48,18 @@ def check_method_type(jd_state: dict[str, Any], method_type: str) -> None:
     if saved is not None and saved != method_type:
         raise ValueError(
             f"The state dict holds the state of {saved}, but this optimizer's method is "
-            f"{method_type}; load a checkpoint saved with the same method."
+            f"{method_type}; load a checkpoint saved with the same method, or only the wrapped "
+            "optimizer's state (optimizer.optimizer.load_state_dict(...), without the 'jdoptim' "
+            "entry)."
         )
+
+
+def holds_nothing(method_state: dict[str, Any]) -> bool:
+    """Whether a method's state dict carries no state: no tensors, and stateful parts that only
+    name their class (``{"__method__": ...}``)."""
+    return all(
+        isinstance(value, dict) and set(value) <= {"__method__"} for value in method_state.values()
+    )
 
 
 def check_groups_match(inner: Optimizer, state_dict: dict[str, Any]) -> None:

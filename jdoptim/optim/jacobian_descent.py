@@ -37,6 +37,7 @@ from jdoptim.optim._state import (
     JD_STATE_KEY,
     check_groups_match,
     check_method_type,
+    holds_nothing,
     jd_state_of,
     split_legacy_state_dict,
 )
@@ -626,10 +627,15 @@ class JacobianDescent(Optimizer):
     def load_jd_state_dict(self, jd_state: dict[str, Any]) -> None:
         """Restores what :meth:`jd_state_dict` saved; checked first, nothing changes on error."""
         jd_state = jd_state_of({JD_STATE_KEY: jd_state}, type(self).__name__)
-        check_method_type(jd_state, type(self._method.module).__name__)
         saved = self._method.module.state_dict()
+        # Between two methods that hold nothing yet (Mean, and UPGrad before its first step, say)
+        # there is nothing to carry over: switching methods keeps the wrapped optimizer's state.
+        switching = holds_nothing(jd_state["method"]) and holds_nothing(saved)
+        if not switching:
+            check_method_type(jd_state, type(self._method.module).__name__)
         try:
-            self._method.module.load_state_dict(jd_state["method"])
+            if not switching:
+                self._method.module.load_state_dict(jd_state["method"])
             if self.grad_scaler is not None and "grad_scaler" in jd_state:
                 self.grad_scaler.load_state_dict(jd_state["grad_scaler"])
         except BaseException:

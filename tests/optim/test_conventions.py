@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from jdoptim import _global_hooks as global_hooks
-from jdoptim.aggregation import NashMTLWeighting, UPGradWeighting
+from jdoptim.aggregation import MeanWeighting, NashMTLWeighting, UPGradWeighting
 from jdoptim.autogram import Engine
 from jdoptim.optim import JDSGD, JacobianDescent, JDAdam
 from jdoptim.optim._loss_scale import grad_scaler_scale
@@ -564,3 +564,22 @@ def test_the_wrapped_optimizers_own_zero_grad_and_add_param_group_run() -> None:
     optimizer.zero_grad()
     assert calls == ["add_param_group", "zero_grad"]
     assert optimizer.param_groups[-1]["extra"] == 1
+
+
+def test_switching_between_methods_that_hold_nothing_keeps_the_wrapped_state() -> None:
+    """Adam's moments saved with MeanWeighting load under UPGrad (neither holds state yet); a
+    method that holds state still refuses another method's checkpoint, saying what to do."""
+    model, inputs, targets = regression_problem(steps=1)
+    mean = JDAdam(model.parameters(), lr=0.01, weighting=MeanWeighting(), batch_dim=0)
+    mean.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    upgrad = JDAdam(model.parameters(), lr=0.01, weighting=UPGradWeighting(), batch_dim=0)
+    upgrad.load_state_dict(copy.deepcopy(mean.state_dict()))
+    torch.testing.assert_close(
+        upgrad.state_dict()["state"], mean.state_dict()["state"], atol=0.0, rtol=0.0
+    )
+    ema = JDAdam(model.parameters(), lr=0.01, weighting=EMAWeighting(), batch_dim=0)
+    ema.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    with pytest.raises(ValueError, match=r"optimizer\.optimizer\.load_state_dict"):
+        JDAdam(model.parameters(), lr=0.01, weighting=MeanWeighting(), batch_dim=0).load_state_dict(
+            copy.deepcopy(ema.state_dict())
+        )
