@@ -583,12 +583,38 @@ class JacobianDescent(Optimizer):
         else:
             inner.add_param_group(param_group)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's own ``state_dict()`` (its overrides and hooks included) plus a
+        ``"jdoptim"`` entry (:meth:`jd_state_dict`), with this optimizer's state-dict hooks run
+        around it as torch runs them."""
+        inner = self.__dict__.get("optimizer")
+        if inner is None:  # a trainer's wrapper around us, without our __init__
+            return super().state_dict()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict: dict[str, Any] = inner.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved (into a fresh optimizer and method, too).
 
         The layout is torch's (``state``, ``param_groups``) plus a ``"jdoptim"`` entry with the
-        method's state and the step count. Everything is checked before anything changes.
+        method's state and the step count. This optimizer's load pre-hooks see the whole dict
+        first, as in torch; then everything is checked before anything changes, and the wrapped
+        optimizer loads its part through its own ``load_state_dict``.
         """
+        inner = self.__dict__.get("optimizer")
+        if inner is None:  # a trainer's wrapper around us, without our __init__
+            super().load_state_dict(state_dict)
+            return
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = split_legacy_state_dict(state_dict)
         check_groups_match(self.optimizer, state_dict)
         jd_state = state_dict.get(JD_STATE_KEY)
@@ -604,10 +630,12 @@ class JacobianDescent(Optimizer):
                 "it with optimizer.load_jd_state_dict(...).",
             )
         try:
-            super().load_state_dict({k: v for k, v in state_dict.items() if k != JD_STATE_KEY})
+            inner.load_state_dict({k: v for k, v in state_dict.items() if k != JD_STATE_KEY})
         except BaseException:
             self.load_jd_state_dict(saved_jd_state)
             raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def jd_state_dict(self) -> dict[str, Any]:
         """jdoptim's own state: the method's state and type, the step count, the ``GradScaler``.

@@ -583,3 +583,43 @@ def test_switching_between_methods_that_hold_nothing_keeps_the_wrapped_state() -
         JDAdam(model.parameters(), lr=0.01, weighting=MeanWeighting(), batch_dim=0).load_state_dict(
             copy.deepcopy(ema.state_dict())
         )
+
+
+def test_the_wrapped_optimizers_own_state_dict_and_the_load_pre_hooks_order() -> None:
+    """A wrapped optimizer's state_dict/load_state_dict overrides (state kept outside ``state``)
+    and its own hooks run; this optimizer's load pre-hooks see the whole dict first, as torch
+    runs them, so they can complete an older checkpoint or edit the 'jdoptim' entry."""
+
+    class Counting(torch.optim.SGD):
+        counter = 0
+
+        def state_dict(self) -> dict[str, Any]:
+            saved = super().state_dict()
+            saved["counter"] = self.counter
+            return saved
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            state_dict = dict(state_dict)
+            self.counter = state_dict.pop("counter")
+            super().load_state_dict(state_dict)
+
+    model, inputs, targets = regression_problem(steps=1)
+    source = Counting(model.parameters(), lr=0.1)
+    source.counter = 3
+    optimizer = JacobianDescent(source, batch_dim=0)
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["counter"] == 3 and saved["jdoptim"]["steps"] == 1
+
+    seen: list[list[str]] = []
+
+    def restart(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        seen.append(sorted(state_dict))
+        state_dict["jdoptim"]["steps"] = 0
+        return state_dict
+
+    target = JacobianDescent(Counting(model.parameters(), lr=0.1), batch_dim=0)
+    target.register_load_state_dict_pre_hook(restart)
+    target.load_state_dict(saved)
+    assert seen == [["counter", "jdoptim", "param_groups", "state"]]
+    assert target.optimizer.counter == 3 and target.jd_state_dict()["steps"] == 0
