@@ -535,7 +535,8 @@ def test_a_checkpoint_of_an_older_torch_loads_as_into_torchs_optimizer() -> None
             group.pop(key, None)
     torch.optim.Adam(model.parameters(), lr=0.01).load_state_dict(copy.deepcopy(saved))
     optimizer = JDAdam(model.parameters(), lr=0.01, batch_dim=0)
-    optimizer.load_state_dict(copy.deepcopy(saved))
+    with pytest.warns(UserWarning, match="no 'jdoptim' entry"):  # torch's optimizer saved it
+        optimizer.load_state_dict(copy.deepcopy(saved))
     assert optimizer.param_groups[0]["decoupled_weight_decay"] is False
     with pytest.raises(ValueError, match="lacks"):  # another kind of optimizer: still refused
         JDSGD(model.parameters(), lr=0.01).load_state_dict(copy.deepcopy(saved))
