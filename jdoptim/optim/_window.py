@@ -26,10 +26,13 @@ class AccumulationWindow:
         self.written = GradSnapshot([])
         self.finite = True
         self.base_finite = True
+        #: The method's state when the window opened (each backward weighs from it again).
+        self.method_state: dict[str, Any] | None = None
 
     def clear(self) -> None:
         self.parts, self.base, self.written = [], [], GradSnapshot([])
         self.finite = True
+        self.method_state = None
 
     def interrupted(self, params: list[Tensor]) -> bool:
         return not self.parts or self.written.differs(params)

@@ -13,6 +13,7 @@ The kind of method decides the path (:mod:`jdoptim.paths`), chosen once here;
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 import weakref
@@ -404,6 +405,12 @@ class JacobianDescent(Optimizer):
         window = self._window
         if window.interrupted(params):
             window.open(params)
+            window.method_state = copy.deepcopy(self._method.module.state_dict())
+        elif window.method_state is not None:
+            # The method weighs the window's micro-batches together, once, from its state when
+            # the window opened: its state moves as in one step on the whole batch, not once
+            # per micro-batch.
+            self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
         if self.grad_scaler is None:
             scale = grad_scaler_scale(losses) or scale  # losses from scaler.scale(...)

@@ -38,6 +38,7 @@ from jdoptim.paths._record import StepRecord
 from jdoptim.paths._weights import (
     output_of,
     placeholder_gramian,
+    restarting_on_size_change,
     wants_gramian,
     weights_for,
 )
@@ -148,11 +149,20 @@ class JacobianPath(Path):
         if aggregator is None:
             assert isinstance(module, Weighting)
             aggregator = WeightedAggregator(module)
+        # Per-instance rows (batch_dim set): a batch of another size restarts per-instance state.
+        instances = self.context.batch_dim is not None
+        stateful = (
+            aggregator.weighting if isinstance(aggregator, WeightedAggregator) else aggregator
+        )
         if isinstance(aggregator, WeightedAggregator):
             with output_of(aggregator.weighting) as seen:
-                direction = aggregator(part.rows)
-            return direction, seen[0].reshape(part.losses.shape) if seen else None
-        return aggregator(part.rows), None
+                direction = restarting_on_size_change(
+                    stateful, lambda: aggregator(part.rows), part.losses.numel(), instances
+                )
+            return direction, seen[-1].reshape(part.losses.shape) if seen else None
+        return restarting_on_size_change(
+            stateful, lambda: aggregator(part.rows), part.losses.numel(), instances
+        ), None
 
 
 def concat_rows(parts: Sequence[RowsPart], batch_dim: int) -> RowsPart:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,20 +45,31 @@ def weights_for(
 def _weights_or_restart(
     weighting: Weighting | GeneralizedWeighting, gramian: Tensor, instances: bool
 ) -> Tensor:
+    losses = math.prod(gramian.shape[: gramian.ndim // 2])
+    return restarting_on_size_change(
+        weighting, lambda: _weights(weighting, gramian), losses, instances
+    )
+
+
+def restarting_on_size_change(
+    method: nn.Module, call: Callable[[], Tensor], losses: int, instances: bool
+) -> Tensor:
+    """``call()``; if ``method`` kept per-instance state for another number of losses than this
+    step's ``losses`` (a smaller last batch), it starts afresh, with a warning, and is called again.
+    Per-task state (``instances`` false) keeps raising: a change of tasks is the user's to make."""
     try:
-        return _weights(weighting, gramian)
+        return call()
     except StateSizeError:
-        if not instances or not isinstance(weighting, Stateful):
+        if not instances or not isinstance(method, Stateful):
             raise
-        losses = math.prod(gramian.shape[: gramian.ndim // 2])
         warnings.warn(
-            f"{weighting!r} kept state for another number of losses than the {losses} of this "
+            f"{method!r} kept state for another number of losses than the {losses} of this "
             "step. They are per instance (batch_dim is set), and per-instance state cannot carry "
             "over to a batch of another size (such as a smaller last batch): it starts afresh.",
-            stacklevel=3,
+            stacklevel=4,
         )
-        weighting.reset()
-        return _weights(weighting, gramian)
+        method.reset()
+        return call()
 
 
 def _start_cold(method: nn.Module) -> None:

@@ -247,6 +247,51 @@ def test_torchs_closure_zeroing_in_place_steps_like_torch() -> None:
     assert_same_params(model, reference, atol=0.0)
 
 
+@pytest.mark.parametrize("method", ["weighting", "aggregator"])
+def test_accumulation_moves_a_stateful_methods_state_once_per_step(method: str) -> None:
+    """Each backward weighs the window's micro-batches together from the method's state when the
+    window opened; it used to weigh from the state the previous micro-batch had left, so the
+    state moved once per micro-batch and the step was not the whole batch's."""
+    from jdoptim.aggregation import MoCo
+    from tests.optim._models import EMAWeighting
+
+    def make() -> tuple[nn.Module, JDSGD]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        options: dict[str, Any] = (
+            {"weighting": EMAWeighting()} if method == "weighting" else {"aggregator": MoCo()}
+        )
+        return model, JDSGD(model.parameters(), lr=0.1, **options)
+
+    def task_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return ((model(x) - y) ** 2).sum(dim=0)  # [2] per-task sums: micro-batches add up
+
+    generator = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(6, 5, dtype=torch.float64, generator=generator),
+            torch.randn(6, 2, dtype=torch.float64, generator=generator),
+        )
+        for _ in range(3)
+    ]
+    whole, whole_optimizer = make()
+    split, split_optimizer = make()
+    for x, y in data:
+        whole_optimizer.backward(task_losses(whole, x, y))
+        whole_optimizer.step()
+        whole_optimizer.zero_grad()
+        for part in (slice(0, 3), slice(3, 6)):
+            split_optimizer.backward(task_losses(split, x[part], y[part]))
+        split_optimizer.step()
+        split_optimizer.zero_grad()
+    assert_same_params(split, whole, atol=1e-12)
+    saved_split = split_optimizer.state_dict()["jdoptim"]["method"]
+    saved_whole = whole_optimizer.state_dict()["jdoptim"]["method"]
+    assert saved_split.keys() == saved_whole.keys()
+    if method == "weighting":
+        assert saved_split["_extra_state"]["calls"] == saved_whole["_extra_state"]["calls"] == 3
+
+
 def test_a_second_backward_on_the_same_losses_is_refused_as_torch_does() -> None:
     model, inputs, targets = regression_problem(steps=2)
     losses = per_instance_losses(model, inputs[0], targets[0])
@@ -530,3 +575,15 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused() -> None:
     model, _, _ = regression_problem(steps=1)
     with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
         JacobianDescent(torch.optim.LBFGS(model.parameters()), batch_dim=0)
+
+
+def test_a_smaller_last_batch_restarts_a_per_instance_aggregators_state() -> None:
+    """MoCo and ExcessMTL take the Jacobian path, which lacked the restart that weightings had: a
+    smaller last batch raised StateSizeError instead."""
+    from jdoptim.aggregation import MoCo
+
+    model, inputs, targets = regression_problem(steps=2)
+    optimizer = JDSGD(model.parameters(), lr=0.1, aggregator=MoCo(), batch_dim=0)
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    with pytest.warns(UserWarning, match="starts afresh"):
+        optimizer.step(lambda: per_instance_losses(model, inputs[1][:5], targets[1][:5]))
