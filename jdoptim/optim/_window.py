@@ -16,8 +16,8 @@ class AccumulationWindow:
 
     Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
     is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
-    (the user replaced it, or changed it in place: ``zero_grad(set_to_none=False)``, ``zero_()``,
-    clipping), the next ``backward`` opens a new window on it, as torch's ``.grad`` accumulates.
+    (the user replaced it, or zeroed it in place: ``zero_grad(set_to_none=False)``, ``zero_()``),
+    the next ``backward`` opens a new window on it, as torch's ``.grad`` accumulates.
     """
 
     def __init__(self) -> None:
@@ -68,11 +68,20 @@ class GradSnapshot:
         self.versions = [None if g is None else g._version for g in self.grads]
 
     def differs(self, params: list[Tensor]) -> bool:
-        """Whether some ``.grad`` was replaced or changed in place since the snapshot."""
-        return len(params) != len(self.grads) or any(
-            p.grad is not g or (g is not None and g._version != v)
-            for p, g, v in zip(params, self.grads, self.versions, strict=True)
-        )
+        """Whether ``.grad`` was replaced, or reset in place, since the snapshot: some tensor is
+        another one, or every tensor changed in place is now zero (``zero_grad(set_to_none=False)``,
+        ``zero_()``). Other in-place changes (clipping, unscaling) do not count: the next
+        ``backward`` rewrites the window's direction anyway, and clipping after the last one clips
+        the real direction."""
+        if len(params) != len(self.grads):
+            return True
+        edited = []
+        for param, grad, version in zip(params, self.grads, self.versions, strict=True):
+            if param.grad is not grad:
+                return True
+            if grad is not None and grad._version != version:
+                edited.append(grad._values() if grad.is_sparse else grad)
+        return bool(edited) and not any(bool(grad.any()) for grad in edited)
 
     def accumulated(self, params: list[Tensor]) -> bool:
         """Whether a backward pass added to some ``.grad`` since the snapshot: a new tensor, or the

@@ -292,6 +292,23 @@ def test_accumulation_moves_a_stateful_methods_state_once_per_step(method: str) 
         assert saved_split["_extra_state"]["calls"] == saved_whole["_extra_state"]["calls"] == 3
 
 
+def test_clipping_after_every_micro_batch_keeps_the_accumulation_exact() -> None:
+    """accelerate's loop clips after each micro-batch; an in-place edit that is no reset must not
+    end the window (it did once .grad's version was watched: the step became the sum of two
+    windows' directions, 2.7 times too long in the docs' example)."""
+    model, inputs, targets = regression_problem(steps=1)
+    whole = copy.deepcopy(model)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    for part in (slice(0, 4), slice(4, 8)):
+        optimizer.backward(per_instance_losses(model, inputs[0][part], targets[0][part]))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    reference = JDSGD(whole.parameters(), lr=0.1, batch_dim=0)
+    reference.backward(per_instance_losses(whole, inputs[0], targets[0]))
+    torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.01)
+    for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0)
+
+
 def test_a_second_backward_on_the_same_losses_is_refused_as_torch_does() -> None:
     model, inputs, targets = regression_problem(steps=2)
     losses = per_instance_losses(model, inputs[0], targets[0])
