@@ -403,9 +403,12 @@ class JacobianDescent(Optimizer):
         self._path.start_watching()
         params = self.params()
         window = self._window
+        # What the method holds now (after this window's earlier backward calls): restored if
+        # this call raises, as everything else.
+        saved_method_state = copy.deepcopy(self._method.module.state_dict())
         if window.interrupted(params):
             window.open(params)
-            window.method_state = copy.deepcopy(self._method.module.state_dict())
+            window.method_state = saved_method_state
         elif window.method_state is not None:
             # The method weighs the window's micro-batches together, once, from its state when
             # the window opened: its state moves as in one step on the whole batch, not once
@@ -415,7 +418,6 @@ class JacobianDescent(Optimizer):
         if self.grad_scaler is None:
             scale = grad_scaler_scale(losses) or scale  # losses from scaler.scale(...)
         unscaled = losses / scale if scale != 1.0 else losses
-        saved_method_state = self._method.module.state_dict()
         with _full_precision(losses):
             part = self._path.differentiate(unscaled, features, scale)
         parts = [*window.parts, part]

@@ -604,3 +604,23 @@ def test_a_smaller_last_batch_restarts_a_per_instance_aggregators_state() -> Non
     optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
     with pytest.warns(UserWarning, match="starts afresh"):
         optimizer.step(lambda: per_instance_losses(model, inputs[1][:5], targets[1][:5]))
+
+
+def test_a_failed_backward_in_a_window_leaves_the_methods_state_as_it_was() -> None:
+    """The window re-weighs from the method's state when it opened; a backward that raises must
+    still give back the state the previous backward left, as it gives back .grad."""
+    from tests.optim._models import EMAWeighting
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 2)).double()
+    weighting = EMAWeighting()
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=weighting)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    optimizer.backward(model(x[:3]).pow(2).sum(dim=0))
+    state = copy.deepcopy(weighting.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError):
+        optimizer.backward(model(x[3:]).pow(2)[:, 0])  # 3 task losses after 2
+    assert weighting.state_dict()["_extra_state"]["calls"] == state["_extra_state"]["calls"] == 1
+    for param, grad in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(param.grad, grad)
