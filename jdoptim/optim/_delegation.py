@@ -16,9 +16,17 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 
+def wrapped(optimizer: Optimizer) -> Optimizer | None:
+    """The optimizer ``optimizer`` wraps; ``None`` until it is set (during ``Optimizer.__init__``),
+    and in a trainer's wrapper that subclasses ``JacobianDescent`` without running its
+    ``__init__``."""
+    inner: Optimizer | None = optimizer.__dict__.get("optimizer")
+    return inner
+
+
 def inner_or(optimizer: Optimizer, name: str, fallback: str) -> Any:
     """``name`` of the wrapped optimizer; until it is set, what ``Optimizer.__init__`` stored."""
-    inner = optimizer.__dict__.get("optimizer")
+    inner = wrapped(optimizer)
     if inner is not None:
         return getattr(inner, name)
     if fallback in optimizer.__dict__:
@@ -29,7 +37,7 @@ def inner_or(optimizer: Optimizer, name: str, fallback: str) -> Any:
 
 
 def set_inner_or(optimizer: Optimizer, name: str, fallback: str, value: Any) -> None:
-    inner = optimizer.__dict__.get("optimizer")
+    inner = wrapped(optimizer)
     if inner is None and fallback not in optimizer.__dict__:
         inner = _forwarded_inner(optimizer)
     if inner is not None:

@@ -32,7 +32,7 @@ from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggreg
 from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
-from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or
+from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or, wrapped
 from jdoptim.optim._loss_scale import grad_scaler_scale
 from jdoptim.optim._state import (
     JD_STATE_KEY,
@@ -575,7 +575,7 @@ class JacobianDescent(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears ``.grad`` as the wrapped optimizer does (its own ``zero_grad``, overrides
         included), and starts a new accumulation window."""
-        inner = self.__dict__.get("optimizer")
+        inner = wrapped(self)
         if inner is None:  # a trainer's wrapper around us, without our __init__
             super().zero_grad(set_to_none)
         else:
@@ -586,7 +586,7 @@ class JacobianDescent(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to the wrapped optimizer through its own ``add_param_group`` (an override
         that completes or checks groups runs), as it would be added without jdoptim."""
-        inner = self.__dict__.get("optimizer")
+        inner = wrapped(self)
         if inner is None:  # during Optimizer.__init__, or in a trainer's wrapper around us
             super().add_param_group(param_group)
         else:
@@ -596,7 +596,7 @@ class JacobianDescent(Optimizer):
         """The wrapped optimizer's own ``state_dict()`` (its overrides and hooks included) plus a
         ``"jdoptim"`` entry (:meth:`jd_state_dict`), with this optimizer's state-dict hooks run
         around it as torch runs them."""
-        inner = self.__dict__.get("optimizer")
+        inner = wrapped(self)
         if inner is None:  # a trainer's wrapper around us, without our __init__
             return super().state_dict()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -616,7 +616,7 @@ class JacobianDescent(Optimizer):
         first, as in torch; then everything is checked before anything changes, and the wrapped
         optimizer loads its part through its own ``load_state_dict``.
         """
-        inner = self.__dict__.get("optimizer")
+        inner = wrapped(self)
         if inner is None:  # a trainer's wrapper around us, without our __init__
             super().load_state_dict(state_dict)
             return
@@ -701,7 +701,7 @@ class JacobianDescent(Optimizer):
             JacobianDescent.__init__(self, state["optimizer"], **state["options"])
             self.load_jd_state_dict(state["jd_state"])
             return
-        inner = self.__dict__.get("optimizer")
+        inner = wrapped(self)
         if inner is not None and {"state", "param_groups"} <= set(state):
             inner.__setstate__({"state": state["state"], "param_groups": state["param_groups"]})
             state = {k: v for k, v in state.items() if k not in ("state", "param_groups")}
