@@ -262,7 +262,6 @@ class JacobianDescent(Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
         saved_method_state = self._method.module.state_dict()
         params = self.params()
-        saved_grads = [p.grad for p in params]
         before_closure = GradSnapshot(params)
         calls_before = self._backward_calls
         self._path.begin()
@@ -292,7 +291,7 @@ class JacobianDescent(Optimizer):
                 raise
         except BaseException:
             self._method.module.load_state_dict(saved_method_state)
-            for param, grad in zip(params, saved_grads, strict=True):
+            for param, grad in zip(params, before_closure.grads, strict=True):
                 param.grad = grad
             clear_jac(params)
             raise
@@ -466,13 +465,11 @@ class JacobianDescent(Optimizer):
                     "filled it since the last step: this is a plain gradient step, not Jacobian "
                     "descent. Call optimizer.backward(losses) first (or step(closure)).",
                 )
-            with global_step_hooks_held():
-                self.optimizer.step()
+            self._step_wrapped()
             return None
         saved_method_state = self._method.module.state_dict()
         with self._method_state_restored_on_error(saved_method_state):
-            with global_step_hooks_held():
-                self.optimizer.step()
+            self._step_wrapped()
             self._steps += 1
             losses = self.last_step.losses if self.last_step is not None else None
             window.clear()
@@ -501,13 +498,17 @@ class JacobianDescent(Optimizer):
         return StepRecord(losses.detach(), finite=False)
 
     def _update(self) -> None:
-        with global_step_hooks_held():
-            if self.grad_scaler is None:
-                self.optimizer.step()
-            else:
+        if self.grad_scaler is None:
+            self._step_wrapped()
+        else:
+            with global_step_hooks_held():
                 self.grad_scaler.step(self.optimizer)
-        if self.grad_scaler is not None:
             self.grad_scaler.update()
+
+    def _step_wrapped(self) -> None:
+        """The wrapped optimizer's step; torch's global step hooks ran for this one's already."""
+        with global_step_hooks_held():
+            self.optimizer.step()
 
     def _loss_scale(self, like: Tensor) -> float:
         if self.grad_scaler is None or not self.grad_scaler.is_enabled():
