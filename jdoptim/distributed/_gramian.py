@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import replace
 
@@ -170,10 +171,9 @@ class DistributedGramianPath(DistributedPath):
         (a batch of one instance runs other operations than a larger one), and each rank's
         factors are matched with the others' by position.
         """
-        position = {id(p): index for index, p in enumerate(self.parameter_order())}
-        order = sorted(
-            range(len(part.params)), key=lambda i: position.get(id(part.params[i]), len(position))
-        )
+        # A term outside the optimizer's parameters (place -1) goes last.
+        places = [place if place >= 0 else math.inf for place in self._places(part.params)]
+        order = sorted(range(len(part.params)), key=places.__getitem__)
         return replace(
             part, params=[part.params[i] for i in order], terms=[part.terms[i] for i in order]
         )
