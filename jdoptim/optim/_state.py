@@ -7,7 +7,6 @@ state, its type, the step count and the ``GradScaler`` — travels under :data:`
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch.optim import Optimizer
@@ -15,6 +14,9 @@ from torch.optim import Optimizer
 JD_STATE_KEY = "jdoptim"
 
 _LEGACY_KEYS = {"optimizer", "method", "steps"}
+# Options torch's Optimizer.__setstate__ adds to the defaults of any optimizer that loads a state
+# dict, whether its groups use them or not: no evidence of another kind of optimizer.
+_ADDED_ON_LOADING = {"differentiable"}
 
 
 def split_legacy_state_dict(state_dict: Any) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def check_groups_match(inner: Optimizer, state_dict: dict[str, Any]) -> None:
             f"{len(inner.param_groups)}."
         )
     for index, (saved, group) in enumerate(zip(groups, _as_loaded(inner, groups), strict=True)):
-        missing = sorted(set(inner.defaults) - set(saved) - set(group))
+        missing = sorted(set(inner.defaults) - set(saved) - set(group) - _ADDED_ON_LOADING)
         if missing:
             raise ValueError(
                 f"param_groups[{index}] of the state dict lacks {missing}: it was saved by "
@@ -94,7 +96,12 @@ def _as_loaded(inner: Optimizer, groups: list[Any]) -> list[dict[str, Any]]:
     """The saved groups as ``inner``'s own ``__setstate__`` completes them on loading (torch's
     optimizers fill the options added by later versions, e.g. Adam's ``decoupled_weight_decay``),
     computed on a copy: a checkpoint of an older torch loads as it does into ``inner`` itself."""
-    probe = copy.copy(inner)
+    # A shallow copy with its own defaults, built without copy.copy: that runs __setstate__, and
+    # torch's fills the defaults in place (setdefault("differentiable")), which on inner's own
+    # would make every later checkpoint of an optimizer without that option look foreign.
+    probe = object.__new__(type(inner))
+    probe.__dict__.update(inner.__dict__)
+    probe.defaults = dict(inner.defaults)
     try:
         type(inner).__setstate__(
             probe, {"state": {}, "param_groups": [dict(group) for group in groups]}

@@ -542,6 +542,34 @@ def test_a_checkpoint_of_an_older_torch_loads_as_into_torchs_optimizer() -> None
         JDSGD(model.parameters(), lr=0.01).load_state_dict(copy.deepcopy(saved))
 
 
+def test_an_optimizer_without_the_differentiable_option_resumes_from_its_checkpoint() -> None:
+    """A user's own Optimizer subclass (defaults without "differentiable", as torch's tutorials
+    write it): checking the groups ran torch's __setstate__ on a copy that shared the defaults,
+    which added "differentiable" to them, so every checkpoint looked saved by another optimizer."""
+
+    class PlainSGD(torch.optim.Optimizer):
+        def __init__(self, params: Any, lr: float = 0.1) -> None:
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> None:
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.add_(param.grad, alpha=-group["lr"])
+
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JacobianDescent(
+        PlainSGD(model.parameters()), weighting=UPGradWeighting(), batch_dim=0
+    )
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+    optimizer.step()
+    saved = optimizer.state_dict()
+    fresh = JacobianDescent(PlainSGD(model.parameters()), weighting=UPGradWeighting(), batch_dim=0)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    fresh.load_state_dict(copy.deepcopy(saved))  # and again: nothing left changed by the check
+
+
 def test_the_wrapped_optimizers_own_zero_grad_and_add_param_group_run() -> None:
     """An optimizer that completes its groups, or clears its own bookkeeping, in overrides of
     these methods: the jdoptim optimizer ran torch's base code instead, skipping them."""
