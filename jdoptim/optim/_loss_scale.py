@@ -10,32 +10,46 @@ weights depend on the losses' scale (NashMTL...), weights of the scaled losses w
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+# Constant factors looked through, after the scale (Lightning's accumulation, a loss weight...).
+_MOST_FACTORS = 4
 
-def grad_scaler_scale(losses: Tensor) -> float | None:
+
+def grad_scaler_scale(losses: Any) -> float | None:
     """``s`` when ``losses`` is ``x * s`` for a tensor ``s`` shaped as a ``GradScaler``'s scale (one
-    float32 entry, a constant, a power of two from 2 up), else ``None``. One host read when the
-    graph matches."""
+    float32 entry, a constant, a power of two from 2 up), else ``None``.
+
+    Also through constant factors and divisors applied after the scale (``scaler.scale(l) * k``, as
+    Lightning's accumulation does, or ``/ k``), and for a list or tuple of losses scaled alike
+    (``scaler.scale([l1, l2])`` scales each). One host read per float32 factor on the way.
+    """
+    if isinstance(losses, list | tuple):
+        scales = {_scale_of(item) if isinstance(item, Tensor) else None for item in losses}
+        return scales.pop() if len(scales) == 1 else None
+    return _scale_of(losses) if isinstance(losses, Tensor) else None
+
+
+def _scale_of(losses: Tensor) -> float | None:
     node = losses.grad_fn
-    if node is None or node.name() != "MulBackward0":
-        return None
-    try:
-        factor = getattr(node, "_saved_other", None)  # the right operand of x * s
-    except RuntimeError:  # freed by a backward
-        return None
-    if (
-        not isinstance(factor, Tensor)
-        or factor.numel() != 1
-        or factor.dtype != torch.float32
-        or factor.requires_grad
-    ):
-        return None
-    value = float(factor.item())
-    # A scaler's scale starts at 2^16 and halves only on overflows; a factor below 2 is more
-    # likely a loss weight (0.5...), which must not be taken for one.
-    if not value >= 2 or not math.isfinite(value) or math.frexp(value)[0] != 0.5:
-        return None
-    return value
+    for _ in range(_MOST_FACTORS):
+        if node is None or node.name() not in ("MulBackward0", "DivBackward0"):
+            return None
+        try:
+            factor = getattr(node, "_saved_other", None)  # the right operand of x * s
+        except RuntimeError:  # freed by a backward
+            return None
+        if not isinstance(factor, Tensor) or factor.numel() != 1 or factor.requires_grad:
+            return None
+        if factor.dtype == torch.float32:
+            value = float(factor.item())
+            # A scaler's scale starts at 2^16 and halves only on overflows; a factor below 2 is
+            # more likely a loss weight (0.5...), which must not be taken for one.
+            if value >= 2 and math.isfinite(value) and math.frexp(value)[0] == 0.5:
+                # Divided by a scale-like factor: unscaled (x * s / s) or not a scaler's at all.
+                return value if node.name() == "MulBackward0" else None
+        node = node.next_functions[0][0]  # a constant factor after the scale: look below it
+    return None

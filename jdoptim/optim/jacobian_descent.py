@@ -415,7 +415,7 @@ class JacobianDescent(Optimizer):
             self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
         if self.grad_scaler is None:
-            scale = grad_scaler_scale(losses) or scale  # losses from scaler.scale(...)
+            scale = grad_scaler_scale(given_losses) or scale  # losses from scaler.scale(...)
         unscaled = losses / scale if scale != 1.0 else losses
         with _full_precision(losses):
             part = self._path.differentiate(unscaled, features, scale)

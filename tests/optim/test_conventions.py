@@ -352,6 +352,29 @@ def test_backward_weighs_the_losses_a_grad_scaler_scaled_as_unscaled() -> None:
     assert_same_params(results[1], results[0], atol=1e-6)
 
 
+def test_a_list_of_task_losses_a_grad_scaler_scaled_is_weighed_unscaled() -> None:
+    """scaler.scale([loss_a, loss_b]) scales each loss; the stacked losses' graph showed no scale,
+    so NashMTL weighed the scaled losses and stepped 2^10 times too short."""
+    results = []
+    for scaled in (False, True):
+        model, inputs, targets = regression_problem(steps=2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=NashMTLWeighting())
+        for x, y in zip(inputs, targets, strict=True):
+            optimizer.zero_grad()
+            losses = per_instance_losses(model, x, y)
+            tasks = [losses[: len(losses) // 2].mean(), losses[len(losses) // 2 :].mean()]
+            if scaled:
+                optimizer.backward(scaler.scale(tasks))
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.backward(tasks)
+                optimizer.step()
+        results.append(model)
+    assert_same_params(results[1], results[0], atol=1e-6)
+
+
 def test_only_a_grad_scalers_kind_of_factor_is_taken_for_a_loss_scale() -> None:
     losses = torch.rand(4, requires_grad=True) + 1
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
@@ -364,6 +387,14 @@ def test_only_a_grad_scalers_kind_of_factor_is_taken_for_a_loss_scale() -> None:
     assert grad_scaler_scale(losses * torch.tensor(4.0, requires_grad=True)) is None
     assert grad_scaler_scale(losses * torch.full((4,), 4.0)) is None
     assert grad_scaler_scale(losses.detach()) is None
+    scaled = scaler.scale(losses)
+    # Constant factors after the scale (Lightning multiplies per-instance losses back by the
+    # accumulation) and a list scaled item by item: the scale below them is still the scaler's.
+    assert grad_scaler_scale(scaled * 2) == 2.0**12
+    assert grad_scaler_scale(scaled / 3.0 * torch.tensor(0.5)) == 2.0**12
+    assert grad_scaler_scale(scaled / torch.tensor(2.0**12)) is None  # unscaled again
+    assert grad_scaler_scale(scaler.scale([losses[0], losses[1]])) == 2.0**12
+    assert grad_scaler_scale([scaled[0], losses[1]]) is None  # not scaled alike
 
 
 def test_a_first_step_whose_losses_overflow_is_skipped_under_a_grad_scaler() -> None:
