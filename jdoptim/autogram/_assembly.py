@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from jdoptim._grad_layout import in_param_layout
 from jdoptim.autogram._terms import Term, distinct_factors, term_gramians
 from jdoptim.linalg import reshape_gramian
 
@@ -182,7 +183,7 @@ def grad_from_terms(
         for param, term in pairs:
             grad = _upcast(term).weighted_grad(rows).to(param.dtype)
             if param.grad is None:
-                param.grad = grad
+                param.grad = in_param_layout(grad, param)
             else:
                 param.grad.add_(grad)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from jdoptim._grad_layout import in_param_layout
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 from jdoptim.autojac._graph import unique
 from jdoptim.autojac._jac_field import clear_jac, get_jac, has_jac_field
@@ -83,7 +84,7 @@ def aggregate_into_grads(
     for param, update in zip(params, updates, strict=True):
         grad = update.reshape(param.shape)
         if param.grad is None:
-            param.grad = grad.detach()
+            param.grad = in_param_layout(grad.detach(), param)
         else:
             param.grad += grad.detach()
     return weights

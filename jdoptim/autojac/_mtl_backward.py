@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from jdoptim._grad_layout import in_param_layout
 from jdoptim.autojac._graph import (
     as_tensor_list,
     check_chunk_size,
@@ -114,7 +115,7 @@ def mtl_backward(
             if grad is None:
                 continue
             if param.grad is None:
-                param.grad = grad.contiguous()
+                param.grad = in_param_layout(grad.contiguous(), param)
             else:
                 param.grad += grad
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jdoptim._grad_layout import lay_out_grads
 from jdoptim.paths import Part
 
 
@@ -57,6 +58,7 @@ class AccumulationWindow:
         for param, base in zip(params, self.base, strict=True):
             if base is not None:
                 param.grad = base.clone() if param.grad is None else param.grad + base
+        lay_out_grads(params)
         self.written = GradSnapshot(params)
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from jdoptim._grad_layout import lay_out_grads
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepAware, StepInfo
 from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggregator, Weighting
@@ -296,6 +297,7 @@ class JacobianDescent(Optimizer):
             clear_jac(params)
             raise
         self.last_step = record
+        lay_out_grads(params)
         with self._method_state_restored_on_error(saved_method_state):
             self._update()
             self._window.clear()

@@ -683,3 +683,58 @@ def test_the_wrapped_optimizers_own_state_dict_and_the_load_pre_hooks_order() ->
     target.load_state_dict(saved)
     assert seen == [["counter", "jdoptim", "param_groups", "state"]]
     assert target.optimizer.counter == 3 and target.jd_state_dict()["steps"] == 0
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("form", ["closure", "backward"])
+def test_grad_has_the_parameters_layout_as_autograd_gives_it(
+    batch_dim: int | None, form: str
+) -> None:
+    """A channels_last convolution weight: jdoptim wrote a contiguous .grad, fused optimizers read
+    it in the parameter's layout, and the update went to the wrong entries. Checked against torch's
+    fused SGD on the mean loss (MeanWeighting is its step)."""
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 3, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    targets = torch.randn(6, dtype=torch.float64)
+
+    def network() -> nn.Module:
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 1))
+        return layers.to(dtype=torch.float64, memory_format=torch.channels_last)
+
+    def losses_of(model: nn.Module) -> Tensor:
+        return (model(inputs).squeeze(-1) - targets) ** 2
+
+    reference, model = network(), network()
+    torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
+    optimizer = JDSGD(
+        model.parameters(),
+        lr=0.1,
+        momentum=0.9,
+        fused=True,
+        weighting=MeanWeighting(),
+        batch_dim=batch_dim,
+    )
+    for _ in range(3):
+        torch_sgd.zero_grad()
+        losses_of(reference).mean().backward()
+        torch_sgd.step()
+        if form == "closure":
+            optimizer.step(lambda: (optimizer.zero_grad(), losses_of(model))[1])
+        else:
+            optimizer.zero_grad()
+            optimizer.backward(losses_of(model))
+            optimizer.step()
+    conv = model[0].weight
+    assert conv.grad is not None and conv.grad.stride() == conv.stride()
+    assert_same_params(model, reference, atol=1e-12)
+
+
+def test_engine_backward_gives_grad_the_parameters_layout() -> None:
+    layer = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    inputs = torch.randn(5, 3, 6, 6).to(memory_format=torch.channels_last)
+    with Engine(layer, batch_dim=0) as engine:
+        output = layer(inputs).sum(dim=(1, 2, 3))
+        engine.compute_gramian(output)
+        engine.backward(torch.ones(5))
+    assert layer.weight.grad is not None and layer.weight.grad.stride() == layer.weight.stride()
