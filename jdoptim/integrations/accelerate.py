@@ -25,7 +25,7 @@ __all__ = ["backward", "jacobian_descent_optimizer"]
 def backward(
     accelerator: accelerate.Accelerator,
     optimizer: Optimizer,
-    losses: Tensor,
+    losses: Tensor | list[Tensor] | tuple[Tensor, ...],
     *,
     features: Any = None,
 ) -> StepRecord:
@@ -41,6 +41,8 @@ def backward(
     through accelerate's wrapper; the record's ``losses`` are the ones to log).
     """
     jd_optimizer = jacobian_descent_optimizer(optimizer)
+    if isinstance(losses, list | tuple):  # per-task losses as a list of scalars
+        losses = torch.stack([torch.as_tensor(loss) for loss in losses])
     if jd_optimizer.batch_dim is None and accelerator.gradient_accumulation_steps > 1:
         losses = losses / accelerator.gradient_accumulation_steps
     if accelerator.scaler is not None:

@@ -40,13 +40,23 @@ class JacobianDescentModule(pl.LightningModule):
     batch. Per-task losses keep the division: their sum over micro-batches is the whole batch's mean.
 
     Manual optimization: ``self.manual_backward(losses)`` (``features=`` in multi-task mode,
-    ``jd_optimizer=`` to choose among several jdoptim optimizers) then ``opt.step(...)``.
-    With any other optimizer, ``backward`` is Lightning's.
+    ``jd_optimizer=`` to choose among several jdoptim optimizers) then ``opt.step(...)``. Beside
+    other optimizers (a GAN), a loss is the jdoptim optimizer's unless it is a scalar, or
+    ``toggle_optimizer`` switched that optimizer's parameters off, or ``jd_optimizer=`` names
+    another optimizer; those, and every loss without a jdoptim optimizer, take Lightning's
+    ``backward``.
     """
 
-    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+    def manual_backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``manual_backward``, also for per-task losses given as a list or tuple of
+        scalars (stacked first: Lightning's precision plugins take one tensor)."""
+        if isinstance(loss, list | tuple):
+            loss = torch.stack([torch.as_tensor(item) for item in loss])
+        super().manual_backward(loss, *args, **kwargs)
+
+    def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
         features = kwargs.pop("features", None)
-        optimizer = self._jacobian_descent_optimizer(kwargs.pop("jd_optimizer", None))
+        optimizer = self._jacobian_descent_optimizer(kwargs.pop("jd_optimizer", None), loss)
         if optimizer is None:
             super().backward(loss, *args, **kwargs)
             return
@@ -57,20 +67,23 @@ class JacobianDescentModule(pl.LightningModule):
             )
         accumulation = self.trainer.accumulate_grad_batches
         if self.automatic_optimization and optimizer.batch_dim is not None and accumulation != 1:
-            loss = loss * accumulation
+            loss = _times(loss, accumulation)
         # A manual training_step runs under the precision plugin's autocast; the Gramian, Jacobian
         # and weights must not be computed in half precision (a scaled float16 Gramian overflows).
-        with torch.autocast(loss.device.type, enabled=False):
+        with torch.autocast(_device_type(loss), enabled=False):
             optimizer.backward(loss, features=features)
 
-    def _jacobian_descent_optimizer(self, chosen: Any) -> JacobianDescent | None:
+    def _jacobian_descent_optimizer(self, chosen: Any, loss: Any) -> JacobianDescent | None:
+        """The jdoptim optimizer ``loss`` is for, or ``None`` for Lightning's own backward."""
         if chosen is not None:
             found = _unwrapped(chosen)
-            if not isinstance(found, JacobianDescent):
+            if found is None:
                 raise TypeError(
-                    f"jd_optimizer= must be a jdoptim optimizer, got {type(chosen).__name__}."
+                    f"jd_optimizer= must be one of the optimizers of configure_optimizers, got "
+                    f"{type(chosen).__name__}."
                 )
-            return found
+            # Another optimizer named: the loss is its, and its backward is Lightning's.
+            return found if isinstance(found, JacobianDescent) else None
         configured = self.optimizers(use_pl_optimizer=False)
         optimizers = configured if isinstance(configured, list) else [configured]
         ours = [o for o in optimizers if isinstance(o, JacobianDescent)]
@@ -79,7 +92,34 @@ class JacobianDescentModule(pl.LightningModule):
                 f"configure_optimizers returned {len(ours)} jdoptim optimizers: say which one the "
                 "losses are for with self.manual_backward(losses, jd_optimizer=opt)."
             )
-        return ours[0] if ours else None
+        if not ours:
+            return None
+        if len(ours) < len(optimizers) and not _for_jacobian_descent(ours[0], loss):
+            # Beside a plain optimizer (a GAN's other network): a scalar loss, or one while
+            # toggle_optimizer has switched this optimizer's parameters off, is the other's.
+            return None
+        return ours[0]
+
+
+def _for_jacobian_descent(optimizer: JacobianDescent, loss: Any) -> bool:
+    if isinstance(loss, Tensor) and loss.ndim == 0:
+        return False
+    return any(param.requires_grad for param in optimizer.params())
+
+
+def _times(loss: Any, factor: int) -> Any:
+    if isinstance(loss, list | tuple):
+        return [item * factor for item in loss]
+    return loss * factor
+
+
+def _device_type(loss: Any) -> str:
+    """The device type of the losses: a tensor, or a list or tuple of per-task tensors."""
+    items = loss if isinstance(loss, list | tuple) else [loss]
+    for item in items:
+        if isinstance(item, Tensor):
+            return item.device.type
+    return "cpu"
 
 
 def _unwrapped(optimizer: Any) -> Optimizer | None:

@@ -117,6 +117,26 @@ def test_accumulate_of_per_task_losses_equals_the_whole_batch_step() -> None:
     assert max_difference(net, whole_batch) <= 1e-6
 
 
+def task_loss_list(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+    return list(task_losses(net, x, y).unbind())
+
+
+def test_per_task_losses_as_a_list_equal_the_stacked_losses() -> None:
+    """A list of per-task scalars, which optimizer.backward takes, crashed the helper (list / int,
+    list.device)."""
+    data = make_data(outputs=2)
+    net = make_net(outputs=2)
+    accelerated_run(
+        net, data, loss_fn=task_loss_list, batch_dim=None, gradient_accumulation_steps=2
+    )
+    stacked = make_net(outputs=2)
+    accelerated_run(
+        stacked, data, loss_fn=task_losses, batch_dim=None, gradient_accumulation_steps=2
+    )
+    assert max_difference(net, stacked) == 0.0
+    assert max_difference(net, make_net(outputs=2)) > 1e-3
+
+
 @pytest.mark.parametrize("whole_step_in_autocast", [False, True], ids=["forward", "whole step"])
 def test_bf16_mixed_precision_trains_on_cpu(whole_step_in_autocast: bool) -> None:
     # accelerate runs the prepared model's forward under autocast; accelerator.autocast() may

@@ -552,3 +552,116 @@ def test_several_jdoptim_optimizers_are_told_apart_by_jd_optimizer() -> None:
 
     with pytest.raises(TypeError, match="jd_optimizer=opt"):
         fit(TwoOptimizers(choose=False), data)
+
+
+class ScalerInOptimizerNashMTL(Regression):
+    def configure_optimizers(self) -> Any:
+        scaler = self.trainer.precision_plugin.scaler
+        return JDSGD(
+            self.net.parameters(),
+            lr=0.1,
+            weighting=NashMTLWeighting(),
+            batch_dim=0,
+            grad_scaler=scaler,
+        )
+
+
+def test_float16_loss_scaling_with_accumulation_leaves_a_scale_dependent_weighting_unchanged() -> (
+    None
+):
+    """With accumulate_grad_batches, the module multiplies the plugin's scaled per-instance losses
+    back by the accumulation count: the scale was no longer found in their graph, so NashMTL
+    weighed scaled losses and stepped 2^10 times too short. Same steps as with the plugin's scaler
+    handed to the optimizer."""
+    data = make_data()
+    recognised = NashMTLRegression(make_net())
+    fit(recognised, data, plugins=[fp16_plugin()], accumulate_grad_batches=2)
+    given = ScalerInOptimizerNashMTL(make_net())
+    fit(given, data, plugins=[fp16_plugin()], accumulate_grad_batches=2)
+    assert max_difference(recognised.net, given.net) <= 1e-6
+    assert max_difference(given.net, make_net()) > 1e-3
+
+
+class BesidePlainOptimizer(JacobianDescentModule):
+    """A jdoptim optimizer for one network and torch's SGD for another (GAN-style manual
+    optimization); the plain one's scalar loss goes through self.manual_backward too."""
+
+    def __init__(self, toggle: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.toggle = toggle
+        self.first, self.second = make_net(), make_net(seed=1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        jd, plain = self.optimizers()
+        jd.zero_grad()
+        self.manual_backward(instance_losses(self.first, *batch))
+        jd.step()
+        if self.toggle:
+            self.toggle_optimizer(plain)
+        plain.zero_grad()
+        self.manual_backward(instance_losses(self.second, *batch).mean())
+        plain.step()
+        if self.toggle:
+            self.untoggle_optimizer(plain)
+
+    def configure_optimizers(self) -> Any:
+        return sgd(self.first, 0), torch.optim.SGD(self.second.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("toggle", [False, True], ids=["plain", "toggle_optimizer"])
+def test_a_plain_optimizers_loss_takes_lightnings_backward(toggle: bool) -> None:
+    """The scalar loss of the plain optimizer went to the jdoptim optimizer (the only one), so the
+    plain one never got .grad (or, toggled, the backward raised)."""
+    data = make_data()
+    module = BesidePlainOptimizer(toggle)
+    fit(module, data, max_steps=2 * STEPS)
+    first, second = make_net(), make_net(seed=1)
+    jd, plain = sgd(first, 0), torch.optim.SGD(second.parameters(), lr=0.1)
+    stream = batches(*data)
+    for _ in range(STEPS):
+        x, y = next(stream)
+        jd.zero_grad()
+        jd.backward(instance_losses(first, x, y))
+        jd.step()
+        plain.zero_grad()
+        instance_losses(second, x, y).mean().backward()
+        plain.step()
+    assert max_difference(module.first, first) == 0.0
+    assert max_difference(module.second, second) == 0.0
+    assert max_difference(second, make_net(seed=1)) > 1e-3
+
+
+class ListOfTaskLosses(JacobianDescentModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = make_net()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        losses = instance_losses(self.net, *batch)
+        optimizer.zero_grad()
+        self.manual_backward([losses[: BATCH // 2].mean(), losses[BATCH // 2 :].mean()])
+        optimizer.step()
+
+    def configure_optimizers(self) -> Any:
+        return sgd(self.net, None)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_manual_backward_takes_per_task_losses_as_a_list(precision: str) -> None:
+    data = make_data()
+    module = ListOfTaskLosses()
+    fit(module, data, precision=precision)
+    net = make_net()
+    optimizer = sgd(net, None)
+    stream = batches(*data)
+    for _ in range(STEPS):
+        x, y = next(stream)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            losses = instance_losses(net, x, y)
+        optimizer.zero_grad()
+        optimizer.backward(torch.stack([losses[: BATCH // 2].mean(), losses[BATCH // 2 :].mean()]))
+        optimizer.step()
+    assert max_difference(module.net, net) == 0.0
