@@ -41,15 +41,15 @@ def backward(
     through accelerate's wrapper; the record's ``losses`` are the ones to log).
     """
     jd_optimizer = jacobian_descent_optimizer(optimizer)
-    if isinstance(losses, list | tuple):  # per-task losses as a list of scalars
-        losses = torch.stack([torch.as_tensor(loss) for loss in losses])
+    # Per-task losses as a list of scalars: one tensor, which the scaler scales as one.
+    stacked = losses if isinstance(losses, Tensor) else torch.stack(list(losses))
     if jd_optimizer.batch_dim is None and accelerator.gradient_accumulation_steps > 1:
-        losses = losses / accelerator.gradient_accumulation_steps
+        stacked = stacked / accelerator.gradient_accumulation_steps
     if accelerator.scaler is not None:
-        losses = accelerator.scaler.scale(losses)
+        stacked = accelerator.scaler.scale(stacked)
     # Under accelerator.autocast() the Gramian, Jacobian and weights must stay in full precision.
-    with torch.autocast(losses.device.type, enabled=False):
-        return jd_optimizer.backward(losses, features=features)
+    with torch.autocast(stacked.device.type, enabled=False):
+        return jd_optimizer.backward(stacked, features=features)
 
 
 def jacobian_descent_optimizer(optimizer: Optimizer) -> JacobianDescent:
