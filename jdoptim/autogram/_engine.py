@@ -150,6 +150,7 @@ class Engine:
         self._eager_hook: Callable[..., None] = torch.compiler.disable(self._hook)  # type: ignore[no-untyped-call]
         self._warned: set[int] = set()
         self._handles: list[RemovableHandle] = []
+        self._hook_ids: set[int] = set()
         self._hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._owned: set[int] = set()  # ids of covered parameters owned by a hooked module
         tree = {id(m): m for root in self._modules for m in root.modules()}
@@ -227,7 +228,9 @@ class Engine:
         # First among the module's hooks: the call as the module made it, before another hook
         # replaces its output or (fully_shard) swaps its parameters.
         hook = _ModuleHook(self._eager_hook)
-        self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+        handle = module.register_forward_hook(hook, with_kwargs=True, prepend=True)
+        self._handles.append(handle)
+        self._hook_ids.add(handle.id)
         self._hooked.add(module)
         self._owned.update(
             id(p) for p in module.parameters(recurse=False) if id(p) in self._param_ids
@@ -291,9 +294,31 @@ class Engine:
             rule = closed_form_rule(module) if owns else None
             known = (signature, owns or _is_batch_norm(module), rule)
             self._rules[module] = known
-        _, relevant, rule = known
-        if relevant:
+        _, _, rule = known
+        # Per call, not from the cache: a call through torch.func.functional_call (fast weights,
+        # LoRA) holds other tensors in the parameter slots than the module's own.
+        owns = self._owns_covered(module)
+        if rule is not None and not self._called_as_declared(module):
+            rule = None
+        if owns or _is_batch_norm(module):
             record_call(module, rule, args, kwargs, output)
+
+    def _called_as_declared(self, module: nn.Module) -> bool:
+        """Whether this call of ``module`` is its class's stock computation on its own parameters,
+        as the closed form assumes: no tensor computed from others in a parameter slot
+        (``functional_call`` with derived weights, weight dropout), no ``forward`` patched on the
+        instance, and no other forward hook (but another engine's) before the engine's, which
+        could change the output the engine sees."""
+        if any(t is not None and t.grad_fn is not None for t in module._parameters.values()):
+            return False
+        if "forward" in module.__dict__ or "_conv_forward" in module.__dict__:
+            return False
+        for hook_id, hook in module._forward_hooks.items():
+            if hook_id in self._hook_ids:
+                return True
+            if not isinstance(hook, _ModuleHook):  # another engine's hook only records the call
+                return False
+        return True
 
     # ------------------------------------------------------------------ Gramian
 

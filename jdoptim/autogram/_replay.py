@@ -107,7 +107,8 @@ def replay_rows(
     batched = [i for i, dim in enumerate(dims) if dim is not None]
     if any(leaves[i].shape[dims[i]] != batch for i in batched):
         return None
-    primals = {names[id(p)]: p.detach() for p in params}
+    primals = {f"module.{names[id(p)]}": p.detach() for p in params}
+    forward_only = _ForwardOnly(module)
 
     def one_instance(slices: list[Tensor], cotangent: Tensor) -> dict[str, Tensor]:
         instance_leaves = list(leaves)
@@ -116,7 +117,7 @@ def replay_rows(
         call_args, call_kwargs = tree_unflatten(instance_leaves, spec)
 
         def attention(values: dict[str, Tensor]) -> Tensor:
-            out: Tensor = functional_call(module, values, tuple(call_args), call_kwargs)[0]
+            out: Tensor = functional_call(forward_only, values, tuple(call_args), call_kwargs)[0]
             return out
 
         pullback = vjp(attention, primals)[1]  # vjp returns (output, pullback)
@@ -126,4 +127,18 @@ def replay_rows(
     in_dims = ([dims[i] for i in batched], 1 + output_dim)
     with hooks_suspended(), torch.enable_grad(), without_vmap_fallback_warnings():
         grads = vmap(one_instance, in_dims=in_dims)([leaves[i] for i in batched], gradient)
-    return [grads[names[id(p)]] for p in params]
+    return [grads[f"module.{names[id(p)]}"] for p in params]
+
+
+class _ForwardOnly(nn.Module):
+    """Calls the wrapped module's ``forward`` alone: the replay recomputes what the module's
+    forward made of the inputs it was called with (its pre-hooks had run); running the user's hooks
+    again would change the values (an output hook) or fail under ``vmap`` (a hook that logs with
+    ``.item()``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.forward(*args, **kwargs)

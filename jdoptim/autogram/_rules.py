@@ -260,11 +260,16 @@ CLOSED_FORMS: dict[type[nn.Module], ClosedFormRule] = {
 }
 
 
+# The methods a closed form's stock computation runs: a subclass overriding one of them (weight
+# standardisation in _conv_forward, say) computes something else.
+_FORWARD_METHODS = ("forward", "_conv_forward")
+
+
 def closed_form_rule(module: nn.Module) -> ClosedFormRule | None:
     """The closed form for ``module``, or ``None`` if it needs a generic exact route.
 
-    Only the stock ``forward`` of each type qualifies: a subclass overriding it may use its
-    parameters differently. So does only a module whose ``weight`` and ``bias`` are its own
+    Only the stock ``forward`` of each type qualifies (and the stock ``_conv_forward`` it calls): a
+    subclass overriding it may use its parameters differently. So does only a module whose ``weight`` and ``bias`` are its own
     parameters, and its only ones: a parametrized weight (``weight_norm``, ``spectral_norm``,
     ``torch.nn.utils.parametrize``) is computed from other parameters, which the closed form
     would miss.
@@ -272,7 +277,10 @@ def closed_form_rule(module: nn.Module) -> ClosedFormRule | None:
     for cls in type(module).__mro__:
         rule = CLOSED_FORMS.get(cls)
         if rule is not None:
-            stock = type(module).forward is getattr(cls, "forward", None)
+            stock = all(
+                getattr(type(module), name, None) is getattr(cls, name, None)
+                for name in _FORWARD_METHODS
+            )
             return rule if stock and _plain_parameters(module) and rule.accepts(module) else None
     return None
 
