@@ -16,15 +16,18 @@ class AccumulationWindow:
     """The micro-batches given to ``backward`` since the last step, and the ``.grad`` they wrote.
 
     Each ``backward`` rewrites ``.grad`` as ``base + direction(all micro-batches)``, where ``base``
-    is what ``.grad`` held when the window opened. If ``.grad`` is no longer what the window wrote
-    (the user replaced it, or zeroed it in place: ``zero_grad(set_to_none=False)``, ``zero_()``),
-    the next ``backward`` opens a new window on it, as torch's ``.grad`` accumulates.
+    is what ``.grad`` held when the window opened. If every ``.grad`` was reset since the last
+    ``backward`` (``zero_grad()``, in place or not), the next one opens a new window on it, as
+    torch's ``.grad`` accumulates. If only some were, the window goes on for the others (they get
+    the direction of all the window's micro-batches) and keeps each edit (:meth:`adopt_edits`).
     """
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
         self.base: list[Tensor | None] = []
         self.written = GradSnapshot([])
+        #: ``.grad`` the user cleared mid-window (``None``, or a zero tensor), by parameter index.
+        self.cleared: dict[int, Tensor | None] = {}
         self.finite = True
         self.base_finite = True
         #: The method's state when the window opened (each backward weighs from it again).
@@ -32,11 +35,32 @@ class AccumulationWindow:
 
     def clear(self) -> None:
         self.parts, self.base, self.written = [], [], GradSnapshot([])
+        self.cleared = {}
         self.finite = True
         self.method_state = None
 
     def interrupted(self, params: list[Tensor]) -> bool:
-        return not self.parts or self.written.differs(params)
+        return not self.parts or self.written.all_reset(params)
+
+    def adopt_edits(self, params: list[Tensor]) -> None:
+        """Keeps what was done to some ``.grad`` since the last ``backward`` of the window: a
+        ``.grad`` cleared (set to ``None`` or zeroed: a parameter frozen between micro-batches)
+        stays so for the rest of the window; one replaced by another tensor keeps the difference
+        from what the window wrote, as an addition to its base. In-place edits that are no reset
+        (clipping, unscaling) are not kept: the next ``backward`` rewrites the whole direction."""
+        for index, param in enumerate(params):
+            change = self.written.change(index, param)
+            if change == "cleared":
+                self.cleared[index] = param.grad
+            elif change == "replaced":
+                assert param.grad is not None
+                written, base = self.written.grads[index], self.base[index]
+                # What the window's micro-batches put there (nothing while it held None).
+                direction = None if written is None or base is None else written - base
+                direction = written if base is None else direction
+                self.base[index] = param.grad if direction is None else param.grad - direction
+                self.cleared.pop(index, None)
+        self.written = GradSnapshot(params)
 
     def open(self, params: list[Tensor]) -> None:
         """Starts a window on what ``.grad`` holds now; a non-finite base (the NaN ``.grad`` of a
@@ -44,6 +68,7 @@ class AccumulationWindow:
         self.parts = []
         self.base = [p.grad for p in params]
         self.written = GradSnapshot(params)
+        self.cleared = {}
         # A sparse .grad (nn.Embedding(sparse=True)) is finite where its stored values are.
         held = [g._values() if g.is_sparse else g for g in self.base if g is not None]
         self.base_finite = not held or bool(
@@ -55,8 +80,10 @@ class AccumulationWindow:
             param.grad = grad
 
     def write(self, params: list[Tensor]) -> None:
-        for param, base in zip(params, self.base, strict=True):
-            if base is not None:
+        for index, (param, base) in enumerate(zip(params, self.base, strict=True)):
+            if index in self.cleared:
+                param.grad = self.cleared[index]
+            elif base is not None:
                 param.grad = base.clone() if param.grad is None else param.grad + base
         lay_out_grads(params)
         self.written = GradSnapshot(params)
@@ -69,21 +96,25 @@ class GradSnapshot:
         self.grads = [p.grad for p in params]
         self.versions = [None if g is None else g._version for g in self.grads]
 
-    def differs(self, params: list[Tensor]) -> bool:
-        """Whether ``.grad`` was replaced, or reset in place, since the snapshot: some tensor is
-        another one, or every tensor changed in place is now zero (``zero_grad(set_to_none=False)``,
-        ``zero_()``). Other in-place changes (clipping, unscaling) do not count: the next
-        ``backward`` rewrites the window's direction anyway, and clipping after the last one clips
-        the real direction."""
+    def all_reset(self, params: list[Tensor]) -> bool:
+        """Whether every ``.grad`` the snapshot holds was reset since (``zero_grad()``: set to
+        ``None`` or zeroed, in place or not), or the parameters are others."""
         if len(params) != len(self.grads):
             return True
-        edited = []
-        for param, grad, version in zip(params, self.grads, self.versions, strict=True):
-            if param.grad is not grad:
-                return True
-            if grad is not None and grad._version != version:
-                edited.append(grad._values() if grad.is_sparse else grad)
-        return bool(edited) and not any(bool(grad.any()) for grad in edited)
+        changes = [self.change(index, param) for index, param in enumerate(params)]
+        held = [c for c, g in zip(changes, self.grads, strict=True) if g is not None]
+        return bool(held) and all(c == "cleared" for c in held) and "replaced" not in changes
+
+    def change(self, index: int, param: Tensor) -> str:
+        """What happened to ``param.grad`` since the snapshot: ``"same"`` (untouched, or changed in
+        place to something non-zero: clipping, unscaling), ``"cleared"`` (now ``None`` or zero,
+        where it held a tensor), or ``"replaced"`` (another, non-zero tensor)."""
+        grad, version, now = self.grads[index], self.versions[index], param.grad
+        if now is grad and (grad is None or grad._version == version):
+            return "same"
+        if now is None or not bool(_values(now).any()):
+            return "cleared" if grad is not None else "same"
+        return "same" if now is grad else "replaced"
 
     def accumulated(self, params: list[Tensor]) -> bool:
         """Whether a backward pass added to some ``.grad`` since the snapshot: a new tensor, or the
@@ -94,10 +125,14 @@ class GradSnapshot:
                 continue
             if now is not grad:
                 return True
-            values = now._values() if now.is_sparse else now
-            if bool(values.any()):
+            if bool(_values(now).any()):
                 return True
         return False
+
+
+def _values(grad: Tensor) -> Tensor:
+    """The stored values of a gradient (a sparse one's, from ``nn.Embedding(sparse=True)``)."""
+    return grad._values() if grad.is_sparse else grad
 
 
 class DifferentiatedLosses:

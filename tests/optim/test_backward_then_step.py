@@ -624,3 +624,49 @@ def test_a_failed_backward_in_a_window_leaves_the_methods_state_as_it_was() -> N
     assert weighting.state_dict()["_extra_state"]["calls"] == state["_extra_state"]["calls"] == 1
     for param, grad in zip(model.parameters(), grads, strict=True):
         assert torch.equal(param.grad, grad)
+
+
+@pytest.mark.parametrize("clear", ["none", "zero_"])
+def test_clearing_some_grads_between_micro_batches_keeps_the_window_for_the_others(
+    clear: str,
+) -> None:
+    """Freezing a parameter between micro-batches (its .grad set to None, or zeroed): the next
+    backward opened a new window for every parameter, so the others got the sum of two windows'
+    directions instead of the whole batch's. The frozen one stays cleared."""
+    model, inputs, targets = regression_problem(steps=1)
+    whole = copy.deepcopy(model)
+    frozen = model[0].bias
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    for part in (slice(0, 4), slice(4, 8)):
+        optimizer.backward(per_instance_losses(model, inputs[0][part], targets[0][part]))
+        if clear == "none":
+            frozen.grad = None
+        else:
+            assert frozen.grad is not None
+            frozen.grad.zero_()
+    reference = JDSGD(whole.parameters(), lr=0.1, batch_dim=0)
+    reference.backward(per_instance_losses(whole, inputs[0], targets[0]))
+    for (name, param), expected in zip(model.named_parameters(), whole.parameters(), strict=True):
+        if param is frozen:
+            assert param.grad is None if clear == "none" else not bool(param.grad.any())
+        else:
+            torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0, msg=name)
+
+
+def test_a_grad_replaced_between_micro_batches_keeps_the_users_change() -> None:
+    """A .grad replaced by another tensor mid-window: the difference from what the window wrote is
+    kept (as torch keeps any .grad it is given), and the other parameters keep the window."""
+    model, inputs, targets = regression_problem(steps=1)
+    whole = copy.deepcopy(model)
+    edited = model[0].weight
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0][:4], targets[0][:4]))
+    assert edited.grad is not None
+    change = torch.ones_like(edited)
+    edited.grad = edited.grad + change
+    optimizer.backward(per_instance_losses(model, inputs[0][4:], targets[0][4:]))
+    reference = JDSGD(whole.parameters(), lr=0.1, batch_dim=0)
+    reference.backward(per_instance_losses(whole, inputs[0], targets[0]))
+    for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
+        added = change if param is edited else 0.0
+        torch.testing.assert_close(param.grad, expected.grad + added, atol=1e-12, rtol=0.0)
