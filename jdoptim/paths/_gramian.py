@@ -124,10 +124,12 @@ class GramianPath(Path):
             return parts[0]
         first = parts[0]
         if isinstance(first, TermsPart):
-            terms_parts = [_aligned(p, first) for p in parts if isinstance(p, TermsPart)]
+            given = [p for p in parts if isinstance(p, TermsPart)]
+            params = _reached_by_any(given)
+            terms_parts = [_aligned(p, params, given) for p in given]
             losses = _concat_losses([p.losses for p in terms_parts], self.batch_dim)
             terms = concat_terms(_same_forms(terms_parts))
-            return TermsPart(losses, first.params, terms, None, scale=first.scale)
+            return TermsPart(losses, params, terms, None, scale=first.scale)
         if isinstance(first, LossesPart):
             graphs = [p.graph_losses for p in parts if isinstance(p, LossesPart)]
             graph = _concat_losses(graphs, self.batch_dim)
@@ -179,16 +181,35 @@ def _scale_invariant(weighting: Weighting | GeneralizedWeighting) -> bool:
     return bool(getattr(inner, "scale_invariant", False))
 
 
-def _aligned(part: TermsPart, first: TermsPart) -> TermsPart:
-    """``part`` with its terms in the order of ``first``'s parameters."""
+def _reached_by_any(parts: Sequence[TermsPart]) -> list[Tensor]:
+    """The parameters some micro-batch reached, in the order they first appear."""
+    params: dict[int, Tensor] = {}
+    for part in parts:
+        for param in part.params:
+            params.setdefault(id(param), param)
+    return list(params.values())
+
+
+def _aligned(part: TermsPart, params: list[Tensor], parts: Sequence[TermsPart]) -> TermsPart:
+    """``part`` with a term for each of ``params``, in their order: a parameter its micro-batch
+    did not reach (an expert no token was routed to, a branch not taken) has zero gradients for
+    its losses, so a zero term, as ``parts`` form that parameter's rows elsewhere."""
     by_param = {id(param): term for param, term in zip(part.params, part.terms, strict=True)}
-    if set(by_param) != {id(param) for param in first.params}:
-        raise ValueError(
-            "The micro-batches of one step reached different parameters; every backward() of a "
-            "step must run the same model."
-        )
-    terms = [by_param[id(param)] for param in first.params]
-    return TermsPart(part.losses, first.params, terms, part.graph_losses, scale=part.scale)
+    rows = part.losses.numel()
+    terms = []
+    for param in params:
+        term = by_param.get(id(param))
+        if term is None:
+            like = next(
+                t for p in parts for q, t in zip(p.params, p.terms, strict=True) if q is param
+            )
+            dtype = like.factors()[0][0].dtype
+            zeros = torch.zeros(rows, param.numel(), dtype=dtype, device=param.device)
+            term = MaterializedTerm(
+                zeros, tuple(param.shape), sparse=getattr(like, "sparse", False)
+            )
+        terms.append(term)
+    return TermsPart(part.losses, params, terms, part.graph_losses, scale=part.scale)
 
 
 def _same_forms(parts: Sequence[TermsPart]) -> list[list[Term]]:

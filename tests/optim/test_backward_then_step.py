@@ -670,3 +670,44 @@ def test_a_grad_replaced_between_micro_batches_keeps_the_users_change() -> None:
     for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
         added = change if param is edited else 0.0
         torch.testing.assert_close(param.grad, expected.grad + added, atol=1e-12, rtol=0.0)
+
+
+class TwoExperts(nn.Module):
+    """Top-1 routing over two experts; an expert no instance is routed to is not called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(3, 2)
+        self.experts = nn.ModuleList([nn.Linear(3, 4), nn.Linear(3, 4)])
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = self.gate(x).softmax(-1)
+        chosen = probs.argmax(-1)
+        out = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for index, expert in enumerate(self.experts):
+            rows = (chosen == index).nonzero().squeeze(-1)
+            if rows.numel():
+                out = out.index_add(0, rows, expert(x[rows]) * probs[rows, index : index + 1])
+        return self.head(torch.tanh(out)).squeeze(-1)
+
+
+def test_micro_batches_that_reach_different_parameters_accumulate_exactly() -> None:
+    """An expert no instance of a micro-batch was routed to: that micro-batch's losses have zero
+    gradients for it. The accumulation raised a ValueError, where torch's accumulates."""
+    torch.manual_seed(0)
+    model = TwoExperts().double()
+    whole = copy.deepcopy(model)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randn(16, dtype=torch.float64)
+    with torch.no_grad():
+        chosen = model.gate(x).softmax(-1).argmax(-1)
+    parts = [slice(0, 2), slice(2, 16)]  # the first two go to expert 0 alone
+    assert any(len(set(chosen[part].tolist())) == 1 for part in parts)  # one expert skipped
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    for part in parts:
+        optimizer.backward((model(x[part]) - y[part]) ** 2)
+    optimizer.step()
+    reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    reference.step(lambda: (whole(x) - y) ** 2)
+    assert_same_params(model, whole, atol=1e-10)
