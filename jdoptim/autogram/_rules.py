@@ -287,8 +287,10 @@ def closed_form_rule(module: nn.Module) -> ClosedFormRule | None:
 
 def _plain_parameters(module: nn.Module) -> bool:
     """Whether the tensors the stock forward reads, ``weight`` and ``bias``, are the module's own
-    parameters, and the module has no other."""
+    parameters, none empty, and the module has no other."""
     own = dict(module.named_parameters(recurse=False))
     if not set(own) <= {"weight", "bias"}:
+        return False
+    if any(param.numel() == 0 for param in own.values()):  # nn.Linear(0, d): nothing to factor
         return False
     return all(getattr(module, name, None) is own.get(name) for name in ("weight", "bias"))

@@ -9,6 +9,7 @@ changed the output before the engine saw it; the replay route ran the user's hoo
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -127,3 +128,31 @@ def test_the_replay_route_does_not_run_the_users_hooks_again() -> None:
     calls = len(logged)
     assert_exact_gramian(model, lambda: model(x, memory))
     assert len(logged) == calls + 3  # once per forward, none from the replay
+
+
+def test_a_layer_with_an_empty_weight() -> None:
+    """nn.Linear(0, d) (a configurable model with no extra features): the closed form reshaped
+    its zero-element factors and raised, where autograd gives an empty gradient."""
+
+    class WithExtras(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.main = nn.Linear(3, 5)
+            self.extras = nn.Linear(0, 5, bias=False)
+            self.head = nn.Linear(5, 1)
+
+        def forward(self, x: Tensor, extras: Tensor) -> Tensor:
+            hidden = torch.tanh(self.main(x) + self.extras(extras))
+            return self.head(hidden).squeeze(-1).pow(2)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about initialising a zero-element tensor
+        model = WithExtras().to(DOUBLE)
+    x, extras = torch.randn(4, 3, dtype=DOUBLE), torch.randn(4, 0, dtype=DOUBLE)
+    assert_exact_gramian(model, lambda: model(x, extras))
+    engine = Engine(model, batch_dim=0)
+    model(x, extras)
+    engine.compute_gramian(model(x, extras))
+    engine.backward(torch.ones(4, dtype=DOUBLE))
+    assert model.extras.weight.grad is not None and model.extras.weight.grad.shape == (5, 0)
