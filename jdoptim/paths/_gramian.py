@@ -239,4 +239,13 @@ def term_rows(term: Term) -> MaterializedTerm:
 
 def _concat_losses(losses: Sequence[Tensor], batch_dim: int) -> Tensor:
     dim = batch_dim % losses[0].ndim
+    others = {tuple(size for d, size in enumerate(loss.shape) if d != dim) for loss in losses}
+    if len(others) > 1 or len({loss.ndim for loss in losses}) > 1:
+        shapes = ", ".join(str(tuple(loss.shape)) for loss in losses)
+        raise ValueError(
+            f"The micro-batches of one step gave losses of shapes {shapes}: they must match "
+            f"except along batch_dim={batch_dim}, since each loss is an objective of the step "
+            "(per-token losses need the same length in every micro-batch). Pad the sequences "
+            "to one length, or reduce the losses over positions first (one loss per instance)."
+        )
     return torch.cat(list(losses), dim=dim)

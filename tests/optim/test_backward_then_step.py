@@ -711,3 +711,18 @@ def test_micro_batches_that_reach_different_parameters_accumulate_exactly() -> N
     reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
     reference.step(lambda: (whole(x) - y) ** 2)
     assert_same_params(model, whole, atol=1e-10)
+
+
+def test_per_token_losses_of_another_length_in_a_micro_batch_are_a_clear_error() -> None:
+    model = nn.Sequential(nn.Embedding(7, 6), nn.Linear(6, 7))
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+
+    def token_losses(tokens: Tensor) -> Tensor:  # [B, T]
+        logits = model(tokens).transpose(1, 2)
+        return nn.functional.cross_entropy(logits, tokens.roll(1, 1), reduction="none")
+
+    optimizer.backward(token_losses(torch.randint(0, 7, (3, 5))))
+    with pytest.raises(ValueError, match=r"shapes \(3, 5\), \(2, 3\).*except along batch_dim=0"):
+        optimizer.backward(token_losses(torch.randint(0, 7, (2, 3))))
+    optimizer.backward(token_losses(torch.randint(0, 7, (2, 5))))  # the window goes on
+    assert optimizer.last_step is not None and optimizer.last_step.losses.shape == (5, 5)
