@@ -283,7 +283,7 @@ class JacobianDescent(Optimizer):
                 self._warn_once("scalar-closure-backward", _SCALAR_CLOSURE_BACKWARD)
                 self._step_from_grad(warn=False)
                 return result.detach()
-            self._discard_closure_grads(params, backpropagated)
+            self._discard_closure_grads(params, before_closure, backpropagated)
             try:
                 record = self._run(result, closure)
             except RuntimeError as error:
@@ -353,7 +353,12 @@ class JacobianDescent(Optimizer):
                 raise
             return self._skip_step(losses)
 
-    def _discard_closure_grads(self, params: list[Tensor], changed: bool) -> None:
+    def _discard_closure_grads(
+        self, params: list[Tensor], before: GradSnapshot, changed: bool
+    ) -> None:
+        """Clears what the closure left in ``.grad``, except the zeros of its own
+        ``zero_grad(set_to_none=False)``: a parameter the losses do not reach keeps a zero
+        ``.grad``, as in torch, so momentum and weight decay still move it."""
         if changed:
             self._warn_once(
                 "closure-backward",
@@ -361,8 +366,11 @@ class JacobianDescent(Optimizer):
                 "fills .grad by Jacobian descent and discards them. Return the losses without "
                 "calling backward, or use optimizer.backward(losses) then optimizer.step().",
             )
-        for param in params:
-            param.grad = None
+        for index, param in enumerate(params):
+            # Zeroed in place by the closure (known zero: nothing accumulated, which read it).
+            zeroed = not changed and before.change(index, param) == "cleared"
+            if not zeroed:
+                param.grad = None
 
     # --- backward-then-step --------------------------------------------------------------------
 

@@ -738,3 +738,50 @@ def test_engine_backward_gives_grad_the_parameters_layout() -> None:
         engine.compute_gramian(output)
         engine.backward(torch.ones(5))
     assert layer.weight.grad is not None and layer.weight.grad.stride() == layer.weight.stride()
+
+
+@pytest.mark.parametrize("form", ["closure", "backward"])
+def test_zero_grad_keeping_tensors_lets_momentum_move_a_parameter_the_losses_skip(
+    form: str,
+) -> None:
+    """zero_grad(set_to_none=False) leaves zero tensors; torch's SGD then still applies momentum
+    and weight decay to a parameter the step's losses do not reach. step(closure) cleared them to
+    None, so that parameter stopped."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(8, dtype=torch.float64)
+
+    def build() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(1)
+        return nn.Linear(3, 1).double(), nn.Linear(3, 1).double()  # the head: first step only
+
+    def losses(body: nn.Module, head: nn.Module, step: int) -> Tensor:
+        out = body(x).squeeze(-1) + (head(x).squeeze(-1) if step == 0 else 0.0)
+        return (out - y) ** 2
+
+    (body_t, head_t), (body, head) = build(), build()
+    options: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}
+    reference = torch.optim.SGD([*body_t.parameters(), *head_t.parameters()], **options)
+    optimizer = JDSGD(
+        [*body.parameters(), *head.parameters()],
+        weighting=MeanWeighting(),
+        batch_dim=0,
+        **options,
+    )
+    for step in range(3):
+        reference.zero_grad(set_to_none=False)
+        losses(body_t, head_t, step).mean().backward()
+        reference.step()
+        if form == "closure":
+
+            def closure(step: int = step) -> Tensor:
+                optimizer.zero_grad(set_to_none=False)
+                return losses(body, head, step)
+
+            optimizer.step(closure)
+        else:
+            optimizer.zero_grad(set_to_none=False)
+            optimizer.backward(losses(body, head, step))
+            optimizer.step()
+    assert_same_params(head, head_t, atol=1e-12)
+    assert_same_params(body, body_t, atol=1e-12)
