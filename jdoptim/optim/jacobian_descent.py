@@ -598,12 +598,20 @@ class JacobianDescent(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to the wrapped optimizer through its own ``add_param_group`` (an override
-        that completes or checks groups runs), as it would be added without jdoptim."""
+        that completes or checks groups runs), as it would be added without jdoptim. With
+        ``modules=``, the group's parameters must belong to those modules, as at construction
+        (the engine watches only them: others would never get a ``.grad``)."""
         inner = wrapped(self)
         if inner is None:  # during Optimizer.__init__, or in a trainer's wrapper around us
             super().add_param_group(param_group)
         else:
             inner.add_param_group(param_group)
+            if self._modules is not None:
+                try:
+                    self._check_modules_cover_params()
+                except ValueError:
+                    inner.param_groups.pop()  # nothing changes on error
+                    raise
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's own ``state_dict()`` (its overrides and hooks included) plus a

@@ -785,3 +785,15 @@ def test_zero_grad_keeping_tensors_lets_momentum_move_a_parameter_the_losses_ski
             optimizer.step()
     assert_same_params(head, head_t, atol=1e-12)
     assert_same_params(body, body_t, atol=1e-12)
+
+
+def test_a_group_outside_the_given_modules_is_refused_as_at_construction() -> None:
+    """With modules=, the engine watches only those modules: a group added for another module's
+    parameters never got a .grad, silently (construction raises for the same parameters)."""
+    body, head = nn.Linear(3, 5), nn.Linear(5, 1)
+    optimizer = JDSGD(body.parameters(), lr=0.1, batch_dim=0, modules=body)
+    with pytest.raises(ValueError, match="modules= does not own 2"):
+        optimizer.add_param_group({"params": head.parameters()})
+    assert len(optimizer.param_groups) == 1  # nothing changed
+    optimizer.add_param_group({"params": [], "lr": 0.01})  # within the modules: fine
+    assert len(optimizer.param_groups) == 2
