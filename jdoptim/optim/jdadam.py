@@ -27,8 +27,11 @@ class JDAdam(JacobianDescent):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
         **options: Unpack[JDOptions],
     ) -> None:
+        # Passed only when set: torch's Adam has it from 2.6 on (AdamW's weight decay).
+        decoupled = {"decoupled_weight_decay": True} if decoupled_weight_decay else {}
         inner = Adam(
             params,
             lr,
@@ -41,5 +44,6 @@ class JDAdam(JacobianDescent):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            **decoupled,
         )
         super().__init__(inner, **options)

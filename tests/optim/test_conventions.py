@@ -797,3 +797,20 @@ def test_a_group_outside_the_given_modules_is_refused_as_at_construction() -> No
     assert len(optimizer.param_groups) == 1  # nothing changed
     optimizer.add_param_group({"params": [], "lr": 0.01})  # within the modules: fine
     assert len(optimizer.param_groups) == 2
+
+
+def test_jdadam_takes_torchs_decoupled_weight_decay() -> None:
+    model, inputs, targets = regression_problem(steps=2)
+    reference = copy.deepcopy(model)
+    options: dict[str, Any] = {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}
+    adam = torch.optim.Adam(reference.parameters(), **options)
+    optimizer = JDAdam(model.parameters(), weighting=MeanWeighting(), batch_dim=0, **options)
+    for x, y in zip(inputs, targets, strict=True):
+        adam.zero_grad()
+        per_instance_losses(reference, x, y).mean().backward()
+        adam.step()
+        optimizer.zero_grad()
+        optimizer.backward(per_instance_losses(model, x, y))
+        optimizer.step()
+    assert optimizer.param_groups[0]["decoupled_weight_decay"] is True
+    assert_same_params(model, reference, atol=1e-6)
