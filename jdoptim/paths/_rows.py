@@ -135,16 +135,24 @@ class JacobianPath(Path):
             check_finite(part.rows, "The Jacobian of the losses")
         except ValueError as error:
             raise NonFiniteGramianError(str(error)) from None
+        direction, weights = self._full_precision_direction(part, _full_precision(part.rows))
+        return direction.to(part.rows.dtype), weights
+
+    def _full_precision_direction(
+        self, part: RowsPart, rows: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`direction` on ``rows`` (the part's, in float32 at least: a Gramian formed in
+        bfloat16 is not even positive semi-definite to its own precision)."""
         module = self.module
         if self.method.kind is PathKind.GRAMIAN:
             assert isinstance(module, Weighting | GeneralizedWeighting)
             if isinstance(module, Weighting) and part.losses.ndim == 1:
                 # Rescales huge or tiny Jacobians exactly before forming J Jᵀ.
-                weights = GramianWeightedAggregator(module).compute_weights(part.rows)
+                weights = GramianWeightedAggregator(module).compute_weights(rows)
             else:
-                gramian = reshape_gramian(part.rows @ part.rows.T, tuple(part.losses.shape))
+                gramian = reshape_gramian(rows @ rows.T, tuple(part.losses.shape))
                 weights = weights_for(module, gramian)
-            return weights.reshape(-1).to(part.rows.dtype) @ part.rows, weights
+            return weights.reshape(-1).to(rows.dtype) @ rows, weights
         aggregator = module if isinstance(module, Aggregator) else None
         if aggregator is None:
             assert isinstance(module, Weighting)
@@ -157,12 +165,16 @@ class JacobianPath(Path):
         if isinstance(aggregator, WeightedAggregator):
             with output_of(aggregator.weighting) as seen:
                 direction = restarting_on_size_change(
-                    stateful, lambda: aggregator(part.rows), part.losses.numel(), instances
+                    stateful, lambda: aggregator(rows), part.losses.numel(), instances
                 )
             return direction, seen[-1].reshape(part.losses.shape) if seen else None
         return restarting_on_size_change(
-            stateful, lambda: aggregator(part.rows), part.losses.numel(), instances
+            stateful, lambda: aggregator(rows), part.losses.numel(), instances
         ), None
+
+
+def _full_precision(rows: Tensor) -> Tensor:
+    return rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
 
 
 def concat_rows(parts: Sequence[RowsPart], batch_dim: int) -> RowsPart:

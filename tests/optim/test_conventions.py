@@ -814,3 +814,18 @@ def test_jdadam_takes_torchs_decoupled_weight_decay() -> None:
         optimizer.step()
     assert optimizer.param_groups[0]["decoupled_weight_decay"] is True
     assert_same_params(model, reference, atol=1e-6)
+
+
+def test_bfloat16_parameters_on_the_exact_route_step_as_on_the_engines() -> None:
+    """batch_dim=None formed the Gramian of bfloat16 rows in bfloat16, where it is not positive
+    semi-definite even to its own precision: UPGrad raised after a few steps at B = 32."""
+    results = []
+    for batch_dim in (None, 0):
+        torch.manual_seed(0)
+        x, y = torch.randn(32, 5, dtype=torch.bfloat16), torch.randn(32, dtype=torch.bfloat16)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(torch.bfloat16)
+        optimizer = JDSGD(model.parameters(), lr=0.01, batch_dim=batch_dim)
+        for _ in range(10):
+            optimizer.step(lambda: (model(x).squeeze(-1) - y) ** 2)
+        results.append(torch.cat([p.detach().float().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], atol=2e-2, rtol=0.0)
