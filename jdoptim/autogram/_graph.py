@@ -59,6 +59,11 @@ def walk_graph(output: Tensor, covered: dict[int, Tensor]) -> GraphPlan:
         starts = [edge.node for edge in record.reached_outputs]
         stops = {id(edge.node) for edge in record.input_edges}
         _explore(plan, covered, reached, generic_queue, starts, stops, record)
+    for param_id, places in plan.places.items():
+        # A gradient hook on the parameter (a pruning mask) changes its gradient of every loss:
+        # the exact route's backward passes run it, a closed form or a projection would not.
+        if covered[param_id]._backward_hooks:
+            places.add(OUTSIDE)
     return plan
 
 

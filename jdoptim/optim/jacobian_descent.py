@@ -34,6 +34,7 @@ from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
 from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or, wrapped
+from jdoptim.optim._grad_hooks import post_accumulate_hooks_held, run_post_accumulate_hooks
 from jdoptim.optim._loss_scale import grad_scaler_scale
 from jdoptim.optim._state import (
     JD_STATE_KEY,
@@ -285,7 +286,8 @@ class JacobianDescent(Optimizer):
                 return result.detach()
             self._discard_closure_grads(params, before_closure, backpropagated)
             try:
-                record = self._run(result, closure)
+                with post_accumulate_hooks_held(params):
+                    record = self._run(result, closure)
             except RuntimeError as error:
                 if backpropagated and "freed" in str(error):
                     raise ValueError(_CLOSURE_FREED_GRAPH) from error
@@ -298,6 +300,8 @@ class JacobianDescent(Optimizer):
             raise
         self.last_step = record
         lay_out_grads(params)
+        if record.finite:
+            run_post_accumulate_hooks(params)
         with self._method_state_restored_on_error(saved_method_state):
             self._update()
             self._window.clear()
@@ -429,26 +433,28 @@ class JacobianDescent(Optimizer):
         if self.grad_scaler is None:
             scale = grad_scaler_scale(given_losses) or scale  # losses from scaler.scale(...)
         unscaled = losses / scale if scale != 1.0 else losses
-        with _full_precision(losses):
-            part = self._path.differentiate(unscaled, features, scale)
-        parts = [*window.parts, part]
-        for param in params:
-            param.grad = None
-        try:
+        with post_accumulate_hooks_held(params):
             with _full_precision(losses):
-                combined = self._path.combine(parts)
-                try:
-                    record = self._path.apply(combined)
-                except NonFiniteGramianError:
-                    record = self._skip_step(combined.losses)
-        except BaseException:
-            self._method.module.load_state_dict(saved_method_state)
-            window.restore(params)
-            raise
+                part = self._path.differentiate(unscaled, features, scale)
+            parts = [*window.parts, part]
+            for param in params:
+                param.grad = None
+            try:
+                with _full_precision(losses):
+                    combined = self._path.combine(parts)
+                    try:
+                        record = self._path.apply(combined)
+                    except NonFiniteGramianError:
+                        record = self._skip_step(combined.losses)
+            except BaseException:
+                self._method.module.load_state_dict(saved_method_state)
+                window.restore(params)
+                raise
         if record.finite:
             window.parts = parts
             window.finite = window.base_finite
             window.write(params)
+            run_post_accumulate_hooks(params)
         else:  # skipped, as for losses that overflow: on every rank alike in distributed steps
             window.clear()
             window.finite = False

@@ -829,3 +829,42 @@ def test_bfloat16_parameters_on_the_exact_route_step_as_on_the_engines() -> None
             optimizer.step(lambda: (model(x).squeeze(-1) - y) ** 2)
         results.append(torch.cat([p.detach().float().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], atol=2e-2, rtol=0.0)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("form", ["closure", "backward"])
+def test_parameter_gradient_hooks_run_as_in_a_backward_pass(
+    batch_dim: int | None, form: str
+) -> None:
+    """A pruning mask by p.register_hook was skipped on the engine's routes (the masked entries
+    moved, and UPGrad weighed unmasked gradients); post-accumulate-grad hooks never ran. Now the
+    masked Jacobian is the one weighed, and each hook runs once per step on the final .grad."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    mask = (torch.rand(7, 5) > 0.5).double()
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    model[0].weight.register_hook(lambda grad: grad * mask)
+    seen: list[Tensor] = []
+    model[2].weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+
+    def losses() -> Tensor:
+        return (model(x).squeeze(-1) - y) ** 2
+
+    params = list(model.parameters())
+    jacobian = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+            for loss in losses()
+        ]
+    )
+    direction = UPGradWeighting()(jacobian @ jacobian.T) @ jacobian
+    optimizer = JDSGD(params, lr=0.0, weighting=UPGradWeighting(), batch_dim=batch_dim)
+    if form == "closure":
+        optimizer.step(losses)
+    else:
+        optimizer.backward(losses())
+        optimizer.step()
+    grad = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+    torch.testing.assert_close(grad, direction, atol=1e-10, rtol=0.0)
+    assert model[0].weight.grad is not None and not bool((model[0].weight.grad * (1 - mask)).any())
+    assert len(seen) == 1 and torch.equal(seen[0], model[2].weight.grad)
