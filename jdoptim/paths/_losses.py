@@ -19,8 +19,11 @@ def check_losses(result: Any, multi_task: bool, finite: bool = True) -> tuple[Te
     if multi_task:
         if not (isinstance(result, tuple) and len(result) == 2):
             raise TypeError(
-                "In multi-task mode (shared_params=), the closure must return a pair "
-                f"(losses, features), got {type(result).__name__}."
+                "In multi-task mode (shared_params=), the losses come with the shared features: "
+                "return the pair (losses, features) from the closure, or call "
+                f"optimizer.backward(losses, features=features); got {type(result).__name__} "
+                "alone. (Lightning's automatic optimization hands backward only the loss: use "
+                "manual optimization, self.manual_backward(losses, features=features).)"
             )
         result, features = result
     if isinstance(result, list | tuple) and result and all(isinstance(r, Tensor) for r in result):
@@ -32,13 +35,16 @@ def check_losses(result: Any, multi_task: bool, finite: bool = True) -> tuple[Te
         result = torch.stack(list(result))  # one scalar loss per task
     if not isinstance(result, Tensor):
         raise TypeError(
-            f"The closure must return the loss tensor, got {type(result).__name__}. Use "
+            f"The losses must be a tensor, got {type(result).__name__}. Use "
             "reduction='none' in the loss function to get one loss per instance."
         )
     if not result.is_floating_point():
         raise TypeError(f"The losses must be floating-point, got dtype {result.dtype}.")
     if result.numel() == 0:
-        raise ValueError(f"The closure returned no loss (shape {tuple(result.shape)}).")
+        raise ValueError(
+            f"The losses are empty (shape {tuple(result.shape)}): there is nothing to "
+            "differentiate. An empty batch (the last one of a dataset, say) needs no step: skip it."
+        )
     if not result.requires_grad:
         raise ValueError(
             "The losses do not require grad: the closure must compute them from the "

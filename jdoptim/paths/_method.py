@@ -12,6 +12,8 @@ from jdoptim.aggregation import (
     Flattening,
     GeneralizedWeighting,
     GramianWeightedAggregator,
+    MeanWeighting,
+    SumWeighting,
     UPGradWeighting,
     Weighting,
 )
@@ -42,7 +44,10 @@ class Method:
 
     @property
     def needs_several_losses(self) -> bool:
-        """Whether the method only means something with more than one loss (not a scalarizer)."""
+        """Whether the method only means something with more than one loss: not a scalarizer,
+        nor the mean or sum of the losses (on one loss, torch's own step)."""
+        if isinstance(self.module, MeanWeighting | SumWeighting):
+            return False
         return self.kind is not PathKind.SCALARIZER
 
 

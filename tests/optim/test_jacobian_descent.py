@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import pytest
@@ -155,6 +156,14 @@ def test_matrix_weighting_takes_the_jacobian_path() -> None:
         jac_to_grad(reference.parameters(), WeightedAggregator(_RowNormWeighting()))
         sgd.step()
     assert_same_params(model, reference, atol=1e-12)
+
+
+def test_a_scalar_loss_with_the_mean_weighting_is_torchs_step_without_a_warning() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=MeanWeighting())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]).mean())
 
 
 def test_scalar_losses_give_a_plain_gradient_step() -> None:
