@@ -237,11 +237,15 @@ class GramianWeightedAggregator(WeightedAggregator):
         rows = blocks[0].shape[0]
         if not weighting.requires_values:
             return weighting(blocks[0].new_zeros(()).expand(rows, rows))
+        dtype = blocks[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            # A half-precision J Jᵀ overflows from entries of a few hundred (float16's largest is
+            # 65504) and is not positive semi-definite to its own precision: form it in float32.
+            return self.compute_weights_from_blocks([block.float() for block in blocks]).to(dtype)
         scale = _extreme_entries_scale(blocks)
         if scale is not None and not weighting.scale_invariant:
             # Weights that depend on the scale need the true Gramian: float64 holds it where the
             # blocks' own dtype would overflow or underflow.
-            dtype = blocks[0].dtype
             weights = self._weights_of_blocks([block.to(torch.float64) for block in blocks], None)
             return weights.to(dtype)
         return self._weights_of_blocks(blocks, scale)

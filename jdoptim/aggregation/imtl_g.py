@@ -32,6 +32,8 @@ class IMTLGWeighting(Weighting):
     scale_invariant = True
 
     def forward(self, gramian: Tensor, /) -> Tensor:
+        if gramian.dtype in (torch.float16, torch.bfloat16):  # torch has no half pinv
+            return self.forward(gramian.float()).to(gramian.dtype)
         # w is invariant to G -> kG; normalising keeps huge or tiny Gramians finite.
         matrix = normalize_gramian(gramian)
         norms = matrix.diagonal().clamp(min=0).sqrt()

@@ -12,9 +12,11 @@ from jdoptim.aggregation import (
     Aggregator,
     ConstantWeighting,
     Flattening,
+    IMTLGWeighting,
     GramianWeightedAggregator,
     MeanWeighting,
     MGDAWeighting,
+    UPGrad,
     UPGradWeighting,
     WeightedAggregator,
     Weighting,
@@ -178,3 +180,26 @@ def test_flattening_rejects_bad_generalized_gramians(bad: Tensor, match: str) ->
 def test_constant_weights_follow_the_input_dtype() -> None:
     weights = ConstantWeighting(torch.tensor([1.0, 2.0]))(torch.eye(2, dtype=torch.float64))
     assert weights.dtype == torch.float64
+
+
+def test_half_precision_jacobians_are_weighed_from_a_float32_gramian() -> None:
+    """A float16 J Jᵀ overflows from entries of a few hundred (its largest number is 65504): the
+    aggregation of a finite float16 Jacobian raised as for a diverging model."""
+    torch.manual_seed(0)
+    jacobian = torch.randn(6, 40) * 300
+    for dtype in (torch.float16, torch.bfloat16):
+        half = jacobian.to(dtype)
+        direction = UPGrad()(half)
+        assert direction.dtype == dtype and bool(torch.isfinite(direction).all())
+        expected = UPGrad()(half.float())
+        torch.testing.assert_close(direction.float(), expected, rtol=1e-2, atol=1e-2 * 300)
+
+
+def test_imtl_g_weighs_half_precision_gramians() -> None:
+    torch.manual_seed(0)
+    jacobian = torch.randn(4, 10)
+    for dtype in (torch.float16, torch.bfloat16):
+        weights = IMTLGWeighting()((jacobian @ jacobian.T).to(dtype))
+        assert weights.dtype == dtype
+        expected = IMTLGWeighting()((jacobian @ jacobian.T).to(dtype).float())
+        torch.testing.assert_close(weights.float(), expected, rtol=1e-2, atol=1e-2)
