@@ -94,7 +94,7 @@ class GradSnapshot:
 
     def __init__(self, params: list[Tensor]) -> None:
         self.grads = [p.grad for p in params]
-        self.versions = [None if g is None else g._version for g in self.grads]
+        self.versions = [None if g is None else _version(g) for g in self.grads]
 
     def all_reset(self, params: list[Tensor]) -> bool:
         """Whether every ``.grad`` the snapshot holds was reset since (``zero_grad()``: set to
@@ -110,7 +110,7 @@ class GradSnapshot:
         place to something non-zero: clipping, unscaling), ``"cleared"`` (now ``None`` or zero,
         where it held a tensor), or ``"replaced"`` (another, non-zero tensor)."""
         grad, version, now = self.grads[index], self.versions[index], param.grad
-        if now is grad and (grad is None or grad._version == version):
+        if now is grad and (grad is None or _version(grad) == version):
             return "same"
         if now is None or not bool(_values(now).any()):
             return "cleared" if grad is not None else "same"
@@ -121,13 +121,19 @@ class GradSnapshot:
         same one changed in place to something non-zero (zeroing it in place adds nothing)."""
         for param, grad, version in zip(params, self.grads, self.versions, strict=True):
             now = param.grad
-            if now is None or (now is grad and now._version == version):
+            if now is None or (now is grad and _version(now) == version):
                 continue
             if now is not grad:
                 return True
             if bool(_values(now).any()):
                 return True
         return False
+
+
+def _version(grad: Tensor) -> int:
+    """``grad``'s version counter; -1 for a tensor made under ``inference_mode`` (a ``.grad``
+    filled by a backward pass run there), which has none: only its replacement is seen."""
+    return -1 if grad.is_inference() else grad._version
 
 
 def _values(grad: Tensor) -> Tensor:

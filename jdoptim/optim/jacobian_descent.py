@@ -262,6 +262,10 @@ class JacobianDescent(Optimizer):
             return None
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
+        with _differentiating():
+            return self._step_with_closure(closure)
+
+    def _step_with_closure(self, closure: Closure) -> Tensor | None:
         saved_method_state = self._method.module.state_dict()
         params = self.params()
         before_closure = GradSnapshot(params)
@@ -395,6 +399,10 @@ class JacobianDescent(Optimizer):
         scaler to skip. As with ``loss.backward()``, each losses
         tensor can be given once (a second time raises). Returns :attr:`last_step`.
         """
+        with _differentiating():
+            return self._backward(losses, features)
+
+    def _backward(self, losses: Any, features: Any) -> StepRecord:
         given = losses if features is None else (losses, features)
         self._differentiated.check(losses)
         given_losses = losses
@@ -743,6 +751,15 @@ def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str,
     assert isinstance(optimizer, JacobianDescent)
     state_dict[JD_STATE_KEY] = optimizer.jd_state_dict()
     return state_dict
+
+
+@contextmanager
+def _differentiating() -> Iterator[None]:
+    """Gradients enabled, outside inference mode: ``backward`` and ``step(closure)`` differentiate
+    the losses whatever the caller's mode (torch's ``loss.backward()`` works under ``no_grad``
+    and ``inference_mode`` too)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _full_precision(like: Tensor | None) -> AbstractContextManager[Any]:

@@ -868,3 +868,34 @@ def test_parameter_gradient_hooks_run_as_in_a_backward_pass(
     torch.testing.assert_close(grad, direction, atol=1e-10, rtol=0.0)
     assert model[0].weight.grad is not None and not bool((model[0].weight.grad * (1 - mask)).any())
     assert len(seen) == 1 and torch.equal(seen[0], model[2].weight.grad)
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_backward_and_step_work_under_no_grad_and_inference_mode(batch_dim: int | None) -> None:
+    """torch's loss.backward() runs under no_grad and inference_mode; the exact route's Jacobian
+    raised under no_grad (a view without grad_fn), and a .grad left by a backward run in
+    inference mode (which has no version counter) broke the next optimizer.backward."""
+    model, inputs, targets = regression_problem(steps=1)
+    reference = copy.deepcopy(model)
+    x, y = inputs[0], targets[0]
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=batch_dim)
+    expected = JDSGD(
+        reference.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=batch_dim
+    )
+    with torch.no_grad():
+        optimizer.step(lambda: per_instance_losses(model, x, y))
+    expected.step(lambda: per_instance_losses(reference, x, y))
+    assert_same_params(model, reference, atol=1e-12)
+    losses = per_instance_losses(model, x, y)
+    with torch.inference_mode():
+        losses.backward(torch.ones_like(losses))  # .grad becomes an inference tensor
+    optimizer.zero_grad()
+    losses = per_instance_losses(model, x, y)
+    with torch.no_grad():
+        optimizer.backward(losses)
+    more = per_instance_losses(model, x, y)
+    with torch.inference_mode():
+        optimizer.backward(more)
+    assert optimizer.last_step is not None
+    # One window of both backwards: concatenated per instance, summed per task.
+    assert optimizer.last_step.losses.shape == ((2 * len(x),) if batch_dim == 0 else (len(x),))
