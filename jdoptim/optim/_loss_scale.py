@@ -17,11 +17,14 @@ from torch import Tensor
 
 # Constant factors looked through, after the scale (Lightning's accumulation, a loss weight...).
 _MOST_FACTORS = 4
+# A scaler's scale starts at 2^16 and halves only on an overflow (eight in a row to fall below
+# this); a smaller power of two is more likely a loss weight (2, 4, 8...), not to be divided out.
+_SMALLEST_SCALE = 2.0**8
 
 
 def grad_scaler_scale(losses: Any) -> float | None:
     """``s`` when ``losses`` is ``x * s`` for a tensor ``s`` shaped as a ``GradScaler``'s scale (one
-    float32 entry, a constant, a power of two from 2 up), else ``None``.
+    float32 entry, a constant, a power of two from 2^8 up), else ``None``.
 
     Also through constant factors and divisors applied after the scale (``scaler.scale(l) * k``, as
     Lightning's accumulation does, or ``/ k``), and for a list or tuple of losses scaled alike
@@ -46,9 +49,7 @@ def _scale_of(losses: Tensor) -> float | None:
             return None
         if factor.dtype == torch.float32:
             value = float(factor.item())
-            # A scaler's scale starts at 2^16 and halves only on overflows; a factor below 2 is
-            # more likely a loss weight (0.5...), which must not be taken for one.
-            if value >= 2 and math.isfinite(value) and math.frexp(value)[0] == 0.5:
+            if value >= _SMALLEST_SCALE and math.isfinite(value) and math.frexp(value)[0] == 0.5:
                 # Divided by a scale-like factor: unscaled (x * s / s) or not a scaler's at all.
                 return value if node.name() == "MulBackward0" else None
         node = node.next_functions[0][0]  # a constant factor after the scale: look below it

@@ -382,6 +382,8 @@ def test_only_a_grad_scalers_kind_of_factor_is_taken_for_a_loss_scale() -> None:
     assert grad_scaler_scale(losses * torch.tensor(2.0**12)) == 2.0**12  # indistinguishable
     assert grad_scaler_scale(losses * torch.tensor(3.0)) is None  # not a power of two
     assert grad_scaler_scale(losses * torch.tensor(0.5)) is None  # rather a loss weight
+    assert grad_scaler_scale(losses * torch.tensor(2.0)) is None  # so is a small power of two
+    assert grad_scaler_scale(losses * torch.tensor(128.0)) is None
     assert grad_scaler_scale(losses * 4.0) is None  # a Python number, not a scaler's tensor
     assert grad_scaler_scale(losses * torch.tensor(4.0, dtype=torch.float64)) is None
     assert grad_scaler_scale(losses * torch.tensor(4.0, requires_grad=True)) is None
