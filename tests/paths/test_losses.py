@@ -22,7 +22,7 @@ def test_a_list_of_scalar_task_losses_is_stacked() -> None:
         (3.0, TypeError, "reduction='none'"),
         ([torch.ones(2, requires_grad=True)] * 2, TypeError, "concatenate"),
         (torch.ones(2, requires_grad=False), ValueError, "require grad"),
-        (torch.ones(0, requires_grad=True), ValueError, "no loss"),
+        (torch.ones(0, requires_grad=True), ValueError, "are empty"),
         (torch.tensor([1.0, float("nan")], requires_grad=True), NonFiniteLossesError, "NaN"),
     ],
 )
