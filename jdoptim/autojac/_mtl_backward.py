@@ -74,6 +74,14 @@ def mtl_backward(
     check_dense_gradients(feature_list)
     shared = _shared_params(shared_params, feature_list)
     heads = _tasks_params(tasks_params, loss_list, feature_list, shared)
+    # A loss that reaches a shared param other than through the features (an L2 penalty on the
+    # trunk inside a task's loss): its trunk rows are then its whole gradients, by one backward
+    # pass per task through the trunk, before the heads' passes free the graph.
+    whole_rows = (
+        _whole_gradients(loss_list, shared, initial_grads)
+        if _reaches_past_features(loss_list, feature_list, shared)
+        else None
+    )
 
     # A loss computed without the features is a task that does not use the trunk: its row of the
     # trunk's Jacobian is zero, and its head still gets its gradient (as in TorchJD).
@@ -93,6 +101,10 @@ def mtl_backward(
             grad = grads[index]
             feature_grads[index].append(grad if grad is not None else torch.zeros_like(feature))
         head_grads.append(grads[len(feature_list) :])
+    if whole_rows is not None:
+        accumulate_jac(shared, whole_rows)
+        _add_head_grads(heads, head_grads)
+        return
     cotangents = [torch.stack(grads) for grads in feature_grads]
     # Shared params the features do not reach get .jac = None (no .grad later), not zero rows.
     reached = reached_by(feature_list, shared)
@@ -110,6 +122,12 @@ def mtl_backward(
         else []
     )
     accumulate_jac(shared, [next(used_jacobians) if hit else None for hit in reached])
+    _add_head_grads(heads, head_grads)
+
+
+def _add_head_grads(
+    heads: Sequence[Sequence[Tensor]], head_grads: Sequence[Sequence[Tensor | None]]
+) -> None:
     for head, grads in zip(heads, head_grads, strict=True):
         for param, grad in zip(head, grads, strict=True):
             if grad is None:
@@ -118,6 +136,39 @@ def mtl_backward(
                 param.grad = in_param_layout(grad.contiguous(), param)
             else:
                 param.grad += grad
+
+
+def _reaches_past_features(
+    losses: list[Tensor], features: list[Tensor], shared: list[Tensor]
+) -> bool:
+    """Whether some loss depends on a shared param through another path than the features."""
+    shared_ids = {id(param) for param in shared}
+    return any(id(leaf) in shared_ids for leaf in reachable_leaves(losses, stop_at=features))
+
+
+def _whole_gradients(
+    losses: list[Tensor], shared: list[Tensor], initial_grads: list[Tensor | None]
+) -> list[Tensor | None]:
+    """Each shared param's ``[T, ...]`` Jacobian of the losses by every path (``None`` for a
+    param no loss reaches); the graph is kept for the heads' passes."""
+    rows: list[list[Tensor | None]] = [
+        list(
+            torch.autograd.grad(
+                loss, shared, grad_outputs=initial, retain_graph=True, allow_unused=True
+            )
+        )
+        for loss, initial in zip(losses, initial_grads, strict=True)
+    ]
+    jacobians: list[Tensor | None] = []
+    for index, param in enumerate(shared):
+        column = [task_rows[index] for task_rows in rows]
+        if all(grad is None for grad in column):
+            jacobians.append(None)
+        else:
+            jacobians.append(
+                torch.stack([torch.zeros_like(param) if g is None else g for g in column])
+            )
+    return jacobians
 
 
 def _scalar_losses(losses: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -169,8 +220,17 @@ def _tasks_params(
     features: list[Tensor],
     shared: list[Tensor],
 ) -> list[list[Tensor]]:
+    shared_ids = {id(param) for param in shared}
     if tasks_params is None:
-        heads = [reachable_leaves([loss], stop_at=features) for loss in losses]
+        # A shared param a loss also reaches past the features is still the trunk's.
+        heads = [
+            [
+                leaf
+                for leaf in reachable_leaves([loss], stop_at=features)
+                if id(leaf) not in shared_ids
+            ]
+            for loss in losses
+        ]
     else:
         if isinstance(tasks_params, Tensor) or len(tasks_params) != len(losses):
             raise ValueError(
@@ -188,13 +248,12 @@ def _tasks_params(
                         f"tasks_params[{task}][{index}] (shape {tuple(param.shape)}) does not "
                         "require grad."
                     )
-    shared_ids = {id(param) for param in shared}
     for task, head in enumerate(heads):
         for param in head:
             if id(param) in shared_ids:
                 raise ValueError(
-                    f"A param of shape {tuple(param.shape)} is both shared and specific to task "
-                    f"{task}: the losses would depend on it through another path than the "
-                    "features. Pass disjoint tasks_params and shared_params."
+                    f"A param of shape {tuple(param.shape)} is in both shared_params and "
+                    f"tasks_params[{task}]: each param is either the trunk's or one task's. A "
+                    "loss may use a trunk param directly too (a penalty on it): leave it shared."
                 )
     return heads

@@ -112,7 +112,7 @@ def test_errors() -> None:
         mtl_backward([losses[0], losses[1].detach()], features)
     with pytest.raises(ValueError, match="one iterable of params per loss"):
         mtl_backward(losses, features, tasks_params=heads[:1])
-    with pytest.raises(ValueError, match="both shared and specific to task 1"):
+    with pytest.raises(ValueError, match=r"in both shared_params and tasks_params\[1\]"):
         mtl_backward(losses, features, tasks_params=[heads[0], [*heads[1], shared[0]]])
     with pytest.raises(ValueError, match=r"features\[0\].*does not require grad"):
         mtl_backward(losses, [torch.ones(3)])
@@ -182,3 +182,38 @@ def test_a_task_that_does_not_use_the_features_has_a_zero_trunk_row() -> None:
     own_grads = torch.autograd.grad(own(z).pow(2).mean(), list(own.parameters()))
     for param, grad in zip(own.parameters(), own_grads, strict=True):
         torch.testing.assert_close(param.grad, grad)
+
+
+@pytest.mark.parametrize("given_heads", [False, True])
+def test_a_loss_using_a_trunk_param_directly_gets_its_whole_gradient_rows(
+    given_heads: bool,
+) -> None:
+    """An L2 penalty on the trunk inside a task's loss: the trunk's Jacobian rows missed it (the
+    features' path alone), silently with disjoint tasks_params; without them the inference made
+    the trunk weight a head param too and raised, naming tasks_params as the fix."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randn(8, 2)
+    trunk, heads = nn.Linear(5, 6), nn.ModuleList([nn.Linear(6, 1), nn.Linear(6, 1)])
+
+    def losses_of(weight: Tensor, bias: Tensor) -> Tensor:
+        features = torch.tanh(x @ weight.T + bias)
+        first = ((heads[0](features).squeeze(-1) - y[:, 0]) ** 2).mean() + 0.1 * weight.pow(2).sum()
+        second = ((heads[1](features).squeeze(-1) - y[:, 1]) ** 2).mean()
+        return torch.stack([first, second])
+
+    expected = torch.func.jacrev(losses_of, argnums=(0, 1))(
+        trunk.weight.detach(), trunk.bias.detach()
+    )
+    features = torch.tanh(trunk(x))
+    first = ((heads[0](features).squeeze(-1) - y[:, 0]) ** 2).mean() + 0.1 * trunk.weight.pow(
+        2
+    ).sum()
+    second = ((heads[1](features).squeeze(-1) - y[:, 1]) ** 2).mean()
+    tasks = [list(heads[0].parameters()), list(heads[1].parameters())] if given_heads else None
+    mtl_backward([first, second], features, tasks_params=tasks)
+    torch.testing.assert_close(trunk.weight.jac, expected[0])  # type: ignore[attr-defined]
+    torch.testing.assert_close(trunk.bias.jac, expected[1])  # type: ignore[attr-defined]
+    head_grad = torch.autograd.grad(
+        ((heads[0](torch.tanh(trunk(x))).squeeze(-1) - y[:, 0]) ** 2).mean(), heads[0].weight
+    )[0]
+    torch.testing.assert_close(heads[0].weight.grad, head_grad)
