@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim._errors import NotDifferentiableError
 from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_hook
 from jdoptim.autogram._assembly import (
     grad_from_terms,
@@ -405,7 +406,7 @@ class Engine:
         else:
             terms = self._batched_terms(output, batch_dim, covered)
         if not terms:
-            raise ValueError(
+            raise NotDifferentiableError(
                 "output does not depend on any parameter covered by the engine: check that it was "
                 "computed by the modules given to the Engine (and for Engine(parameters=...), "
                 "inside `with engine.capture():`)."

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 from torch.autograd.graph import Node, get_gradient_edge
 
+from jdoptim._errors import NotDifferentiableError
 from jdoptim.linalg import check_tensor
 
 
@@ -183,7 +184,7 @@ def check_outputs_depend_on_inputs(
 ) -> None:
     for index, output in enumerate(outputs):
         if not depends_on(output, inputs):
-            raise ValueError(
+            raise NotDifferentiableError(
                 f"{name}[{index}] (shape {tuple(output.shape)}) does not depend on any of the "
                 f"{len(inputs)} inputs, so its Jacobian rows are undefined. Pass the inputs it was "
                 "computed from (or inputs=None for all the leaves it depends on)."

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from jdoptim._errors import NotDifferentiableError
 from jdoptim._grad_layout import lay_out_grads
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepAware, StepInfo
@@ -354,7 +355,7 @@ class JacobianDescent(Optimizer):
             self._path.overflowed(overflowed)  # across ranks: every rank skips this step
             return self._skip_step(overflowed)
         try:
-            with _full_precision(losses):
+            with _full_precision(losses), _reworded_not_differentiable():
                 return self._path.run(losses, features, scale, next_losses)
         except NonFiniteGramianError:
             if self.grad_scaler is None:
@@ -442,7 +443,7 @@ class JacobianDescent(Optimizer):
             scale = grad_scaler_scale(given_losses) or scale  # losses from scaler.scale(...)
         unscaled = losses / scale if scale != 1.0 else losses
         with post_accumulate_hooks_held(params):
-            with _full_precision(losses):
+            with _full_precision(losses), _reworded_not_differentiable():
                 part = self._path.differentiate(unscaled, features, scale)
             parts = [*window.parts, part]
             for param in params:
@@ -751,6 +752,19 @@ def _add_jd_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str,
     assert isinstance(optimizer, JacobianDescent)
     state_dict[JD_STATE_KEY] = optimizer.jd_state_dict()
     return state_dict
+
+
+@contextmanager
+def _reworded_not_differentiable() -> Iterator[None]:
+    """The engine's or autojac's error for losses that reach no parameter, in the optimizer's
+    words (the user built no Engine and passed no inputs)."""
+    try:
+        yield
+    except NotDifferentiableError as error:
+        raise ValueError(
+            "The losses do not depend on any of the optimizer's parameters: compute them from "
+            "the model whose parameters the optimizer was given, with gradients enabled."
+        ) from error
 
 
 @contextmanager

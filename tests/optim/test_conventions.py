@@ -901,3 +901,16 @@ def test_backward_and_step_work_under_no_grad_and_inference_mode(batch_dim: int 
     assert optimizer.last_step is not None
     # One window of both backwards: concatenated per instance, summed per task.
     assert optimizer.last_step.losses.shape == ((2 * len(x),) if batch_dim == 0 else (len(x),))
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_losses_that_reach_no_parameter_get_the_optimizers_words(batch_dim: int | None) -> None:
+    """The error named the Engine, engine.capture() or autojac's inputs=, none of which a user of
+    the optimizer wrote."""
+    model, inputs, targets = regression_problem(steps=1)
+    other = nn.Linear(inputs[0].shape[1], 1).double()
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=batch_dim)
+    with pytest.raises(ValueError, match="do not depend on any of the optimizer's parameters"):
+        optimizer.backward(per_instance_losses(other, inputs[0], targets[0]))
+    with pytest.raises(ValueError, match="do not depend on any of the optimizer's parameters"):
+        optimizer.step(lambda: per_instance_losses(other, inputs[0], targets[0]))
