@@ -237,8 +237,10 @@ class JacobianDescent(Optimizer):
         return getattr(self._path, "distributed", None)
 
     def params(self) -> list[Tensor]:
-        """Every parameter of every group that requires a gradient, in group order."""
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        """Every parameter of every group that requires a gradient, in group order, each once (torch
+        only warns about a parameter listed twice: counted twice, its gradient would be too)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        return list({id(p): p for p in params}.values())
 
     # --- step(closure) -------------------------------------------------------------------------
 

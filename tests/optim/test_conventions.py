@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -914,3 +915,21 @@ def test_losses_that_reach_no_parameter_get_the_optimizers_words(batch_dim: int 
         optimizer.backward(per_instance_losses(other, inputs[0], targets[0]))
     with pytest.raises(ValueError, match="do not depend on any of the optimizer's parameters"):
         optimizer.step(lambda: per_instance_losses(other, inputs[0], targets[0]))
+
+
+def test_a_parameter_listed_twice_counts_once() -> None:
+    """torch only warns about a duplicated parameter; the exact route's Jacobian held its columns
+    twice, so the Gramian (and UPGrad's weights) counted its gradient twice. (torch's SGD then
+    updates it twice: the direction is compared, not the parameters.)"""
+    grads = []
+    for duplicated in (False, True):
+        model, inputs, targets = regression_problem(steps=1)
+        params = list(model.parameters())
+        if duplicated:
+            params = [*params, params[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warning about the duplicate
+            optimizer = JDSGD(params, lr=0.1, weighting=UPGradWeighting())
+        optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))  # type: ignore[union-attr]
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-12, rtol=0.0)
