@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import weakref
 from typing import Any
 
@@ -39,28 +40,37 @@ class AccumulationWindow:
         self.finite = True
         self.method_state = None
 
-    def interrupted(self, params: list[Tensor]) -> bool:
-        return not self.parts or self.written.all_reset(params)
+    def resume(self, params: list[Tensor]) -> bool:
+        """Takes in what was done to ``.grad`` since the last ``backward``; ``False`` when the
+        window must open anew instead (no micro-batch yet, other parameters, or every ``.grad``
+        reset: ``zero_grad()``, in place or not).
 
-    def adopt_edits(self, params: list[Tensor]) -> None:
-        """Keeps what was done to some ``.grad`` since the last ``backward`` of the window: a
-        ``.grad`` cleared (set to ``None`` or zeroed: a parameter frozen between micro-batches)
-        stays so for the rest of the window; one replaced by another tensor keeps the difference
-        from what the window wrote, as an addition to its base. In-place edits that are no reset
-        (clipping, unscaling) are not kept: the next ``backward`` rewrites the whole direction."""
-        for index, param in enumerate(params):
-            change = self.written.change(index, param)
-            if change == "cleared":
+        Otherwise, per parameter: a ``.grad`` cleared (set to ``None``, replaced by zeros, or
+        zeroed in place where the window wrote a non-zero one: a parameter frozen between
+        micro-batches) stays so for the rest of the window; one replaced by another tensor keeps
+        the difference from what the window wrote, as an addition to its base. Other in-place
+        edits (clipping, unscaling) are not kept: the next ``backward`` rewrites the direction.
+        """
+        if not self.parts or len(params) != len(self.written.grads):
+            return False
+        changes = self.written.changes(params)
+        if self.written.all_reset(changes):
+            return False
+        for index, (param, change) in enumerate(zip(params, changes, strict=True)):
+            if change is Change.CLEARED:
                 self.cleared[index] = param.grad
-            elif change == "replaced":
+            elif change is Change.REPLACED:
                 assert param.grad is not None
                 written, base = self.written.grads[index], self.base[index]
-                # What the window's micro-batches put there (nothing while it held None).
-                direction = None if written is None or base is None else written - base
-                direction = written if base is None else direction
+                # What the window's micro-batches put there: nothing while it kept the .grad
+                # cleared (or held None), else what it wrote less its base.
+                if index in self.cleared or written is None:
+                    direction = self.cleared.pop(index, None)
+                else:
+                    direction = written if base is None else written - base
                 self.base[index] = param.grad if direction is None else param.grad - direction
-                self.cleared.pop(index, None)
         self.written = GradSnapshot(params)
+        return True
 
     def open(self, params: list[Tensor]) -> None:
         """Starts a window on what ``.grad`` holds now; a non-finite base (the NaN ``.grad`` of a
@@ -86,35 +96,76 @@ class AccumulationWindow:
             elif base is not None:
                 param.grad = base.clone() if param.grad is None else param.grad + base
         lay_out_grads(params)
-        self.written = GradSnapshot(params)
+        self.written = GradSnapshot(params, note_zeros=True)
+
+
+class Change(enum.Enum):
+    """What happened to a ``.grad`` since a :class:`GradSnapshot`."""
+
+    SAME = "same"  # untouched, or edited in place (clipping, unscaling)
+    ZEROED = "zeroed"  # edited in place to zero where it was zero already
+    CLEARED = "cleared"  # None, replaced by zeros, or zeroed in place from non-zero
+    REPLACED = "replaced"  # another, non-zero tensor
 
 
 class GradSnapshot:
     """The ``.grad`` tensors of some parameters and their versions (in-place changes bump it)."""
 
-    def __init__(self, params: list[Tensor]) -> None:
+    def __init__(self, params: list[Tensor], *, note_zeros: bool = False) -> None:
         self.grads = [p.grad for p in params]
         self.versions = [None if g is None else _version(g) for g in self.grads]
+        # Which .grad were non-zero (on the device, read only if one is later edited in place):
+        # zeroing a non-zero .grad in place is a reset, clipping a zero one is not.
+        dense = [(i, g) for i, g in enumerate(self.grads) if g is not None and not g.is_sparse]
+        self._slot = {index: slot for slot, (index, _) in enumerate(dense)}
+        self._nonzero: Tensor | None = None
+        if note_zeros and dense:
+            self._nonzero = torch.stack(torch._foreach_norm([g for _, g in dense])) > 0
 
-    def all_reset(self, params: list[Tensor]) -> bool:
-        """Whether every ``.grad`` the snapshot holds was reset since (``zero_grad()``: set to
-        ``None`` or zeroed, in place or not), or the parameters are others."""
-        if len(params) != len(self.grads):
-            return True
-        changes = [self.change(index, param) for index, param in enumerate(params)]
+    def edited_in_place(self, index: int, param: Tensor) -> bool:
+        grad = self.grads[index]
+        return grad is not None and param.grad is grad and _version(grad) != self.versions[index]
+
+    def changes(self, params: list[Tensor]) -> list[Change]:
+        """Each parameter's :class:`Change` since the snapshot, with one host read at most (none
+        when no ``.grad`` was edited in place or replaced)."""
+        changes = [Change.SAME] * len(params)
+        checks: list[Tensor] = []  # per entry below: whether the .grad now holds a non-zero
+        checked: list[tuple[int, Change]] = []
+        for index, param in enumerate(params):
+            grad, now = self.grads[index], param.grad
+            if now is grad and (grad is None or _version(grad) == self.versions[index]):
+                continue
+            if now is None:
+                changes[index] = Change.CLEARED
+                continue
+            checks.append(_values(now).any())
+            checked.append((index, Change.SAME if now is grad else Change.REPLACED))
+        if not checks:
+            return changes
+        # Whether an in-place edited .grad was non-zero when written (unknown: taken as yes).
+        in_place = [i for i, c in checked if c is Change.SAME]
+        known = [i for i in in_place if self._nonzero is not None and i in self._slot]
+        if known:
+            assert self._nonzero is not None
+            checks.extend(self._nonzero[[self._slot[i] for i in known]].unbind())
+        values = torch.stack(checks).tolist()  # the one host read
+        was_nonzero = dict(zip(known, values[len(checked) :], strict=True))
+        for (index, change), now_nonzero in zip(checked, values[: len(checked)], strict=True):
+            if now_nonzero:
+                changes[index] = change
+            elif change is Change.REPLACED or was_nonzero.get(index, True):
+                changes[index] = Change.CLEARED
+            else:
+                changes[index] = Change.ZEROED
+        return changes
+
+    def all_reset(self, changes: list[Change]) -> bool:
+        """Whether every ``.grad`` the snapshot holds was reset (``zero_grad()``: now ``None`` or
+        zero) and no other was given a non-zero tensor."""
         held = [c for c, g in zip(changes, self.grads, strict=True) if g is not None]
-        return bool(held) and all(c == "cleared" for c in held) and "replaced" not in changes
-
-    def change(self, index: int, param: Tensor) -> str:
-        """What happened to ``param.grad`` since the snapshot: ``"same"`` (untouched, or changed in
-        place to something non-zero: clipping, unscaling), ``"cleared"`` (now ``None`` or zero,
-        where it held a tensor), or ``"replaced"`` (another, non-zero tensor)."""
-        grad, version, now = self.grads[index], self.versions[index], param.grad
-        if now is grad and (grad is None or _version(grad) == version):
-            return "same"
-        if now is None or not bool(_values(now).any()):
-            return "cleared" if grad is not None else "same"
-        return "same" if now is grad else "replaced"
+        reset = (Change.CLEARED, Change.ZEROED)
+        return bool(held) and all(c in reset for c in held) and Change.REPLACED not in changes
 
     def accumulated(self, params: list[Tensor]) -> bool:
         """Whether a backward pass added to some ``.grad`` since the snapshot: a new tensor, or the

@@ -292,6 +292,7 @@ class JacobianDescent(Optimizer):
                 self._step_from_grad(warn=False)
                 return result.detach()
             self._discard_closure_grads(params, before_closure, backpropagated)
+            kept = GradSnapshot(params)  # the closure's zeros, if kept
             try:
                 with post_accumulate_hooks_held(params):
                     record = self._run(result, closure)
@@ -308,7 +309,14 @@ class JacobianDescent(Optimizer):
         self.last_step = record
         lay_out_grads(params)
         if record.finite:
-            run_post_accumulate_hooks(params)
+            run_post_accumulate_hooks(
+                [
+                    param
+                    for index, param in enumerate(params)
+                    if param.grad is not None
+                    and (param.grad is not kept.grads[index] or kept.edited_in_place(index, param))
+                ]
+            )
         with self._method_state_restored_on_error(saved_method_state):
             self._update()
             self._window.clear()
@@ -379,7 +387,7 @@ class JacobianDescent(Optimizer):
             )
         for index, param in enumerate(params):
             # Zeroed in place by the closure (known zero: nothing accumulated, which read it).
-            zeroed = not changed and before.change(index, param) == "cleared"
+            zeroed = not changed and before.edited_in_place(index, param)
             if not zeroed:
                 param.grad = None
 
@@ -430,11 +438,10 @@ class JacobianDescent(Optimizer):
         # What the method holds now (after this window's earlier backward calls): restored if
         # this call raises, as everything else.
         saved_method_state = copy.deepcopy(self._method.module.state_dict())
-        if window.interrupted(params):
+        if not window.resume(params):
             window.open(params)
             window.method_state = saved_method_state
         else:
-            window.adopt_edits(params)
             if window.method_state is not None:
                 # The method weighs the window's micro-batches together, once, from its state
                 # when the window opened: its state moves as in one step on the whole batch, not
@@ -457,6 +464,8 @@ class JacobianDescent(Optimizer):
                         record = self._path.apply(combined)
                     except NonFiniteGramianError:
                         record = self._skip_step(combined.losses)
+                # The parameters this backward reached (their hooks run, as after autograd's).
+                reached = [param for param in params if param.grad is not None]
             except BaseException:
                 self._method.module.load_state_dict(saved_method_state)
                 window.restore(params)
@@ -465,7 +474,7 @@ class JacobianDescent(Optimizer):
             window.parts = parts
             window.finite = window.base_finite
             window.write(params)
-            run_post_accumulate_hooks(params)
+            run_post_accumulate_hooks(reached)
         else:  # skipped, as for losses that overflow: on every rank alike in distributed steps
             window.clear()
             window.finite = False

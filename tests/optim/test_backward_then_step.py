@@ -726,3 +726,52 @@ def test_per_token_losses_of_another_length_in_a_micro_batch_are_a_clear_error()
         optimizer.backward(token_losses(torch.randint(0, 7, (2, 3))))
     optimizer.backward(token_losses(torch.randint(0, 7, (2, 5))))  # the window goes on
     assert optimizer.last_step is not None and optimizer.last_step.losses.shape == (5, 5)
+
+
+class UnguardedExperts(TwoExperts):
+    """Calls every expert, also on no rows: an expert unused by a micro-batch gets zero .grad."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = self.gate(x).softmax(-1)
+        chosen = probs.argmax(-1)
+        out = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+        for index, expert in enumerate(self.experts):
+            rows = (chosen == index).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, expert(x[rows]) * probs[rows, index : index + 1])
+        return self.head(torch.tanh(out)).squeeze(-1)
+
+
+def test_clipping_a_zero_grad_between_micro_batches_does_not_freeze_it() -> None:
+    """Clipping edits every .grad in place; one that was zero stays zero, and taking that for a
+    parameter frozen by zero_() dropped its gradient from every later micro-batch."""
+    torch.manual_seed(0)
+    model = UnguardedExperts().double()
+    whole = copy.deepcopy(model)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randn(16, dtype=torch.float64)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    for part in (slice(0, 2), slice(2, 16)):  # the first two go to expert 0 alone
+        optimizer.backward((model(x[part]) - y[part]) ** 2)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # changes nothing but versions
+    reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    reference.backward((whole(x) - y) ** 2)
+    for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0)
+
+
+def test_a_grad_zeroed_then_replaced_between_micro_batches_takes_the_new_value() -> None:
+    """Zeroed in place (frozen), then given a tensor R: the window's base (the .grad from before
+    the window) came back, R + base instead of R plus the later micro-batches' change."""
+    model, inputs, targets = regression_problem(steps=1)
+    param = model[0].weight
+    param.grad = torch.full_like(param, 100.0)  # the base the window opens on
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    optimizer.backward(per_instance_losses(model, inputs[0][:4], targets[0][:4]))
+    assert param.grad is not None
+    param.grad.zero_()
+    optimizer.backward(per_instance_losses(model, inputs[0][4:6], targets[0][4:6]))
+    assert param.grad is not None and not bool(param.grad.any())  # frozen
+    replacement = torch.ones_like(param)
+    param.grad = replacement
+    optimizer.backward(per_instance_losses(model, inputs[0][6:], targets[0][6:]))
+    assert param.grad is not None and float((param.grad - replacement).abs().max()) < 10.0
