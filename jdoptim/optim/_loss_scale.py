@@ -17,26 +17,34 @@ from torch import Tensor
 
 # Constant factors looked through, after the scale (Lightning's accumulation, a loss weight...).
 _MOST_FACTORS = 4
-# A scaler's scale starts at 2^16 and halves only on an overflow (eight in a row to fall below
-# this); a smaller power of two is more likely a loss weight (2, 4, 8...), not to be divided out.
-_SMALLEST_SCALE = 2.0**8
+# A scaler's scale starts at 2^16 and halves on each overflow; before any scale was recognised, a
+# power of two below this is more likely a loss weight (2, 4, 8...), not to be divided out.
+FIRST_SMALLEST_SCALE = 2.0**8
 
 
-def grad_scaler_scale(losses: Any) -> float | None:
+def smallest_scale(last: float | None) -> float:
+    """The smallest factor taken for a scaler's scale, given the last one recognised: a scaler
+    that has backed off below 2^8 is followed down (to 2), halving by halving."""
+    return FIRST_SMALLEST_SCALE if last is None else max(2.0, min(FIRST_SMALLEST_SCALE, last / 4))
+
+
+def grad_scaler_scale(losses: Any, smallest: float = FIRST_SMALLEST_SCALE) -> float | None:
     """``s`` when ``losses`` is ``x * s`` for a tensor ``s`` shaped as a ``GradScaler``'s scale (one
-    float32 entry, a constant, a power of two from 2^8 up), else ``None``.
+    float32 entry, a constant, a power of two from ``smallest`` up), else ``None``.
 
     Also through constant factors and divisors applied after the scale (``scaler.scale(l) * k``, as
     Lightning's accumulation does, or ``/ k``), and for a list or tuple of losses scaled alike
     (``scaler.scale([l1, l2])`` scales each). One host read per float32 factor on the way.
     """
     if isinstance(losses, list | tuple):
-        scales = {_scale_of(item) if isinstance(item, Tensor) else None for item in losses}
+        scales = {
+            _scale_of(item, smallest) if isinstance(item, Tensor) else None for item in losses
+        }
         return scales.pop() if len(scales) == 1 else None
-    return _scale_of(losses) if isinstance(losses, Tensor) else None
+    return _scale_of(losses, smallest) if isinstance(losses, Tensor) else None
 
 
-def _scale_of(losses: Tensor) -> float | None:
+def _scale_of(losses: Tensor, smallest: float) -> float | None:
     node = losses.grad_fn
     for _ in range(_MOST_FACTORS):
         if node is None or node.name() not in ("MulBackward0", "DivBackward0"):
@@ -49,7 +57,7 @@ def _scale_of(losses: Tensor) -> float | None:
             return None
         if factor.dtype == torch.float32:
             value = float(factor.item())
-            if value >= _SMALLEST_SCALE and math.isfinite(value) and math.frexp(value)[0] == 0.5:
+            if value >= smallest and math.isfinite(value) and math.frexp(value)[0] == 0.5:
                 # Divided by a scale-like factor: unscaled (x * s / s) or not a scaler's at all.
                 return value if node.name() == "MulBackward0" else None
         node = node.next_functions[0][0]  # a constant factor after the scale: look below it

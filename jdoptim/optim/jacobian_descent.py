@@ -36,7 +36,7 @@ from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
 from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or, wrapped
 from jdoptim.optim._grad_hooks import post_accumulate_hooks_held, run_post_accumulate_hooks
-from jdoptim.optim._loss_scale import grad_scaler_scale
+from jdoptim.optim._loss_scale import grad_scaler_scale, smallest_scale
 from jdoptim.optim._state import (
     JD_STATE_KEY,
     check_groups_match,
@@ -179,6 +179,8 @@ class JacobianDescent(Optimizer):
         self._window = AccumulationWindow()
         self._differentiated = DifferentiatedLosses()
         self._backward_calls = 0
+        #: The last GradScaler scale recognised in the losses' graph (followed as it backs off).
+        self._loss_scale_seen: float | None = None
         self._warned: set[str] = set()
         # Optimizer.__init__ installs the step hooks and profiling; param_groups, state and defaults
         # are properties delegating to the wrapped optimizer once it is set below.
@@ -448,8 +450,10 @@ class JacobianDescent(Optimizer):
                 # once per micro-batch.
                 self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
-        if self.grad_scaler is None:
-            scale = grad_scaler_scale(given_losses) or scale  # losses from scaler.scale(...)
+        if self.grad_scaler is None:  # losses from scaler.scale(...)?
+            found = grad_scaler_scale(given_losses, smallest_scale(self._loss_scale_seen))
+            if found is not None:
+                scale = self._loss_scale_seen = found
         unscaled = losses / scale if scale != 1.0 else losses
         with post_accumulate_hooks_held(params):
             with _full_precision(losses), _reworded_not_differentiable():
@@ -706,6 +710,8 @@ class JacobianDescent(Optimizer):
         }
         if self.grad_scaler is not None:
             jd_state["grad_scaler"] = self.grad_scaler.state_dict()
+        if self._loss_scale_seen is not None:
+            jd_state["loss_scale_seen"] = self._loss_scale_seen
         return jd_state
 
     def load_jd_state_dict(self, jd_state: dict[str, Any]) -> None:
@@ -726,6 +732,7 @@ class JacobianDescent(Optimizer):
             self._method.module.load_state_dict(saved)
             raise
         self._steps = int(jd_state["steps"])
+        self._loss_scale_seen = jd_state.get("loss_scale_seen")
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: the wrapped optimizer, the options, and

@@ -933,3 +933,28 @@ def test_a_parameter_listed_twice_counts_once() -> None:
         optimizer.backward(per_instance_losses(model, inputs[0], targets[0]))
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))  # type: ignore[union-attr]
     torch.testing.assert_close(grads[1], grads[0], atol=1e-12, rtol=0.0)
+
+
+def test_a_grad_scaler_that_backs_off_below_2_to_the_8_is_followed() -> None:
+    """Below 2^8 a lone power of two is taken for a loss weight, not a scale; a scaler recognised
+    at 2^9 that then backs off to 2^8 and 2^7 (overflows) must still be divided out: NashMTL
+    stepped 128 times too short at 2^7."""
+    results = []
+    for scaled in (False, True):
+        model, inputs, targets = regression_problem(steps=3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**9)
+        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=NashMTLWeighting(), batch_dim=0)
+        for step, (x, y) in enumerate(zip(inputs, targets, strict=True)):
+            optimizer.zero_grad()
+            losses = per_instance_losses(model, x, y)
+            if scaled:
+                optimizer.backward(scaler.scale(losses))
+                scaler.step(optimizer)
+                scaler.update(2.0 ** (8 - step))  # as two overflows in a row would
+            else:
+                optimizer.backward(losses)
+                optimizer.step()
+        results.append((model, optimizer))
+    assert_same_params(results[1][0], results[0][0], atol=1e-6)
+    saved = results[1][1].state_dict()
+    assert saved["jdoptim"]["loss_scale_seen"] == 2.0**7  # a resumed run goes on following it
