@@ -700,11 +700,18 @@ class JacobianDescent(Optimizer):
     def jd_state_dict(self) -> dict[str, Any]:
         """jdoptim's own state: the method's state and type, the step count, the ``GradScaler``.
 
+        Taken between two ``backward`` calls of a step, it holds the method's state from before
+        that step, with the step count: resuming redoes the whole step.
+
         :meth:`state_dict` holds it under ``"jdoptim"``; save it separately where only torch's
         ``state`` and ``param_groups`` travel (``torch.distributed.checkpoint``).
         """
+        window = self._window
+        # Mid-window (between two backward calls of a step), the method's state as the window
+        # opened: a resumed run redoes the whole step from it, moving the state once.
+        opened = window.method_state if window.parts else None
         jd_state: dict[str, Any] = {
-            "method": self._method.module.state_dict(),
+            "method": self._method.module.state_dict() if opened is None else opened,
             "method_type": type(self._method.module).__name__,
             "steps": self._steps,
         }

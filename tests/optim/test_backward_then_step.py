@@ -27,7 +27,12 @@ from jdoptim.aggregation import (
 from jdoptim.autogram import Route
 from jdoptim.optim import JDSGD, JacobianDescent
 from jdoptim.scalarization import GeometricMean
-from tests.optim._models import assert_same_params, per_instance_losses, regression_problem
+from tests.optim._models import (
+    EMAWeighting,
+    assert_same_params,
+    per_instance_losses,
+    regression_problem,
+)
 
 Options = dict[str, Any]
 
@@ -775,3 +780,39 @@ def test_a_grad_zeroed_then_replaced_between_micro_batches_takes_the_new_value()
     param.grad = replacement
     optimizer.backward(per_instance_losses(model, inputs[0][6:], targets[0][6:]))
     assert param.grad is not None and float((param.grad - replacement).abs().max()) < 10.0
+
+
+def test_a_checkpoint_taken_mid_window_resumes_by_redoing_the_step() -> None:
+    """state_dict() between two backward calls of a step saved the method's state after the
+    partial window's weighing, beside the step count of before the step: redoing the step after
+    loading it moved the method's state twice."""
+    model, inputs, targets = regression_problem(steps=3)
+    x, y = inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1)
+    parts = [slice(0, 8), slice(8, 16), slice(16, 24)]
+
+    def losses(net: nn.Module, part: slice) -> Tensor:
+        return per_instance_losses(net, x[part], y[part])
+
+    reference = copy.deepcopy(model)
+    uninterrupted = JDSGD(reference.parameters(), lr=0.1, weighting=EMAWeighting())
+    for _ in range(2):
+        for part in parts:
+            uninterrupted.backward(losses(reference, part))
+        uninterrupted.step()
+        uninterrupted.zero_grad()
+
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=EMAWeighting())
+    for part in parts:
+        optimizer.backward(losses(model, part))
+    optimizer.step()
+    optimizer.zero_grad()
+    optimizer.backward(losses(model, parts[0]))
+    saved = copy.deepcopy(optimizer.state_dict())  # mid-window
+    resumed = JDSGD(model.parameters(), lr=0.1, weighting=EMAWeighting())
+    resumed.load_state_dict(saved)
+    for param in model.parameters():
+        param.grad = None
+    for part in parts:  # the interrupted step, redone whole
+        resumed.backward(losses(model, part))
+    resumed.step()
+    assert_same_params(model, reference, atol=1e-12)
