@@ -69,6 +69,9 @@ class RankAwarePath(Path):
         self.distributed: DistributedPath | None = None
         self._watch = ExitStack()
         weakref.finalize(self, self._watch.close)
+        self._trains: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def use_group(self, group: dist.ProcessGroup) -> None:
         if self.distributed is not None:
@@ -85,7 +88,9 @@ class RankAwarePath(Path):
     def watch_for_models(self) -> None:
         """From now on, a DDP or ``fully_shard`` model's forward pass hands its group (or itself)
         to this path, which is weakly held. Called once, when the optimizer is built."""
-        self._watch.enter_context(watch_ddp(_weakly(self.use_group)))
+        self._watch.enter_context(
+            watch_ddp(_weakly(self.use_group), concerns=_weakly_judging(self.trains))
+        )
         self._watch.enter_context(watch_fsdp(_weakly(self.use_fsdp)))
 
     def begin(self) -> None:
@@ -159,6 +164,18 @@ class RankAwarePath(Path):
         self.distributed = sharded_variant(self.local, model)
         return created
 
+    def trains(self, model: nn.Module) -> bool:
+        """Whether the optimizer trains some parameter of the DDP ``model`` (cached per model,
+        until the optimizer's number of parameters changes)."""
+        params = self.context.params()
+        known = self._trains.get(model)
+        if known is not None and known[0] == len(params):
+            return known[1]
+        ids = {id(param) for param in params}
+        result = any(id(param) in ids for param in model.parameters())
+        self._trains[model] = (len(params), result)
+        return result
+
     def use_fsdp(self, root: nn.Module) -> None:
         """A forward pass of the ``fully_shard`` model ``root`` starts."""
         created = self.shard_with(root)
@@ -166,6 +183,17 @@ class RankAwarePath(Path):
             self.distributed.before_forward()
             if created:
                 self.distributed.model.enter_call_in_progress()
+
+
+def _weakly_judging(method: Callable[[_T], bool]) -> Callable[[_T], bool]:
+    """As :func:`_weakly`, for a predicate (``False`` once its object is gone)."""
+    reference = weakref.WeakMethod(method)
+
+    def call(argument: _T) -> bool:
+        alive = reference()
+        return alive is not None and alive(argument)
+
+    return call
 
 
 def _weakly(method: Callable[[_T], None]) -> Callable[[_T], None]:

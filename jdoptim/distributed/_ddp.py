@@ -28,12 +28,19 @@ def ddp_process_group(modules: Iterable[nn.Module] | None) -> dist.ProcessGroup 
 
 
 @contextmanager
-def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True) -> Iterator[None]:
+def watch_ddp(
+    on_ddp: Callable[[dist.ProcessGroup], None],
+    silence: bool = True,
+    concerns: Callable[[DistributedDataParallel], bool] | None = None,
+) -> Iterator[None]:
     """Context for a forward pass: reports each ``DistributedDataParallel`` model it runs.
 
     ``on_ddp(process_group)`` is called before the model's forward; the model then runs without
     its own gradient synchronisation, as under ``no_sync()``: the distributed step reduces the
-    gradients itself, once. Does nothing unless ``torch.distributed`` is initialised.
+    gradients itself, once. With ``concerns``, only the models it accepts (those whose
+    parameters the optimizer trains): another DDP model in the process (a GAN's other network,
+    trained by a torch optimizer) keeps its own synchronisation. Does nothing unless
+    ``torch.distributed`` is initialised.
     """
     remove_deferred_hooks()
     if not (dist.is_available() and dist.is_initialized()):
@@ -43,6 +50,8 @@ def watch_ddp(on_ddp: Callable[[dist.ProcessGroup], None], silence: bool = True)
 
     def hook(module: nn.Module, args: Any) -> None:
         if not isinstance(module, DistributedDataParallel):
+            return
+        if concerns is not None and not concerns(module):
             return
         if getattr(module, "static_graph", False):
             # Its reducer then asserts on any backward pass it did not prepare (an internal error

@@ -468,6 +468,25 @@ def static_graph_rank(rank: int, world: int) -> Any:
     return None
 
 
+def second_ddp_model_rank(rank: int, world: int) -> Any:
+    """A jdoptim optimizer for one DDP model and torch's SGD for another (a GAN's two networks):
+    the optimizer silenced every DDP model's gradient synchronisation, so the plain one's replicas
+    drifted apart. Returns the plain model's parameters (equal on every rank, as DDP keeps them)."""
+    model = DistributedDataParallel(iwrm_model())
+    other = DistributedDataParallel(iwrm_model(seed=1))
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    plain = torch.optim.SGD(other.parameters(), lr=0.1)
+    part = slices([3] * world)[rank]
+    for x, y in iwrm_batches(3 * world):
+        optimizer.zero_grad()
+        optimizer.backward(iwrm_losses(model, x[part], y[part]))
+        optimizer.step()
+        plain.zero_grad()
+        iwrm_losses(other, x[part], y[part]).mean().backward()
+        plain.step()
+    return {"params": [p.detach().clone() for p in other.parameters()]}
+
+
 def first_step_failure_rank(rank: int, world: int) -> Any:
     """A plain DDP swap whose closure fails on rank 1 at the very first step, after the forward
     pass (the optimizer learns of the DDP model from that pass): every rank raises, then trains
@@ -769,4 +788,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("mismatched-gramian-methods", mismatched_gramian_methods_rank)
         record("static-graph", static_graph_rank)
         record("first-step-failure", first_step_failure_rank)
+        record("second-ddp-model", second_ddp_model_rank)
     return results

@@ -134,6 +134,15 @@ def test_ranks_with_different_gramian_weightings_all_raise(two_ranks: Any) -> No
     _every_rank_raised(two_ranks[1], "mismatched-gramian-methods", "different methods")
 
 
+def test_another_ddp_model_trained_by_a_torch_optimizer_keeps_its_synchronisation(
+    two_ranks: Any,
+) -> None:
+    _, ranks = two_ranks
+    first, second = (ok(rank["second-ddp-model"])["params"] for rank in ranks)
+    _close(first, second)
+    assert any(float(p.abs().max()) > 0 for p in first)
+
+
 def test_a_static_graph_ddp_model_is_a_clear_error_on_every_rank(two_ranks: Any) -> None:
     _every_rank_raised(two_ranks[1], "static-graph", "static_graph=True")
 
