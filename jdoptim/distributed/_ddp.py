@@ -64,8 +64,10 @@ def watch_ddp(
                 "exact on the global batch."
             )
         on_ddp(module.process_group)
-        if silence and id(module) not in silenced:
-            silenced[id(module)] = (module, module.require_backward_grad_sync)
+        if silence:
+            if id(module) not in silenced:
+                silenced[id(module)] = (module, module.require_backward_grad_sync)
+            # At every forward: leaving a no_sync() block turns the synchronisation back on.
             module.require_backward_grad_sync = False
 
     registered, turn_off = guarded(hook)

@@ -200,6 +200,22 @@ def test_a_grad_scaler_on_a_fully_shard_model_is_a_clear_error(single_rank_group
         JDSGD(model.parameters(), lr=0.1, batch_dim=0, modules=model, grad_scaler=scaler)
 
 
+def test_ddp_sync_stays_off_after_a_no_sync_block(single_rank_group: None) -> None:
+    """The optimizer silenced the DDP model at its first forward only: a forward inside no_sync()
+    (flag already off) was that first one, and leaving the block turned DDP's own reducer back on
+    for good (extra all-reduces; with find_unused_parameters, a crash in DDP)."""
+    model = torch.nn.parallel.DistributedDataParallel(scenarios.iwrm_model())
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    (x, y), *_ = scenarios.iwrm_batches(6)
+    for step in range(2):
+        with model.no_sync():
+            optimizer.backward(scenarios.iwrm_losses(model, x[:3], y[:3]))
+        optimizer.backward(scenarios.iwrm_losses(model, x[3:], y[3:]))
+        assert model.require_backward_grad_sync is False, step
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def test_one_rank_steps_equal_local_steps_and_count_bytes(single_rank_group: None) -> None:
     sizes = [5]
     for method in ["upgrad", "mean", "trimmed_mean", "geometric_mean"]:
