@@ -125,6 +125,9 @@ class RankAwarePath(Path):
     def supports_backward(self) -> bool:
         return self.local.supports_backward()
 
+    def shared_base(self, grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
+        return self.active.shared_base(grads, params)
+
     def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
         return self.active.differentiate(losses, features, scale)
 

@@ -58,6 +58,11 @@ class ShardedPath:
     context: Any
     world_size: int
 
+    def shared_base(self, grads: list[Any], params: list[Any]) -> list[Any]:
+        """As it is: a sharded parameter's ``.grad`` is its shard, which ``fully_shard``'s own
+        backward reduced (jdoptim leaves that synchronisation on)."""
+        return grads
+
     def before_forward(self) -> None:
         """Called when a forward pass of the model starts: the first one learns the parameters."""
         if not self.model.params():

@@ -140,6 +140,26 @@ class DistributedPath(Path):
     def layout(self, headers: list[list[int]]) -> Layout | None:
         return layout_of(shapes_of(headers), self.context.batch_dim, self.communicator.rank)
 
+    def shared_base(self, grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
+        """Averaged over the ranks, as DDP averages a plain backward's gradients (its own
+        synchronisation is off during jdoptim's steps): each rank's base differed otherwise, and
+        so did the replicas. A parameter no rank holds a ``.grad`` for keeps ``None``; one small
+        exchange, then one all-reduce if any rank holds one."""
+        held = [int(grad is not None) for grad in grads]
+        anywhere = [
+            max(column) for column in zip(*self.communicator.exchange_ints(held), strict=True)
+        ]
+        chosen = [index for index, flag in enumerate(anywhere) if flag]
+        if not chosen:
+            return grads
+        summed = self.communicator.all_reduce_sum(
+            [or_zeros(grads[i], params[i]) for i in chosen], kind="gradients"
+        )
+        shared = list(grads)
+        for index, total in zip(chosen, summed, strict=True):
+            shared[index] = total / self.communicator.world_size
+        return shared
+
     def take_grads(self, params: Sequence[Tensor]) -> None:
         """Sets each ``.grad`` aside, so that the step reduces only its own part."""
         self._stash = [(p, p.grad) for p in params]

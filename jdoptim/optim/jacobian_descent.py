@@ -440,7 +440,8 @@ class JacobianDescent(Optimizer):
         # What the method holds now (after this window's earlier backward calls): restored if
         # this call raises, as everything else.
         saved_method_state = copy.deepcopy(self._method.module.state_dict())
-        if not window.resume(params):
+        opened = not window.resume(params)
+        if opened:
             window.open(params)
             window.method_state = saved_method_state
         else:
@@ -477,6 +478,10 @@ class JacobianDescent(Optimizer):
         if record.finite:
             window.parts = parts
             window.finite = window.base_finite
+            if opened:
+                # After the step's exchanges: every rank takes part (distributed steps average
+                # the base over the ranks, as DDP would have).
+                window.base = self._path.shared_base(window.base, params)
             window.write(params)
             run_post_accumulate_hooks(reached)
         else:  # skipped, as for losses that overflow: on every rank alike in distributed steps

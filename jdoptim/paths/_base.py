@@ -137,6 +137,11 @@ class Path(ABC):
         """Whether losses from the user's own forward pass can be taken (not only a closure)."""
         return True
 
+    def shared_base(self, grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
+        """The ``.grad`` an accumulation window opens on (a plain ``loss.backward()`` run before
+        it), as the step adds it: on one process, as it is."""
+        return grads
+
     @abstractmethod
     def differentiate(self, losses: Tensor, features: Any = None, scale: float = 1.0) -> Part:
         """What this path keeps of one batch's ``losses`` (``features``: multi-task mode).

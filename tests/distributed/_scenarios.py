@@ -487,6 +487,21 @@ def second_ddp_model_rank(rank: int, world: int) -> Any:
     return {"params": [p.detach().clone() for p in other.parameters()]}
 
 
+def plain_backward_first_rank(rank: int, world: int) -> Any:
+    """A plain backward of an auxiliary loss before optimizer.backward, each rank on its own
+    batch: its gradients are the window's base, which DDP would average; they stayed each rank's
+    own (the DDP wrapper's synchronisation is off in jdoptim's steps) and the replicas drifted."""
+    model = DistributedDataParallel(iwrm_model())
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    part = slices([3] * world)[rank]
+    for x, y in iwrm_batches(3 * world):
+        optimizer.zero_grad()
+        (model(x[part]).pow(2).mean() * (rank + 1)).backward()  # differs between the ranks
+        optimizer.backward(iwrm_losses(model, x[part], y[part]))
+        optimizer.step()
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
 def first_step_failure_rank(rank: int, world: int) -> Any:
     """A plain DDP swap whose closure fails on rank 1 at the very first step, after the forward
     pass (the optimizer learns of the DDP model from that pass): every rank raises, then trains
@@ -789,4 +804,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("static-graph", static_graph_rank)
         record("first-step-failure", first_step_failure_rank)
         record("second-ddp-model", second_ddp_model_rank)
+        record("plain-backward-first", plain_backward_first_rank)
     return results

@@ -143,6 +143,12 @@ def test_another_ddp_model_trained_by_a_torch_optimizer_keeps_its_synchronisatio
     assert any(float(p.abs().max()) > 0 for p in first)
 
 
+def test_a_plain_backward_before_the_optimizers_is_averaged_over_ranks(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    first, second = (ok(rank["plain-backward-first"])["params"] for rank in ranks)
+    _close(first, second)
+
+
 def test_a_static_graph_ddp_model_is_a_clear_error_on_every_rank(two_ranks: Any) -> None:
     _every_rank_raised(two_ranks[1], "static-graph", "static_graph=True")
 
