@@ -181,6 +181,14 @@ def _scale_invariant(weighting: Weighting | GeneralizedWeighting) -> bool:
     return bool(getattr(inner, "scale_invariant", False))
 
 
+def _resized(shape: torch.Size, dim: int, rows: int, like_rows: int) -> list[int]:
+    """``shape`` with its instance dim sized for ``rows`` losses instead of ``like_rows`` (the dim
+    holds the instances, or instances times tasks: proportional either way)."""
+    sizes = list(shape)
+    sizes[dim] = sizes[dim] * rows // like_rows
+    return sizes
+
+
 def _reached_by_any(parts: Sequence[TermsPart]) -> list[Tensor]:
     """The parameters some micro-batch reached, in the order they first appear."""
     params: dict[int, Tensor] = {}
@@ -193,21 +201,25 @@ def _reached_by_any(parts: Sequence[TermsPart]) -> list[Tensor]:
 def _aligned(part: TermsPart, params: list[Tensor], parts: Sequence[TermsPart]) -> TermsPart:
     """``part`` with a term for each of ``params``, in their order: a parameter its micro-batch
     did not reach (an expert no token was routed to, a branch not taken) has zero gradients for
-    its losses, so a zero term, as ``parts`` form that parameter's rows elsewhere."""
+    its losses, so a zero term, in the form another micro-batch's term for it takes (zero factors
+    over this micro-batch's instances: no per-row gradients, no change of form)."""
     by_param = {id(param): term for param, term in zip(part.params, part.terms, strict=True)}
     rows = part.losses.numel()
     terms = []
     for param in params:
         term = by_param.get(id(param))
         if term is None:
-            like = next(
-                t for p in parts for q, t in zip(p.params, p.terms, strict=True) if q is param
+            like, like_rows = next(
+                (t, p.losses.numel())
+                for p in parts
+                for q, t in zip(p.params, p.terms, strict=True)
+                if q is param
             )
-            dtype = like.factors()[0][0].dtype
-            zeros = torch.zeros(rows, param.numel(), dtype=dtype, device=param.device)
-            term = MaterializedTerm(
-                zeros, tuple(param.shape), sparse=getattr(like, "sparse", False)
-            )
+            zeros = [
+                factor.new_zeros(_resized(factor.shape, dim, rows, like_rows))
+                for factor, dim in like.factors()
+            ]
+            term = like.with_factors(zeros)
         terms.append(term)
     return TermsPart(part.losses, params, terms, part.graph_losses, scale=part.scale)
 
