@@ -215,12 +215,14 @@ class Engine:
         registered, turn_off = guarded(self._discover)
         hook = torch.compiler.disable(registered)  # type: ignore[no-untyped-call]
         handle = nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+        _DISCOVERY_HOOK_IDS.add(handle.id)
         try:
             with _DISCOVERING:
                 yield
         finally:
             turn_off()
             remove_hook(handle)
+            _DISCOVERY_HOOK_IDS.discard(handle.id)
 
     def _needs_hook(self, module: nn.Module) -> bool:
         return self._owns_covered(module) or mixes_instances(module) or _is_batch_norm(module)
@@ -274,7 +276,9 @@ class Engine:
             )
 
     def _owns_covered(self, module: nn.Module) -> bool:
-        return any(id(p) in self._param_ids for p in module.parameters(recurse=False))
+        # The slots themselves (module.parameters() costs several times more, at every call).
+        ids = self._param_ids
+        return any(p is not None and id(p) in ids for p in module._parameters.values())
 
     def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self._closed or hooks_are_suspended():
@@ -313,6 +317,10 @@ class Engine:
         if any(t is not None and t.grad_fn is not None for t in module._parameters.values()):
             return False
         if "forward" in module.__dict__ or "_conv_forward" in module.__dict__:
+            return False
+        # Global forward hooks run before the module's own (only the engines' discovery ones
+        # are known not to change the output).
+        if any(h not in _DISCOVERY_HOOK_IDS for h in nn.modules.module._global_forward_hooks):
             return False
         for hook_id, hook in module._forward_hooks.items():
             if hook_id in self._hook_ids:
@@ -568,6 +576,10 @@ def _flatten_modules(items: tuple[nn.Module | Iterable[nn.Module], ...]) -> list
                 )
             modules.append(module)
     return modules
+
+
+#: The ids of the engines' own global forward hooks (:meth:`Engine.capture`).
+_DISCOVERY_HOOK_IDS: set[int] = set()
 
 
 class _Discovering:

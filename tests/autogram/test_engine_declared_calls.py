@@ -156,3 +156,20 @@ def test_a_layer_with_an_empty_weight() -> None:
     engine.compute_gramian(model(x, extras))
     engine.backward(torch.ones(4, dtype=DOUBLE))
     assert model.extras.weight.grad is not None and model.extras.weight.grad.shape == (5, 0)
+
+
+def test_a_global_forward_hook_that_changes_outputs() -> None:
+    """torch runs global forward hooks before a module's own: one that rescales a Linear's output
+    changed what the engine's hook saw, and the closed form took it for the layer's output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).to(DOUBLE)
+    x = torch.randn(6, 4, dtype=DOUBLE)
+
+    def rescale(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
+        return output * 3 + 1 if isinstance(module, nn.Linear) else None
+
+    handle = nn.modules.module.register_module_forward_hook(rescale)
+    try:
+        assert_exact_gramian(model, lambda: model(x).squeeze(-1).pow(2))
+    finally:
+        handle.remove()
