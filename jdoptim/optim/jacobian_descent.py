@@ -691,8 +691,11 @@ class JacobianDescent(Optimizer):
                 "no-jd-state",
                 "This state dict has no 'jdoptim' entry (torch.distributed.checkpoint keeps only "
                 "'state' and 'param_groups'): the wrapped optimizer is restored, the method's state "
-                "and the step count are not. Save optimizer.jd_state_dict() beside it and restore "
-                "it with optimizer.load_jd_state_dict(...).",
+                "and the step count are not. With torch.distributed.checkpoint, save and load "
+                "jdoptim.distributed.checkpoint_state(model, optimizer) instead (then "
+                "load_checkpoint_state); otherwise save optimizer.jd_state_dict() with torch.save "
+                "(not through DCP, which loads into a template that holds no method state) and "
+                "restore it with optimizer.load_jd_state_dict(...).",
             )
         try:
             inner.load_state_dict({k: v for k, v in state_dict.items() if k != JD_STATE_KEY})
@@ -737,7 +740,14 @@ class JacobianDescent(Optimizer):
             check_method_type(jd_state, type(self._method.module).__name__)
         try:
             if not switching:
-                self._method.module.load_state_dict(jd_state["method"])
+                try:
+                    self._method.module.load_state_dict(jd_state["method"])
+                except RuntimeError as error:  # torch's missing or unexpected keys
+                    raise ValueError(
+                        f"The state dict's method state does not fit this optimizer's "
+                        f"{self._method.module!r}: load a checkpoint saved with the same method, "
+                        f"built the same way (its inner methods included). torch said: {error}"
+                    ) from error
             if self.grad_scaler is not None and "grad_scaler" in jd_state:
                 self.grad_scaler.load_state_dict(jd_state["grad_scaler"])
         except BaseException:

@@ -22,7 +22,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from jdoptim import _global_hooks as global_hooks
-from jdoptim.aggregation import MeanWeighting, NashMTLWeighting, UPGradWeighting
+from jdoptim.aggregation import (
+    CRMOGMWeighting,
+    MeanWeighting,
+    MGDAWeighting,
+    NashMTLWeighting,
+    UPGradWeighting,
+)
 from jdoptim.autogram import Engine
 from jdoptim.optim import JDSGD, JacobianDescent, JDAdam
 from jdoptim.optim._loss_scale import grad_scaler_scale
@@ -958,3 +964,15 @@ def test_a_grad_scaler_that_backs_off_below_2_to_the_8_is_followed() -> None:
     assert_same_params(results[1][0], results[0][0], atol=1e-6)
     saved = results[1][1].state_dict()
     assert saved["jdoptim"]["loss_scale_seen"] == 2.0**7  # a resumed run goes on following it
+
+
+def test_a_method_built_with_other_inner_methods_is_refused_with_a_clear_error() -> None:
+    """CR-MOGM around UPGrad, loaded into CR-MOGM around MGDA: torch's raw RuntimeError about
+    unexpected keys (other mismatches get a ValueError naming the methods)."""
+    model, inputs, targets = regression_problem(steps=2)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=CRMOGMWeighting(UPGradWeighting()))
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.step(lambda x=x, y=y: per_instance_losses(model, x, y))
+    other = JDSGD(model.parameters(), lr=0.1, weighting=CRMOGMWeighting(MGDAWeighting()))
+    with pytest.raises(ValueError, match="does not fit this optimizer's CRMOGMWeighting"):
+        other.load_state_dict(optimizer.state_dict())
