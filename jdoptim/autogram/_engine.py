@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim._compile_config import allow_several_backward_passes
 from jdoptim._errors import NotDifferentiableError
 from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_hook
 from jdoptim.autogram._assembly import (
@@ -33,10 +34,11 @@ from jdoptim.autogram._terms import MaterializedTerm, OuterTerm, Route, Term
 
 _DONATED_BUFFERS_HINT = (
     "output was computed by a torch.compile'd function whose backward frees its saved tensors "
-    "after one pass (AOTAutograd's donated buffers, used once shapes vary), while the Gramian "
-    "needs several passes over the graph. Compile the model instead (torch.compile(model), "
-    "which jdoptim's hooks handle), or set torch._functorch.config.donated_buffer = False before "
-    "compiling."
+    "after one pass (AOTAutograd's donated buffers), while the Gramian needs several passes over "
+    "the graph. jdoptim turns them off when an optimizer or Engine is built; something set "
+    "torch._functorch.config.donated_buffer = True again since, or the function was compiled "
+    "before: keep it False, and compile after building the optimizer (torch._dynamo.reset() "
+    "recompiles)."
 )
 _FREED_GRAPH_HINT = (
     "The graph of `output` was already freed (a backward() ran on it without retain_graph=True). "
@@ -110,6 +112,7 @@ class Engine:
             isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
         ):
             raise TypeError(f"batch_dim must be an int or None, got {type(batch_dim).__name__}.")
+        allow_several_backward_passes()
         self._batch_dim = batch_dim
         self._modules = _flatten_modules(modules)
         if parameters is not None:

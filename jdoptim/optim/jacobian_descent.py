@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from jdoptim._compile_config import allow_several_backward_passes
 from jdoptim._errors import NotDifferentiableError
 from jdoptim._grad_layout import lay_out_grads
 from jdoptim._stateful import Stateful
@@ -185,6 +186,7 @@ class JacobianDescent(Optimizer):
         # Optimizer.__init__ installs the step hooks and profiling; param_groups, state and defaults
         # are properties delegating to the wrapped optimizer once it is set below.
         super().__init__(optimizer.param_groups, optimizer.defaults)
+        allow_several_backward_passes()
         self.optimizer = optimizer
         if self._modules is not None:
             self._check_modules_cover_params()

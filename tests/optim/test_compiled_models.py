@@ -51,10 +51,46 @@ def test_a_compiled_model_trains_compiled_and_equals_eager(form: str) -> None:
     assert not nn.modules.module._has_any_global_hook()
 
 
-def test_a_compiled_loss_function_whose_backward_donates_its_buffers_is_a_clear_error() -> None:
-    """Compiling the loss computation itself (not the model): once the batch size changes,
-    AOTAutograd frees the saved tensors after one backward pass, which the Gramian cannot work
-    with; the error says what to compile instead (it was torch's message about create_graph)."""
+class _ConvNet(nn.Module):
+    """Two convolution stages with GroupNorm and a strided shortcut, as in a small ResNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.GroupNorm(2, 4))
+        self.main = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1, bias=False), nn.GroupNorm(2, 8))
+        self.shortcut = nn.Conv2d(4, 8, 1, 2, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.main(h) + self.shortcut(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_compiled_convolutional_model_trains_and_equals_eager() -> None:
+    """AOTAutograd donated the saved tensors of these compiled regions (a backward frees them
+    after one pass), which the engine's several passes cannot use: the first compiled step raised
+    with a hint to compile the model, as the user had. Building the optimizer turns donation off."""
+    eager = _ConvNet()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model)
+    optimizer = JDSGD(model.parameters(), lr=0.05, momentum=0.9, batch_dim=0)
+    reference = JDSGD(eager.parameters(), lr=0.05, momentum=0.9, batch_dim=0)
+    torch.manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
+        optimizer.step(lambda: nn.functional.cross_entropy(compiled(x), y, reduction="none"))
+        reference.step(lambda: nn.functional.cross_entropy(eager(x), y, reduction="none"))
+    assert_same_params(model, eager, atol=1e-5)
+
+
+def test_a_compiled_loss_function_trains_and_re_enabled_donation_is_a_clear_error() -> None:
+    """Compiling the loss computation itself: once the batch size changed, AOTAutograd freed the
+    saved tensors after one backward pass. With donation off (as the optimizer sets it) it trains;
+    with donation turned on again, the error says so."""
+    import torch._functorch.config as functorch_config
+
     model = _model()
     optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
 
@@ -62,7 +98,16 @@ def test_a_compiled_loss_function_whose_backward_donates_its_buffers_is_a_clear_
     def losses(xs: Tensor, ys: Tensor) -> Tensor:
         return (model(xs).squeeze(-1) - ys) ** 2
 
-    with pytest.raises(ValueError, match="donated"):
-        for batch in (6, 6, 4, 4):
-            xs, ys = torch.randn(batch, 5), torch.randn(batch)
-            optimizer.step(lambda xs=xs, ys=ys: losses(xs, ys))
+    for batch in (6, 6, 4, 4):
+        xs, ys = torch.randn(batch, 5), torch.randn(batch)
+        optimizer.step(lambda xs=xs, ys=ys: losses(xs, ys))
+    torch._dynamo.reset()
+    functorch_config.donated_buffer = True
+    try:
+        with pytest.raises(ValueError, match="donated"):
+            for batch in (6, 6, 4, 4):
+                xs, ys = torch.randn(batch, 5), torch.randn(batch)
+                optimizer.step(lambda xs=xs, ys=ys: losses(xs, ys))
+    finally:
+        functorch_config.donated_buffer = False
+        torch._dynamo.reset()
