@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -488,9 +489,14 @@ class Engine:
             _check_visible(plan)
             self._warn_fused(plan)
             if plan.mixing_modules:
-                names = ", ".join(type(m).__name__ for m in plan.mixing_modules)
+                kinds = Counter(type(m).__name__ for m in plan.mixing_modules)
+                names = ", ".join(
+                    kind if count == 1 else f"{count} {kind} layers"
+                    for kind, count in kinds.items()
+                )
+                verb = "mixes" if len(plan.mixing_modules) == 1 else "mix"
                 raise ValueError(
-                    f"{names} mixes the instances of a batch (batch statistics), so the losses are "
+                    f"{names} {verb} the instances of a batch (batch statistics), so the losses are "
                     f"not independent per instance as batch_dim={self._batch_dim} declares. Pass "
                     "batch_dim=None instead (to the optimizer, JDSGD(..., batch_dim=None), or to "
                     "the Engine; exact, slower), put the layer in eval() mode, or replace it by "
