@@ -336,50 +336,40 @@ def test_backward_then_step_under_a_grad_scaler_skips_an_overflow() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
 
 
+def _nash_mtl_run(scaled: bool, tasks: bool) -> nn.Module:
+    """Two NashMTL steps on per-instance losses (``tasks``: two task losses, as a list), through
+    scaler.scale and scaler.step when ``scaled``."""
+    model, inputs, targets = regression_problem(steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = JDSGD(
+        model.parameters(), lr=0.1, weighting=NashMTLWeighting(), batch_dim=None if tasks else 0
+    )
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.zero_grad()
+        losses: Any = per_instance_losses(model, x, y)
+        if tasks:
+            losses = [losses[: len(losses) // 2].mean(), losses[len(losses) // 2 :].mean()]
+        if scaled:
+            optimizer.backward(scaler.scale(losses))
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.backward(losses)
+            optimizer.step()
+    return model
+
+
 def test_backward_weighs_the_losses_a_grad_scaler_scaled_as_unscaled() -> None:
     """NashMTL's weights fall as the losses grow: weighing scaler.scale(losses) as given made the
     step 2^10 times too small once the scaler unscaled .grad. The optimizer recognises the scale in
     the losses' graph and weighs losses / s, as it does with grad_scaler=."""
-    results = []
-    for scaled in (False, True):
-        model, inputs, targets = regression_problem(steps=2)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=NashMTLWeighting(), batch_dim=0)
-        for x, y in zip(inputs, targets, strict=True):
-            optimizer.zero_grad()
-            losses = per_instance_losses(model, x, y)
-            if scaled:
-                optimizer.backward(scaler.scale(losses))
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.backward(losses)
-                optimizer.step()
-        results.append(model)
-    assert_same_params(results[1], results[0], atol=1e-6)
+    assert_same_params(_nash_mtl_run(True, False), _nash_mtl_run(False, False), atol=1e-6)
 
 
 def test_a_list_of_task_losses_a_grad_scaler_scaled_is_weighed_unscaled() -> None:
     """scaler.scale([loss_a, loss_b]) scales each loss; the stacked losses' graph showed no scale,
     so NashMTL weighed the scaled losses and stepped 2^10 times too short."""
-    results = []
-    for scaled in (False, True):
-        model, inputs, targets = regression_problem(steps=2)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        optimizer = JDSGD(model.parameters(), lr=0.1, weighting=NashMTLWeighting())
-        for x, y in zip(inputs, targets, strict=True):
-            optimizer.zero_grad()
-            losses = per_instance_losses(model, x, y)
-            tasks = [losses[: len(losses) // 2].mean(), losses[len(losses) // 2 :].mean()]
-            if scaled:
-                optimizer.backward(scaler.scale(tasks))
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.backward(tasks)
-                optimizer.step()
-        results.append(model)
-    assert_same_params(results[1], results[0], atol=1e-6)
+    assert_same_params(_nash_mtl_run(True, True), _nash_mtl_run(False, True), atol=1e-6)
 
 
 def test_only_a_grad_scalers_kind_of_factor_is_taken_for_a_loss_scale() -> None:
