@@ -446,12 +446,11 @@ class JacobianDescent(Optimizer):
         if opened:
             window.open(params)
             window.method_state = saved_method_state
-        else:
-            if window.method_state is not None:
-                # The method weighs the window's micro-batches together, once, from its state
-                # when the window opened: its state moves as in one step on the whole batch, not
-                # once per micro-batch.
-                self._method.module.load_state_dict(copy.deepcopy(window.method_state))
+        elif window.method_state is not None:
+            # The method weighs the window's micro-batches together, once, from its state when
+            # the window opened: its state moves as in one step on the whole batch, not once
+            # per micro-batch.
+            self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
         if self.grad_scaler is None:  # losses from scaler.scale(...)?
             found = grad_scaler_scale(given_losses, smallest_scale(self._loss_scale_seen))
