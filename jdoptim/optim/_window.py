@@ -20,7 +20,7 @@ class AccumulationWindow:
     is what ``.grad`` held when the window opened. If every ``.grad`` was reset since the last
     ``backward`` (``zero_grad()``, in place or not), the next one opens a new window on it, as
     torch's ``.grad`` accumulates. If only some were, the window goes on for the others (they get
-    the direction of all the window's micro-batches) and keeps each edit (:meth:`adopt_edits`).
+    the direction of all the window's micro-batches) and keeps each edit (:meth:`resume`).
     """
 
     def __init__(self) -> None:
