@@ -185,7 +185,8 @@ class Communicator:
         """The sum over ranks of each tensor, one all-reduce per dtype; checks failures.
 
         The failure flag rides in the first buffer. A rank that failed passes zeros of the same
-        shapes; every rank then raises instead of returning.
+        shapes; every rank then raises instead of returning. A sparse tensor (the ``.grad`` of an
+        ``nn.Embedding(sparse=True)``) travels dense and comes back sparse.
         """
         if not tensors:
             tensors = [torch.zeros(0, device=self.device)]
@@ -195,7 +196,7 @@ class Communicator:
         results: list[Tensor] = list(tensors)
         failures = 0.0
         for position, indices in enumerate(by_dtype.values()):
-            parts = [tensors[i].detach().reshape(-1) for i in indices]
+            parts = [_dense(tensors[i]).detach().reshape(-1) for i in indices]
             if position == 0:
                 parts.append(parts[0].new_full((1,), self._flag()))
             flat = torch.cat(parts)
@@ -207,7 +208,10 @@ class Communicator:
             offset = 0
             for i in indices:
                 size = tensors[i].numel()
-                results[i] = flat[offset : offset + size].reshape(tensors[i].shape)
+                total = flat[offset : offset + size].reshape(tensors[i].shape)
+                results[i] = (
+                    total.to_sparse(tensors[i].sparse_dim()) if tensors[i].is_sparse else total
+                )
                 offset += size
         self._raise_if_any_failed(failures)
         return results
@@ -248,3 +252,7 @@ def _pad_to(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     padded = tensor.new_zeros(shape)
     padded[tuple(slice(0, s) for s in tensor.shape)] = tensor
     return padded
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    return tensor.to_dense() if tensor.is_sparse else tensor

@@ -143,9 +143,15 @@ class DistributedPath(Path):
     def shared_base(self, grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
         """Averaged over the ranks, as DDP averages a plain backward's gradients (its own
         synchronisation is off during jdoptim's steps): each rank's base differed otherwise, and
-        so did the replicas. A parameter no rank holds a ``.grad`` for keeps ``None``; one small
-        exchange, then one all-reduce if any rank holds one."""
-        held = [int(grad is not None) for grad in grads]
+        so did the replicas. Only the parameters some rank holds a non-zero ``.grad`` for are
+        reduced (``zero_grad(set_to_none=False)`` leaves zeros everywhere: nothing to send); one
+        small exchange, then one all-reduce if any rank holds one."""
+        present = [index for index, grad in enumerate(grads) if grad is not None]
+        held = [0] * len(grads)
+        if present:  # one host read for all of them
+            values = [_stored(grads[index]).any() for index in present]  # type: ignore[arg-type]
+            for index, nonzero in zip(present, torch.stack(values).tolist(), strict=True):
+                held[index] = int(nonzero)
         anywhere = [
             max(column) for column in zip(*self.communicator.exchange_ints(held), strict=True)
         ]
@@ -246,6 +252,10 @@ def overflow_as_nan(like: Tensor) -> Tensor:
 
 def losses_of(part: Part) -> Tensor | None:
     return None if isinstance(part, FailedPart) else part.losses
+
+
+def _stored(grad: Tensor) -> Tensor:
+    return grad._values() if grad.is_sparse else grad
 
 
 def or_zeros(tensor: Tensor | None, like: Tensor) -> Tensor:

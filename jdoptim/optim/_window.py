@@ -119,7 +119,8 @@ class GradSnapshot:
         dense = [(i, g) for i, g in enumerate(self.grads) if g is not None and not g.is_sparse]
         self._slot = {index: slot for slot, (index, _) in enumerate(dense)}
         self._nonzero: Tensor | None = None
-        if note_zeros and dense:
+        # Plain tensors only: a sharded .grad (DTensor, fully_shard) is judged as a whole, below.
+        if note_zeros and dense and all(type(g) is Tensor for _, g in dense):
             self._nonzero = torch.stack(torch._foreach_norm([g for _, g in dense])) > 0
 
     def edited_in_place(self, index: int, param: Tensor) -> bool:
@@ -143,6 +144,8 @@ class GradSnapshot:
             checked.append((index, Change.SAME if now is grad else Change.REPLACED))
         if not checks:
             return changes
+        if any(type(check) is not Tensor for check in checks):
+            return self._judged_one_by_one(changes, checked, checks)
         # Whether an in-place edited .grad was non-zero when written (unknown: taken as yes).
         in_place = [i for i, c in checked if c is Change.SAME]
         known = [i for i in in_place if self._nonzero is not None and i in self._slot]
@@ -152,13 +155,27 @@ class GradSnapshot:
         values = torch.stack(checks).tolist()  # the one host read
         was_nonzero = dict(zip(known, values[len(checked) :], strict=True))
         for (index, change), now_nonzero in zip(checked, values[: len(checked)], strict=True):
-            if now_nonzero:
-                changes[index] = change
-            elif change is Change.REPLACED or was_nonzero.get(index, True):
-                changes[index] = Change.CLEARED
-            else:
-                changes[index] = Change.ZEROED
+            changes[index] = self._change(index, change, bool(now_nonzero), was_nonzero)
         return changes
+
+    def _judged_one_by_one(
+        self, changes: list[Change], checked: list[tuple[int, Change]], checks: list[Tensor]
+    ) -> list[Change]:
+        """:meth:`changes` for sharded ``.grad`` (DTensor): one read each, agreed by the ranks."""
+        for (index, change), check in zip(checked, checks, strict=True):
+            changes[index] = self._change(index, change, bool(check), {})
+        return changes
+
+    def _change(
+        self, index: int, change: Change, now_nonzero: bool, was_nonzero: dict[int, bool]
+    ) -> Change:
+        if now_nonzero:
+            return change
+        if self.grads[index] is None:
+            return Change.SAME  # None, now zeros: nothing the window wrote was cleared
+        if change is Change.REPLACED or was_nonzero.get(index, True):
+            return Change.CLEARED
+        return Change.ZEROED
 
     def all_reset(self, changes: list[Change]) -> bool:
         """Whether every ``.grad`` the snapshot holds was reset (``zero_grad()``: now ``None`` or

@@ -427,6 +427,7 @@ class JacobianDescent(Optimizer):
             # Under a GradScaler this is an overflow to skip: non-finite .grad, and step() refuses.
             overflowed = check_losses(given, self._multi_task, finite=False)[0]
             self._loss_scale(overflowed)  # a scaler given, it has a scale to back off
+            self._note_loss_scale(given_losses)  # follows a scaler backing off step after step
             self._path.begin()
             self._path.overflowed(overflowed)  # across ranks: every rank skips this step
             self._window.clear()
@@ -452,10 +453,7 @@ class JacobianDescent(Optimizer):
             # per micro-batch.
             self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
-        if self.grad_scaler is None:  # losses from scaler.scale(...)?
-            found = grad_scaler_scale(given_losses, smallest_scale(self._loss_scale_seen))
-            if found is not None:
-                scale = self._loss_scale_seen = found
+        scale = self._note_loss_scale(given_losses) or scale
         unscaled = losses / scale if scale != 1.0 else losses
         with post_accumulate_hooks_held(params):
             with _full_precision(losses), _reworded_not_differentiable():
@@ -492,6 +490,16 @@ class JacobianDescent(Optimizer):
         self._differentiated.add(given_losses)
         self.last_step = record
         return record
+
+    def _note_loss_scale(self, losses: Any) -> float | None:
+        """The scale of losses that ``scaler.scale(...)`` returned (no ``grad_scaler`` given),
+        recognised in their graph and remembered, so that a scaler backing off is followed."""
+        if self.grad_scaler is not None:
+            return None
+        found = grad_scaler_scale(losses, smallest_scale(self._loss_scale_seen))
+        if found is not None:
+            self._loss_scale_seen = found
+        return found
 
     def _step_from_grad(self, *, warn: bool = True) -> None:
         window = self._window

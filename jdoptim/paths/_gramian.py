@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -231,7 +231,10 @@ def _same_forms(parts: Sequence[TermsPart]) -> list[list[Term]]:
     columns = list(zip(*(p.terms for p in parts), strict=True))
     for index, column in enumerate(columns):
         if len({type(term) for term in column}) > 1:
-            columns[index] = tuple(term_rows(term) for term in column)
+            rows = [term_rows(term) for term in column]
+            # A sparse table's .grad stays sparse, whichever part knew the table was one.
+            sparse = any(term.sparse for term in rows)
+            columns[index] = tuple(replace(term, sparse=sparse) for term in rows)
     return [list(terms) for terms in zip(*columns, strict=True)]
 
 
@@ -246,7 +249,9 @@ def term_rows(term: Term) -> MaterializedTerm:
     eye = torch.eye(batch * tasks, dtype=torch.float64, device=factor.device)
     rows = [term.weighted_grad(eye[r].reshape(batch, tasks)) for r in range(batch * tasks)]
     shape = tuple(rows[0].shape)
-    return MaterializedTerm(torch.stack([r.reshape(-1) for r in rows]), shape)
+    # A sparse table's rows (nn.Embedding(sparse=True)) are stored dense; its .grad stays sparse.
+    flat = [(r.to_dense() if r.is_sparse else r).reshape(-1) for r in rows]
+    return MaterializedTerm(torch.stack(flat), shape, sparse=getattr(term, "sparse", False))
 
 
 def _concat_losses(losses: Sequence[Tensor], batch_dim: int) -> Tensor:

@@ -502,6 +502,21 @@ def plain_backward_first_rank(rank: int, world: int) -> Any:
     return {"params": [p.detach().clone() for p in model.parameters()]}
 
 
+def sparse_table_rank(rank: int, world: int) -> Any:
+    """A DDP model with nn.Embedding(sparse=True): its sparse .grad went into the all-reduce,
+    which flattened it (a RuntimeError on every rank); also as a window's base (no zero_grad)."""
+    torch.manual_seed(0)
+    table = nn.Sequential(nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1))
+    model = DistributedDataParallel(table.double())
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(2):  # no zero_grad: the second window opens on the first step's sparse .grad
+        tokens = torch.randint(0, 7, (4, 3), generator=generator)
+        optimizer.backward(model(tokens).squeeze(-1) ** 2)
+        optimizer.step()
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
 def first_step_failure_rank(rank: int, world: int) -> Any:
     """A plain DDP swap whose closure fails on rank 1 at the very first step, after the forward
     pass (the optimizer learns of the DDP model from that pass): every rank raises, then trains
@@ -805,4 +820,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("first-step-failure", first_step_failure_rank)
         record("second-ddp-model", second_ddp_model_rank)
         record("plain-backward-first", plain_backward_first_rank)
+        record("sparse-table", sparse_table_rank)
     return results

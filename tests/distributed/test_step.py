@@ -149,6 +149,12 @@ def test_a_plain_backward_before_the_optimizers_is_averaged_over_ranks(two_ranks
     _close(first, second)
 
 
+def test_a_sparse_embedding_trains_on_every_rank_alike(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    first, second = (ok(rank["sparse-table"])["params"] for rank in ranks)
+    _close(first, second)
+
+
 def test_a_static_graph_ddp_model_is_a_clear_error_on_every_rank(two_ranks: Any) -> None:
     _every_rank_raised(two_ranks[1], "static-graph", "static_graph=True")
 

@@ -812,3 +812,45 @@ def test_a_checkpoint_taken_mid_window_resumes_by_redoing_the_step() -> None:
         resumed.backward(losses(model, part))
     resumed.step()
     assert_same_params(model, reference, atol=1e-12)
+
+
+def test_none_grads_set_to_zeros_between_micro_batches_keep_accumulating() -> None:
+    """A .grad that was None (an expert the first micro-batch skipped) set to zeros by the user
+    (a DDP unused-parameter habit): taken for a parameter frozen mid-window, it stayed zero."""
+    torch.manual_seed(0)
+    model = TwoExperts().double()
+    whole = copy.deepcopy(model)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randn(16, dtype=torch.float64)
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    for part in (slice(0, 2), slice(2, 16)):  # the first two go to expert 0 alone
+        optimizer.backward((model(x[part]) - y[part]) ** 2)
+        for param in model.parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+    reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    reference.backward((whole(x) - y) ** 2)
+    for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0)
+
+
+def test_a_sparse_table_whose_terms_take_two_forms_in_one_window() -> None:
+    """The first micro-batch's forward ran before the optimizer existed (the exact route's rows),
+    the second's took the closed form: joining them turned the sparse table's term into rows
+    through a reshape of its sparse gradient, which raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1)).double()
+    whole = copy.deepcopy(model)
+    tokens = torch.randint(0, 7, (8, 3))
+    first = model(tokens[:4]).squeeze(-1) ** 2  # before the optimizer watched a forward pass
+    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    optimizer.backward(first)
+    optimizer.backward(model(tokens[4:]).squeeze(-1) ** 2)
+    reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
+    reference.backward(whole(tokens).squeeze(-1) ** 2)
+    for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
+        assert param.grad is not None and expected.grad is not None
+        assert param.grad.is_sparse == expected.grad.is_sparse
+        torch.testing.assert_close(
+            param.grad.to_dense(), expected.grad.to_dense(), atol=1e-12, rtol=0.0
+        )
