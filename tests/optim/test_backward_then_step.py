@@ -742,22 +742,34 @@ class UnguardedExperts(TwoExperts):
     call_unused = True
 
 
-def test_clipping_a_zero_grad_between_micro_batches_does_not_freeze_it() -> None:
-    """Clipping edits every .grad in place; one that was zero stays zero, and taking that for a
-    parameter frozen by zero_() dropped its gradient from every later micro-batch."""
-    torch.manual_seed(0)
-    model = UnguardedExperts().double()
+def _assert_experts_accumulate_exactly(
+    model: TwoExperts, between: Callable[[nn.Module], None]
+) -> None:
+    """Two micro-batches (the first two instances go to expert 0 alone), ``between`` run after
+    each backward: .grad must equal the whole batch's."""
+    model = model.double()
     whole = copy.deepcopy(model)
     x = torch.randn(16, 3, dtype=torch.float64)
     y = torch.randn(16, dtype=torch.float64)
     optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
-    for part in (slice(0, 2), slice(2, 16)):  # the first two go to expert 0 alone
+    for part in (slice(0, 2), slice(2, 16)):
         optimizer.backward((model(x[part]) - y[part]) ** 2)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # changes nothing but versions
+        between(model)
     reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
     reference.backward((whole(x) - y) ** 2)
     for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
         torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0)
+
+
+def test_clipping_a_zero_grad_between_micro_batches_does_not_freeze_it() -> None:
+    """Clipping edits every .grad in place; one that was zero stays zero, and taking that for a
+    parameter frozen by zero_() dropped its gradient from every later micro-batch."""
+    torch.manual_seed(0)
+
+    def clip(model: nn.Module) -> None:  # changes nothing but the versions
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+
+    _assert_experts_accumulate_exactly(UnguardedExperts(), clip)
 
 
 def test_a_grad_zeroed_then_replaced_between_micro_batches_takes_the_new_value() -> None:
@@ -818,20 +830,13 @@ def test_none_grads_set_to_zeros_between_micro_batches_keep_accumulating() -> No
     """A .grad that was None (an expert the first micro-batch skipped) set to zeros by the user
     (a DDP unused-parameter habit): taken for a parameter frozen mid-window, it stayed zero."""
     torch.manual_seed(0)
-    model = TwoExperts().double()
-    whole = copy.deepcopy(model)
-    x = torch.randn(16, 3, dtype=torch.float64)
-    y = torch.randn(16, dtype=torch.float64)
-    optimizer = JDSGD(model.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
-    for part in (slice(0, 2), slice(2, 16)):  # the first two go to expert 0 alone
-        optimizer.backward((model(x[part]) - y[part]) ** 2)
+
+    def fill(model: nn.Module) -> None:
         for param in model.parameters():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-    reference = JDSGD(whole.parameters(), lr=0.1, weighting=UPGradWeighting(), batch_dim=0)
-    reference.backward((whole(x) - y) ** 2)
-    for param, expected in zip(model.parameters(), whole.parameters(), strict=True):
-        torch.testing.assert_close(param.grad, expected.grad, atol=1e-12, rtol=0.0)
+
+    _assert_experts_accumulate_exactly(TwoExperts(), fill)
 
 
 def test_a_sparse_table_whose_terms_take_two_forms_in_one_window() -> None:
