@@ -255,7 +255,8 @@ def losses_of(part: Part) -> Tensor | None:
 
 
 def _stored(grad: Tensor) -> Tensor:
-    return grad._values() if grad.is_sparse else grad
+    """The stored values of a gradient (a sparse one's, from ``nn.Embedding(sparse=True)``)."""
+    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def or_zeros(tensor: Tensor | None, like: Tensor) -> Tensor:
