@@ -26,6 +26,12 @@ def in_param_layout(grad: Tensor, param: Tensor) -> Tensor:
     return laid_out.copy_(grad)
 
 
+def stored_values(grad: Tensor) -> Tensor:
+    """The values a gradient stores: a sparse one's (``nn.Embedding(sparse=True)``), else itself;
+    for checks such as "is it all zero" or "is it finite" that must not densify a sparse table."""
+    return grad._values() if grad.is_sparse else grad
+
+
 def lay_out_grads(params: list[Tensor]) -> None:
     """Gives every ``.grad`` of ``params`` its parameter's layout (:func:`in_param_layout`)."""
     for param in params:

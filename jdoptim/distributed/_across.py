@@ -18,6 +18,7 @@ from jdoptim.distributed._paths import DistributedPath, distributed_variant
 from jdoptim.paths import Part, Path, StepRecord
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def across_ranks(
@@ -89,9 +90,9 @@ class RankAwarePath(Path):
         """From now on, a DDP or ``fully_shard`` model's forward pass hands its group (or itself)
         to this path, which is weakly held. Called once, when the optimizer is built."""
         self._watch.enter_context(
-            watch_ddp(_weakly(self.use_group), concerns=_weakly_judging(self.trains))
+            watch_ddp(_weakly(self.use_group, None), concerns=_weakly(self.trains, False))
         )
-        self._watch.enter_context(watch_fsdp(_weakly(self.use_fsdp)))
+        self._watch.enter_context(watch_fsdp(_weakly(self.use_fsdp, None)))
 
     def begin(self) -> None:
         self.active.begin()
@@ -188,25 +189,13 @@ class RankAwarePath(Path):
                 self.distributed.model.enter_call_in_progress()
 
 
-def _weakly_judging(method: Callable[[_T], bool]) -> Callable[[_T], bool]:
-    """As :func:`_weakly`, for a predicate (``False`` once its object is gone)."""
+def _weakly(method: Callable[[_T], _R], dead: _R) -> Callable[[_T], _R]:
+    """Calls the bound ``method`` while its object lives (``dead`` once it is gone): a global hook
+    must not keep a dropped optimizer (and its path) alive."""
     reference = weakref.WeakMethod(method)
 
-    def call(argument: _T) -> bool:
+    def call(argument: _T) -> _R:
         alive = reference()
-        return alive is not None and alive(argument)
-
-    return call
-
-
-def _weakly(method: Callable[[_T], None]) -> Callable[[_T], None]:
-    """Calls the bound ``method`` while its object lives: a global hook must not keep a dropped
-    optimizer (and its path) alive."""
-    reference = weakref.WeakMethod(method)
-
-    def call(argument: _T) -> None:
-        alive = reference()
-        if alive is not None:
-            alive(argument)
+        return dead if alive is None else alive(argument)
 
     return call

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from jdoptim._grad_layout import stored_values
 from jdoptim.distributed._communicator import Communicator, StepOverflow, from_first_rank
 from jdoptim.distributed._layout import (
     Layout,
@@ -149,7 +150,7 @@ class DistributedPath(Path):
         present = [index for index, grad in enumerate(grads) if grad is not None]
         held = [0] * len(grads)
         if present:  # one host read for all of them
-            values = [_stored(grads[index]).any() for index in present]  # type: ignore[arg-type]
+            values = [stored_values(grads[index]).any() for index in present]  # type: ignore[arg-type]
             for index, nonzero in zip(present, torch.stack(values).tolist(), strict=True):
                 held[index] = int(nonzero)
         anywhere = [
@@ -252,11 +253,6 @@ def overflow_as_nan(like: Tensor) -> Tensor:
 
 def losses_of(part: Part) -> Tensor | None:
     return None if isinstance(part, FailedPart) else part.losses
-
-
-def _stored(grad: Tensor) -> Tensor:
-    """The stored values of a gradient (a sparse one's, from ``nn.Embedding(sparse=True)``)."""
-    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def or_zeros(tensor: Tensor | None, like: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdoptim._grad_layout import lay_out_grads
+from jdoptim._grad_layout import lay_out_grads, stored_values
 from jdoptim.paths import Part
 
 
@@ -80,7 +80,7 @@ class AccumulationWindow:
         self.written = GradSnapshot(params)
         self.cleared = {}
         # A sparse .grad (nn.Embedding(sparse=True)) is finite where its stored values are.
-        held = [g._values() if g.is_sparse else g for g in self.base if g is not None]
+        held = [stored_values(g) for g in self.base if g is not None]
         self.base_finite = not held or bool(
             torch.stack([torch.isfinite(grad).all() for grad in held]).all()
         )
@@ -140,7 +140,7 @@ class GradSnapshot:
             if now is None:
                 changes[index] = Change.CLEARED
                 continue
-            checks.append(_values(now).any())
+            checks.append(stored_values(now).any())
             checked.append((index, Change.SAME if now is grad else Change.REPLACED))
         if not checks:
             return changes
@@ -193,7 +193,7 @@ class GradSnapshot:
                 continue
             if now is not grad:
                 return True
-            if bool(_values(now).any()):
+            if bool(stored_values(now).any()):
                 return True
         return False
 
@@ -202,11 +202,6 @@ def _version(grad: Tensor) -> int:
     """``grad``'s version counter; -1 for a tensor made under ``inference_mode`` (a ``.grad``
     filled by a backward pass run there), which has none: only its replacement is seen."""
     return -1 if grad.is_inference() else grad._version
-
-
-def _values(grad: Tensor) -> Tensor:
-    """The stored values of a gradient (a sparse one's, from ``nn.Embedding(sparse=True)``)."""
-    return grad._values() if grad.is_sparse else grad
 
 
 class DifferentiatedLosses:
