@@ -537,7 +537,7 @@ def main() -> None:
     before = ["before-jd-upgrad", "before-jdsgd-upgrad"] if args.before else []
     if args.methods:
         METHODS[:] = list(args.methods)
-    METHODS.extend(before)
+    METHODS.extend(method for method in before if method not in METHODS)  # once each
     if args.memory_of:
         name, batch, method = args.memory_of
         _measure_memory(name, int(batch), method)
