@@ -142,7 +142,7 @@ def jac(
 
     The ``m`` elements of ``outputs`` (one tensor or several, of any shapes) are flattened and
     concatenated in order; the result has one tensor of shape ``[m, *input.shape]`` per input, in
-    the order of ``inputs``, so ``torch.cat([j.flatten(1) for j in jac(losses, params)], dim=1)``
+    the order of ``inputs``, so ``torch.cat([j.reshape(len(j), -1) for j in jac(losses, params)], dim=1)``
     is the ``[m, n]`` Jacobian matrix. Inputs the outputs do not reach get zero rows.
 
     Args:

@@ -51,7 +51,7 @@ class CrossGramianPath(Path):
             rows = jac(
                 losses.reshape(-1), params, parallel_chunk_size=self.context.parallel_chunk_size
             )
-            jacobians.append(torch.cat([j.flatten(1) for j in rows], dim=1))
+            jacobians.append(torch.cat([j.reshape(len(j), -1) for j in rows], dim=1))
         cross_gramian = jacobians[0] @ jacobians[1].T
         weights = self.module(cross_gramian)
         losses = next_losses()

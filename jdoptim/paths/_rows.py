@@ -83,7 +83,7 @@ class JacobianPath(Path):
         blocks = jac(
             scaled.reshape(-1), params, parallel_chunk_size=self.context.parallel_chunk_size
         )
-        rows = torch.cat([block.flatten(1) for block in blocks], dim=1)
+        rows = torch.cat([block.reshape(len(block), -1) for block in blocks], dim=1)
         return rows / scale if scale != 1.0 else rows
 
     def combine(self, parts: Sequence[Part]) -> Part:
