@@ -685,6 +685,7 @@ class JacobianDescent(Optimizer):
         if inner is None:  # a trainer's wrapper around us, without our __init__
             super().load_state_dict(state_dict)
             return
+        state_dict = state_dict.copy()  # as torch: the hooks may edit it, not the caller's dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:

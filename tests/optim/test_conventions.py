@@ -684,6 +684,30 @@ def test_the_wrapped_optimizers_own_state_dict_and_the_load_pre_hooks_order() ->
     assert target.optimizer.counter == 3 and target.jd_state_dict()["steps"] == 0
 
 
+def test_load_pre_hooks_edit_a_copy_of_the_callers_dict_as_in_torch() -> None:
+    """torch shallow-copies the state dict before its load pre-hooks: a hook that drops or replaces
+    an entry leaves the caller's dict (which may be loaded again) as it was."""
+
+    def dropping(opt: Any, state_dict: dict[str, Any]) -> None:
+        state_dict.pop("jdoptim", None)
+        state_dict["extra"] = 1
+
+    model, inputs, targets = regression_problem(steps=1)
+    optimizer = JDSGD(model.parameters(), lr=0.1, momentum=0.9, batch_dim=0)
+    optimizer.step(lambda: per_instance_losses(model, inputs[0], targets[0]))
+    saved = optimizer.state_dict()
+    keys = sorted(saved)
+    for target in (
+        JDSGD(model.parameters(), lr=0.1, momentum=0.9, batch_dim=0),
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    ):
+        target.register_load_state_dict_pre_hook(dropping)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the JD one warns that its method state is missing
+            target.load_state_dict(saved)
+        assert sorted(saved) == keys, type(target).__name__
+
+
 @pytest.mark.parametrize("batch_dim", [0, None])
 @pytest.mark.parametrize("form", ["closure", "backward"])
 def test_grad_has_the_parameters_layout_as_autograd_gives_it(
