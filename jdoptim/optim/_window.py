@@ -177,6 +177,25 @@ class GradSnapshot:
             return Change.CLEARED
         return Change.ZEROED
 
+    def untouched_zeros(self, params: list[Tensor]) -> set[int]:
+        """The indices of the parameters whose ``.grad`` is still the snapshot's, unedited, and
+        all zero (a ``zero_grad(set_to_none=False)`` before it); one host read at most."""
+        held = [
+            (index, param.grad)
+            for index, param in enumerate(params)
+            if param.grad is not None
+            and param.grad is self.grads[index]
+            and _version(param.grad) == self.versions[index]
+        ]
+        if not held:
+            return set()
+        checks = [stored_values(grad).any() for _, grad in held]
+        if all(type(check) is Tensor for check in checks):
+            nonzero = torch.stack(checks).tolist()  # the one host read
+        else:  # sharded (DTensor) gradients: one read each, agreed by the ranks
+            nonzero = [bool(check) for check in checks]
+        return {index for (index, _), busy in zip(held, nonzero, strict=True) if not busy}
+
     def all_reset(self, changes: list[Change]) -> bool:
         """Whether every ``.grad`` the snapshot holds was reset (``zero_grad()``: now ``None`` or
         zero) and no other was given a non-zero tensor."""

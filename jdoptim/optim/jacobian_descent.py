@@ -379,8 +379,8 @@ class JacobianDescent(Optimizer):
     def _discard_closure_grads(
         self, params: list[Tensor], before: GradSnapshot, changed: bool
     ) -> None:
-        """Clears what the closure left in ``.grad``, except the zeros of its own
-        ``zero_grad(set_to_none=False)``: a parameter the losses do not reach keeps a zero
+        """Clears what the closure left in ``.grad``, except zeros (``zero_grad(set_to_none=False)``
+        in the closure or before the step): a parameter the losses do not reach keeps a zero
         ``.grad``, as in torch, so momentum and weight decay still move it."""
         if changed:
             self._warn_once(
@@ -389,10 +389,11 @@ class JacobianDescent(Optimizer):
                 "fills .grad by Jacobian descent and discards them. Return the losses without "
                 "calling backward, or use optimizer.backward(losses) then optimizer.step().",
             )
+        zeros = before.untouched_zeros(params)  # zeroed before the step, untouched since
         for index, param in enumerate(params):
             # Zeroed in place by the closure (known zero: nothing accumulated, which read it).
             zeroed = not changed and before.edited_in_place(index, param)
-            if not zeroed:
+            if not zeroed and index not in zeros:
                 param.grad = None
 
     # --- backward-then-step --------------------------------------------------------------------

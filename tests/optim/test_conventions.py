@@ -763,13 +763,13 @@ def test_engine_backward_gives_grad_the_parameters_layout() -> None:
     assert layer.weight.grad is not None and layer.weight.grad.stride() == layer.weight.stride()
 
 
-@pytest.mark.parametrize("form", ["closure", "backward"])
+@pytest.mark.parametrize("form", ["closure", "closure zeroed before", "backward"])
 def test_zero_grad_keeping_tensors_lets_momentum_move_a_parameter_the_losses_skip(
     form: str,
 ) -> None:
     """zero_grad(set_to_none=False) leaves zero tensors; torch's SGD then still applies momentum
     and weight decay to a parameter the step's losses do not reach. step(closure) cleared them to
-    None, so that parameter stopped."""
+    None, so that parameter stopped (in the closure or just before the step)."""
     torch.manual_seed(0)
     x = torch.randn(8, 3, dtype=torch.float64)
     y = torch.randn(8, dtype=torch.float64)
@@ -802,6 +802,9 @@ def test_zero_grad_keeping_tensors_lets_momentum_move_a_parameter_the_losses_ski
                 return losses(body, head, step)
 
             optimizer.step(closure)
+        elif form == "closure zeroed before":
+            optimizer.zero_grad(set_to_none=False)
+            optimizer.step(lambda step=step: losses(body, head, step))
         else:
             optimizer.zero_grad(set_to_none=False)
             optimizer.backward(losses(body, head, step))
