@@ -6,13 +6,15 @@
 * :func:`mtl_backward`: multi-task learning, with task heads' gradients and the shared trunk's
   Jacobian.
 * :func:`reached_by`: which inputs the outputs' graph reaches (the others get no ``.grad``).
+* :func:`reachable_leaves`: the leaves requiring grad that the outputs' graph reaches (those
+  ``torch.autograd.backward`` fills).
 
 Jacobian rows are batched backward passes (vmap), with a row-by-row fallback announced by a
 :class:`VmapFallbackWarning`. The one-call form is :func:`jdoptim.backward`.
 """
 
 from jdoptim.autojac._backward import backward
-from jdoptim.autojac._graph import reached_by
+from jdoptim.autojac._graph import reachable_leaves, reached_by
 from jdoptim.autojac._jac import jac
 from jdoptim.autojac._jac_field import clear_jac
 from jdoptim.autojac._jac_to_grad import jac_to_grad
@@ -26,5 +28,6 @@ __all__ = [
     "jac",
     "jac_to_grad",
     "mtl_backward",
+    "reachable_leaves",
     "reached_by",
 ]

@@ -46,6 +46,7 @@ from jdoptim.optim._state import (
     jd_state_of,
     split_legacy_state_dict,
 )
+from jdoptim.optim._untrained import CHECKED_STEPS, UntrainedLeaves
 from jdoptim.optim._window import AccumulationWindow, DifferentiatedLosses, GradSnapshot
 from jdoptim.paths import (
     NonFiniteGramianError,
@@ -368,13 +369,31 @@ class JacobianDescent(Optimizer):
         if overflowed is not None:
             self._path.overflowed(overflowed)  # across ranks: every rank skips this step
             return self._skip_step(overflowed)
+        untrained = self._untrained_leaves(losses)
         try:
             with _full_precision(losses), _reworded_not_differentiable():
-                return self._path.run(losses, features, scale, next_losses)
+                record = self._path.run(losses, features, scale, next_losses)
         except NonFiniteGramianError:
             if self.grad_scaler is None:
                 raise
             return self._skip_step(losses)
+        self._warn_untrained(untrained)
+        return record
+
+    def _untrained_leaves(self, losses: Tensor | None) -> UntrainedLeaves | None:
+        """On the first steps, the leaves ``losses`` reach that this optimizer does not train
+        (``None`` losses: a rank whose closure failed, the step's exchanges raise for all)."""
+        if self._steps >= CHECKED_STEPS or "untrained-leaves" in self._warned:
+            return None
+        if not isinstance(losses, Tensor) or not losses.requires_grad:
+            return None
+        trained = [param for group in self.param_groups for param in group["params"]]
+        return UntrainedLeaves(losses, trained)
+
+    def _warn_untrained(self, untrained: UntrainedLeaves | None) -> None:
+        message = None if untrained is None else untrained.message(type(self).__name__)
+        if message is not None:
+            self._warn_once("untrained-leaves", message)
 
     def _discard_closure_grads(
         self, params: list[Tensor], before: GradSnapshot, changed: bool
@@ -456,6 +475,7 @@ class JacobianDescent(Optimizer):
         scale = self._loss_scale(losses)
         scale = self._note_loss_scale(given_losses) or scale
         unscaled = losses / scale if scale != 1.0 else losses
+        untrained = self._untrained_leaves(losses)
         with post_accumulate_hooks_held(params):
             with _full_precision(losses), _reworded_not_differentiable():
                 part = self._path.differentiate(unscaled, features, scale)
@@ -484,6 +504,7 @@ class JacobianDescent(Optimizer):
                 window.base = self._path.shared_base(window.base, params)
             window.write(params)
             run_post_accumulate_hooks(reached)
+            self._warn_untrained(untrained)
         else:  # skipped, as for losses that overflow: on every rank alike in distributed steps
             window.clear()
             window.finite = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -61,3 +63,39 @@ def test_a_parameter_used_by_one_micro_batch_only_gets_its_gradient() -> None:
     optimizer.step()
     assert all(p.grad is not None for p in extra.parameters())
     assert all(p.grad is None for p in model.idle.parameters())
+
+
+@pytest.mark.parametrize("form", ["closure", "backward"])
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_leaves_the_losses_reach_outside_the_optimizer_are_named_once(
+    form: str, batch_dim: int | None
+) -> None:
+    """A head under another optimizer gets no .grad from a Jacobian-descent step (loss.backward()
+    would fill it): a warning says so once, instead of that optimizer never moving it silently."""
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    optimizer = JDSGD(trunk.parameters(), lr=0.1, batch_dim=batch_dim)
+
+    def losses() -> Tensor:
+        out = head(torch.tanh(trunk(x))).squeeze(-1) ** 2
+        return out if batch_dim is not None else torch.stack([out[:3].mean(), out[3:].mean()])
+
+    def one_step() -> None:
+        if form == "closure":
+            optimizer.step(losses)
+        else:
+            optimizer.zero_grad()
+            optimizer.backward(losses())
+            optimizer.step()
+
+    with pytest.warns(UserWarning, match=r"reach 2 tensor\(s\) requiring grad that this JDSGD"):
+        one_step()
+    assert head.weight.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_step()  # once
+        head.requires_grad_(False)  # what toggle_optimizer does: no warning for frozen leaves
+        fresh = JDSGD(trunk.parameters(), lr=0.1, batch_dim=batch_dim)
+        optimizer = fresh
+        one_step()
