@@ -26,6 +26,10 @@ class Scalarizer(_Named, ABC):
     with per-loss parameters (weights, learnable scales, logits) need the shape they were built for.
     """
 
+    #: Whether the scalar is the plain average of the losses: micro-batches accumulated along the
+    #: instances then weigh their gradients by their share of the losses (the whole batch's mean).
+    averages_losses: ClassVar[bool] = False
+
     def __call__(self, values: Tensor, /) -> Tensor:
         check_tensor(values, "The losses given to a scalarizer")
         if values.numel() == 0:

@@ -50,3 +50,26 @@ def test_dwa_epochs_follow_the_optimizer_steps() -> None:
     state = dwa.state_dict()["_extra_state"]
     assert state["last_average"] is not None and state["previous_average"] is not None
     assert state["epoch_calls"] == 0
+
+
+def test_mean_over_instances_accumulates_to_the_whole_batch_mean() -> None:
+    """Per-instance losses (batch_dim set) on micro-batches of 5, 3 and 8: the step is torch's on
+    the mean loss of the 16 instances. Adding the micro-batches' gradients made it about k times
+    that (the sum of their means); Sum adds up as it should."""
+    from jdoptim.scalarization import Mean, Sum
+
+    for scalarizer, reduce in ((Mean(), torch.mean), (Sum(), torch.sum)):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).double()
+        x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+        reference = nn.Linear(3, 2).double()
+        reference.load_state_dict(model.state_dict())
+        optimizer = JacobianDescent(
+            torch.optim.SGD(model.parameters(), lr=0.1), scalarizer=scalarizer, batch_dim=0
+        )
+        for xs, ys in zip(x.split([5, 3, 8]), y.split([5, 3, 8]), strict=True):
+            optimizer.backward((model(xs)[:, 0] - ys) ** 2)
+        reduce((reference(x)[:, 0] - y) ** 2).backward()
+        for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+            assert ours.grad is not None and theirs.grad is not None
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-14)
