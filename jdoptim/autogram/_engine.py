@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -488,20 +487,7 @@ class Engine:
         try:
             _check_visible(plan)
             self._warn_fused(plan)
-            if plan.mixing_modules:
-                kinds = Counter(type(m).__name__ for m in plan.mixing_modules)
-                names = ", ".join(
-                    kind if count == 1 else f"{count} {kind} layers"
-                    for kind, count in kinds.items()
-                )
-                verb = "mixes" if len(plan.mixing_modules) == 1 else "mix"
-                raise ValueError(
-                    f"{names} {verb} the instances of a batch (batch statistics), so the losses are "
-                    f"not independent per instance as batch_dim={self._batch_dim} declares. Pass "
-                    "batch_dim=None instead (to the optimizer, JDSGD(..., batch_dim=None), or to "
-                    "the Engine; exact, slower), put the layer in eval() mode, or replace it by "
-                    "GroupNorm/LayerNorm."
-                )
+            self._warn_mixing(plan)
             return BatchedPass(output, batch_dim, covered, plan, self._probe_generator).terms()
         finally:
             for record in plan.records:
@@ -529,6 +515,50 @@ class Engine:
                 f"weights must be a tensor of the output's shape {pending.shape}, got {got}."
             )
         grad_from_terms(pending.terms, weights, pending.batch_dim)
+
+    def _warn_mixing(self, plan: GraphPlan) -> None:
+        """Batch statistics (BatchNorm in training mode) make the losses depend on every instance:
+        the probes send the layers this reaches (those before the norm) to the exact route, so the
+        Gramian stays the per-instance losses' own. Said once per layer, naming it."""
+        synced = [m for m in plan.mixing_modules if isinstance(m, nn.SyncBatchNorm)]
+        if synced and _several_ranks():
+            raise ValueError(
+                "SyncBatchNorm shares batch statistics across ranks, so each rank's losses depend "
+                "on every rank's instances, which the per-rank Jacobians cannot follow. Put it in "
+                "eval() mode, or replace it by BatchNorm (per-rank statistics), GroupNorm or "
+                "LayerNorm."
+            )
+        new = [m for m in plan.mixing_modules if id(m) not in self._warned]
+        if not new:
+            return
+        self._warned.update(id(m) for m in new)
+        names = self._module_names(new)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"{shown} {'mixes' if len(new) == 1 else 'mix'} the instances of a batch (batch "
+            f"statistics), so the losses are not independent per instance as "
+            f"batch_dim={self._batch_dim} declares: the layers before "
+            f"{'it' if len(new) == 1 else 'them'} take the exact route (correct, about one "
+            "backward pass per loss). The losses stay per instance (micro-batches and ranks "
+            "are joined along batch_dim). For the fast routes, put the layer in eval() mode or "
+            "replace it by GroupNorm/LayerNorm.",
+            stacklevel=4,
+        )
+
+    def _module_names(self, modules: list[nn.Module]) -> list[str]:
+        """``Kind 'qualified.name'`` of each module, as in the first given module holding it (an
+        engine watching every module, as the optimizers' without ``modules=``, has no names:
+        ``BatchNorm1d(4)``, by its features)."""
+        names: dict[int, str] = {}
+        for root in self._modules:
+            for prefix, module in root.named_modules(remove_duplicate=False):
+                names.setdefault(id(module), prefix)
+        return [
+            f"{type(m).__name__} {names[id(m)]!r}"
+            if names.get(id(m))
+            else f"{type(m).__name__}({getattr(m, 'num_features', '')})"
+            for m in modules
+        ]
 
     def _warn_fused(self, plan: GraphPlan) -> None:
         for module in plan.fused_modules:
@@ -561,6 +591,16 @@ def _check_visible(plan: GraphPlan) -> None:
 
 def _is_sparse_table(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and module.sparse
+
+
+def _several_ranks() -> bool:
+    """Whether a process group of several ranks is running (SyncBatchNorm then syncs)."""
+    distributed = torch.distributed
+    return bool(
+        distributed.is_available()
+        and distributed.is_initialized()
+        and distributed.get_world_size() > 1
+    )
 
 
 def _is_batch_norm(module: nn.Module) -> bool:

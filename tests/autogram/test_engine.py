@@ -7,7 +7,9 @@ Ground truth: ``J Jᵀ`` with ``J`` from ``torch.func.jacrev`` (or, for random l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,6 +25,13 @@ from tests.autogram._reference import (
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@contextmanager
+def _no_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 def assert_exact(
@@ -257,20 +266,35 @@ def test_scalar_output_without_batch_dim() -> None:
     assert_exact(mlp(), lambda m: m(x).pow(2).sum(), None)
 
 
-def test_batch_norm_with_batch_dim_is_rejected_and_works_without() -> None:
+def test_batch_norm_with_batch_dim_warns_naming_it_and_stays_exact() -> None:
+    """Batch statistics make each loss depend on every instance. With batch_dim set the layers
+    before the norm take the exact route (the probes see the mixing), those after it and the norm
+    itself keep theirs, and the Gramian is the per-instance losses' own; a warning names the
+    layer. It raised, advising batch_dim=None, which reads the losses as per-task ones (summed,
+    not joined, over micro-batches and ranks)."""
     torch.manual_seed(14)
     norm = nn.BatchNorm1d(4, track_running_stats=False)  # batch statistics, train or eval
     model = nn.Sequential(nn.Linear(5, 4), norm, nn.Linear(4, 1)).double()
     x = torch.randn(6, 5, dtype=torch.float64)
-    engine = Engine(model, batch_dim=0)
-    with pytest.raises(ValueError, match=r"BatchNorm1d.*batch_dim=None"):
-        engine.compute_gramian(model(x).squeeze(1))
+    with pytest.warns(UserWarning, match=r"BatchNorm1d '1' mixes the instances"):
+        engine = assert_exact(model, lambda m: m(x).squeeze(1).pow(2), 0)
+    taken = routes(engine, model)
+    assert taken["0.weight"] == "exact" and taken["2.weight"] == "closed_form"
     assert_exact(model, lambda m: m(x).squeeze(1).pow(2), None)
-    running = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
-    with pytest.raises(ValueError, match="BatchNorm1d"):
-        Engine(running, batch_dim=0).compute_gramian(running(x).squeeze(1))
+
+    running = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Flatten(), nn.Linear(9, 1)
+    ).double()
+    inputs = torch.randn(6, 2, 5, dtype=torch.float64)
+    engine = Engine(running, batch_dim=0)
+    for call in range(2):  # warned once
+        output = running(inputs).squeeze(1).pow(2)  # training mode: running statistics move
+        with pytest.warns(UserWarning, match="BatchNorm1d") if call == 0 else _no_warning():
+            gramian = engine.compute_gramian(output)
+        expected = loop_gramian(output, list(running.parameters()))
+        assert relative_error(gramian, expected) <= 1e-10
     running.eval()  # running statistics: instances are independent again
-    assert_exact(running, lambda m: m(x).squeeze(1).pow(2), 0)
+    assert_exact(running, lambda m: m(inputs).squeeze(1).pow(2), 0)
 
 
 def test_dropout_in_train_mode() -> None:

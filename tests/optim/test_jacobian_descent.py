@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from typing import Any
@@ -551,10 +552,33 @@ def test_a_failing_after_step_restores_the_method_state_and_step_count() -> None
     assert optimizer._steps == 0
 
 
-def test_a_batchnorm_model_with_batch_dim_tells_the_optimizer_user_what_to_pass() -> None:
+def test_a_batchnorm_model_with_batch_dim_accumulates_its_per_instance_losses_exactly() -> None:
+    """BatchNorm in training mode under batch_dim=0: each micro-batch normalises by its own
+    statistics (as in torch), and the step is Jacobian descent on the per-instance losses of all
+    micro-batches joined, with a warning that the layers before the norm take the exact route.
+    The optimizer raised and advised batch_dim=None, which sums micro-batches as per-task losses:
+    instance i of one micro-batch added to instance i of the next."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    reference = copy.deepcopy(model)
     optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
-    x = torch.randn(6, 3)
-    with pytest.raises(ValueError, match=r"JDSGD\(\.\.\., batch_dim=None\)"):
-        optimizer.step(lambda: model(x).squeeze(-1) ** 2)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"BatchNorm1d\(4\) mixes the instances"):
+        for xs, ys in zip(x.split(6), y.split(6), strict=True):
+            optimizer.backward((model(xs).squeeze(-1) - ys) ** 2)
+    optimizer.step()
+
+    params = list(reference.parameters())
+    rows = []
+    for xs, ys in zip(x.split(6), y.split(6), strict=True):
+        losses = (reference(xs).squeeze(-1) - ys) ** 2
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    jacobian = torch.stack(rows)
+    direction = UPGradWeighting()(jacobian @ jacobian.T) @ jacobian
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(params) - 0.1 * direction, params
+        )
+    assert_same_params(model, reference, atol=1e-12)
