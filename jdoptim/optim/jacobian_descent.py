@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from jdoptim._compile_config import allow_several_backward_passes
@@ -96,8 +97,10 @@ class JacobianDescent(Optimizer):
         parallel_chunk_size: rows per batched backward on the autojac paths (``None``: all).
         grad_scaler: a ``torch.amp.GradScaler`` for float16: ``step(closure)`` scales the losses,
             forms the Gramian from unscaled values, and updates through ``grad_scaler.step`` and
-            ``update`` (an overflowing step is skipped and the scale backed off). With
-            ``backward(losses)``, pass the scaled losses and call the scaler yourself.
+            ``update`` (an overflowing step is skipped and the scale backed off). Backward-then-
+            step alike: ``backward`` takes the losses scaled by the scaler or not (then scaled),
+            and a plain ``step()`` goes through the scaler (or call ``scaler.step(optimizer)``
+            and ``scaler.update()`` yourself, as in torch).
         process_group: distributed mode (:mod:`jdoptim.distributed`): each step is exact on the
             losses of every rank of this group. Found automatically from a
             ``DistributedDataParallel`` model run in the forward pass; ``process_group=False``
@@ -474,7 +477,10 @@ class JacobianDescent(Optimizer):
             self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
         scale = self._note_loss_scale(given_losses) or scale
-        unscaled = losses / scale if scale != 1.0 else losses
+        if scale != 1.0 and self._given_unscaled(given_losses, scale):
+            unscaled = losses  # .grad gets the scaler's scale all the same, as step() unscales it
+        else:
+            unscaled = losses / scale if scale != 1.0 else losses
         untrained = self._untrained_leaves(losses)
         with post_accumulate_hooks_held(params):
             with _full_precision(losses), _reworded_not_differentiable():
@@ -513,6 +519,14 @@ class JacobianDescent(Optimizer):
         self.last_step = record
         return record
 
+    def _given_unscaled(self, losses: Any, scale: float) -> bool:
+        """With ``grad_scaler=``: whether ``backward`` got the losses themselves, not
+        ``scaler.scale(losses)`` (whose scale is found in their graph); the optimizer then scales
+        them, as ``step(closure)`` does, so that ``.grad`` is scaled either way."""
+        if self.grad_scaler is None:
+            return False  # the scale was found in the losses' graph
+        return grad_scaler_scale(losses, smallest=scale) != scale
+
     def _note_loss_scale(self, losses: Any) -> float | None:
         """The scale of losses that ``scaler.scale(...)`` returned (no ``grad_scaler`` given),
         recognised in their graph and remembered, so that a scaler backing off is followed."""
@@ -525,6 +539,9 @@ class JacobianDescent(Optimizer):
 
     def _step_from_grad(self, *, warn: bool = True) -> None:
         window = self._window
+        if (window.parts or not window.finite) and self._scaled_grad_to_step():
+            self._step_through_scaler()
+            return None
         if not window.finite:
             raise ValueError(
                 "A backward() since the last zero_grad() gave non-finite losses, Gramian or .grad "
@@ -554,6 +571,31 @@ class JacobianDescent(Optimizer):
             if losses is not None:
                 self._notify_after_step(losses, None)
         return None
+
+    def _scaled_grad_to_step(self) -> bool:
+        """Whether ``step()`` was called on ``.grad`` of losses the ``grad_scaler`` given scaled,
+        not through ``scaler.step(optimizer)`` (which unscales first) nor after ``unscale_``."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return False
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if states is None:  # another GradScaler: its step is the user's to call
+            return False
+        return bool(states[id(self)]["stage"] is OptState.READY)
+
+    def _step_through_scaler(self) -> None:
+        """As ``step(closure)`` does with ``grad_scaler=``: the scaler unscales ``.grad``, skips an
+        overflowing step and updates its scale; the method's state and step count as usual."""
+        window = self._window
+        finite = window.finite
+        losses = self.last_step.losses if self.last_step is not None else None
+        with self._method_state_restored_on_error(self._method.module.state_dict()):
+            self._update()
+            window.clear()
+            if finite:
+                self._steps += 1
+                if losses is not None:
+                    self._notify_after_step(losses, None)
 
     # --- pieces of the step --------------------------------------------------------------------
 

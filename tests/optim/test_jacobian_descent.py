@@ -350,6 +350,44 @@ def test_grad_scaler_step_matches_the_unscaled_step() -> None:
     assert_same_params(model, reference, atol=1e-10)
 
 
+@pytest.mark.parametrize("losses_given", ["scaled", "unscaled"])
+@pytest.mark.parametrize("stepped_by", ["optimizer", "scaler"])
+def test_grad_scaler_given_with_backward_then_step_is_the_unscaled_step(
+    losses_given: str, stepped_by: str
+) -> None:
+    """With grad_scaler=, optimizer.backward takes scaler.scale(losses) or the losses themselves
+    (scaled on the way, as step(closure) does), and a plain optimizer.step() goes through the
+    scaler as scaler.step(optimizer) does. A plain step applied the scaled .grad (1024 times too
+    long), and unscaled losses made the scaler's step 1024 times too short."""
+    model, inputs, targets = regression_problem(steps=3)
+    reference = clone_model(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler)
+    for x, y in zip(inputs, targets, strict=True):
+        optimizer.zero_grad()
+        losses = per_instance_losses(model, x, y)
+        optimizer.backward(scaler.scale(losses) if losses_given == "scaled" else losses)
+        if stepped_by == "optimizer":
+            optimizer.step()  # unscales, skips an overflow and updates, as step(closure)
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+    run_jd(JDSGD(reference.parameters(), lr=0.1, batch_dim=0), reference, inputs, targets)
+    assert_same_params(model, reference, atol=1e-10)
+    assert optimizer._steps == 3 and scaler.get_scale() == 2.0**10
+
+
+def test_a_plain_step_through_the_grad_scaler_skips_an_overflow_and_backs_off() -> None:
+    model, inputs, targets = regression_problem(steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0, grad_scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.backward(per_instance_losses(model, inputs[0], targets[0]) * float("inf"))
+    optimizer.step()  # skipped, as scaler.step(optimizer) skips it
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert optimizer._steps == 0 and scaler.get_scale() == 2.0**9
+
+
 def test_a_closure_that_backpropagates_its_losses_itself() -> None:
     """Its gradients are discarded (with a warning) while the graph lives; once its backward freed
     the graph, a ValueError says what to do (it was the engine's error about compute_gramian)."""
