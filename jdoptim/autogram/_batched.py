@@ -263,7 +263,8 @@ class BatchedPass:
             f"have shapes such as {shapes}): every parameter takes the exact route, correct but "
             "slower. Expected when the layers see the instances flattened with other dims "
             "([B*S, d] rows) or when output joins several forward passes; otherwise check "
-            "batch_dim.",
+            "batch_dim: per-task losses (each over the whole batch) take batch_dim=None, as the "
+            "optimizers join micro-batches and ranks along batch_dim instead of summing them.",
             stacklevel=5,
         )
         return False
