@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from jdoptim.autojac._jac import jacobians_of_inputs
 from jdoptim.autojac._jac_field import accumulate_jac
@@ -28,6 +28,12 @@ def backward(
     ``[k, *tensor.shape]`` initial Jacobian per tensor (see ``jac_outputs`` of :func:`jac`), giving
     ``k`` rows instead of one per element.
     """
+    if isinstance(inputs, nn.Module):  # TorchJD's backward(tensors, aggregator)
+        raise TypeError(
+            f"inputs must be tensors, got the {type(inputs).__name__} module: "
+            "jdoptim.autojac.backward fills .jac (aggregate it with jac_to_grad(params, "
+            "aggregator)); jdoptim.backward(tensors, aggregator) does both in one call."
+        )
     input_list, results = jacobians_of_inputs(
         tensors,
         inputs,

@@ -28,10 +28,7 @@ def check_losses(result: Any, multi_task: bool, finite: bool = True) -> tuple[Te
         result, features = result
     if isinstance(result, list | tuple) and result and all(isinstance(r, Tensor) for r in result):
         if not all(r.ndim == 0 for r in result):
-            raise TypeError(
-                f"The losses must be one tensor, got a {type(result).__name__} of tensors with "
-                f"shapes {[tuple(r.shape) for r in result]}; concatenate them into one tensor."
-            )
+            raise TypeError(_not_one_tensor(result, multi_task))
         result = torch.stack(list(result))  # one scalar loss per task
     if not isinstance(result, Tensor):
         raise TypeError(
@@ -57,6 +54,29 @@ def check_losses(result: Any, multi_task: bool, finite: bool = True) -> tuple[Te
     except ValueError as error:
         raise NonFiniteLossesError(str(error)) from None
     return result, features
+
+
+def _not_one_tensor(result: list[Tensor] | tuple[Tensor, ...], multi_task: bool) -> str:
+    shapes = [tuple(r.shape) for r in result]
+    if multi_task:
+        return (
+            f"In multi-task mode (shared_params=) each task's loss is one scalar, got a "
+            f"{type(result).__name__} of losses with shapes {shapes}. Reduce each task's losses "
+            "over the batch (.mean()); for per-instance and per-task losses, drop shared_params= "
+            "and return them as one [B, T] tensor with batch_dim=0."
+        )
+    pair = isinstance(result, tuple) and len(result) == 2 and result[0].ndim <= 1
+    hint = (
+        " A pair (losses, features) is multi-task mode: give the optimizer shared_params= (the "
+        "parameters of the shared trunk that computes the features)."
+        if pair
+        else ""
+    )
+    return (
+        f"The losses must be one tensor, got a {type(result).__name__} of tensors with shapes "
+        f"{shapes}: stack per-task scalars, or concatenate per-instance losses along batch_dim."
+        + hint
+    )
 
 
 class NonFiniteLossesError(ValueError):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from jdoptim.aggregation import UPGrad
+from jdoptim.autojac import backward
 from jdoptim.autojac._graph import depends_on, reachable_leaves
 
 
@@ -50,3 +53,9 @@ def test_reached_by_is_structural() -> None:
     unused = torch.ones(2, requires_grad=True)
     output = used.sum() + (zero_derivative * 0).sum()
     assert reached_by([output], [used, zero_derivative, unused]) == [True, True, False]
+
+
+def test_an_aggregator_in_place_of_the_inputs_points_to_the_one_call_form() -> None:
+    param = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"jdoptim\.backward\(tensors, aggregator\)"):
+        backward(param * torch.randn(2, 3), UPGrad())  # type: ignore[arg-type]

@@ -620,3 +620,28 @@ def test_a_batchnorm_model_with_batch_dim_accumulates_its_per_instance_losses_ex
             torch.nn.utils.parameters_to_vector(params) - 0.1 * direction, params
         )
     assert_same_params(model, reference, atol=1e-12)
+
+
+def test_losses_of_the_wrong_form_name_the_fix_for_each_mode() -> None:
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    x = torch.randn(5, 3)
+
+    def pair() -> tuple[Tensor, Tensor]:
+        features = trunk(x)
+        return head(features).pow(2).mean(dim=0), features
+
+    plain = JDSGD([*trunk.parameters(), *head.parameters()], lr=0.1)
+    with pytest.raises(TypeError, match="shared_params="):  # multi-task losses, no multi-task mode
+        plain.step(pair)
+
+    def per_instance_tasks() -> tuple[list[Tensor], Tensor]:
+        features = trunk(x)
+        outputs = head(features)
+        return [outputs[:, 0] ** 2, outputs[:, 1] ** 2], features
+
+    multi_task = JDSGD(
+        [*trunk.parameters(), *head.parameters()], lr=0.1, shared_params=trunk.parameters()
+    )
+    with pytest.raises(TypeError, match=r"one scalar.*\[B, T\] tensor with batch_dim=0"):
+        multi_task.step(per_instance_tasks)
