@@ -25,6 +25,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "jdoptim.integrations.lightning needs PyTorch Lightning: pip install jdoptim[lightning]"
     ) from error
 
+from jdoptim.autojac import reached_by
 from jdoptim.optim import JacobianDescent
 
 __all__ = ["JacobianDescentModule"]
@@ -102,9 +103,17 @@ class JacobianDescentModule(pl.LightningModule):
 
 
 def _for_jacobian_descent(optimizer: JacobianDescent, loss: Any) -> bool:
+    """Whether ``loss``, beside plain optimizers, is the jdoptim optimizer's: not a scalar, and
+    reaching some of its parameters (trainable: ``toggle_optimizer`` switches them off)."""
     if isinstance(loss, Tensor) and loss.ndim == 0:
         return False
-    return any(param.requires_grad for param in optimizer.params())
+    params = [param for param in optimizer.params() if param.requires_grad]
+    tensors = [t for t in (loss if isinstance(loss, list | tuple) else [loss]) if _in_graph(t)]
+    return bool(params) and bool(tensors) and any(reached_by(tensors, params))
+
+
+def _in_graph(item: Any) -> bool:
+    return isinstance(item, Tensor) and item.requires_grad
 
 
 def _times(loss: Any, factor: int) -> Any:

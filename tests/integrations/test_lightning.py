@@ -586,10 +586,11 @@ class BesidePlainOptimizer(JacobianDescentModule):
     """A jdoptim optimizer for one network and torch's SGD for another (GAN-style manual
     optimization); the plain one's scalar loss goes through self.manual_backward too."""
 
-    def __init__(self, toggle: bool) -> None:
+    def __init__(self, toggle: bool, weighted: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.toggle = toggle
+        self.weighted = weighted  # the plain loss per instance, with backward's gradient argument
         self.first, self.second = make_net(), make_net(seed=1)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -600,7 +601,11 @@ class BesidePlainOptimizer(JacobianDescentModule):
         if self.toggle:
             self.toggle_optimizer(plain)
         plain.zero_grad()
-        self.manual_backward(instance_losses(self.second, *batch).mean())
+        losses = instance_losses(self.second, *batch)
+        if self.weighted:  # a non-scalar loss that reaches only the plain optimizer's network
+            self.manual_backward(losses, torch.full_like(losses, 1 / len(losses)))
+        else:
+            self.manual_backward(losses.mean())
         plain.step()
         if self.toggle:
             self.untoggle_optimizer(plain)
@@ -609,12 +614,17 @@ class BesidePlainOptimizer(JacobianDescentModule):
         return sgd(self.first, 0), torch.optim.SGD(self.second.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("toggle", [False, True], ids=["plain", "toggle_optimizer"])
-def test_a_plain_optimizers_loss_takes_lightnings_backward(toggle: bool) -> None:
+@pytest.mark.parametrize(
+    ("toggle", "weighted"),
+    [(False, False), (True, False), (False, True)],
+    ids=["plain", "toggle_optimizer", "non-scalar"],
+)
+def test_a_plain_optimizers_loss_takes_lightnings_backward(toggle: bool, weighted: bool) -> None:
     """The scalar loss of the plain optimizer went to the jdoptim optimizer (the only one), so the
-    plain one never got .grad (or, toggled, the backward raised)."""
+    plain one never got .grad (or, toggled, the backward raised); a non-scalar one that reaches
+    none of the jdoptim optimizer's parameters raised that the losses reach none of them."""
     data = make_data()
-    module = BesidePlainOptimizer(toggle)
+    module = BesidePlainOptimizer(toggle, weighted)
     fit(module, data, max_steps=2 * STEPS)
     first, second = make_net(), make_net(seed=1)
     jd, plain = sgd(first, 0), torch.optim.SGD(second.parameters(), lr=0.1)
