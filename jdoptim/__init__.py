@@ -7,6 +7,7 @@ Gramian engine) and :mod:`jdoptim.optim` (the optimizers).
 
 from jdoptim import aggregation, autogram, autojac, distributed, linalg, optim, scalarization
 from jdoptim._stateful import Stateful
+from jdoptim._step_info import StepAware, StepInfo
 from jdoptim.autojac._aggregated_backward import backward
 from jdoptim.optim import JDSGD, JacobianDescent, JDAdam, JDAdamW
 
@@ -18,6 +19,8 @@ __all__ = [
     "JDAdamW",
     "JacobianDescent",
     "Stateful",
+    "StepAware",
+    "StepInfo",
     "__version__",
     "aggregation",
     "autogram",

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Adam
 
+import jdoptim
 from jdoptim.aggregation import (
     Flattening,
     Mean,
@@ -331,11 +332,13 @@ def test_after_step_receives_step_info() -> None:
     seen = []
 
     class Listening(EMAWeighting):
-        def after_step(self, info) -> None:  # type: ignore[no-untyped-def]
+        def after_step(self, info: jdoptim.StepInfo) -> None:  # public, for such signatures
             seen.append((info.step, info.lr, info.losses.shape, info.evaluate().shape))
 
     model, inputs, targets = regression_problem(steps=2)
-    run_jd(JDSGD(model.parameters(), lr=0.1, weighting=Listening()), model, inputs, targets)
+    weighting = Listening()
+    assert isinstance(weighting, jdoptim.StepAware)
+    run_jd(JDSGD(model.parameters(), lr=0.1, weighting=weighting), model, inputs, targets)
     assert seen == [(1, 0.1, (8,), (8,)), (2, 0.1, (8,), (8,))]
 
 
