@@ -59,7 +59,10 @@ class Weighting(_Named, ABC):
     differentiable: ClassVar[bool] = False
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
-        if self.input_kind == "gramian":
+        if not self.requires_values:
+            # Weights of m alone (Mean, Sum...): a Gramian or any [m, k] matrix, J itself too.
+            check_matrix(matrix)
+        elif self.input_kind == "gramian":
             check_gramian(matrix)
         elif self.input_kind == "cross_gramian":
             check_square(matrix)
@@ -195,7 +198,7 @@ class WeightedAggregator(Aggregator):
             self.weighting.reset()
 
     def _check_weighting(self, weighting: Weighting) -> None:
-        if weighting.input_kind != "matrix":
+        if weighting.input_kind != "matrix" and weighting.requires_values:
             raise TypeError(
                 f"{weighting!r} takes a Gramian; wrap it in GramianWeightedAggregator instead."
             )

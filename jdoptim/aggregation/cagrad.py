@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
-from jdoptim.aggregation._hyper import non_negative, positive, validators
+from jdoptim.aggregation._hyper import non_negative, validators
 from jdoptim.linalg import (
     Array,
     inverse_cholesky_factor,
@@ -64,7 +64,7 @@ class CAGradWeighting(Weighting):
 
     hyper_parameters = validators(
         c=non_negative("c"),
-        norm_eps=positive("norm_eps"),
+        norm_eps=non_negative("norm_eps"),
         reg_eps=non_negative("reg_eps"),
     )
 
@@ -72,8 +72,8 @@ class CAGradWeighting(Weighting):
         super().__init__()
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"c must be a finite non-negative number, got {c}.")
-        if not norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {norm_eps}.")
+        if not norm_eps >= 0:
+            raise ValueError(f"norm_eps must be non-negative, got {norm_eps}.")
         if reg_eps < 0:
             raise ValueError(f"reg_eps must be non-negative, got {reg_eps}.")
         self.c = c

@@ -13,7 +13,6 @@ from jdoptim.aggregation._hyper import (
     integer_at_least,
     non_negative,
     optional,
-    positive,
     validators,
 )
 from jdoptim.linalg import solve_alpha_fair
@@ -31,19 +30,20 @@ class FairGradWeighting(Weighting):
     Nash-MTL) under a norm budget; its optimality condition is ``G w = w^(-1/α)`` elementwise with
     ``w > 0``. That system is solved in-house by Newton's method on the convex potential it is the
     gradient of (see :func:`jdoptim.linalg.solve_alpha_fair`), to a componentwise backward error of
-    ``1e-10``; a ``RuntimeWarning`` reports any solution worse than ``1e-6``. ``α → 0`` favours the
-    mean improvement, ``α = 1`` proportional fairness, ``α → ∞`` the worst objective (max-min).
+    ``1e-10``; a ``RuntimeWarning`` reports any solution worse than ``1e-6``. ``α = 0`` is the mean
+    improvement (the linear utility: uniform weights ``1/m``, as the paper's Section 3 and TorchJD
+    have it), ``α = 1`` proportional fairness, ``α → ∞`` the worst objective (max-min).
     The equation is not scale-free: scaling ``J`` by ``s`` scales ``w`` by ``s^(-2α/(α+1))``.
 
     Args:
-        alpha: fairness parameter ``α > 0``.
+        alpha: fairness parameter ``α ≥ 0``.
         max_iters: Newton iterations at most (``None``: 100).
         reg_eps: ridge added to ``G``, relative to its mean diagonal, so that a solution exists
             when some gradient is zero.
     """
 
     hyper_parameters = validators(
-        alpha=positive("alpha"),
+        alpha=non_negative("alpha"),
         max_iters=optional(integer_at_least("max_iters", 1)),
         reg_eps=non_negative("reg_eps"),
     )
@@ -52,8 +52,8 @@ class FairGradWeighting(Weighting):
         self, alpha: float, max_iters: int | None = None, *, reg_eps: float = 1e-10
     ) -> None:
         super().__init__()
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite positive number, got {alpha}.")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha must be a finite non-negative number, got {alpha}.")
         if max_iters is not None and max_iters < 1:
             raise ValueError(f"max_iters must be a positive integer or None, got {max_iters}.")
         if reg_eps < 0:
@@ -66,8 +66,9 @@ class FairGradWeighting(Weighting):
         size = gramian.shape[0]
         matrix = gramian.to(torch.float64)
         mean_diagonal = float(matrix.diagonal().mean())
-        if not mean_diagonal > 0:
-            # Every gradient is zero: any weights give the same (zero) update.
+        if self.alpha == 0 or not mean_diagonal > 0:
+            # α = 0: the linear utility, maximised along the mean. Every gradient zero: any
+            # weights give the same (zero) update.
             return torch.full((size,), 1.0 / size, dtype=gramian.dtype, device=gramian.device)
         max_iters = 100 if self.max_iters is None else self.max_iters
         weights, residual = solve_alpha_fair(

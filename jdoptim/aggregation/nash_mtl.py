@@ -22,17 +22,19 @@ class NashMTLWeighting(Stateful, Weighting):
     Algorithm 1).
 
     The Nash bargaining solution ``d = Jᵀα`` maximises ``Σᵢ log(gᵢᵀd)`` in a ball; it is given by
-    ``G α = 1/α`` elementwise with ``α > 0`` (Section 3 of the paper). As in the authors' code the
-    system is solved on ``Ĝ = G / ‖G‖_F``, so the weights are scale-free. The paper approaches the
-    solution with a sequence of convex problems (CCP) of a few iterations; here the same equation is
-    solved exactly, by Newton's method on the strictly convex potential ``½ αᵀĜα - Σᵢ log αᵢ``
-    whose gradient it is (:func:`jdoptim.linalg.solve_alpha_fair`), warm-started at the previous
-    solution, to a componentwise backward error of ``1e-10`` (``RuntimeWarning`` above ``1e-6``).
-    Then, if ``‖Jᵀα‖ > max_norm``, the weights are scaled down to ``‖Jᵀα‖ = max_norm`` (the
-    authors' gradient clipping).
+    ``G α = 1/α`` elementwise with ``α > 0`` (Section 3 of the paper), on the Gramian itself: the
+    weights scale as ``1/s`` for ``J → sJ``, and ``‖Jᵀα‖² = αᵀGα = m`` at any scale. For the
+    numerics it is solved on ``Ĝ = G / ‖G‖_F`` (as the authors' code does, which also undoes the
+    normalisation: ``α = α̂ / ‖G‖_F^½``). The paper approaches the solution with a sequence of
+    convex problems (CCP) of a few iterations; here the same equation is solved exactly, by
+    Newton's method on the strictly convex potential ``½ α̂ᵀĜα̂ - Σᵢ log α̂ᵢ`` whose gradient it is
+    (:func:`jdoptim.linalg.solve_alpha_fair`), warm-started at the previous solution, to a
+    componentwise backward error of ``1e-10`` (``RuntimeWarning`` above ``1e-6``). Then, if
+    ``‖Jᵀα‖ > max_norm``, the weights are scaled down to ``‖Jᵀα‖ = max_norm`` (the authors'
+    gradient clipping: with the default ``1``, a step of length 1 for ``m ≥ 2``).
 
-    Stateful: it keeps the last solution (reused for ``update_weights_every - 1`` calls and as the
-    warm start) and counts its calls; ``state_dict()``/``load_state_dict()`` and ``reset()`` cover
+    Stateful: it keeps the last solution (reused for ``update_weights_every - 1`` calls; its
+    normalised form is the warm start) and counts its calls; ``state_dict()``/``load_state_dict()`` and ``reset()`` cover
     both.
 
     Args:
@@ -91,8 +93,11 @@ class NashMTLWeighting(Stateful, Weighting):
         previous: Tensor | None = self._state.get("weights")
         matrix = gramian.to(torch.float64)
         if previous is None or previous.shape != (size,) or calls % self.update_weights_every == 0:
-            solution = self._solve(matrix, previous)
+            warm: Tensor | None = self._state.get("normalised")
+            fitting = warm is not None and warm.shape == (size,)
+            solution, normalised = self._solve(matrix, warm if fitting else None)
             self._state["weights"] = solution
+            self._state["normalised"] = normalised
         else:
             solution = previous.to(matrix.device)
         self._state["calls"] = calls + 1
@@ -103,15 +108,20 @@ class NashMTLWeighting(Stateful, Weighting):
                 weights = solution * (self.max_norm / norm)
         return weights.to(gramian.dtype)
 
-    def _solve(self, matrix: Tensor, previous: Tensor | None) -> Tensor:
+    def _solve(self, matrix: Tensor, warm: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The weights of ``matrix`` and those of its normalised form (the next warm start: they
+        do not depend on the Gramian's scale, which may change by orders of magnitude)."""
         size = matrix.shape[0]
         scale = float(torch.linalg.matrix_norm(matrix))
         if not scale > 0:
             # Every gradient is zero: no bargaining solution, and any weights give a zero update.
-            return torch.ones(size, dtype=torch.float64, device=matrix.device)
-        solution, residual = solve_alpha_fair(
-            matrix / scale, 1.0, ridge=self.reg_eps, initial=previous, max_iters=self.max_iters
+            ones = torch.ones(size, dtype=torch.float64, device=matrix.device)
+            return ones, ones
+        initial = None if warm is None else warm.to(matrix.device)
+        normalised, residual = solve_alpha_fair(
+            matrix / scale, 1.0, ridge=self.reg_eps, initial=initial, max_iters=self.max_iters
         )
+        solution = normalised / math.sqrt(scale)
         if residual > _RESIDUAL_WARNING:
             warnings.warn(
                 f"Nash-MTL's system G α = 1/α was solved only to a backward error of "
@@ -119,7 +129,7 @@ class NashMTLWeighting(Stateful, Weighting):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return solution
+        return solution, normalised
 
     def _repr_args(self) -> str:
         return (

@@ -119,7 +119,8 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="c must be"):
         CAGradWeighting(c=float("nan"))
     with pytest.raises(ValueError, match="norm_eps"):
-        CAGradWeighting(c=0.5, norm_eps=0.0)
+        CAGradWeighting(c=0.5, norm_eps=-1.0)
+    CAGradWeighting(c=0.5, norm_eps=0.0)  # unused, accepted as TorchJD accepts it
     with pytest.raises(ValueError, match="symmetric"):
         CAGradWeighting(c=0.5)(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="square"):

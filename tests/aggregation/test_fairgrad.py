@@ -86,7 +86,7 @@ def test_too_few_iterations_warn() -> None:
 
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="alpha"):
-        FairGradWeighting(alpha=0.0)
+        FairGradWeighting(alpha=-1.0)
     with pytest.raises(ValueError, match="alpha"):
         FairGradWeighting(alpha=float("inf"))
     with pytest.raises(ValueError, match="max_iters"):
@@ -94,3 +94,9 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="symmetric"):
         FairGradWeighting(alpha=1.0)(torch.tensor([[1.0, 0.5], [0.0, 1.0]]))
     assert repr(FairGrad(2.0)) == "FairGrad(alpha=2.0, max_iters=None, reg_eps=1e-10)"
+
+
+def test_alpha_zero_is_the_mean() -> None:
+    """The linear utility (the paper's α = 0, which TorchJD accepts): uniform weights."""
+    jacobian = jacobian_from_seed(5, 4, 6, rank=4)
+    torch.testing.assert_close(FairGrad(alpha=0.0)(jacobian), jacobian.mean(dim=0))

@@ -16,10 +16,10 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_orthogonal_rows_by_hand(dtype: torch.dtype) -> None:
     jacobian = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=dtype)
-    # Ĝ = diag(9, 16)/√337, so αᵢ = 1/√Ĝᵢᵢ = 337^(1/4) / |gᵢ|.
-    expected = 337**0.25 * torch.tensor([1 / 3, 1 / 4], dtype=dtype)
+    # G = diag(9, 16), so αᵢ = 1/√Gᵢᵢ = 1 / |gᵢ| (the paper's G α = 1/α on G itself).
+    expected = torch.tensor([1 / 3, 1 / 4], dtype=dtype)
     torch.testing.assert_close(NashMTL(max_norm=0.0).compute_weights(jacobian), expected)
-    # ‖Jᵀα‖ = √2 · 337^(1/4) > 1: clipped to norm 1.
+    # ‖Jᵀα‖ = √2 > 1: clipped to norm 1.
     clipped = NashMTL(max_norm=1.0)(jacobian)
     torch.testing.assert_close(clipped, torch.tensor([1.0, 1.0], dtype=dtype) / math.sqrt(2))
 
@@ -27,13 +27,15 @@ def test_orthogonal_rows_by_hand(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("rows", "cols"), [(2, 5), (4, 9), (6, 30), (5, 3)])
 def test_bargaining_condition(dtype: torch.dtype, rows: int, cols: int) -> None:
-    """Ĝ α = 1/α with Ĝ = G / ‖G‖_F + 1e-10 I, to a componentwise backward error of 1e-10."""
+    """G α = 1/α on G itself (the paper's condition), solved as Ĝ α̂ = 1/α̂ with
+    Ĝ = G / ‖G‖_F + 1e-10 I and α = α̂ / ‖G‖_F^½, to a componentwise backward error of 1e-10."""
     jacobian = jacobian_from_seed(rows + cols, rows, cols, rank=min(rows, cols), dtype=dtype)
     weights = NashMTLWeighting(max_norm=0.0)(jacobian @ jacobian.T)
     assert weights.dtype == dtype and (weights > 0).all()
     gramian = (jacobian @ jacobian.T).double()
-    normalized = gramian / torch.linalg.matrix_norm(gramian) + 1e-10 * torch.eye(rows)
-    alpha = weights.double()
+    norm = torch.linalg.matrix_norm(gramian)
+    normalized = gramian / norm + 1e-10 * torch.eye(rows)
+    alpha = weights.double() * norm.sqrt()
     error = (alpha * (normalized @ alpha) - 1).abs()
     scale = alpha * (normalized.abs() @ alpha) + 1
     # float32 weights carry a relative rounding of about 1e-7 each.
@@ -54,8 +56,8 @@ def test_the_solution_maximises_the_sum_of_log_improvements() -> None:
 
 
 def test_clipping_bounds_the_norm() -> None:
-    jacobian = 10 * jacobian_from_seed(1, 3, 6, rank=3)
-    for max_norm in (0.5, 2.0):
+    jacobian = 10 * jacobian_from_seed(1, 3, 6, rank=3)  # unclipped: norm √3 at any scale
+    for max_norm in (0.5, 1.5):
         assert float(NashMTL(max_norm=max_norm)(jacobian).norm()) == pytest.approx(max_norm)
     unclipped = NashMTL(max_norm=0.0)(jacobian)
     assert float(NashMTL(max_norm=1e9)(jacobian).norm()) == pytest.approx(float(unclipped.norm()))
@@ -120,3 +122,14 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="NaN"):
         NashMTLWeighting()(torch.full((2, 2), float("nan")))
     assert str(NashMTLWeighting()) == "NashMTL"
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_the_unclipped_step_has_norm_root_m_at_any_scale(scale: float) -> None:
+    """αᵢ (G α)ᵢ = 1 for every i gives ‖Jᵀα‖² = m whatever the scale of J, so the default
+    clipping (max_norm=1) gives a step of length 1, as TorchJD and the authors' code do. Solving
+    on G / ‖G‖_F without undoing it gave a step of length √(m ‖G‖_F): 0.11 at scale 0.01."""
+    jacobian = scale * jacobian_from_seed(7, 3, 20, rank=3)
+    direction = NashMTL(max_norm=0.0)(jacobian)
+    assert float(direction.norm()) == pytest.approx(math.sqrt(3), rel=1e-8)
+    assert float(NashMTL()(jacobian).norm()) == pytest.approx(1.0, rel=1e-8)
