@@ -22,7 +22,8 @@ class ConFIGWeighting(Weighting):
 
     Everything depends on ``J`` through ``G`` only: ``U⁺ = Uᵀ (U Uᵀ)⁺`` gives ``v = Jᵀ a`` with
     ``a = D⁻¹ (D⁻¹ G D⁻¹)⁺ p``, so ``w = (1ᵀ G a / aᵀ G a) a``. Zero rows have no direction and get
-    weight 0.
+    weight 0; where ``p`` has no component in the range of ``U`` (unit rows summing to zero, as
+    ``g`` and ``-2g``), no direction has the preferred cosines and the weights are 0.
 
     Args:
         pref_vector: relative cosines ``p`` (positive); ``None`` means equal cosines.
@@ -48,9 +49,10 @@ class ConFIGWeighting(Weighting):
         unit_gramian = inverse_norms[:, None] * matrix * inverse_norms[None, :]
         # Eigenvalues of U Uᵀ below this are rounding noise of the Gramian's own precision.
         rtol = gramian.shape[0] * torch.finfo(gramian.dtype).eps
-        coefficients = inverse_norms * (
-            torch.linalg.pinv(unit_gramian, rtol=rtol, hermitian=True) @ pref
-        )
+        solved = torch.linalg.pinv(unit_gramian, rtol=rtol, hermitian=True) @ pref
+        if _out_of_range(unit_gramian @ solved, pref, gramian.dtype):
+            return torch.zeros_like(pref).to(gramian.dtype)
+        coefficients = inverse_norms * solved
         squared_norm = coefficients @ matrix @ coefficients
         projections = (matrix @ coefficients).sum()
         return _scaled(coefficients, projections, squared_norm).to(gramian.dtype)
@@ -84,10 +86,22 @@ class ConFIG(GramianWeightedAggregator):
         threshold = singular.max() * max(jacobian.shape) * torch.finfo(matrix.dtype).eps
         kept = singular > threshold
         left, singular = left[:, kept], singular[kept]
+        if _out_of_range(left.T @ pref, pref, matrix.dtype):
+            return matrix.new_zeros(matrix.shape[0])
         coefficients = inverse_norms * (left @ ((left.T @ pref) / singular**2))
         direction = coefficients @ jacobian
         projections = (jacobian @ direction).sum()
         return _scaled(coefficients, projections, direction @ direction).to(matrix.dtype)
+
+
+def _out_of_range(in_range: Tensor, pref: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``p`` has no component in the range of the unit rows (``in_range`` is that
+    component, or its coordinates in an orthonormal basis), up to the input's rounding: then no
+    direction has positive cosines with every row in the preferred ratios (unit gradients that
+    sum to zero, such as ``g`` and ``-2g``), and ConFIG's direction is zero, not the rescaled
+    rounding noise that ``v = U⁺p`` then holds."""
+    noise = pref.numel() * torch.finfo(dtype).eps * pref.norm()
+    return bool(in_range.norm() <= noise)
 
 
 def _inverse_norms(norms: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchjd.aggregation as peer
@@ -97,3 +99,31 @@ def test_weighting_form_equals_the_jacobian_form(rows: int, cols: int, rank: int
 
 def test_no_parameters_give_an_empty_direction() -> None:
     assert ConFIG()(torch.zeros(3, 0)).shape == (0,)
+
+
+def _at_angles(angles: list[float], norms: list[float], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(
+        [[n * math.cos(a), n * math.sin(a)] for a, n in zip(angles, norms, strict=True)],
+        dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unit_rows_summing_to_zero_give_the_zero_direction(dtype: torch.dtype) -> None:
+    """No direction has equal positive cosines with g and -4g (nor with three rows at 120°): the
+    direction is 0. The aggregator rescaled the rounding noise of U⁺p to full length (1.5 for
+    [[-0.5], [2]], increasing the first loss)."""
+    third = 2 * math.pi / 3
+    degenerate = [
+        torch.tensor([[-0.5], [2.0]], dtype=dtype),
+        torch.tensor([[1.0, 2.0, -1.0], [-4.0, -8.0, 4.0]], dtype=dtype),
+        _at_angles([0.0, third, 2 * third], [1.0, 2.0, 3.0], dtype),  # rounded in dtype
+    ]
+    for matrix in degenerate:
+        assert ConFIG()(matrix).abs().max() == 0
+        assert ConFIGWeighting()(matrix @ matrix.T).abs().max() == 0
+    # Off the degenerate angle, a direction again, the same by both paths.
+    matrix = _at_angles([0.0, third, 2 * third + 0.1], [1.0, 2.0, 3.0], dtype)
+    direction = ConFIG()(matrix)
+    assert direction.norm() > 0.01
+    torch.testing.assert_close(ConFIGWeighting()(matrix @ matrix.T) @ matrix, direction)
