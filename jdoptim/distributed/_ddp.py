@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -47,6 +48,8 @@ def watch_ddp(
         yield
         return
     silenced: dict[int, tuple[DistributedDataParallel, bool]] = {}
+    # Per model: whether its last forward ran with gradients (a training forward).
+    trained: dict[int, bool] = {}
 
     def hook(module: nn.Module, args: Any) -> None:
         if not isinstance(module, DistributedDataParallel):
@@ -69,6 +72,12 @@ def watch_ddp(
                 silenced[id(module)] = (module, module.require_backward_grad_sync)
             # At every forward: leaving a no_sync() block turns the synchronisation back on.
             module.require_backward_grad_sync = False
+            # A synchronised DDP model broadcasts rank 0's buffers (BatchNorm's running
+            # statistics) at the forward after a training forward; silenced, its post-forward
+            # turned that off, and the ranks' buffers drifted apart: as a synchronised one.
+            if id(module) in trained:
+                module.require_forward_param_sync = trained[id(module)]
+            trained[id(module)] = torch.is_grad_enabled()
 
     registered, turn_off = guarded(hook)
     handle = nn.modules.module.register_module_forward_pre_hook(registered)
@@ -79,3 +88,4 @@ def watch_ddp(
         remove_hook(handle)
         for module, previous in silenced.values():
             module.require_backward_grad_sync = previous
+            module.require_forward_param_sync = previous and trained.get(id(module), True)

@@ -502,6 +502,43 @@ def plain_backward_first_rank(rank: int, world: int) -> Any:
     return {"params": [p.detach().clone() for p in model.parameters()]}
 
 
+def batch_norm_buffers_rank(rank: int, world: int) -> Any:
+    """BatchNorm in training mode on a DDP model: DDP broadcasts rank 0's buffers at the forward
+    after a training forward; silenced by the optimizer, its post-forward turned that off and the
+    ranks' running statistics drifted apart (different eval outputs per rank). Checked against
+    plain DDP with torch's SGD on the mean loss (MeanWeighting takes the same step)."""
+    buffers, outputs = {}, {}
+    for kind in ("plain", "jdoptim"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the batch statistics' warning
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+            model = DistributedDataParallel(net.double())
+            if kind == "plain":
+                optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+            else:
+                optimizer = JDSGD(
+                    model.parameters(), lr=0.05, weighting=MeanWeighting(), batch_dim=0
+                )
+            for step in range(3):
+                generator = torch.Generator().manual_seed(10 * step + rank)
+                x = torch.randn(6, 5, generator=generator, dtype=torch.float64) + rank
+                y = torch.randn(6, generator=generator, dtype=torch.float64)
+                optimizer.zero_grad()
+                losses = (model(x).squeeze(-1) - y) ** 2
+                if kind == "plain":
+                    losses.mean().backward()
+                else:
+                    assert isinstance(optimizer, JDSGD)
+                    optimizer.backward(losses)
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                outputs[kind] = model(torch.ones(2, 5, dtype=torch.float64)).reshape(-1)
+            buffers[kind] = [b.clone() for b in model.module.buffers()]
+    return {"buffers": buffers, "outputs": outputs}
+
+
 def sparse_table_rank(rank: int, world: int) -> Any:
     """A DDP model with nn.Embedding(sparse=True): its sparse .grad went into the all-reduce,
     which flattened it (a RuntimeError on every rank); also as a window's base (no zero_grad)."""
@@ -821,4 +858,5 @@ def all_scenarios_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         record("second-ddp-model", second_ddp_model_rank)
         record("plain-backward-first", plain_backward_first_rank)
         record("sparse-table", sparse_table_rank)
+        record("batch-norm-buffers", batch_norm_buffers_rank)
     return results

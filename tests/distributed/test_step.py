@@ -143,6 +143,15 @@ def test_another_ddp_model_trained_by_a_torch_optimizer_keeps_its_synchronisatio
     assert any(float(p.abs().max()) > 0 for p in first)
 
 
+def test_batch_norm_buffers_follow_rank_zero_as_under_plain_ddp(two_ranks: Any) -> None:
+    _, ranks = two_ranks
+    results = [ok(rank["batch-norm-buffers"]) for rank in ranks]
+    for result in results:  # each rank's buffers as plain DDP leaves them
+        _close(result["buffers"]["jdoptim"], result["buffers"]["plain"])
+    first, second = (result["outputs"]["jdoptim"] for result in results)
+    assert torch.equal(first, second)  # the eval forward broadcast rank 0's buffers
+
+
 def test_a_plain_backward_before_the_optimizers_is_averaged_over_ranks(two_ranks: Any) -> None:
     _, ranks = two_ranks
     first, second = (ok(rank["plain-backward-first"])["params"] for rank in ranks)
