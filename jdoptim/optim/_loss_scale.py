@@ -9,6 +9,7 @@ weights depend on the losses' scale (NashMTL...), weights of the scaled losses w
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -62,3 +63,41 @@ def _scale_of(losses: Tensor, smallest: float) -> float | None:
                 return value if node.name() == "MulBackward0" else None
         node = node.next_functions[0][0]  # a constant factor after the scale: look below it
     return None
+
+
+def multiplied_by(losses: Any, factor: Tensor) -> bool:
+    """Whether the graph of ``losses`` (a tensor, or a list or tuple of them) multiplies by
+    ``factor`` itself (the same storage) anywhere: a ``GradScaler``'s scale tensor in losses that
+    ``scaler.scale`` returned, then reshaped, joined or weighted. A walk of the graph, stopped at
+    the first such product; no host read."""
+    items = losses if isinstance(losses, list | tuple) else [losses]
+    stack = [item.grad_fn for item in items if isinstance(item, Tensor)]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name() == "MulBackward0" and any(
+            _is_storage_of(saved, factor) for saved in _saved_operands(node)
+        ):
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def _saved_operands(node: Any) -> list[Any]:
+    operands = []
+    for name in ("_saved_other", "_saved_self"):
+        with contextlib.suppress(RuntimeError):  # freed by a backward
+            operands.append(getattr(node, name, None))
+    return operands
+
+
+def _is_storage_of(saved: Any, factor: Tensor) -> bool:
+    return (
+        isinstance(saved, Tensor)
+        and saved.device == factor.device
+        and saved.numel() == factor.numel()
+        and saved.data_ptr() == factor.data_ptr()
+    )

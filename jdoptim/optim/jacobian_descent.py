@@ -38,7 +38,7 @@ from jdoptim.autojac import clear_jac
 from jdoptim.distributed import across_ranks
 from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or, wrapped
 from jdoptim.optim._grad_hooks import post_accumulate_hooks_held, run_post_accumulate_hooks
-from jdoptim.optim._loss_scale import grad_scaler_scale, smallest_scale
+from jdoptim.optim._loss_scale import grad_scaler_scale, multiplied_by, smallest_scale
 from jdoptim.optim._state import (
     JD_STATE_KEY,
     check_groups_match,
@@ -477,7 +477,7 @@ class JacobianDescent(Optimizer):
             self._method.module.load_state_dict(copy.deepcopy(window.method_state))
         scale = self._loss_scale(losses)
         scale = self._note_loss_scale(given_losses) or scale
-        if scale != 1.0 and self._given_unscaled(given_losses, scale):
+        if scale != 1.0 and self._given_unscaled(given_losses):
             unscaled = losses  # .grad gets the scaler's scale all the same, as step() unscales it
         else:
             unscaled = losses / scale if scale != 1.0 else losses
@@ -519,13 +519,17 @@ class JacobianDescent(Optimizer):
         self.last_step = record
         return record
 
-    def _given_unscaled(self, losses: Any, scale: float) -> bool:
+    def _given_unscaled(self, losses: Any) -> bool:
         """With ``grad_scaler=``: whether ``backward`` got the losses themselves, not
-        ``scaler.scale(losses)`` (whose scale is found in their graph); the optimizer then scales
-        them, as ``step(closure)`` does, so that ``.grad`` is scaled either way."""
+        ``scaler.scale(losses)`` (reshaped, joined or weighted after it, maybe): the scaler's own
+        scale tensor is nowhere in their graph. The optimizer then scales them, as
+        ``step(closure)`` does, so that ``.grad`` is scaled either way."""
         if self.grad_scaler is None:
             return False  # the scale was found in the losses' graph
-        return grad_scaler_scale(losses, smallest=scale) != scale
+        factor = getattr(self.grad_scaler, "_scale", None)
+        if not isinstance(factor, Tensor):  # not torch's GradScaler: taken as scaled, as before
+            return False
+        return not multiplied_by(losses, factor)
 
     def _note_loss_scale(self, losses: Any) -> float | None:
         """The scale of losses that ``scaler.scale(...)`` returned (no ``grad_scaler`` given),

@@ -353,7 +353,9 @@ def test_grad_scaler_step_matches_the_unscaled_step() -> None:
     assert_same_params(model, reference, atol=1e-10)
 
 
-@pytest.mark.parametrize("losses_given", ["scaled", "unscaled"])
+@pytest.mark.parametrize(
+    "losses_given", ["scaled", "unscaled", "scaled, reshaped", "scaled, joined"]
+)
 @pytest.mark.parametrize("stepped_by", ["optimizer", "scaler"])
 def test_grad_scaler_given_with_backward_then_step_is_the_unscaled_step(
     losses_given: str, stepped_by: str
@@ -369,7 +371,14 @@ def test_grad_scaler_given_with_backward_then_step_is_the_unscaled_step(
     for x, y in zip(inputs, targets, strict=True):
         optimizer.zero_grad()
         losses = per_instance_losses(model, x, y)
-        optimizer.backward(scaler.scale(losses) if losses_given == "scaled" else losses)
+        given = {
+            "scaled": lambda: scaler.scale(losses),
+            "unscaled": lambda: losses,
+            # The scale further down the graph: scaled all the same (not scaled twice).
+            "scaled, reshaped": lambda: scaler.scale(losses[:, None]).reshape(-1),
+            "scaled, joined": lambda: torch.cat([scaler.scale(half) for half in losses.chunk(2)]),
+        }[losses_given]()
+        optimizer.backward(given)
         if stepped_by == "optimizer":
             optimizer.step()  # unscales, skips an overflow and updates, as step(closure)
         else:
