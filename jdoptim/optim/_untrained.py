@@ -1,15 +1,16 @@
-"""Leaves that a step's losses reach but the optimizer does not train.
+"""Parameters that a step's losses reach but the optimizer does not train.
 
 ``loss.backward()`` fills the ``.grad`` of every leaf requiring grad that the loss reaches; a
 Jacobian-descent step fills its own parameters' (with the method's combination of the losses),
-and a second optimizer (an auxiliary head under ``torch.optim.SGD``) or an input with
-``requires_grad`` gets nothing from it, unless the path ran a plain backward pass. The optimizer
-says so once, rather than let that optimizer step on a missing ``.grad`` without a word.
+and a second optimizer's parameters (an auxiliary head under ``torch.optim.SGD``) get nothing
+from it, unless the path ran a plain backward pass. The optimizer says so once, rather than let
+that optimizer step on a missing ``.grad`` without a word. Inputs with ``requires_grad`` are not
+parameters: no optimizer moves them, and they are not named.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from jdoptim.autojac import reachable_leaves
 from jdoptim.optim._window import GradSnapshot
@@ -25,7 +26,13 @@ class UntrainedLeaves:
 
     def __init__(self, losses: Tensor, trained: list[Tensor]) -> None:
         ids = {id(param) for param in trained}
-        self.leaves = [leaf for leaf in reachable_leaves([losses]) if id(leaf) not in ids]
+        # Parameters only: an input with requires_grad (a physics-informed network's du/dx, the
+        # embedding outputs of PEFT's enable_input_require_grads) is no optimizer's to move.
+        self.leaves = [
+            leaf
+            for leaf in reachable_leaves([losses])
+            if isinstance(leaf, nn.Parameter) and id(leaf) not in ids
+        ]
         self._before = GradSnapshot(self.leaves)
 
     def left_alone(self) -> list[Tensor]:
@@ -45,10 +52,11 @@ class UntrainedLeaves:
         shapes = ", ".join(str(tuple(leaf.shape)) for leaf in left[:3])
         more = f" and {len(left) - 3} more" if len(left) > 3 else ""
         return (
-            f"The losses reach {len(left)} tensor(s) requiring grad that this {name} does not "
-            f"train (shapes {shapes}{more}): their .grad is left as it was, where loss.backward() "
-            "would have filled it, so an optimizer of their own (an auxiliary head under "
-            "torch.optim.SGD) does not move them. If they should follow these losses, give them "
-            "to this optimizer (add_param_group, with their own lr if need be); if they should "
-            "not, call requires_grad_(False) on them or detach what they feed."
+            f"The losses reach {len(left)} parameter(s) that this {name} does not train (shapes "
+            f"{shapes}{more}): their .grad is left as it was, where loss.backward() would have "
+            "filled it. If another optimizer should move them with these losses (an auxiliary "
+            "head), give them to this optimizer instead (add_param_group, with their own lr if "
+            "need be). If they belong to another optimizer with its own losses (a GAN's "
+            "discriminator), nothing is wrong: silence this with "
+            "warnings.filterwarnings('ignore', 'The losses reach')."
         )

@@ -391,6 +391,8 @@ class JacobianDescent(Optimizer):
         if not isinstance(losses, Tensor) or not losses.requires_grad:
             return None
         trained = [param for group in self.param_groups for param in group["params"]]
+        if any(hasattr(param, "placements") for param in trained):
+            return None  # sharded (fully_shard): the graph's leaves are the unsharded copies
         return UntrainedLeaves(losses, trained)
 
     def _warn_untrained(self, untrained: UntrainedLeaves | None) -> None:

@@ -89,7 +89,7 @@ def test_leaves_the_losses_reach_outside_the_optimizer_are_named_once(
             optimizer.backward(losses())
             optimizer.step()
 
-    with pytest.warns(UserWarning, match=r"reach 2 tensor\(s\) requiring grad that this JDSGD"):
+    with pytest.warns(UserWarning, match=r"reach 2 parameter\(s\) that this JDSGD"):
         one_step()
     assert head.weight.grad is None
     with warnings.catch_warnings():
@@ -99,3 +99,18 @@ def test_leaves_the_losses_reach_outside_the_optimizer_are_named_once(
         fresh = JDSGD(trunk.parameters(), lr=0.1, batch_dim=batch_dim)
         optimizer = fresh
         one_step()
+
+
+def test_an_input_requiring_grad_is_no_untrained_parameter() -> None:
+    """A physics-informed network differentiates its losses with respect to its inputs too:
+    they reach x, which requires grad, and no optimizer has to move it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = JDSGD(model.parameters(), lr=0.01, batch_dim=0)
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u = model(x).squeeze(-1)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        optimizer.backward(du[:, 0] ** 2 + u**2)
+        optimizer.step()
