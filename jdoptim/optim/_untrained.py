@@ -28,7 +28,7 @@ class UntrainedLeaves:
         ids = {id(param) for param in trained}
         # Parameters only: an input with requires_grad (a physics-informed network's du/dx, the
         # embedding outputs of PEFT's enable_input_require_grads) is no optimizer's to move.
-        self.leaves = [
+        self.leaves: list[Tensor] = [
             leaf
             for leaf in reachable_leaves([losses])
             if isinstance(leaf, nn.Parameter) and id(leaf) not in ids
