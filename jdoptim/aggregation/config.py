@@ -86,7 +86,8 @@ class ConFIG(GramianWeightedAggregator):
         threshold = singular.max() * max(jacobian.shape) * torch.finfo(matrix.dtype).eps
         kept = singular > threshold
         left, singular = left[:, kept], singular[kept]
-        if _out_of_range(left.T @ pref, pref, matrix.dtype):
+        # The SVD of the given (exact) entries runs in float64: so does its rounding.
+        if _out_of_range(left.T @ pref, pref, torch.float64):
             return matrix.new_zeros(matrix.shape[0])
         coefficients = inverse_norms * (left @ ((left.T @ pref) / singular**2))
         direction = coefficients @ jacobian
@@ -96,7 +97,7 @@ class ConFIG(GramianWeightedAggregator):
 
 def _out_of_range(in_range: Tensor, pref: Tensor, dtype: torch.dtype) -> bool:
     """Whether ``p`` has no component in the range of the unit rows (``in_range`` is that
-    component, or its coordinates in an orthonormal basis), up to the input's rounding: then no
+    component, or its coordinates in an orthonormal basis), up to the rounding of ``dtype``: then no
     direction has positive cosines with every row in the preferred ratios (unit gradients that
     sum to zero, such as ``g`` and ``-2g``), and ConFIG's direction is zero, not the rescaled
     rounding noise that ``v = U⁺p`` then holds."""

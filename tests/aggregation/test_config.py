@@ -117,8 +117,9 @@ def test_unit_rows_summing_to_zero_give_the_zero_direction(dtype: torch.dtype) -
     degenerate = [
         torch.tensor([[-0.5], [2.0]], dtype=dtype),
         torch.tensor([[1.0, 2.0, -1.0], [-4.0, -8.0, 4.0]], dtype=dtype),
-        _at_angles([0.0, third, 2 * third], [1.0, 2.0, 3.0], dtype),  # rounded in dtype
     ]
+    if dtype == torch.float64:  # in float32 the rounded rows no longer sum to zero exactly
+        degenerate.append(_at_angles([0.0, third, 2 * third], [1.0, 2.0, 3.0], dtype))
     for matrix in degenerate:
         assert ConFIG()(matrix).abs().max() == 0
         assert ConFIGWeighting()(matrix @ matrix.T).abs().max() == 0
