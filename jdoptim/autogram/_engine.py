@@ -537,9 +537,9 @@ class Engine:
         warnings.warn(
             f"{shown} {'mixes' if len(new) == 1 else 'mix'} the instances of a batch (batch "
             f"statistics), so the losses are not independent per instance as "
-            f"batch_dim={self._batch_dim} declares: the layers before "
-            f"{'it' if len(new) == 1 else 'them'} take the exact route (correct, about one "
-            "backward pass per loss). The losses stay per instance (micro-batches and ranks "
+            f"batch_dim={self._batch_dim} declares: the trainable layers before "
+            f"{'it' if len(new) == 1 else 'them'}, if any, take the exact route (correct, about "
+            "one backward pass per loss). The losses stay per instance (micro-batches and ranks "
             "are joined along batch_dim). For the fast routes, put the layer in eval() mode or "
             "replace it by GroupNorm/LayerNorm.",
             stacklevel=4,
