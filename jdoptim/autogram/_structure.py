@@ -483,11 +483,13 @@ def _normalized_over_last(site: _Site) -> Claims:
 
 
 def _batch_norm(site: _Site) -> Claims:
-    """Batch norm with running statistics (``eval()``) is an affine map of each entry; with batch
-    statistics it mixes the instances."""
-    if site.node._saved_training:  # type: ignore[attr-defined]
-        raise _Unproven
+    """Batch norm with running statistics (``eval()``) is an affine map of each entry. With batch
+    statistics (one per channel, dim 1, over every other dim) it mixes the instances, unless they
+    lie along the channels: instance norm runs as batch norm on ``[1, B·C, ...]``, where each
+    channel belongs to one instance."""
     _, position = site.single()
+    if site.node._saved_training and position[0] != 1:  # type: ignore[attr-defined]
+        raise _Unproven
     return [position] + [None] * (len(site.inputs) - 1)
 
 

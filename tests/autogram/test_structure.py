@@ -100,6 +100,19 @@ def _standard_cases() -> dict[str, Callable[[], Case]]:
         x, target = torch.randn(5, 2, 8, 8), torch.randn(5, 2)
         return model, lambda m: F.huber_loss(m(x), target, reduction="none").mean(dim=1), 0
 
+    def instance_norm() -> Case:
+        # Runs as batch norm with batch statistics on [1, B·C, H, W]: one instance per channel.
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.InstanceNorm2d(3, affine=True),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(3, 2),
+        )
+        x = torch.randn(5, 2, 6, 6)
+        return model, lambda m: m(x).pow(2).sum(dim=1), 0
+
     def gru() -> Case:
         x = torch.randn(5, 6, 4)
 
@@ -277,6 +290,9 @@ def _mixes() -> dict[str, Mix]:
 
     def custom_function(m: nn.Module, x: Tensor) -> Tensor:
         return head(m, _Shift.apply(hidden(m, x)))
+
+    def batch_statistics(m: nn.Module, x: Tensor) -> Tensor:
+        return head(m, F.batch_norm(hidden(m, x), None, None, training=True))
 
     return {
         name: mix
