@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
+from jdoptim._warnings import warn
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import (
     integer_at_least,
@@ -75,11 +75,10 @@ class FairGradWeighting(Weighting):
             matrix, self.alpha, ridge=self.reg_eps * mean_diagonal, max_iters=max_iters
         )
         if residual > _RESIDUAL_WARNING:
-            warnings.warn(
+            warn(
                 f"FairGrad's system G w = w^(-1/α) was solved only to a backward error of "
                 f"{residual:.2e} in {max_iters} iterations; raise max_iters.",
                 RuntimeWarning,
-                stacklevel=2,
             )
         return weights.to(gramian.dtype)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from jdoptim._stateful import Stateful
+from jdoptim._warnings import warn
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
 from jdoptim.aggregation._hyper import integer_at_least, non_negative, optional, validators
 from jdoptim.linalg import solve_alpha_fair
@@ -123,11 +123,10 @@ class NashMTLWeighting(Stateful, Weighting):
         )
         solution = normalised / math.sqrt(scale)
         if residual > _RESIDUAL_WARNING:
-            warnings.warn(
+            warn(
                 f"Nash-MTL's system G α = 1/α was solved only to a backward error of "
                 f"{residual:.2e} in {self.max_iters} iterations; raise max_iters.",
                 RuntimeWarning,
-                stacklevel=3,
             )
         return solution, normalised
 

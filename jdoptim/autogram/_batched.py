@@ -9,12 +9,12 @@ closed form, local per-instance VJPs of one call, or per-row autograd.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from jdoptim._warnings import warn
 from jdoptim.autogram._assembly import instance_major_order
 from jdoptim.autogram._attention import attention_terms
 from jdoptim.autogram._graph import GraphPlan, closed_form_place, generic_place
@@ -257,15 +257,14 @@ class BatchedPass:
         if any(self._candidates(r, shape) for r in records for shape in r.output_shapes):
             return True
         shapes = sorted({s for r in records for s in r.output_shapes})[:4]
-        warnings.warn(
+        warn(
             f"output has batch size {self.batch} along batch_dim={self.batch_dim} (shape "
             f"{self.shape}), but no covered module processed a batch of that size (their outputs "
             f"have shapes such as {shapes}): every parameter takes the exact route, correct but "
             "slower. Expected when the layers see the instances flattened with other dims "
             "([B*S, d] rows) or when output joins several forward passes; otherwise check "
             "batch_dim: per-task losses (each over the whole batch) take batch_dim=None, as the "
-            "optimizers join micro-batches and ranks along batch_dim instead of summing them.",
-            stacklevel=5,
+            "optimizers join micro-batches and ranks along batch_dim instead of summing them."
         )
         return False
 

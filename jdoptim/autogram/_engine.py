@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from jdoptim._compile_config import allow_several_backward_passes
 from jdoptim._errors import NotDifferentiableError
 from jdoptim._global_hooks import guarded, remove_deferred_hooks, remove_hook
+from jdoptim._warnings import warn
 from jdoptim.autogram._assembly import (
     grad_from_terms,
     gramian_from_terms,
@@ -270,12 +270,11 @@ class Engine:
             if p.requires_grad and id(p) not in self._param_ids
         ]
         if new:
-            warnings.warn(
+            warn(
                 f"{type(module).__name__} has parameters the engine was not built with ({new}; "
                 "added by a parametrization or weight_norm after the engine was built, for "
                 "example): the Gramian leaves them out. Build a new Engine after changing the "
-                "model's parameters.",
-                stacklevel=3,
+                "model's parameters."
             )
 
     def _owns_covered(self, module: nn.Module) -> bool:
@@ -534,15 +533,14 @@ class Engine:
         self._warned.update(id(m) for m in new)
         names = self._module_names(new)
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        warnings.warn(
+        warn(
             f"{shown} {'mixes' if len(new) == 1 else 'mix'} the instances of a batch (batch "
             f"statistics), so the losses are not independent per instance as "
             f"batch_dim={self._batch_dim} declares: the trainable layers before "
             f"{'it' if len(new) == 1 else 'them'}, if any, take the exact route (correct, about "
             "one backward pass per loss). The losses stay per instance (micro-batches and ranks "
             "are joined along batch_dim). For the fast routes, put the layer in eval() mode or "
-            "replace it by GroupNorm/LayerNorm.",
-            stacklevel=4,
+            "replace it by GroupNorm/LayerNorm."
         )
 
     def _module_names(self, modules: list[nn.Module]) -> list[str]:
@@ -564,12 +562,11 @@ class Engine:
         for module in plan.fused_modules:
             if id(module) not in self._warned:
                 self._warned.add(id(module))
-                warnings.warn(
+                warn(
                     f"{type(module).__name__} ran inside a compiled region fused with the operations "
                     "before it, so the engine cannot see its call on its own: its parameters take "
                     "the exact route (correct, slower). Compile the model without fullgraph, or "
-                    "this module outside the compiled region.",
-                    stacklevel=4,
+                    "this module outside the compiled region."
                 )
 
 

@@ -10,12 +10,12 @@ calling ``.item()``), the rows are computed one backward pass each, after one
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from jdoptim._warnings import warn
 from jdoptim.autojac._graph import graph_signature
 
 #: ``cotangents(start, stop)``: for each output, the cotangents of rows ``start..stop-1``, of shape
@@ -137,11 +137,10 @@ def _fall_back(
             "because the failed pass had freed the graph. Pass parallel_chunk_size=1 for this "
             "graph."
         ) from error
-    warnings.warn(
+    warn(
         "Batched backward passes (vmap) failed on this graph, so the Jacobian is computed one row "
         f"at a time instead (same result, slower). Cause: {error}",
         VmapFallbackWarning,
-        stacklevel=5,
     )
     return block
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -32,6 +31,7 @@ from jdoptim._errors import NotDifferentiableError
 from jdoptim._grad_layout import lay_out_grads
 from jdoptim._stateful import Stateful
 from jdoptim._step_info import StepAware, StepInfo
+from jdoptim._warnings import warn
 from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggregator, Weighting
 from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
@@ -669,7 +669,7 @@ class JacobianDescent(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warn(message, UserWarning)
 
     def _get_engine(self) -> Engine:
         params = self.params()

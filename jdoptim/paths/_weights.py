@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from jdoptim._stateful import Stateful
+from jdoptim._warnings import warn
 from jdoptim.aggregation import Flattening, GeneralizedWeighting, StateSizeError, Weighting
 from jdoptim.linalg import check_finite
 from jdoptim.paths._base import NonFiniteGramianError
@@ -62,11 +62,10 @@ def restarting_on_size_change(
     except StateSizeError:
         if not instances or not isinstance(method, Stateful):
             raise
-        warnings.warn(
+        warn(
             f"{method!r} kept state for another number of losses than the {losses} of this "
             "step. They are per instance (batch_dim is set), and per-instance state cannot carry "
-            "over to a batch of another size (such as a smaller last batch): it starts afresh.",
-            stacklevel=4,
+            "over to a batch of another size (such as a smaller last batch): it starts afresh."
         )
         method.reset()
         return call()

@@ -657,3 +657,19 @@ def test_losses_of_the_wrong_form_name_the_fix_for_each_mode() -> None:
     )
     with pytest.raises(TypeError, match=r"one scalar.*\[B, T\] tensor with batch_dim=0"):
         multi_task.step(per_instance_tasks)
+
+
+def test_warnings_point_at_the_users_line() -> None:
+    """A fixed stacklevel pointed inside jdoptim from some entry points (the batch-statistics
+    warning always did): the first frame outside jdoptim and torch is the user's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    optimizer = JDSGD(model.parameters(), lr=0.1, batch_dim=0)
+    x = torch.randn(6, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.backward(model(x).squeeze(-1) ** 2)  # the batch-statistics warning
+        optimizer.step()
+        optimizer.step(lambda: model(x).pow(2).mean())  # the scalar-loss warning
+    assert len(caught) == 2
+    assert all(warning.filename == __file__ for warning in caught), [w.filename for w in caught]
