@@ -519,8 +519,8 @@ class Engine:
         """Batch statistics (BatchNorm in training mode) make the losses depend on every instance:
         the probes send the layers this reaches (those before the norm) to the exact route, so the
         Gramian stays the per-instance losses' own. Said once per layer, naming it."""
-        synced = [m for m in plan.mixing_modules if isinstance(m, nn.SyncBatchNorm)]
-        if synced and _several_ranks():
+        synced = [m for m in plan.mixing_modules if isinstance(m, nn.SyncBatchNorm) and _syncs(m)]
+        if synced:
             raise ValueError(
                 "SyncBatchNorm shares batch statistics across ranks, so each rank's losses depend "
                 "on every rank's instances, which the per-rank Jacobians cannot follow. Put it in "
@@ -590,14 +590,13 @@ def _is_sparse_table(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and module.sparse
 
 
-def _several_ranks() -> bool:
-    """Whether a process group of several ranks is running (SyncBatchNorm then syncs)."""
+def _syncs(norm: nn.SyncBatchNorm) -> bool:
+    """Whether a SyncBatchNorm shares its statistics across ranks: in training mode, in a process
+    group (its own, else the default one) of several ranks."""
     distributed = torch.distributed
-    return bool(
-        distributed.is_available()
-        and distributed.is_initialized()
-        and distributed.get_world_size() > 1
-    )
+    if not (norm.training and distributed.is_available() and distributed.is_initialized()):
+        return False
+    return bool(distributed.get_world_size(norm.process_group) > 1)
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
