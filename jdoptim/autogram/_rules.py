@@ -246,6 +246,42 @@ class GroupNormRule(ClosedFormRule):
         return _affine_terms(products, grads, (channels,), True)
 
 
+class InstanceNormRule(ClosedFormRule):
+    """``nn.InstanceNorm1d/2d/3d`` on a batch: an affine map per channel of the input normalised
+    per instance and channel (by the running statistics in ``eval()`` mode when it tracks them)."""
+
+    def batch_dims(self, module: nn.Module, y_shape: tuple[int, ...]) -> list[int]:
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        unbatched: int = module._get_no_batch_dim()  # type: ignore[no-untyped-call]
+        return [0] if len(y_shape) == unbatched + 1 else []
+
+    def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        if not module.affine:
+            return {}
+        channels = module.num_features
+        products, grads = [], []
+        for x, dy, bd in calls:
+            xhat = _instance_normalized(module, x.to(dtype)).reshape(x.shape[0], channels, -1)
+            a = dy.to(dtype).reshape(dy.shape[0], dy.shape[1], channels, -1)
+            if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
+                xhat = xhat.transpose(0, 1).reshape(1, channels, -1)
+                a = a.transpose(1, 2).reshape(a.shape[0], 1, channels, -1)
+            products.append((a * xhat).sum(dim=-1))
+            grads.append(a.sum(dim=-1))
+        return _affine_terms(products, grads, (channels,), True)
+
+
+def _instance_normalized(norm: nn.modules.instancenorm._InstanceNorm, x: Tensor) -> Tensor:
+    """The input normalised as the layer's forward did (without updating running statistics)."""
+    if norm.training or not norm.track_running_stats:
+        return F.instance_norm(x, eps=norm.eps)
+    assert norm.running_mean is not None and norm.running_var is not None
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = norm.running_mean.to(x.dtype).reshape(shape)
+    return (x - mean) * torch.rsqrt(norm.running_var.to(x.dtype).reshape(shape) + norm.eps)
+
+
 _CONV = ConvRule()
 
 #: The closed form of each supported module type (applies to subclasses that keep its forward).
@@ -257,6 +293,7 @@ CLOSED_FORMS: dict[type[nn.Module], ClosedFormRule] = {
     nn.Embedding: EmbeddingRule(),
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
+    nn.modules.instancenorm._InstanceNorm: InstanceNormRule(),
 }
 
 
