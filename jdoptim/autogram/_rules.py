@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -230,20 +231,13 @@ class GroupNormRule(ClosedFormRule):
 
     def terms(self, module: nn.Module, calls: list[Call], dtype: torch.dtype) -> dict[str, Term]:
         assert isinstance(module, nn.GroupNorm)
-        channels = module.num_channels
-        products, grads = [], []
-        for x, dy, bd in calls:
-            normalized = F.group_norm(x.to(dtype), module.num_groups, None, None, module.eps)
-            xhat = normalized.reshape(normalized.shape[0], channels, -1)  # [N, C, positions]
-            a = dy.to(dtype).reshape(dy.shape[0], dy.shape[1], channels, -1)
-            if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
-                xhat = xhat.transpose(0, 1).reshape(1, channels, -1)
-                a = a.transpose(1, 2).reshape(a.shape[0], 1, channels, -1)
-            products.append((a * xhat).sum(dim=-1))
-            grads.append(a.sum(dim=-1))
         if not module.affine:
             return {}
-        return _affine_terms(products, grads, (channels,), True)
+
+        def normalized(x: Tensor) -> Tensor:
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+        return _per_channel_affine_terms(calls, dtype, module.num_channels, normalized)
 
 
 class InstanceNormRule(ClosedFormRule):
@@ -259,17 +253,27 @@ class InstanceNormRule(ClosedFormRule):
         assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
         if not module.affine:
             return {}
-        channels = module.num_features
-        products, grads = [], []
-        for x, dy, bd in calls:
-            xhat = _instance_normalized(module, x.to(dtype)).reshape(x.shape[0], channels, -1)
-            a = dy.to(dtype).reshape(dy.shape[0], dy.shape[1], channels, -1)
-            if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
-                xhat = xhat.transpose(0, 1).reshape(1, channels, -1)
-                a = a.transpose(1, 2).reshape(a.shape[0], 1, channels, -1)
-            products.append((a * xhat).sum(dim=-1))
-            grads.append(a.sum(dim=-1))
-        return _affine_terms(products, grads, (channels,), True)
+        norm = module
+        return _per_channel_affine_terms(
+            calls, dtype, module.num_features, lambda x: _instance_normalized(norm, x)
+        )
+
+
+def _per_channel_affine_terms(
+    calls: list[Call], dtype: torch.dtype, channels: int, normalized: Callable[[Tensor], Tensor]
+) -> dict[str, Term]:
+    """Terms of a per-channel affine map ``y = x̂ γ + β`` of ``[N, C, ...]`` inputs, ``x̂`` the
+    normalised input (group norm, instance norm)."""
+    products, grads = [], []
+    for x, dy, bd in calls:
+        xhat = normalized(x.to(dtype)).reshape(x.shape[0], channels, -1)  # [N, C, positions]
+        a = dy.to(dtype).reshape(dy.shape[0], dy.shape[1], channels, -1)
+        if bd is None:  # batch size 1: all N samples of the layer belong to the one instance
+            xhat = xhat.transpose(0, 1).reshape(1, channels, -1)
+            a = a.transpose(1, 2).reshape(a.shape[0], 1, channels, -1)
+        products.append((a * xhat).sum(dim=-1))
+        grads.append(a.sum(dim=-1))
+    return _affine_terms(products, grads, (channels,), True)
 
 
 def _instance_normalized(norm: nn.modules.instancenorm._InstanceNorm, x: Tensor) -> Tensor:
