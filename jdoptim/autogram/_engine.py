@@ -440,11 +440,10 @@ class Engine:
         ``parameters[i]`` (their index in :attr:`parameters`).
         """
         owners: dict[int, tuple[str, str]] = {}
-        for root in self._modules:
-            for prefix, module in root.named_modules(remove_duplicate=False):
-                for name, param in module.named_parameters(recurse=False):
-                    qualified = f"{prefix}.{name}" if prefix else name
-                    owners.setdefault(id(param), (qualified, type(module).__name__))
+        for prefix, owner in self._named_modules().values():
+            for local, held in owner.named_parameters(recurse=False):
+                qualified = f"{prefix}.{local}" if prefix else local
+                owners.setdefault(id(held), (qualified, type(owner).__name__))
         index = {id(p): i for i, p in enumerate(self._params)}
         reports = []
         for param, route, form, positions, costs in self._last_report:
@@ -547,16 +546,21 @@ class Engine:
         """``Kind 'qualified.name'`` of each module, as in the first given module holding it (an
         engine watching every module, as the optimizers' without ``modules=``, has no names:
         ``BatchNorm1d(4)``, by its features)."""
-        names: dict[int, str] = {}
-        for root in self._modules:
-            for prefix, module in root.named_modules(remove_duplicate=False):
-                names.setdefault(id(module), prefix)
+        named = self._named_modules()
         return [
-            f"{type(m).__name__} {names[id(m)]!r}"
-            if names.get(id(m))
+            f"{type(m).__name__} {named[id(m)][0]!r}"
+            if named.get(id(m), ("", m))[0]
             else f"{type(m).__name__}({getattr(m, 'num_features', '')})"
             for m in modules
         ]
+
+    def _named_modules(self) -> dict[int, tuple[str, nn.Module]]:
+        """Each module under the given ones, by id, with its first qualified name there."""
+        named: dict[int, tuple[str, nn.Module]] = {}
+        for root in self._modules:
+            for prefix, module in root.named_modules(remove_duplicate=False):
+                named.setdefault(id(module), (prefix, module))
+        return named
 
     def _warn_fused(self, plan: GraphPlan) -> None:
         for module in plan.fused_modules:
