@@ -10,12 +10,14 @@ from jdoptim.distributed._across import RankAwarePath, across_ranks
 from jdoptim.distributed._checkpoint import checkpoint_state, load_checkpoint_state
 from jdoptim.distributed._communicator import Communicator, DistributedStepError
 from jdoptim.distributed._ddp import ddp_process_group, watch_ddp
+from jdoptim.distributed._fsdp import any_sharded
 
 __all__ = [
     "Communicator",
     "DistributedStepError",
     "RankAwarePath",
     "across_ranks",
+    "any_sharded",
     "checkpoint_state",
     "ddp_process_group",
     "load_checkpoint_state",

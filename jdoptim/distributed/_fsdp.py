@@ -316,6 +316,12 @@ def sharded_rows(
     return rows
 
 
+def any_sharded(params: Iterable[Tensor]) -> bool:
+    """Whether some of ``params`` are sharded (``fully_shard``: ``DTensor`` parameters). Their
+    losses' graph then reaches the unsharded copies of the forward pass, not these tensors."""
+    return any(isinstance(param, DTensor) for param in params)
+
+
 def as_sharded(local: Tensor, sharded: DTensor) -> DTensor:
     """``local`` (this rank's rows) as a gradient for the sharded parameter ``sharded``."""
     return DTensor.from_local(

@@ -26,6 +26,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from jdoptim.autojac import reached_by
+from jdoptim.distributed import any_sharded
 from jdoptim.optim import JacobianDescent
 
 __all__ = ["JacobianDescentModule"]
@@ -108,9 +109,8 @@ def _for_jacobian_descent(optimizer: JacobianDescent, loss: Any) -> bool:
     if isinstance(loss, Tensor) and loss.ndim == 0:
         return False
     params = [param for param in optimizer.params() if param.requires_grad]
-    if any(hasattr(param, "placements") for param in params):
-        # Sharded (fully_shard): the graph reaches the unsharded copies, not these.
-        return bool(params)
+    if any_sharded(params):  # the graph reaches the unsharded copies, not these
+        return True
     tensors = [t for t in (loss if isinstance(loss, list | tuple) else [loss]) if _in_graph(t)]
     return bool(params) and bool(tensors) and any(reached_by(tensors, params))
 

@@ -35,7 +35,7 @@ from jdoptim._warnings import warn
 from jdoptim.aggregation import Aggregator, GeneralizedWeighting, WeightedAggregator, Weighting
 from jdoptim.autogram import Engine
 from jdoptim.autojac import clear_jac
-from jdoptim.distributed import across_ranks
+from jdoptim.distributed import across_ranks, any_sharded
 from jdoptim.optim._delegation import global_step_hooks_held, inner_or, set_inner_or, wrapped
 from jdoptim.optim._grad_hooks import post_accumulate_hooks_held, run_post_accumulate_hooks
 from jdoptim.optim._loss_scale import grad_scaler_scale, multiplied_by, smallest_scale
@@ -391,8 +391,8 @@ class JacobianDescent(Optimizer):
         if not isinstance(losses, Tensor) or not losses.requires_grad:
             return None
         trained = [param for group in self.param_groups for param in group["params"]]
-        if any(hasattr(param, "placements") for param in trained):
-            return None  # sharded (fully_shard): the graph's leaves are the unsharded copies
+        if any_sharded(trained):
+            return None  # the graph's leaves are the unsharded copies
         return UntrainedLeaves(losses, trained)
 
     def _warn_untrained(self, untrained: UntrainedLeaves | None) -> None:
@@ -545,16 +545,16 @@ class JacobianDescent(Optimizer):
 
     def _step_from_grad(self, *, warn: bool = True) -> None:
         window = self._window
-        if (window.parts or not window.finite) and self._scaled_grad_to_step():
-            self._step_through_scaler()
-            return None
-        if not window.finite:
+        # .grad the given grad_scaler scaled, not stepped through scaler.step(optimizer): as in
+        # step(closure), the scaler unscales it, skips an overflow and updates its scale.
+        through_scaler = bool(window.parts or not window.finite) and self._scaled_grad_to_step()
+        if not window.finite and not through_scaler:
             raise ValueError(
                 "A backward() since the last zero_grad() gave non-finite losses, Gramian or .grad "
                 "(an overflow, or a diverging model); the update is refused. Under float16, step through a GradScaler "
                 "(scaler.step(optimizer)), which skips such steps and lowers the scale."
             )
-        if not window.parts:
+        if not window.parts and not through_scaler:
             if (
                 warn
                 and any(p.grad is not None for p in self.params())
@@ -568,14 +568,18 @@ class JacobianDescent(Optimizer):
                 )
             self._step_wrapped()
             return None
-        saved_method_state = self._method.module.state_dict()
-        with self._method_state_restored_on_error(saved_method_state):
-            self._step_wrapped()
-            self._steps += 1
-            losses = self.last_step.losses if self.last_step is not None else None
+        counted = window.finite  # a step the scaler skips moves no count and no method state
+        losses = self.last_step.losses if self.last_step is not None else None
+        with self._method_state_restored_on_error(self._method.module.state_dict()):
+            if through_scaler:
+                self._update()
+            else:
+                self._step_wrapped()
             window.clear()
-            if losses is not None:
-                self._notify_after_step(losses, None)
+            if counted:
+                self._steps += 1
+                if losses is not None:
+                    self._notify_after_step(losses, None)
         return None
 
     def _scaled_grad_to_step(self) -> bool:
@@ -588,20 +592,6 @@ class JacobianDescent(Optimizer):
         if states is None:  # another GradScaler: its step is the user's to call
             return False
         return bool(states[id(self)]["stage"] is OptState.READY)
-
-    def _step_through_scaler(self) -> None:
-        """As ``step(closure)`` does with ``grad_scaler=``: the scaler unscales ``.grad``, skips an
-        overflowing step and updates its scale; the method's state and step count as usual."""
-        window = self._window
-        finite = window.finite
-        losses = self.last_step.losses if self.last_step is not None else None
-        with self._method_state_restored_on_error(self._method.module.state_dict()):
-            self._update()
-            window.clear()
-            if finite:
-                self._steps += 1
-                if losses is not None:
-                    self._notify_after_step(losses, None)
 
     # --- pieces of the step --------------------------------------------------------------------
 
