@@ -591,7 +591,8 @@ class JacobianDescent(Optimizer):
         states = getattr(scaler, "_per_optimizer_states", None)
         if states is None:  # another GradScaler: its step is the user's to call
             return False
-        return bool(states[id(self)]["stage"] is OptState.READY)
+        state = states.get(id(self))  # not states[...]: the defaultdict would add an entry
+        return state is None or bool(state["stage"] is OptState.READY)
 
     # --- pieces of the step --------------------------------------------------------------------
 
